@@ -1,0 +1,415 @@
+"""Prompts in HiDream-E1-Full's "Editing Instruction / Target Image Description" form.
+
+E1-Full was trained on prompts that pair a precise instruction with a description of the edited
+image, and the pipeline encodes the text after TARGET_MARKER on its own for the refine stage.
+Users rarely write that form, so `refine_instruction` asks an OpenAI-compatible vision-language
+model (VLM) to describe the source, sharpen the request and imagine the result. HTTP goes through
+the standard library only, so the NPU image needs no extra client package.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Any
+
+from PIL import Image
+
+from hidream_edit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TARGET_MARKER = "Target Image Description:"
+INSTRUCTION_MARKER = "Editing Instruction:"
+
+MAX_IMAGE_SIDE = 1024
+"""Long side of the image sent to the VLM; more detail rarely helps a description and costs tokens."""
+
+_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+_SNIPPET_CHARS = 200
+_MAX_RETRY_AFTER_S = 30.0
+_PART_NAMES = ("source", "instruction", "target")
+_LABEL_QUALIFIERS = frozenset({"the", "image", "description", "editing", "edit"})
+
+SYSTEM_PROMPT = (
+    "You prepare prompts for an image-editing model. You receive a source image and a user's "
+    "editing request, which may be short or vague.\n"
+    "Answer with exactly three lines and nothing else:\n"
+    "Source: <one or two sentences describing the source image: main subject, setting, colours, "
+    "lighting and style>\n"
+    "Instruction: <the request rewritten as one specific, imperative editing instruction that "
+    "says what to change, where, and how it should look>\n"
+    "Target: <one or two sentences describing the image as it will look after the edit, written "
+    "as a standalone description of that image rather than as a change>\n"
+    "Rules: keep every part on its single line; start the lines with exactly 'Source:', "
+    "'Instruction:' and 'Target:'; use no markdown, numbering or quotes; keep everything the "
+    "request does not ask to change; if the request is ambiguous, choose its most plausible "
+    "reading; write in English."
+)
+
+
+def _one_line(text: str) -> str:
+    """Collapse whitespace so messages and snippets stay on one line."""
+    return " ".join(text.split())
+
+
+def _snippet(text: str) -> str:
+    """A short one-line excerpt of a server's text for an error message."""
+    flat = _one_line(text)
+    if len(flat) > _SNIPPET_CHARS:
+        return flat[:_SNIPPET_CHARS] + "..."
+    return flat or "<empty>"
+
+
+class InstructionRefinementError(UserError):
+    """The VLM could not turn a request into an E1-Full prompt; the message is always one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_one_line(message))
+
+
+def refine_prompt_from(prompt: str) -> str | None:
+    """The refine stage's prompt: text after TARGET_MARKER, or None to reuse the main embeddings."""
+    _, found, after = prompt.partition(TARGET_MARKER)
+    if not found:
+        return None
+    return after.strip() or None
+
+
+def is_e1_full_form(text: str) -> bool:
+    """Whether a prompt already reads "Editing Instruction: ... Target Image Description: ..."."""
+    instruction_at = text.find(INSTRUCTION_MARKER)
+    target_at = text.find(TARGET_MARKER)
+    return 0 <= instruction_at < target_at
+
+
+def format_e1_full_prompt(instruction: str, target_description: str) -> str:
+    """Build E1-Full's training-time prompt form; markers inside the parts would confuse the split."""
+    instruction = instruction.strip().rstrip(".").rstrip()
+    description = target_description.strip()
+    if not instruction:
+        raise UserError("the editing instruction is empty")
+    if not description:
+        raise UserError("the target image description is empty")
+    for name, part in (
+        ("editing instruction", instruction),
+        ("target image description", description),
+    ):
+        for marker in (INSTRUCTION_MARKER, TARGET_MARKER):
+            if marker in part:
+                raise UserError(f"the {name} must not contain {marker!r}")
+    return f"{INSTRUCTION_MARKER} {instruction}. {TARGET_MARKER} {description}"
+
+
+@dataclass(frozen=True)
+class RefinedInstruction:
+    """What the VLM made of a request; `prompt` is what the E1-Full pipeline should receive."""
+
+    source_description: str
+    instruction: str
+    target_description: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class VLMSettings:
+    """Where and how to ask the VLM; the caller supplies the key so this module never reads the env."""
+
+    url: str
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    timeout_s: float = 60.0
+    retries: int = 2
+    backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.url.strip():
+            raise InstructionRefinementError("the VLM URL is empty")
+        if not self.model.strip():
+            raise InstructionRefinementError("the VLM model name is empty")
+        if not self.timeout_s > 0:
+            raise InstructionRefinementError(f"the VLM timeout must be positive, got {self.timeout_s}")
+        if self.retries < 0:
+            raise InstructionRefinementError(f"the VLM retries must be 0 or more, got {self.retries}")
+        if self.backoff_s < 0:
+            raise InstructionRefinementError(f"the VLM backoff must be 0 or more, got {self.backoff_s}")
+
+
+def _clean_line(line: str) -> str:
+    """Drop the decoration models add despite being told not to: bullets, numbering, bold."""
+    text = line.strip().replace("**", "").replace("__", "")
+    while True:
+        before = text
+        text = text.lstrip("#>-+•").strip()
+        if text.startswith("* "):
+            text = text[2:].strip()
+        number_end = 0
+        if text[:1] == "(":
+            number_end = 1
+        digits_end = number_end
+        while digits_end < len(text) and text[digits_end].isdigit():
+            digits_end += 1
+        marker = text[digits_end : digits_end + 1]
+        after_marker = text[digits_end + 1 : digits_end + 2]
+        if digits_end > number_end and marker in (".", ")") and not after_marker.isdigit():
+            text = text[digits_end + 1 :].strip()
+        if text == before:
+            return text
+
+
+def _split_label(line: str) -> tuple[int, str] | None:
+    """Recognise "Source:", "Instruction:", "Target:" (also "Target image description:" and the like)."""
+    head, colon, rest = line.partition(":")
+    if not colon:
+        return None
+    words = head.strip(" *_").lower().split()
+    names = [word for word in words if word in _PART_NAMES]
+    if len(names) != 1 or any(word not in _LABEL_QUALIFIERS for word in words if word not in names):
+        return None
+    return _PART_NAMES.index(names[0]), rest.strip(" *_")
+
+
+def _unquote(text: str) -> str:
+    """Remove one pair of quotes around a whole part, which would otherwise end up in the prompt."""
+    text = text.strip()
+    for left, right in (('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("`", "`")):
+        if len(text) >= 2 and text.startswith(left) and text.endswith(right):
+            return text[1:-1].strip()
+    return text
+
+
+def parse_vlm_answer(text: str) -> tuple[str, str, str]:
+    """Split a VLM answer into (source description, instruction, target description).
+
+    Unlabelled lines are ignored (preambles, code fences, closing chatter) except right after a
+    label that stands alone on its line, whose text they become. Reasoning that a model wraps in
+    <think>...</think> is skipped, since it may quote the labels.
+    """
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    parts: list[str | None] = [None, None, None]
+    current: int | None = None
+    for raw_line in text.splitlines():
+        line = _clean_line(raw_line)
+        if not line:
+            continue
+        labelled = _split_label(line)
+        if labelled is not None:
+            index, rest = labelled
+            if parts[index] is not None:
+                raise InstructionRefinementError(
+                    f"the VLM answer has more than one {_PART_NAMES[index]!r} line: {_snippet(text)}"
+                )
+            parts[index] = _unquote(rest)
+            current = index
+        elif current is not None and not parts[current]:
+            parts[current] = _unquote(line)
+    missing = [name for name, part in zip(_PART_NAMES, parts, strict=True) if not part]
+    if missing:
+        raise InstructionRefinementError(
+            f"cannot parse the VLM answer (missing {', '.join(missing)}): {_snippet(text)}"
+        )
+    source, instruction, target = (part or "" for part in parts)
+    return source, instruction, target
+
+
+def _endpoint_url(url: str) -> str:
+    """Accept a base URL (".../v1") or the full chat-completions URL."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InstructionRefinementError(f"the VLM URL must be an http(s) URL, got {url!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += "/chat/completions"
+    return urllib.parse.urlunsplit(parts._replace(path=path))
+
+
+def _image_data_url(image: Image.Image) -> str:
+    """A PNG data URL of the image, downscaled so its long side is at most MAX_IMAGE_SIDE."""
+    try:
+        picture = image if image.mode == "RGB" else image.convert("RGB")
+        longest = max(picture.size)
+        if longest > MAX_IMAGE_SIDE:
+            scale = MAX_IMAGE_SIDE / longest
+            size = (
+                max(1, round(picture.width * scale)),
+                max(1, round(picture.height * scale)),
+            )
+            picture = picture.resize(size, Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+    except (OSError, ValueError) as exc:
+        raise InstructionRefinementError(f"cannot encode the source image for the VLM: {exc}") from exc
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class _RetryableFailure(Exception):
+    """A failure worth another attempt (network, timeout, 5xx, 429); internal to the retry loop."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after_s(headers: Message | None) -> float:
+    """Seconds a 429/503 asks us to wait, capped so a hostile header cannot stall the caller."""
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        seconds = float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
+
+
+def _read_body(response: http.client.HTTPResponse, deadline: float, timeout_s: float, endpoint: str) -> bytes:
+    """Read the body in chunks so a server that trickles bytes cannot outlast the timeout by much."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise _RetryableFailure(f"VLM endpoint {endpoint} did not answer within {timeout_s:g} s")
+        chunk = response.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > _MAX_RESPONSE_BYTES:
+            raise InstructionRefinementError(f"VLM endpoint {endpoint} sent more than {_MAX_RESPONSE_BYTES} bytes")
+        chunks.append(chunk)
+
+
+def _post_once(endpoint: str, payload: bytes, headers: dict[str, str], timeout_s: float) -> bytes:
+    """One POST; sorts each failure into retryable or final."""
+    timeout_message = f"VLM endpoint {endpoint} did not answer within {timeout_s:g} s"
+    request = urllib.request.Request(endpoint, data=payload, headers=headers, method="POST")
+    deadline = time.monotonic() + timeout_s
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return _read_body(response, deadline, timeout_s, endpoint)
+    except urllib.error.HTTPError as exc:
+        try:
+            body = exc.read().decode("utf-8", errors="replace")
+        except (OSError, http.client.HTTPException):
+            body = ""
+        message = f"VLM endpoint {endpoint} returned HTTP {exc.code}: {_snippet(body)}"
+        if exc.code == 429 or exc.code >= 500:
+            raise _RetryableFailure(message, _retry_after_s(exc.headers)) from exc
+        raise InstructionRefinementError(message) from exc
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise _RetryableFailure(timeout_message) from exc
+        raise _RetryableFailure(f"cannot reach VLM endpoint {endpoint}: {exc.reason}") from exc
+    except TimeoutError as exc:
+        raise _RetryableFailure(timeout_message) from exc
+    except (OSError, http.client.HTTPException) as exc:
+        detail = str(exc) or type(exc).__name__
+        raise _RetryableFailure(f"connection to VLM endpoint {endpoint} failed: {detail}") from exc
+
+
+def _post_with_retries(endpoint: str, payload: bytes, settings: VLMSettings) -> bytes:
+    """POST with exponential backoff; only transient failures are retried."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if settings.api_key:
+        headers["Authorization"] = f"Bearer {settings.api_key}"
+    attempt = 0
+    while True:
+        try:
+            return _post_once(endpoint, payload, headers, settings.timeout_s)
+        except _RetryableFailure as failure:
+            if attempt >= settings.retries:
+                raise InstructionRefinementError(failure.message) from failure
+            delay = max(settings.backoff_s * 2**attempt, failure.retry_after_s)
+            attempt += 1
+            logger.warning(
+                "%s; retry %d of %d in %.2f s",
+                failure.message,
+                attempt,
+                settings.retries,
+                delay,
+            )
+            time.sleep(delay)
+
+
+def _answer_text(body: bytes, endpoint: str) -> tuple[str, str | None]:
+    """The first choice's message text and finish reason from a chat-completions response."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError as exc:
+        raise InstructionRefinementError(
+            f"VLM endpoint {endpoint} returned malformed JSON: {_snippet(body.decode('utf-8', errors='replace'))}"
+        ) from exc
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise InstructionRefinementError(f"VLM response from {endpoint} has no choices: {_snippet(json.dumps(data))}")
+    first = choices[0]
+    message = first.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):
+        content = "\n".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        )
+    if not isinstance(content, str) or not content.strip():
+        raise InstructionRefinementError(
+            f"VLM response from {endpoint} has no answer text: {_snippet(json.dumps(first))}"
+        )
+    finish_reason = first.get("finish_reason")
+    return content, finish_reason if isinstance(finish_reason, str) else None
+
+
+def refine_instruction(image: Image.Image, instruction: str, settings: VLMSettings) -> RefinedInstruction:
+    """Ask the VLM to turn a loose request about `image` into an E1-Full prompt."""
+    request_text = instruction.strip()
+    if not request_text:
+        raise InstructionRefinementError("the editing instruction is empty")
+    endpoint = _endpoint_url(settings.url)
+    payload = json.dumps(
+        {
+            "model": settings.model,
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": f"Editing request: {request_text}"},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": _image_data_url(image)},
+                        },
+                    ],
+                },
+            ],
+            "temperature": 0,
+        }
+    ).encode("utf-8")
+    logger.info("refining the editing instruction with %s at %s", settings.model, endpoint)
+    started = time.monotonic()
+    body = _post_with_retries(endpoint, payload, settings)
+    answer, finish_reason = _answer_text(body, endpoint)
+    logger.debug("VLM answer after %.1f s: %s", time.monotonic() - started, answer)
+    try:
+        source, new_instruction, target = parse_vlm_answer(answer)
+    except InstructionRefinementError as exc:
+        if finish_reason == "length":
+            raise InstructionRefinementError(f"{exc} (the answer was cut off by the token limit)") from exc
+        raise
+    try:
+        prompt = format_e1_full_prompt(new_instruction, target)
+    except UserError as exc:
+        raise InstructionRefinementError(f"the VLM answer does not make an E1-Full prompt: {exc}") from exc
+    return RefinedInstruction(
+        source_description=source,
+        instruction=new_instruction,
+        target_description=target,
+        prompt=prompt,
+    )

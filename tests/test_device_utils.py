@@ -1,0 +1,434 @@
+"""DeviceManager: real behaviour on CPU, NPU/CUDA branches through the stand-in in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from npu_standin import REPO, run_standin
+from safetensors.torch import save_file
+
+import device_utils
+from device_utils import CheckpointError, DeviceError, DeviceManager, load_safetensors
+
+PRELUDE = "import device_utils\n"
+LIBHCCL = "libhccl.so: cannot open shared object file: No such file or directory"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PREFERRED_DEVICE", "PREFERRED_DTYPE", "LOCAL_RANK", "HIDREAM_ATTENTION"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+# ---------------------------------------------------------------- CPU, for real
+
+
+def test_cpu_defaults() -> None:
+    dm = DeviceManager()
+    assert dm.device == torch.device("cpu") and dm.device_type == "cpu"
+    assert dm.dtype is torch.float32
+    assert dm.distributed_backend == "gloo"
+
+
+@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_cpu_dtype_choices(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert DeviceManager("cpu", name).dtype is dtype
+    monkeypatch.setenv("PREFERRED_DTYPE", name)
+    assert DeviceManager().dtype is dtype
+
+
+@pytest.mark.parametrize("spec", ["gpu", "npu:x", "cpu:1", "npu:-1", "cuda::0", ""])
+def test_invalid_device_values_list_accepted(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFERRED_DEVICE", spec or "  ")
+    with pytest.raises(DeviceError, match="auto, npu, npu:N, cuda, cuda:N, cpu"):
+        DeviceManager()
+
+
+def test_invalid_dtype_is_an_error() -> None:
+    with pytest.raises(DeviceError, match="auto, bf16, fp16, fp32"):
+        DeviceManager("cpu", "fp8")
+
+
+def test_unavailable_named_devices_are_errors_not_fallbacks() -> None:
+    with pytest.raises(DeviceError, match="preferred_device=npu, but torch_npu is not installed"):
+        DeviceManager("npu")
+    with pytest.raises(DeviceError, match="cuda:1, but no CUDA device"):
+        DeviceManager("cuda:1")
+
+
+def test_probe_detects_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert device_utils._dtype_works(torch.device("cpu"), torch.float16)
+    monkeypatch.setattr(torch, "softmax", lambda x, dim: torch.full_like(x, float("nan")))
+    assert not device_utils._dtype_works(torch.device("cpu"), torch.float32)
+    with pytest.raises(DeviceError, match="gives NaN"):
+        DeviceManager("cpu", "fp32")
+
+
+def test_generators_reproduce_and_cpu_generator_matches_device() -> None:
+    dm = DeviceManager()
+    a = torch.randn(4, generator=dm.create_generator(7))
+    b = torch.randn(4, generator=dm.create_generator(7, on="cpu"))
+    c = torch.randn(4, generator=dm.create_generator(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(DeviceError):
+        dm.create_generator(1, on="gpu")
+
+
+def test_cpu_memory_stats_are_host_figures(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="device_utils")
+    stats = DeviceManager().memory_stats()
+    assert stats.allocated is None and stats.total is None
+    assert 0 < stats.host_rss < stats.host_total
+    assert "host RSS" in caplog.text and "no device memory" in caplog.text
+    DeviceManager().empty_cache()
+    DeviceManager().synchronize()
+    DeviceManager().reset_peak_memory_stats()
+
+
+class RecordingPipe:
+    """Stands in for a diffusers pipeline: records which placement calls were made."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        outer = self
+
+        class Vae:
+            def enable_tiling(self) -> None:
+                outer.calls.append(("vae", "tiling"))
+
+            def enable_slicing(self) -> None:
+                outer.calls.append(("vae", "slicing"))
+
+        self.vae = Vae()
+
+    def to(self, device: torch.device) -> None:
+        self.calls.append(("to", str(device)))
+
+    def enable_model_cpu_offload(self, device: torch.device) -> None:
+        self.calls.append(("model", str(device)))
+
+    def enable_sequential_cpu_offload(self, device: torch.device) -> None:
+        self.calls.append(("sequential", str(device)))
+
+
+def test_memory_mode_on_cpu_says_offload_is_skipped() -> None:
+    pipe = RecordingPipe()
+    actions = DeviceManager().set_memory_efficient_mode(pipe, "model", vae_tiling=True, vae_slicing=True)
+    assert pipe.calls == [("to", "cpu"), ("vae", "tiling"), ("vae", "slicing")]
+    assert "skipped" in actions[0] and "VAE tiling" in actions
+    with pytest.raises(DeviceError, match="none, model, sequential"):
+        DeviceManager().set_memory_efficient_mode(pipe, "disk")
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def test_load_single_sharded_and_index(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(2), "b": torch.zeros(3)}, str(tmp_path / "one.safetensors"))
+    assert set(load_safetensors(tmp_path / "one.safetensors")) == {"a", "b"}
+    shard_dir = tmp_path / "sharded"
+    shard_dir.mkdir()
+    save_file({"a": torch.ones(2)}, str(shard_dir / "m-00001-of-00002.safetensors"))
+    save_file({"b": torch.arange(3.0)}, str(shard_dir / "m-00002-of-00002.safetensors"))
+    index = {"metadata": {}, "weight_map": {"a": "m-00001-of-00002.safetensors", "b": "m-00002-of-00002.safetensors"}}
+    (shard_dir / "m.safetensors.index.json").write_text(json.dumps(index))
+    for source in (shard_dir, shard_dir / "m.safetensors.index.json"):
+        state = DeviceManager().load_safetensors(source, device="cpu")
+        assert torch.equal(state["b"], torch.arange(3.0)) and state["a"].device.type == "cpu"
+
+
+def make_shards(tmp_path: Path) -> Path:
+    save_file({"a": torch.ones(2)}, str(tmp_path / "s1.safetensors"))
+    save_file({"b": torch.ones(2)}, str(tmp_path / "s2.safetensors"))
+    index = tmp_path / "x.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    return index
+
+
+def test_missing_shard_is_named(tmp_path: Path) -> None:
+    index = make_shards(tmp_path)
+    (tmp_path / "s2.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing shard.*s2.safetensors"):
+        load_safetensors(index)
+
+
+def test_truncated_file_is_named(tmp_path: Path) -> None:
+    index = make_shards(tmp_path)
+    data = (tmp_path / "s2.safetensors").read_bytes()
+    (tmp_path / "s2.safetensors").write_bytes(data[: len(data) - 5])
+    with pytest.raises(CheckpointError, match="s2.safetensors: cannot read"):
+        load_safetensors(index)
+    (tmp_path / "s2.safetensors").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="s2.safetensors"):
+        load_safetensors(tmp_path / "s2.safetensors")
+
+
+def test_duplicate_and_unlisted_keys(tmp_path: Path) -> None:
+    index = make_shards(tmp_path)
+    save_file({"b": torch.ones(2), "a": torch.ones(2)}, str(tmp_path / "s2.safetensors"))
+    with pytest.raises(CheckpointError, match="key 'a' is also stored in s1.safetensors"):
+        load_safetensors(index)
+    save_file({"c": torch.ones(2)}, str(tmp_path / "s2.safetensors"))
+    with pytest.raises(CheckpointError, match="not in their shard, e.g. b"):
+        load_safetensors(index)
+
+
+def test_bad_paths(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="file not found"):
+        load_safetensors(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="no .safetensors files"):
+        load_safetensors(tmp_path)
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="expected a .safetensors file"):
+        load_safetensors(tmp_path / "w.bin")
+
+
+# ---------------------------------------------------------------- attention
+
+
+def small_transformer() -> torch.nn.Module:
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return HiDreamImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=[8, 12],
+        text_emb_dim=6,
+        num_routed_experts=2,
+        num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(16, 16),
+        llama_layers=[0, 1],
+    ).eval()
+
+
+def transformer_inputs(width: int = 8) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(2, 4, 8, width, generator=generator),
+        "timesteps": torch.tensor([500.0, 500.0]),
+        "encoder_hidden_states_t5": torch.randn(2, 5, 8, generator=generator),
+        "encoder_hidden_states_llama3": torch.randn(2, 2, 5, 12, generator=generator),
+        "pooled_embeds": torch.randn(2, 6, generator=generator),
+    }
+
+
+@pytest.mark.parametrize("width", [8, 16])  # square and padded (non-square) latents
+def test_sdpa_and_math_match_diffusers_processor(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    transformer = small_transformer()
+    inputs = transformer_inputs(width)
+    with torch.no_grad():
+        reference = transformer(**inputs).sample
+        dm = DeviceManager()
+        assert dm.configure_attention(transformer, "sdpa") == "sdpa"
+        sdpa_out = transformer(**inputs).sample
+        dm.configure_attention(transformer, "math")
+
+        def forbidden(*args: object, **kwargs: object) -> None:
+            raise AssertionError("F.scaled_dot_product_attention must not run with the math backend")
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", forbidden)
+        math_out = transformer(**inputs).sample
+    processors = [m.processor for m in transformer.modules() if type(m).__name__ == "HiDreamAttention"]
+    assert len(processors) == 2 and all(p.backend == "math" and p.calls == 1 for p in processors)
+    torch.testing.assert_close(sdpa_out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(math_out, sdpa_out, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = DeviceManager()
+    assert dm.resolve_attention_backend() == "sdpa"
+    monkeypatch.setenv("HIDREAM_ATTENTION", "math")
+    assert dm.configure_attention(small_transformer()) == "math"
+    with pytest.raises(DeviceError, match="needs an NPU"):
+        dm.resolve_attention_backend("npu_fused")
+    with pytest.raises(DeviceError, match="sdpa, math, npu_fused"):
+        dm.resolve_attention_backend("flash")
+    with pytest.raises(DeviceError, match="no HiDream attention modules"):
+        dm.configure_attention(torch.nn.Linear(2, 2), "sdpa")
+
+
+# ---------------------------------------------------------------- import and CLI
+
+
+def test_import_is_silent_and_touches_nothing() -> None:
+    code = (
+        "import logging, sys\n"
+        "import device_utils\n"
+        "assert 'diffusers' not in sys.modules and not logging.getLogger().handlers\n"
+        "print(npu.calls)\n"
+    )
+    result = run_standin(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]" and result.stderr == ""
+    check = "import sys, device_utils; assert not {'diffusers', 'torch_npu'} & set(sys.modules)"
+    plain = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO)
+    assert plain.returncode == 0 and plain.stdout == "" and plain.stderr == ""
+
+
+def test_cli_report_and_impossible_device() -> None:
+    report = subprocess.run([sys.executable, "device_utils.py"], capture_output=True, text=True, cwd=REPO)
+    assert report.returncode == 0
+    assert "device:" in report.stdout and "dtype:" in report.stdout and "attention backend:   sdpa" in report.stdout
+    as_json = subprocess.run([sys.executable, "device_utils.py", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert json.loads(as_json.stdout)["device"] == "cpu"
+    env = {"PREFERRED_DEVICE": "npu", "PATH": "/usr/bin:/bin"}
+    bad = subprocess.run([sys.executable, "device_utils.py"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "PREFERRED_DEVICE=npu" in bad.stderr and "torch_npu" in bad.stderr
+
+
+# ---------------------------------------------------------------- NPU / CUDA branches (stand-in)
+
+
+def test_detection_prefers_npu_and_selects_it() -> None:
+    code = PRELUDE + "dm = device_utils.DeviceManager()\nprint(dm.device, dm.dtype_name, dm.distributed_backend)"
+    out = ok(run_standin(code, {"cuda_count": 1}))
+    assert out == ["npu:0", "bf16", "hccl"]
+
+
+def test_detection_order_falls_back_to_cuda_then_cpu() -> None:
+    code = PRELUDE + "print(device_utils.DeviceManager().device)"
+    assert ok(run_standin(code, {"available": False, "cuda_count": 2})) == ["cuda:0"]
+    assert ok(run_standin(code, {"available": False})) == ["cpu"]
+
+
+def test_cann_missing_auto_warns_once_and_named_request_fails() -> None:
+    code = PRELUDE + "device_utils.DeviceManager(); print(device_utils.DeviceManager().device)"
+    result = run_standin(code, {"import_error": LIBHCCL})
+    assert ok(result) == ["cpu"]
+    assert result.stderr.count("libhccl.so not found") == 1 and "set_env.sh" in result.stderr
+    code = PRELUDE + (
+        "try:\n    device_utils.DeviceManager()\nexcept device_utils.DeviceError as e:\n    print(e)"
+    )
+    env = {"PREFERRED_DEVICE": "npu"}
+    message = run_standin(code, {"import_error": LIBHCCL}, env).stdout.strip()
+    assert message == (
+        "PREFERRED_DEVICE=npu, but torch_npu cannot load: libhccl.so not found; "
+        "source the CANN set_env.sh (e.g. source /usr/local/Ascend/ascend-toolkit/set_env.sh)"
+    )
+    cli = run_standin(PRELUDE + "sys.exit(device_utils.main([]))", {"import_error": LIBHCCL}, env)
+    assert cli.returncode == 2 and cli.stderr.strip().startswith("error: PREFERRED_DEVICE=npu, but torch_npu")
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({"PREFERRED_DEVICE": "npu:1"}, "npu:1"),
+        ({"LOCAL_RANK": "1"}, "npu:1"),
+        ({"LOCAL_RANK": "1", "PREFERRED_DEVICE": "npu:0"}, "npu:0"),
+        ({"ASCEND_RT_VISIBLE_DEVICES": "5,6"}, "npu:0"),
+        ({"CUDA_VISIBLE_DEVICES": "3"}, "npu:0"),
+    ],
+)
+def test_device_index_rules(env: dict[str, str], expected: str) -> None:
+    code = PRELUDE + "dm = device_utils.DeviceManager(); print(dm.device, npu.calls[-1][1][0])"
+    assert ok(run_standin(code, env=env)) == [expected, expected[-1]]
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"PREFERRED_DEVICE": "npu:7"}, "npu:7 selects npu:7, but this process sees 2 NPU device(s): npu:0, npu:1"),
+        ({"LOCAL_RANK": "3"}, "LOCAL_RANK=3 selects npu:3"),
+        ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not a non-negative integer"),
+        ({"PREFERRED_DEVICE": "cuda"}, "PREFERRED_DEVICE=cuda, but no CUDA device"),
+    ],
+)
+def test_device_index_errors(env: dict[str, str], message: str) -> None:
+    code = PRELUDE + "try:\n    device_utils.DeviceManager()\nexcept device_utils.DeviceError as e:\n    print(e)"
+    assert message in run_standin(code, env=env).stdout
+
+
+def test_npu_without_visible_devices() -> None:
+    code = PRELUDE + "try:\n    device_utils.DeviceManager('npu')\nexcept device_utils.DeviceError as e:\n    print(e)"
+    assert "no NPU is visible" in run_standin(code, {"available": False}).stdout
+
+
+@pytest.mark.parametrize(
+    "config,env,expected",
+    [
+        ({"bf16": False}, {}, "fp16"),
+        ({"dtype_ok": ["fp16", "fp32"]}, {}, "fp16"),
+        ({"dtype_ok": ["fp32"]}, {}, "fp32"),
+        ({}, {"PREFERRED_DTYPE": "fp32"}, "fp32"),
+        ({}, {"PREFERRED_DTYPE": "fp16"}, "fp16"),
+    ],
+)
+def test_npu_dtype_choice(config: dict[str, object], env: dict[str, str], expected: str) -> None:
+    code = PRELUDE + "print(device_utils.DeviceManager().dtype_name)"
+    assert ok(run_standin(code, config, env)) == [expected]
+
+
+def test_npu_dtype_requests_it_cannot_run() -> None:
+    code = PRELUDE + "try:\n    device_utils.DeviceManager()\nexcept device_utils.DeviceError as e:\n    print(e)"
+    out = run_standin(code, {"bf16": False}, {"PREFERRED_DTYPE": "bf16"}).stdout
+    assert "PREFERRED_DTYPE=bf16, but npu:0 does not support bf16" in out
+    out = run_standin(code, {"dtype_ok": ["fp32"]}, {"PREFERRED_DTYPE": "fp16"}).stdout
+    assert "PREFERRED_DTYPE=fp16, but a test op in fp16 fails or gives NaN on npu:0" in out
+
+
+def test_npu_memory_and_cache_calls_use_the_device_module() -> None:
+    code = PRELUDE + (
+        "dm = device_utils.DeviceManager('npu:1')\n"
+        "s = dm.memory_stats()\n"
+        "dm.empty_cache(); dm.synchronize(); dm.reset_peak_memory_stats()\n"
+        "print(json.dumps([s.as_dict(), [c for c in npu.calls]]))"
+    )
+    stats, calls = json.loads(run_standin(code).stdout)
+    assert stats["allocated"] == 3 * 2**30 and stats["reserved"] == 4 * 2**30 and stats["peak"] == 5 * 2**30
+    assert (stats["free"], stats["total"]) == (50 * 2**30, 64 * 2**30)
+    assert stats["device_name"] == "Ascend910B-standin-1" and stats["host_rss"] > 0
+    assert [c[0] for c in calls] == ["set_device", "empty_cache", "synchronize", "reset_peak_memory_stats"]
+    assert calls[-1][1] == [1]
+
+
+def test_npu_generator_falls_back_with_one_warning() -> None:
+    code = PRELUDE + (
+        "dm = device_utils.DeviceManager()\n"
+        "g1 = dm.create_generator(3); g2 = dm.create_generator(4)\n"
+        "print(g1.device, dm.create_generator(3, on='cpu').device)"
+    )
+    result = run_standin(code)
+    assert ok(result) == ["cpu", "cpu"]
+    assert result.stderr.count("random stream differs") == 1
+
+
+def test_npu_memory_modes_target_the_npu() -> None:
+    code = (
+        "from test_device_utils import RecordingPipe\n"
+        "dm = device_utils.DeviceManager('npu:1')\n"
+        "for mode in ('none', 'model', 'sequential'):\n"
+        "    pipe = RecordingPipe(); dm.set_memory_efficient_mode(pipe, mode); print(*pipe.calls[0], sep=',')"
+    )
+    assert ok(run_standin(PRELUDE + code)) == ["to,npu:1", "model,npu:1", "sequential,npu:1"]
+
+
+def test_npu_fused_attention_runs_the_fused_kernel() -> None:
+    code = PRELUDE + (
+        "import torch\n"
+        "from test_device_utils import small_transformer, transformer_inputs\n"
+        "dm = device_utils.DeviceManager()\n"
+        "t = small_transformer(); inputs = transformer_inputs(16)\n"
+        "with torch.no_grad():\n"
+        "    ref = t(**inputs).sample\n"
+        "    print(dm.configure_attention(t, 'npu_fused'))\n"
+        "    out = t(**inputs).sample\n"
+        "print(sys.modules['torch_npu'].fusion_calls, bool(torch.allclose(ref, out, atol=1e-4)))"
+    )
+    assert ok(run_standin(code, env={"PYTHONPATH": str(REPO / "tests")})) == ["npu_fused", "2", "True"]
