@@ -413,3 +413,30 @@ def refine_instruction(image: Image.Image, instruction: str, settings: VLMSettin
         target_description=target,
         prompt=prompt,
     )
+
+
+def compose_e1_full_prompt(
+    instruction: str,
+    image: Image.Image,
+    target_description: str | None = None,
+    vlm: VLMSettings | None = None,
+    fallback: bool = False,
+) -> str:
+    """The prompt E1-Full receives: as given if already in form, else built from the parts or by the VLM.
+
+    With a VLM failure and `fallback`, the bare instruction is used (logged); without, the error stands.
+    Without either source of a description the bare instruction is returned and the editor warns.
+    """
+    if is_e1_full_form(instruction):
+        return instruction.strip()
+    if target_description is not None:
+        return format_e1_full_prompt(instruction, target_description)
+    if vlm is None:
+        return instruction.strip()
+    try:
+        return refine_instruction(image, instruction, vlm).prompt
+    except InstructionRefinementError as exc:
+        if not fallback:
+            raise
+        logger.warning("instruction refinement failed (%s); going on with the bare instruction", exc)
+        return instruction.strip()

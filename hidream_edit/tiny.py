@@ -28,27 +28,20 @@ from typing import Any
 
 import torch
 
+from hidream_edit.models import E1_FULL_LORA_FILE, e1_full_lora_config
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MARKER_NAME = ".tiny-checkpoints.json"
-E1_FULL_LORA_NAME = "HiDream-E1-Full.safetensors"
+# Non-LoRA tensors the E1-Full file overrides, as the real file does for a few full tensors.
+E1_FULL_FULL_TENSOR_PREFIXES: tuple[str, ...] = ("x_embedder.", "t_embedder.")
 
 LLAMA_DIR = "Llama-3.1-8B-Instruct"
 I1_DIR = "HiDream-I1-Full"
 E1_1_DIR = "HiDream-E1-1"
 E1_FULL_DIR = "HiDream-E1-Full"
 
-LORA_RANK = 16
-LORA_ALPHA = 16
-LORA_TARGET_MODULES: tuple[str, ...] = (
-    "to_q", "to_k", "to_v", "to_out",
-    "to_q_t", "to_k_t", "to_v_t", "to_out_t",
-    "w1", "w2", "w3",
-    "final_layer.linear",
-)  # fmt: skip
-# Non-LoRA tensors the E1-Full file overrides, as the real file does for a few full tensors.
-E1_FULL_FULL_TENSOR_PREFIXES: tuple[str, ...] = ("x_embedder.", "t_embedder.")
 
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
@@ -159,7 +152,7 @@ class TinyCheckpoints:
 
     @property
     def e1_full_lora(self) -> Path:
-        return self.e1_full / E1_FULL_LORA_NAME
+        return self.e1_full / E1_FULL_LORA_FILE
 
     @classmethod
     def at(cls, root: Path) -> TinyCheckpoints:
@@ -434,13 +427,6 @@ def _build_e1_full(lora_file: Path, seed: int) -> None:
             tensors[key] = tensor + torch.randn(tensor.shape, generator=gen) * WEIGHT_PERTURBATION
     lora_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(lora_file), metadata={"format": "pt"})
-
-
-def e1_full_lora_config() -> Any:
-    """The PEFT LoraConfig HiDream-E1-Full was trained with."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGET_MODULES))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from hidream_edit import tiny
+from hidream_edit.models import E1_FULL_LORA_FILE, e1_full_lora_config
 from hidream_edit.tiny import (
-    E1_FULL_LORA_NAME,
     MARKER_NAME,
     TinyCheckpoints,
     build_tiny_checkpoints,
-    e1_full_lora_config,
     ensure_tiny_checkpoints,
     is_complete,
 )
@@ -60,7 +59,7 @@ def test_paths_follow_the_hub_repo_names(tmp_path: Path) -> None:
     assert paths.i1 == tmp_path / "HiDream-I1-Full"
     assert paths.e1_1 == tmp_path / "HiDream-E1-1"
     assert paths.e1_full == tmp_path / "HiDream-E1-Full"
-    assert paths.e1_full_lora == tmp_path / "HiDream-E1-Full" / E1_FULL_LORA_NAME
+    assert paths.e1_full_lora == tmp_path / "HiDream-E1-Full" / E1_FULL_LORA_FILE
 
 
 def test_layout_matches_the_real_repos(tiny_checkpoints: TinyCheckpoints) -> None:
@@ -86,7 +85,7 @@ def test_layout_matches_the_real_repos(tiny_checkpoints: TinyCheckpoints) -> Non
             assert (t.i1 / folder / name).is_file()
     assert (t.i1 / "tokenizer_3" / "spiece.model").is_file()
     assert t.e1_full_lora.is_file()
-    assert [p.name for p in t.e1_full.iterdir()] == [E1_FULL_LORA_NAME]
+    assert [p.name for p in t.e1_full.iterdir()] == [E1_FULL_LORA_FILE]
 
     scheduler = json.loads((t.i1 / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["use_flow_sigmas"] is True

@@ -1,0 +1,407 @@
+"""Where HiDream weights come from and how they become an editing pipeline on the chosen device.
+
+`resolve_model_sources` is the one place that reads configuration from the environment. Loading
+keeps one copy of the transformer weights in host memory: the E1.1 transformer is created on the
+meta device from I1's config and its E1.1 tensors are assigned straight in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from device_utils import CheckpointError, DeviceManager, load_safetensors
+from hidream_edit.errors import ModelFilesError, UserError
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("e1.1", "e1-full")
+LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B-Instruct"
+I1_HUB_ID = "HiDream-ai/HiDream-I1-Full"
+E1_1_HUB_ID = "HiDream-ai/HiDream-E1-1"
+E1_FULL_HUB_ID = "HiDream-ai/HiDream-E1-Full"
+E1_FULL_LORA_FILE = "HiDream-E1-Full.safetensors"
+MAX_SEQ = {"e1.1": 8192, "e1-full": 4608}
+LORA_RANK = 16
+LORA_ALPHA = 16
+LORA_TARGET_MODULES = (
+    "to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t", "w1", "w2", "w3", "final_layer.linear",
+)  # fmt: skip
+REFINE_WEIGHTS = ("edit", "base")
+PIPELINE_PARTS = ("scheduler", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZER_PARTS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def e1_full_lora_config() -> Any:
+    """The PEFT LoraConfig of HiDream-E1-Full (DESIGN.md section 3)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGET_MODULES))
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """Where each model comes from: a local path or a hub id. `edit` is E1.1's repo or E1-Full's LoRA."""
+
+    model: str
+    llama: str
+    i1: str
+    edit: str
+    tiny: bool = False
+    offline: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "llama": self.llama, "i1": self.i1, "edit": self.edit, "tiny": self.tiny}
+
+
+def default_tiny_dir(env: Mapping[str, str]) -> Path:
+    """HIDREAM_TINY_DIR, else a per-user cache folder."""
+    if env.get("HIDREAM_TINY_DIR"):
+        return Path(env["HIDREAM_TINY_DIR"]).expanduser()
+    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "hidream-e1-npu" / "tiny"
+
+
+def resolve_model_sources(
+    model: str = "e1.1",
+    llama_path: str | None = None,
+    i1_path: str | None = None,
+    e1_path: str | None = None,
+    lora_path: str | None = None,
+    tiny: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> ModelSources:
+    """Flags win, then HIDREAM_*_PATH variables, then the real hub ids; `tiny` builds or reuses the tiny set."""
+    env = os.environ if env is None else env
+    if model not in MODELS:
+        raise UserError(f"unknown model {model!r}; use one of: {', '.join(MODELS)}")
+    offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if tiny:
+        given = [flag for flag, value in (("--llama-path", llama_path), ("--i1-path", i1_path),
+                                          ("--e1-path", e1_path), ("--lora-path", lora_path)) if value]  # fmt: skip
+        if given:
+            raise UserError(f"--tiny uses the built-in tiny checkpoints; drop {', '.join(given)}")
+        from hidream_edit.tiny import ensure_tiny_checkpoints
+
+        try:
+            tiny_set = ensure_tiny_checkpoints(default_tiny_dir(env))
+        except FileExistsError as exc:
+            raise UserError(str(exc)) from exc
+        edit = tiny_set.e1_1 if model == "e1.1" else tiny_set.e1_full_lora
+        return ModelSources(model, str(tiny_set.llama), str(tiny_set.i1), str(edit), tiny=True, offline=True)
+    if model == "e1.1":
+        edit = e1_path or env.get("HIDREAM_E1_PATH") or E1_1_HUB_ID
+    else:
+        edit = lora_path or env.get("HIDREAM_E1_FULL_PATH") or E1_FULL_HUB_ID
+    return ModelSources(
+        model=model,
+        llama=llama_path or env.get("HIDREAM_LLAMA_PATH") or LLAMA_HUB_ID,
+        i1=i1_path or env.get("HIDREAM_I1_PATH") or I1_HUB_ID,
+        edit=edit,
+        offline=offline,
+    )
+
+
+def _is_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not Path(source).exists()
+
+
+def locate(source: str, what: str, offline: bool, flag: str, allow_patterns: list[str] | None = None) -> Path:
+    """A local path as given, or a hub id resolved through the local HF cache (downloaded unless offline)."""
+    if not _is_hub_id(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ModelFilesError(f"{what}: {path} does not exist; check {flag}")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=offline, allow_patterns=allow_patterns))
+    except Exception as exc:  # hub errors come in many types; all mean "not available here"
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFilesError(
+            f"{what}: cannot get {source} ({cause}); download it and pass {flag} DIR, or use --tiny"
+        ) from exc
+
+
+def _weight_problems(folder: Path) -> list[str]:
+    """Missing weight files of a model folder (index.json shards, or any weights file at all)."""
+    if not folder.is_dir():
+        return [f"{folder}/ is missing"]
+    indexes = sorted(folder.glob("*.index.json"))
+    if indexes:
+        try:
+            shards = set(json.loads(indexes[0].read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError):
+            return [f"{indexes[0]} is not a valid index"]
+        return [f"{folder / name} (listed in {indexes[0].name})" for name in sorted(shards)
+                if not (folder / name).is_file()]  # fmt: skip
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return [f"{folder}/ has no weight files"]
+    return []
+
+
+def _folder_problems(folder: Path, files: tuple[str, ...]) -> list[str]:
+    return [f"{folder / name}" for name in files if not (folder / name).exists()]
+
+
+def check_model_files(sources: ModelSources, locate_hub: bool = False) -> list[str]:
+    """Problems with the local model folders (empty when complete). Hub ids not on disk are one problem each."""
+    problems: list[str] = []
+    entries = [("llama", sources.llama, "--llama-path"), ("i1", sources.i1, "--i1-path"),
+               ("edit", sources.edit, "--e1-path" if sources.model == "e1.1" else "--lora-path")]  # fmt: skip
+    for kind, source, flag in entries:
+        try:
+            path = locate(source, kind, offline=True, flag=flag) if (locate_hub or not _is_hub_id(source)) else None
+        except ModelFilesError as exc:
+            problems.append(str(exc))
+            continue
+        if path is None:
+            problems.append(f"{kind}: {source} is a hub id; it is fetched at load time unless HF_HUB_OFFLINE=1")
+            continue
+        problems.extend(_problems_for(kind, sources.model, path))
+    return problems
+
+
+def _problems_for(kind: str, model: str, path: Path) -> list[str]:
+    if kind == "llama":
+        problems = _folder_problems(path, ("config.json",))
+        if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
+            problems.append(f"{path / 'tokenizer.json'}")
+        return problems + _weight_problems(path)
+    if kind == "i1":
+        problems = _folder_problems(path, ("model_index.json", "transformer/config.json"))
+        problems += _folder_problems(path, tuple(f"{part}/config.json" for part in PIPELINE_PARTS[1:]))
+        problems += _folder_problems(path, ("scheduler/scheduler_config.json",) + TOKENIZER_PARTS)
+        for part in PIPELINE_PARTS[1:]:
+            problems += _weight_problems(path / part)
+        if model == "e1-full":
+            problems += _weight_problems(path / "transformer")
+        return problems
+    if model == "e1.1":
+        return _weight_problems(path / "transformer")
+    lora = path / E1_FULL_LORA_FILE if path.is_dir() else path
+    return [] if lora.is_file() else [f"{lora}"]
+
+
+def _raise_if_incomplete(problems: list[str]) -> None:
+    if problems:
+        listed = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ModelFilesError(f"model files missing or incomplete: {listed}")
+
+
+def _describe_keys(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def load_e1_1_transformer(i1_dir: Path, e1_dir: Path, dtype: torch.dtype) -> Any:
+    """I1's transformer config with E1.1's sharded weights, built without materialising I1's weights."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    config = HiDreamImageTransformer2DModel.load_config(i1_dir / "transformer")
+    with torch.device("meta"):
+        transformer = HiDreamImageTransformer2DModel.from_config(config)
+    try:
+        state = load_safetensors(e1_dir / "transformer")
+    except CheckpointError as exc:
+        raise ModelFilesError(str(exc)) from exc
+    expected = set(transformer.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelFilesError(
+            f"{e1_dir / 'transformer'} does not match the I1 transformer config: "
+            f"missing {_describe_keys(missing) or 'none'}; unexpected {_describe_keys(unexpected) or 'none'}"
+        )
+    for key in list(state):
+        if state[key].is_floating_point():
+            state[key] = state[key].to(dtype)
+    transformer.load_state_dict(state, strict=True, assign=True)
+    del state
+    transformer.max_seq = MAX_SEQ["e1.1"]
+    return transformer.eval()
+
+
+class SameWeights:
+    """Refine with the edit weights (the measured upstream E1.1 behaviour): nothing to switch."""
+
+    name = "edit"
+
+    def use_refine(self) -> None:
+        return None
+
+    def use_edit(self) -> None:
+        return None
+
+
+class TensorSwap:
+    """Keeps base values of some transformer tensors on the CPU and swaps them in for the refine steps.
+
+    Swapping exchanges the `.data` of each tensor with the stored copy, so exactly one copy of each
+    tensor is on the device and the other waits on the CPU; swapping twice restores everything.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, base: dict[str, torch.Tensor]) -> None:
+        self.transformer = transformer
+        self.stash = base
+        self.refining = False
+
+    def _swap(self) -> None:
+        with torch.no_grad():
+            for key, stored in self.stash.items():
+                tensor = self.transformer.get_parameter(key)
+                live = tensor.data
+                tensor.data = stored.to(device=live.device, dtype=live.dtype)
+                self.stash[key] = live.to("cpu", copy=live.device.type == "cpu")
+
+    def use_refine(self) -> None:
+        if not self.refining:
+            self._swap()
+            self.refining = True
+
+    def use_edit(self) -> None:
+        if self.refining:
+            self._swap()
+            self.refining = False
+
+
+class BaseWeightsE1_1(TensorSwap):
+    """Refine E1.1 with true I1 weights: keeps the I1 tensors that differ from E1.1."""
+
+    name = "base"
+
+
+class AdaptersOff:
+    """E1-Full refine: LoRA adapters disabled; with `swap`, the full tensors also go back to I1's values."""
+
+    def __init__(self, transformer: Any, swap: TensorSwap | None = None) -> None:
+        self.transformer = transformer
+        self.swap = swap
+        self.name = "base" if swap else "edit"
+
+    def use_refine(self) -> None:
+        self.transformer.disable_adapters()
+        if self.swap:
+            self.swap.use_refine()
+
+    def use_edit(self) -> None:
+        self.transformer.enable_adapters()
+        if self.swap:
+            self.swap.use_edit()
+
+
+def differing_base_tensors(transformer: torch.nn.Module, i1_dir: Path) -> dict[str, torch.Tensor]:
+    """I1 tensors whose values differ from the loaded transformer's, read shard by shard to the CPU."""
+    try:
+        base = load_safetensors(i1_dir / "transformer")
+    except CheckpointError as exc:
+        raise ModelFilesError(str(exc)) from exc
+    live = dict(transformer.named_parameters())
+    kept: dict[str, torch.Tensor] = {}
+    for key in list(base):
+        tensor = base.pop(key)
+        if key in live and not torch.equal(tensor.to(live[key].dtype), live[key].detach().cpu()):
+            kept[key] = tensor.to(live[key].dtype)
+    logger.info("refine weights: keeping %d base tensors that differ from the edit weights", len(kept))
+    return kept
+
+
+def load_e1_full_transformer(i1_dir: Path, lora_file: Path, dtype: torch.dtype, refine_weights: str) -> tuple[Any, Any]:
+    """I1 transformer + E1-Full LoRA adapter and full tensors; returns (transformer, refine switch)."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    transformer = HiDreamImageTransformer2DModel.from_pretrained(i1_dir, subfolder="transformer", dtype=dtype)
+    transformer.add_adapter(e1_full_lora_config())
+    try:
+        checkpoint = load_safetensors(lora_file)
+    except CheckpointError as exc:
+        raise ModelFilesError(str(exc)) from exc
+    model_keys = set(transformer.state_dict())
+    unexpected = sorted(set(checkpoint) - model_keys)
+    missing = sorted(k for k in model_keys if ".lora_" in k and k not in checkpoint)
+    if unexpected or missing:
+        raise ModelFilesError(
+            f"{lora_file} does not fit the E1-Full LoRA layout: unexpected {_describe_keys(unexpected) or 'none'}; "
+            f"missing {_describe_keys(missing) or 'none'}"
+        )
+    full_keys = [k for k in checkpoint if ".lora_" not in k]
+    swap = None
+    if refine_weights == "base":
+        params = dict(transformer.named_parameters())
+        swap = TensorSwap(transformer, {k: params[k].detach().to("cpu", copy=True) for k in full_keys})
+    transformer.load_state_dict(checkpoint, strict=False)
+    del checkpoint
+    transformer.max_seq = MAX_SEQ["e1-full"]
+    logger.info("E1-Full: LoRA loaded with %d full tensors", len(full_keys))
+    return transformer.eval(), AdaptersOff(transformer, swap)
+
+
+@dataclass
+class LoadedPipeline:
+    """A placed editing pipeline and what loading did."""
+
+    pipe: Any
+    refine_weights: Any
+    attention: str
+    memory_actions: list[str]
+    sources: ModelSources
+    lora_fused: bool = False
+
+
+def load_pipeline(
+    sources: ModelSources,
+    dm: DeviceManager,
+    offload: str = "none",
+    attention: str | None = None,
+    refine_weights: str = "edit",
+    fuse_lora: bool = False,
+    vae_tiling: bool = False,
+) -> LoadedPipeline:
+    """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the offload mode."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from hidream_edit.pipeline import HiDreamImageEditingPipeline
+
+    if refine_weights not in REFINE_WEIGHTS:
+        raise UserError(f"unknown refine weights {refine_weights!r}; use one of: {', '.join(REFINE_WEIGHTS)}")
+    if fuse_lora and sources.model != "e1-full":
+        raise UserError("--fuse-lora applies to E1-Full only")
+    attention = dm.resolve_attention_backend(attention)
+    edit_flag = "--e1-path" if sources.model == "e1.1" else "--lora-path"
+    llama_dir = locate(sources.llama, "llama", sources.offline, "--llama-path")
+    i1_dir = locate(sources.i1, "i1", sources.offline, "--i1-path")
+    patterns = [E1_FULL_LORA_FILE] if sources.model == "e1-full" else ["transformer/*"]
+    edit_path = locate(sources.edit, "edit", sources.offline, edit_flag, allow_patterns=patterns)
+    problems = _problems_for("llama", sources.model, llama_dir) + _problems_for("i1", sources.model, i1_dir)
+    _raise_if_incomplete(problems + _problems_for("edit", sources.model, edit_path))
+
+    dtype = dm.dtype
+    if sources.model == "e1.1":
+        transformer = load_e1_1_transformer(i1_dir, edit_path, dtype)
+        switch: Any = (
+            BaseWeightsE1_1(transformer, differing_base_tensors(transformer, i1_dir))
+            if refine_weights == "base"
+            else SameWeights()
+        )
+    else:
+        lora_file = edit_path / E1_FULL_LORA_FILE if edit_path.is_dir() else edit_path
+        transformer, switch = load_e1_full_transformer(i1_dir, lora_file, dtype, refine_weights)
+        if fuse_lora:
+            transformer.fuse_lora(lora_scale=1.0)
+    tokenizer_4 = AutoTokenizer.from_pretrained(llama_dir)
+    text_encoder_4 = LlamaForCausalLM.from_pretrained(llama_dir, dtype=dtype, attn_implementation="eager")
+    pipe = HiDreamImageEditingPipeline.from_pretrained(
+        i1_dir, transformer=transformer, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype
+    )
+    pipe.set_progress_bar_config(disable=True)
+    attention = dm.configure_attention(pipe.transformer, attention)
+    actions = dm.set_memory_efficient_mode(pipe, offload, vae_tiling=vae_tiling)
+    return LoadedPipeline(pipe, switch, attention, actions, sources, lora_fused=fuse_lora)

@@ -1,0 +1,229 @@
+"""HiDreamImageEditingPipeline: diffusers' HiDreamImagePipeline plus the HiDream-E1 editing loop.
+
+Prompt encoding, the VAE and the scheduler are diffusers'; this module adds the image-conditioned
+edit stage, the optional text-only refine stage and their guidance rules (DESIGN.md section 3).
+The small pure functions below are the algorithm's pieces, kept separate so they can be tested alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from diffusers import HiDreamImagePipeline
+from diffusers.pipelines.hidream_image.pipeline_hidream_image import calculate_shift, retrieve_timesteps
+from diffusers.schedulers import UniPCMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from hidream_edit.instructions import refine_prompt_from
+
+logger = logging.getLogger(__name__)
+
+NORM_EPS = 1e-8
+
+
+class RefineWeights(Protocol):
+    """Switches the transformer between the weights of the edit stage and those of the refine stage."""
+
+    name: str
+
+    def use_refine(self) -> None: ...
+
+    def use_edit(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """One prompt's embeddings: T5 [B, L, D], Llama hidden states [layers, B, L, D], pooled CLIP [B, D]."""
+
+    t5: torch.Tensor
+    llama: torch.Tensor
+    pooled: torch.Tensor
+
+    @staticmethod
+    def batch(parts: list[PromptEmbeddings]) -> PromptEmbeddings:
+        """Concatenate along the batch axis (dim 1 for the stacked Llama states)."""
+        return PromptEmbeddings(
+            torch.cat([p.t5 for p in parts], dim=0),
+            torch.cat([p.llama for p in parts], dim=1),
+            torch.cat([p.pooled for p in parts], dim=0),
+        )
+
+
+@dataclass
+class EditOutput:
+    """Images plus what the run measured: seconds per stage and whether the decode produced NaN/inf."""
+
+    images: list[Image.Image] | torch.Tensor
+    timings: dict[str, Any] = field(default_factory=dict)
+    non_finite: bool = False
+    refine_start_step: int = 0
+
+
+def refine_start_step(num_inference_steps: int, refine_strength: float) -> int:
+    """Index of the first refine step; equal to num_inference_steps when there is no refine stage."""
+    return int(num_inference_steps * (1.0 - refine_strength))
+
+
+def edit_text_batch(cond: PromptEmbeddings, negative: PromptEmbeddings, clip_cfg_norm: bool) -> PromptEmbeddings:
+    """Text for the three edit-stage branches: [cond, neg, cond] with clip_cfg_norm, else [neg, neg, cond]."""
+    first = cond if clip_cfg_norm else negative
+    return PromptEmbeddings.batch([first, negative, cond])
+
+
+def concat_image_latents(latents: torch.Tensor, image_latents: torch.Tensor) -> torch.Tensor:
+    """Three copies of the noisy latents, each with its image latents appended along the width axis."""
+    return torch.cat([torch.cat([latents] * 3, dim=0), image_latents.to(latents.dtype)], dim=-1)
+
+
+def crop_and_negate(model_output: torch.Tensor, width: int) -> torch.Tensor:
+    """Keep the first `width` latent columns (the edited image) and negate, as HiDream predicts -velocity."""
+    return -model_output[..., :width]
+
+
+def combine_edit_guidance(
+    prediction: torch.Tensor, guidance_scale: float, image_guidance_scale: float, clip_cfg_norm: bool
+) -> torch.Tensor:
+    """Mix the three edit-stage predictions (a, b, c) into one."""
+    a, b, c = prediction.chunk(3)
+    if clip_cfg_norm:
+        text_guided = b + guidance_scale * (c - b)
+        ratio = torch.norm(c, dim=1, keepdim=True) / (torch.norm(text_guided, dim=1, keepdim=True) + NORM_EPS)
+        text_guided = text_guided * ratio.clamp(min=0.0, max=1.0)
+        return a + image_guidance_scale * (text_guided - a)
+    return a + image_guidance_scale * (b - a) + guidance_scale * (c - b)
+
+
+def combine_refine_guidance(prediction: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance for the refine stage: u + g * (c - u)."""
+    uncond, cond = prediction.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+class HiDreamImageEditingPipeline(HiDreamImagePipeline):
+    """Instruction-based image editing with HiDream-E1.1 / E1-Full transformers."""
+
+    def _encode(self, prompt: str, negative_prompt: str, device: torch.device, max_sequence_length: int):
+        t5, neg_t5, llama, neg_llama, pooled, neg_pooled = self.encode_prompt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            device=device,
+            do_classifier_free_guidance=True,
+            max_sequence_length=max_sequence_length,
+        )
+        return PromptEmbeddings(t5, llama, pooled), PromptEmbeddings(neg_t5, neg_llama, neg_pooled)
+
+    def encode_image(self, image: Image.Image, device: torch.device) -> torch.Tensor:
+        """Source image -> VAE latents (distribution mode, shifted and scaled)."""
+        pixels = self.image_processor.preprocess(image).to(device=device, dtype=self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    def _timesteps(self, num_inference_steps: int, device: torch.device) -> torch.Tensor:
+        if isinstance(self.scheduler, UniPCMultistepScheduler):
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            return self.scheduler.timesteps
+        mu = calculate_shift(self.transformer.max_seq)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, mu=mu)
+        return timesteps
+
+    def _predict(self, latents: torch.Tensor, t: torch.Tensor, text: PromptEmbeddings) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=latents,
+            timesteps=t.expand(latents.shape[0]),
+            encoder_hidden_states_t5=text.t5,
+            encoder_hidden_states_llama3=text.llama,
+            pooled_embeds=text.pooled,
+            return_dict=False,
+        )[0]
+
+    @torch.no_grad()
+    def __call__(  # type: ignore[override]
+        self,
+        prompt: str,
+        negative_prompt: str,
+        image: Image.Image,
+        guidance_scale: float = 5.0,
+        image_guidance_scale: float = 4.0,
+        num_inference_steps: int = 28,
+        generator: torch.Generator | None = None,
+        refine_strength: float = 0.0,
+        clip_cfg_norm: bool = True,
+        output_type: str = "pil",
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict] | None = None,
+        refine_weights: RefineWeights | None = None,
+        max_sequence_length: int = 128,
+    ) -> EditOutput:
+        """Edit `image` (sides multiples of 16) following `prompt`; see DESIGN.md section 3."""
+        if not 0.0 <= refine_strength <= 1.0:
+            raise ValueError(f"refine_strength must be in [0, 1], got {refine_strength}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        device = self._execution_device
+        timings: dict[str, Any] = {}
+        started = time.perf_counter()
+
+        cond, negative = self._encode(prompt, negative_prompt, device, max_sequence_length)
+        refine_text = refine_prompt_from(prompt)
+        if refine_text is not None:
+            refine_cond, refine_negative = self._encode(refine_text, negative_prompt, device, max_sequence_length)
+        else:
+            refine_cond, refine_negative = cond, negative
+        edit_text = edit_text_batch(cond, negative, clip_cfg_norm)
+        refine_batch = PromptEmbeddings.batch([refine_negative, refine_cond])
+
+        image_latents = self.encode_image(image, device)
+        image_latents = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents], dim=0)
+        latents = randn_tensor(
+            (1, self.transformer.config.in_channels, *image_latents.shape[-2:]),
+            generator=generator,
+            device=device,
+            dtype=cond.pooled.dtype,
+        )
+        timesteps = self._timesteps(num_inference_steps, device)
+        timings["encode_s"] = time.perf_counter() - started
+
+        refine_start = refine_start_step(len(timesteps), refine_strength)
+        width = latents.shape[-1]
+        step_seconds: list[float] = []
+        try:
+            with self.progress_bar(total=len(timesteps)) as progress:
+                for i, t in enumerate(timesteps):
+                    step_started = time.perf_counter()
+                    if i == refine_start and refine_weights is not None:
+                        refine_weights.use_refine()
+                    if i < refine_start:
+                        model_input = concat_image_latents(latents, image_latents)
+                        prediction = crop_and_negate(self._predict(model_input, t, edit_text), width)
+                        guided = combine_edit_guidance(prediction, guidance_scale, image_guidance_scale, clip_cfg_norm)
+                    else:
+                        prediction = -self._predict(torch.cat([latents] * 2), t, refine_batch)
+                        guided = combine_refine_guidance(prediction, guidance_scale)
+                    latents = self.scheduler.step(guided.to(latents.dtype), t, latents, return_dict=False)[0]
+                    step_seconds.append(time.perf_counter() - step_started)
+                    if callback_on_step_end is not None:
+                        returned = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                        latents = returned.get("latents", latents)
+                    progress.update()
+        finally:
+            if refine_weights is not None and refine_start < len(timesteps):
+                refine_weights.use_edit()
+        timings["step_s"] = step_seconds
+
+        decode_started = time.perf_counter()
+        if output_type == "latent":
+            images: list[Image.Image] | torch.Tensor = latents
+            non_finite = not bool(torch.isfinite(latents).all())
+        else:
+            latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+            non_finite = not bool(torch.isfinite(decoded).all())
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        timings["decode_s"] = time.perf_counter() - decode_started
+        self.maybe_free_model_hooks()
+        return EditOutput(images, timings, non_finite, refine_start)

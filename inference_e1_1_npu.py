@@ -1,0 +1,15 @@
+"""Edit an image with HiDream-E1.1 on Ascend NPU, CUDA or CPU.
+
+    python inference_e1_1_npu.py --image in.png --instruction "make the sky blue" --output out.png
+    python inference_e1_1_npu.py --tiny ...   # built-in tiny random-weight model (output is noise)
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # `import torch` must survive a missing CANN
+
+from hidream_edit.cli import run_edit_cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_edit_cli(sys.argv[1:], "e1.1"))

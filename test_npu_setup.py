@@ -1,0 +1,2 @@
+"""doctor placeholder for an import experiment."""
+X = 1
