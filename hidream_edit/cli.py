@@ -183,9 +183,7 @@ def summary_line(result_metadata: dict[str, Any], image_path: Path) -> str:
     steps = t["step_s"]
     per_step = sum(steps) / len(steps) if steps else 0.0
     device_peak = (
-        f"peak device memory {memory['peak'] / 2**30:.2f} GiB"
-        if memory.get("peak") is not None
-        else "no device memory"
+        f"peak device memory {memory['peak'] / 2**30:.2f} GiB" if memory.get("peak") is not None else "no device memory"
     )
     return (
         f"saved {image_path} ({width}x{height}) on {result_metadata['device']} {result_metadata['dtype']}: "

@@ -318,4 +318,3 @@ def save_result(result: EditResult, output: str | Path, overwrite: bool = False)
         path.unlink(missing_ok=True)
         raise
     return path, json_path
-

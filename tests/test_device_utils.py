@@ -313,9 +313,7 @@ def test_cann_missing_auto_warns_once_and_named_request_fails() -> None:
     result = run_standin(code, {"import_error": LIBHCCL})
     assert ok(result) == ["cpu"]
     assert result.stderr.count("libhccl.so not found") == 1 and "set_env.sh" in result.stderr
-    code = PRELUDE + (
-        "try:\n    device_utils.DeviceManager()\nexcept device_utils.DeviceError as e:\n    print(e)"
-    )
+    code = PRELUDE + ("try:\n    device_utils.DeviceManager()\nexcept device_utils.DeviceError as e:\n    print(e)")
     env = {"PREFERRED_DEVICE": "npu"}
     message = run_standin(code, {"import_error": LIBHCCL}, env).stdout.strip()
     assert message == (
