@@ -1,0 +1,212 @@
+"""HiDream-E1.1 end to end on the tiny set: CLI, Editor, loading and the refine-weights option."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from npu_standin import REPO
+from PIL import Image
+
+from device_utils import DeviceManager, load_safetensors
+from hidream_edit import models
+from hidream_edit.cli import run_edit_cli
+from hidream_edit.editor import EditRequest, EditResult, save_result
+from hidream_edit.errors import ModelFilesError, UserError
+
+METADATA_FIELDS = {
+    "model", "instruction", "negative", "steps", "guidance", "image_guidance", "refine_strength", "clip_cfg_norm",
+    "seed", "device", "dtype", "attention", "model_sources", "timings", "memory", "source_size", "refine_weights",
+}  # fmt: skip
+
+
+@pytest.fixture()
+def source_png(tmp_path: Path) -> Path:
+    path = tmp_path / "source.png"
+    Image.new("RGB", (120, 90), (30, 120, 200)).save(path)
+    return path
+
+
+def as_array(result: EditResult) -> np.ndarray:
+    return np.asarray(result.image, dtype=np.int16)
+
+
+def edit(editor: Any, source: Path, on_step: Any = None, should_stop: Any = None, **kwargs: Any) -> EditResult:
+    request = EditRequest(image=source, instruction="make it green", steps=kwargs.pop("steps", 2), **kwargs)
+    return editor.edit(request, on_step=on_step, should_stop=should_stop)
+
+
+def test_cli_writes_image_of_source_size_and_metadata(tiny_env: dict[str, str], source_png: Path, tmp_path: Path):
+    output = tmp_path / "out.jpg"
+    command = [sys.executable, "inference_e1_1_npu.py", "--tiny", "--image", str(source_png), "--instruction",
+               "make it green", "--output", str(output), "--steps", "2", "--seed", "5"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**dict(_base_env()), **tiny_env})
+    assert result.returncode == 0, result.stderr
+    assert Image.open(output).size == (120, 90) and Image.open(output).format == "JPEG"
+    metadata = json.loads(Path(f"{output}.json").read_text())
+    assert set(metadata) >= METADATA_FIELDS
+    assert metadata["seed"] == 5 and metadata["steps"] == 2 and metadata["guidance"] == 3.0
+    assert metadata["image_guidance"] == 1.5 and metadata["refine_strength"] == 0.3 and metadata["device"] == "cpu"
+    assert len(metadata["timings"]["step_s"]) == 2 and metadata["model_sources"]["tiny"] is True
+    assert result.stdout.startswith(f"saved {output} (120x90) on cpu fp32") and "s/step" in result.stdout
+    assert "denoising" in result.stderr and "Traceback" not in result.stderr
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("PREFERRED_DEVICE", "PREFERRED_DTYPE")}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--image", "missing.png"], "missing.png: file not found"),
+        (["--instruction", "   "], "the instruction is empty"),
+        (["--output", "out.gif"], "unknown image extension"),
+        (["--steps", "0"], "steps must be between 1 and 1000"),
+        (["--refine-strength", "1.5"], "refine strength must be between 0 and 1"),
+        (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--device", "npu"], "torch_npu is not installed"),
+        (["--llama-path", "/nowhere"], "--tiny uses the built-in tiny checkpoints; drop --llama-path"),
+        (["--dtype", "fp8"], "invalid choice"),
+    ],
+)
+def test_cli_user_mistakes_are_one_line_exit_2(
+    args: list[str], message: str, tiny_env: dict[str, str], source_png: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    flags = {"--image": str(source_png), "--instruction": "x", "--output": str(tmp_path / "o.png"), "--steps": "1"}
+    flags.update(zip(args[::2], args[1::2], strict=True))
+    argv = ["--tiny", *(item for pair in flags.items() for item in pair)]
+    try:
+        code = run_edit_cli(argv, "e1.1", env=tiny_env)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_refuses_to_overwrite(tiny_env: dict[str, str], source_png: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "taken.png"
+    output.write_bytes(b"keep me")
+    argv = ["--tiny", "--image", str(source_png), "--instruction", "x", "--output", str(output)]
+    assert run_edit_cli(argv, "e1.1", env=tiny_env) == 2
+    assert "already exists" in capsys.readouterr().err and output.read_bytes() == b"keep me"
+
+
+def test_same_seed_reproduces_other_seed_differs(e1_1_editor: Any, source_png: Path) -> None:
+    first, again, other = (edit(e1_1_editor, source_png, seed=s) for s in (11, 11, 12))
+    assert np.array_equal(as_array(first), as_array(again))
+    assert not np.array_equal(as_array(first), as_array(other))
+    assert first.image.size == (120, 90) and first.metadata["model_input_size"][0] % 16 == 0
+
+
+def test_sdpa_and_math_attention_agree(e1_1_editor: Any, source_png: Path) -> None:
+    transformer = e1_1_editor.loaded.pipe.transformer
+    sdpa = edit(e1_1_editor, source_png, seed=1)
+    try:
+        e1_1_editor.dm.configure_attention(transformer, "math")
+        math = edit(e1_1_editor, source_png, seed=1)
+    finally:
+        e1_1_editor.dm.configure_attention(transformer, "sdpa")
+    assert np.abs(as_array(sdpa) - as_array(math)).max() <= 2
+
+
+def test_refine_strength_changes_the_result(e1_1_editor: Any, source_png: Path) -> None:
+    none = edit(e1_1_editor, source_png, steps=3, refine_strength=0.0)
+    some = edit(e1_1_editor, source_png, steps=3, refine_strength=0.3)
+    assert none.metadata["refine_start_step"] == 3 and some.metadata["refine_start_step"] == 2
+    assert not np.array_equal(as_array(none), as_array(some))
+
+
+def test_cancel_between_steps(e1_1_editor: Any, source_png: Path) -> None:
+    from hidream_edit.editor import EditCancelled
+
+    seen: list[int] = []
+    with pytest.raises(EditCancelled, match="stopped after step 1 of 3"):
+        edit(e1_1_editor, source_png, steps=3, on_step=lambda done, total: seen.append(done), should_stop=lambda: True)
+    assert seen == [1]
+
+
+def test_save_is_atomic_and_never_overwrites(e1_1_editor: Any, source_png: Path, tmp_path: Path) -> None:
+    result = edit(e1_1_editor, source_png, steps=1)
+    image_path, json_path = save_result(result, tmp_path / "r.png")
+    before = image_path.read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        save_result(result, tmp_path / "r.png")
+    assert image_path.read_bytes() == before and json.loads(json_path.read_text())["output"] == str(image_path)
+    save_result(result, tmp_path / "r.png", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("r.", ".r"))) == ["r.png", "r.png.json"]
+
+
+def test_e1_1_loading_holds_one_copy_of_the_transformer(tiny_checkpoints: Any, monkeypatch: pytest.MonkeyPatch):
+    loaded_from: list[str] = []
+    monkeypatch.setattr(models, "load_safetensors", lambda p: loaded_from.append(str(p)) or load_safetensors(p))
+    transformer = models.load_e1_1_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_1, torch.float32)
+    assert loaded_from == [str(tiny_checkpoints.e1_1 / "transformer")]  # I1 weights never read
+    tensors = list(transformer.state_dict().values())
+    assert not any(t.is_meta for t in tensors)
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    assert len(storages) == len(tensors)  # every tensor owns its storage: no view of a second copy
+    checkpoint = load_safetensors(tiny_checkpoints.e1_1 / "transformer")
+    assert sum(t.numel() * t.element_size() for t in tensors) == sum(
+        t.numel() * t.element_size() for t in checkpoint.values()
+    )
+    for key, value in checkpoint.items():
+        assert torch.equal(transformer.state_dict()[key], value)
+    assert transformer.max_seq == 8192
+
+
+def test_e1_1_bf16_load_casts_every_float_tensor(tiny_checkpoints: Any) -> None:
+    transformer = models.load_e1_1_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_1, torch.bfloat16)
+    assert {t.dtype for t in transformer.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+
+
+def test_incomplete_model_directory_lists_what_is_missing(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "E1-1"
+    shutil.copytree(tiny_checkpoints.e1_1, broken)
+    index = json.loads(next((broken / "transformer").glob("*.index.json")).read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (broken / "transformer" / shard).unlink()
+    sources = models.ModelSources("e1.1", str(tiny_checkpoints.llama), str(tiny_checkpoints.i1), str(broken))
+    problems = models.check_model_files(sources)
+    assert len(problems) == 1 and shard in problems[0]
+    with pytest.raises(ModelFilesError, match=f"missing or incomplete: .*{shard}"):
+        models.load_pipeline(sources, DeviceManager("cpu"))
+
+
+def test_refine_weights_base_runs_refine_steps_on_i1_tensors(tiny_env: dict[str, str], source_png: Path) -> None:
+    from hidream_edit.editor import Editor, EditorSettings
+
+    sources = models.resolve_model_sources("e1.1", tiny=True, env=tiny_env)
+    editor = Editor.load(EditorSettings(sources=sources, device="cpu", refine_weights="base"))
+    switch = editor.loaded.refine_weights
+    transformer = editor.loaded.pipe.transformer
+    probe = "x_embedder.proj.weight"
+    i1 = load_safetensors(Path(sources.i1) / "transformer")[probe]
+    e1 = load_safetensors(Path(sources.edit) / "transformer")[probe]
+    assert probe in switch.stash and not torch.equal(i1, e1)
+    live: list[str] = []
+
+    def trace(pipe: Any, index: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        weight = transformer.get_parameter(probe).detach()
+        live.append("i1" if torch.equal(weight, i1) else "e1.1" if torch.equal(weight, e1) else "other")
+        return tensors
+
+    pipe = editor.loaded.pipe
+    image = Image.open(source_png).resize((64, 48))
+    pipe("x", "y", image, 3.0, 1.5, 4, torch.Generator().manual_seed(0), 0.5, callback_on_step_end=trace,
+         refine_weights=switch)  # fmt: skip
+    assert live == ["e1.1", "e1.1", "i1", "i1"]
+    assert torch.equal(transformer.get_parameter(probe).detach(), e1) and torch.equal(switch.stash[probe], i1)
