@@ -1,0 +1,180 @@
+"""HiDream-E1-Full on the tiny set: LoRA loading, refine-stage switching, fusing, prompts and the CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import HiDreamImageTransformer2DModel
+from PIL import Image
+from safetensors.torch import save_file
+
+from device_utils import load_safetensors
+from hidream_edit import models
+from hidream_edit.cli import run_edit_cli
+from hidream_edit.editor import Editor, EditorSettings, EditRequest
+from hidream_edit.errors import ModelFilesError
+
+PROMPT = "Editing Instruction: make it green. Target Image Description: a green square"
+
+
+def transformer_output(transformer: Any) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    config = transformer.config
+    llama_dim = config.caption_channels[1]
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, config.in_channels, 8, 8, generator=generator),
+            timesteps=torch.tensor([500.0]),
+            encoder_hidden_states_t5=torch.randn(1, 4, config.caption_channels[0], generator=generator),
+            encoder_hidden_states_llama3=torch.randn(len(config.llama_layers), 1, 4, llama_dim, generator=generator),
+            pooled_embeds=torch.randn(1, config.text_emb_dim, generator=generator),
+            return_dict=False,
+        )[0]
+
+
+def test_lora_changes_output_and_base_refine_restores_i1(e1_full_editor: Any, tiny_checkpoints: Any) -> None:
+    transformer = e1_full_editor.loaded.pipe.transformer
+    bare = HiDreamImageTransformer2DModel.from_pretrained(tiny_checkpoints.i1, subfolder="transformer").eval()
+    edit_out = transformer_output(transformer)
+    assert transformer.max_seq == 4608
+    assert not torch.allclose(edit_out, transformer_output(bare), atol=1e-4)
+    switch = e1_full_editor.loaded.refine_weights
+    switch.use_refine()
+    try:
+        torch.testing.assert_close(transformer_output(transformer), transformer_output(bare))
+    finally:
+        switch.use_edit()
+    torch.testing.assert_close(transformer_output(transformer), edit_out)
+
+
+def lora_layers(transformer: Any) -> list[Any]:
+    return [m for m in transformer.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
+
+
+def test_adapters_disabled_only_during_refine_steps(e1_full_editor: Any) -> None:
+    transformer = e1_full_editor.loaded.pipe.transformer
+    layers = lora_layers(transformer)
+    states: list[bool] = []
+
+    def trace(pipe: Any, index: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        states.append(all(layer.disable_adapters for layer in layers))
+        return tensors
+
+    pipe = e1_full_editor.loaded.pipe
+    image = Image.new("RGB", (64, 64), (10, 200, 30))
+    refine = e1_full_editor.loaded.refine_weights
+    pipe(PROMPT, "blur", image, 5.0, 4.0, 4, torch.Generator().manual_seed(0), 0.5, callback_on_step_end=trace,
+         refine_weights=refine)  # fmt: skip
+    assert layers and states == [False, False, True, True]
+    assert not any(layer.disable_adapters for layer in layers)
+
+
+def test_fused_and_unfused_agree_without_refine(e1_full_editor: Any, tiny_env: dict[str, str]) -> None:
+    sources = models.resolve_model_sources("e1-full", tiny=True, env=tiny_env)
+    fused = Editor.load(EditorSettings(sources=sources, device="cpu", fuse_lora=True))
+    request = EditRequest(Image.new("RGB", (96, 64), (200, 50, 20)), PROMPT, steps=2, refine_strength=0.0)
+    a = np.asarray(fused.edit(request).image, dtype=np.int16)
+    b = np.asarray(e1_full_editor.edit(request).image, dtype=np.int16)
+    assert a.shape == (64, 96, 3) and np.abs(a - b).max() <= 2
+    assert fused.edit(request).metadata["lora_fused"] is True
+
+
+def test_keep_aspect_and_output_back_at_source_size(e1_full_editor: Any) -> None:
+    image = Image.new("RGB", (200, 100), (0, 0, 255))
+    stretched = e1_full_editor.edit(EditRequest(image, PROMPT, steps=1, refine_strength=0.0))
+    kept = e1_full_editor.edit(EditRequest(image, PROMPT, steps=1, refine_strength=0.0, keep_aspect=True))
+    assert stretched.image.size == kept.image.size == (200, 100)
+    assert stretched.metadata["model_input_size"] == [768, 768] and kept.metadata["keep_aspect"] is True
+
+
+def test_bad_lora_files_name_their_keys(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    state = load_safetensors(tiny_checkpoints.e1_full_lora)
+    extra = dict(state, **{"double_stream_blocks.0.block.attn1.to_zz.lora_A.default.weight": torch.zeros(1)})
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ModelFilesError, match="unexpected double_stream_blocks.0.block.attn1.to_zz"):
+        models.load_e1_full_transformer(tiny_checkpoints.i1, tmp_path / "extra.safetensors", torch.float32, "edit")
+    missing = {k: v for k, v in state.items() if "single_stream" not in k}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ModelFilesError, match="missing single_stream_blocks.*and \\d+ more"):
+        models.load_e1_full_transformer(tiny_checkpoints.i1, tmp_path / "missing.safetensors", torch.float32, "edit")
+
+
+class ChatCompletions(BaseHTTPRequestHandler):
+    """A local OpenAI-compatible endpoint answering in the three-line form."""
+
+    answer = "Source: a red square\nInstruction: paint the square green\nTarget: a green square on white"
+    requests: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ChatCompletions.requests.append(body)
+        reply = json.dumps({"choices": [{"message": {"content": self.answer}, "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture()
+def vlm_url() -> Any:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatCompletions)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_cli_refines_the_instruction_with_a_vlm(vlm_url: str, tiny_env: dict[str, str], tmp_path: Path) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (80, 60), (220, 0, 0)).save(source)
+    output = tmp_path / "out.png"
+    argv = ["--tiny", "--image", str(source), "--instruction", "make it green", "--output", str(output),
+            "--steps", "1", "--refine-instruction", "--vlm-url", vlm_url, "--vlm-model", "test-vlm"]  # fmt: skip
+    assert run_edit_cli(argv, "e1-full", env={**tiny_env, "OPENAI_API_KEY": "k"}) == 0
+    metadata = json.loads(Path(f"{output}.json").read_text())
+    assert metadata["instruction"] == (
+        "Editing Instruction: paint the square green. Target Image Description: a green square on white"
+    )
+    assert ChatCompletions.requests[-1]["model"] == "test-vlm" and Image.open(output).size == (80, 60)
+
+
+def test_cli_refinement_failure_is_one_line_unless_fallback(
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (80, 60)).save(source)
+    argv = ["--tiny", "--image", str(source), "--instruction", "make it green", "--steps", "1", "--refine-instruction",
+            "--vlm-url", "http://127.0.0.1:9/v1", "--vlm-model", "m", "--vlm-timeout", "1"]  # fmt: skip
+    assert run_edit_cli([*argv, "--output", str(tmp_path / "a.png")], "e1-full", env=tiny_env) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "127.0.0.1:9" in err and not (tmp_path / "a.png").exists()
+    argv += ["--refine-fallback", "--output", str(tmp_path / "b.png")]
+    assert run_edit_cli(argv, "e1-full", env=tiny_env) == 0
+    assert json.loads((tmp_path / "b.png.json").read_text())["instruction"] == "make it green"
+
+
+def test_target_description_builds_the_form(tiny_env: dict[str, str], tmp_path: Path) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (80, 60)).save(source)
+    argv = ["--tiny", "--image", str(source), "--instruction", "add a hat.", "--target-description", "a cat in a hat",
+            "--output", str(tmp_path / "o.webp"), "--steps", "1", "--refine-strength", "0"]  # fmt: skip
+    assert run_edit_cli(argv, "e1-full", env=tiny_env) == 0
+    metadata = json.loads((tmp_path / "o.webp.json").read_text())
+    assert metadata["instruction"] == "Editing Instruction: add a hat. Target Image Description: a cat in a hat"
+    assert (
+        metadata["guidance"] == 5.0
+        and metadata["image_guidance"] == 4.0
+        and metadata["negative"] == "low resolution, blur"
+    )
