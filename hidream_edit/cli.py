@@ -176,6 +176,12 @@ def configure_logging(verbose: bool) -> None:
     transformers_logging.set_verbosity_error()
 
 
+def out_of_memory_hint(exc: BaseException) -> str:
+    """One line for a device OOM (torch.OutOfMemoryError or torch_npu's RuntimeError) with what to try."""
+    first = str(exc).strip().splitlines()[0][:160]
+    return f"out of device memory ({first}); try --offload model, then --offload sequential, and --vae-tiling"
+
+
 def summary_line(result_metadata: dict[str, Any], image_path: Path) -> str:
     t = result_metadata["timings"]
     memory = result_metadata["memory"]
@@ -236,6 +242,11 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     except KeyboardInterrupt:
         print("interrupted; nothing was saved", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        print(f"error: {out_of_memory_hint(exc)}", file=sys.stderr)
+        return 1
     print(summary_line(result.metadata, image_path))
     logger.info("total %.1f s", time.perf_counter() - started)
     return 0

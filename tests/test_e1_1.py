@@ -210,3 +210,20 @@ def test_refine_weights_base_runs_refine_steps_on_i1_tensors(tiny_env: dict[str,
          refine_weights=switch)  # fmt: skip
     assert live == ["e1.1", "e1.1", "i1", "i1"]
     assert torch.equal(transformer.get_parameter(probe).detach(), e1) and torch.equal(switch.stash[probe], i1)
+
+
+def test_device_out_of_memory_is_one_line_with_the_fix(
+    tiny_env: dict[str, str], source_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from hidream_edit.editor import Editor
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("NPU out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Editor, "edit", out_of_memory)
+    argv = ["--tiny", "--image", str(source_png), "--instruction", "x", "--output", str(tmp_path / "o.png")]
+    assert run_edit_cli(argv, "e1.1", env=tiny_env) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NPU out of memory" in err and "--offload model" in err
+    assert not (tmp_path / "o.png").exists()
