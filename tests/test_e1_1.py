@@ -225,5 +225,7 @@ def test_device_out_of_memory_is_one_line_with_the_fix(
     argv = ["--tiny", "--image", str(source_png), "--instruction", "x", "--output", str(tmp_path / "o.png")]
     assert run_edit_cli(argv, "e1.1", env=tiny_env) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "NPU out of memory" in err and "--offload model" in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "NPU out of memory" in errors[0] and "--offload model" in errors[0]
+    assert "Traceback" not in err
     assert not (tmp_path / "o.png").exists()
