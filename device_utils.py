@@ -12,6 +12,7 @@ detection, where its failure can be reported with the fix.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -66,16 +67,38 @@ def _cann_cause(exc: BaseException) -> str:
     return text
 
 
-def npu_status() -> tuple[bool, str | None]:
-    """Whether an NPU is usable, and if not, why (with the fix). Imports torch_npu on first call."""
+@functools.cache
+def _load_torch_npu() -> str | None:
+    """Import torch_npu once; on failure return the cause and block any later import of it.
+
+    transformers and diffusers import torch_npu on their own whenever the package is installed; with
+    CANN missing that import raises deep inside model loading. Setting sys.modules["torch_npu"] to
+    None makes their availability checks (importlib.util.find_spec) answer "not available" instead.
+    """
     try:
         import torch_npu  # noqa: F401
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] == "torch_npu":
-            return False, "torch_npu is not installed; pip install torch-npu matching your torch and CANN"
-        return False, f"torch_npu cannot load: {_cann_cause(exc)}; {CANN_FIX}"
+            return "torch_npu is not installed; pip install torch-npu matching your torch and CANN"
+        cause = f"torch_npu cannot load: {_cann_cause(exc)}; {CANN_FIX}"
     except (ImportError, OSError, RuntimeError) as exc:
-        return False, f"torch_npu cannot load: {_cann_cause(exc)}; {CANN_FIX}"
+        cause = f"torch_npu cannot load: {_cann_cause(exc)}; {CANN_FIX}"
+    else:
+        return None
+    for name in [m for m in sys.modules if m == "torch_npu" or m.startswith("torch_npu.")]:
+        del sys.modules[name]
+    sys.modules["torch_npu"] = None  # type: ignore[assignment]
+    return cause
+
+
+def npu_status() -> tuple[bool, str | None]:
+    """Whether an NPU is usable, and if not, why (with the fix). Imports torch_npu on first call.
+
+    Front ends call this before importing diffusers or transformers (see _load_torch_npu).
+    """
+    cause = _load_torch_npu()
+    if cause is not None:
+        return False, cause
     module = getattr(torch, "npu", None)
     if module is None:
         return False, "torch_npu imported but registered no torch.npu module; reinstall torch-npu"

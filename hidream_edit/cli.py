@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from device_utils import ATTENTION_BACKENDS, MEMORY_MODES, CheckpointError, DeviceError
+from device_utils import ATTENTION_BACKENDS, MEMORY_MODES, CheckpointError, DeviceError, npu_status
 from hidream_edit.editor import (
     DEFAULTS,
     EditCancelled,
@@ -162,7 +162,11 @@ def _instruction_for(args: argparse.Namespace, model: str, env: Mapping[str, str
 
 
 def configure_logging(verbose: bool) -> None:
-    """Script-level logging: our warnings always, details with --verbose; library progress bars off."""
+    """Script-level logging: our warnings always, details with --verbose; library progress bars off.
+
+    Settles torch_npu first: diffusers and transformers, imported here, probe for it on their own.
+    """
+    npu_status()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     level = logging.INFO if verbose else logging.WARNING
     for name in ("hidream_edit", "device_utils"):

@@ -24,6 +24,19 @@ from npu_standin import REPO, run_standin
 import device_utils
 
 LIBHCCL = "libhccl.so: cannot open shared object file: No such file or directory"
+# Settings other tests put into this process's environment (test_tiny sets HF_HUB_OFFLINE) that a user's
+# plain run of the doctor would not have.
+USER_SETTINGS = (
+    "PREFERRED_DEVICE",
+    "PREFERRED_DTYPE",
+    "LOCAL_RANK",
+    "HIDREAM_ATTENTION",
+    "HF_HUB_OFFLINE",
+    "HIDREAM_LLAMA_PATH",
+    "HIDREAM_I1_PATH",
+    "HIDREAM_E1_PATH",
+    "HIDREAM_E1_FULL_PATH",
+)
 
 
 def _load_doctor() -> types.ModuleType:
@@ -48,7 +61,7 @@ STANDIN_PRELUDE = (
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("PREFERRED_DEVICE", "PREFERRED_DTYPE", "LOCAL_RANK", "HIDREAM_ATTENTION"):
+    for name in USER_SETTINGS:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -647,7 +660,7 @@ def test_human_output_is_aligned_one_line_per_check(
 
 def test_script_on_this_cpu_machine() -> None:
     """The one real run: exit 0 on a CPU-only machine, the missing NPU a WARN, JSON of the documented shape."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFERRED_DEVICE", "PREFERRED_DTYPE")}
+    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
     result = subprocess.run(
         [sys.executable, str(REPO / "test_npu_setup.py"), "--json"],
         capture_output=True,
