@@ -178,3 +178,15 @@ def test_target_description_builds_the_form(tiny_env: dict[str, str], tmp_path: 
         and metadata["image_guidance"] == 4.0
         and metadata["negative"] == "low resolution, blur"
     )
+
+
+def test_bare_instruction_warns_that_e1_full_expects_the_form(
+    e1_full_editor: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="hidream_edit")
+    result = e1_full_editor.edit(EditRequest(Image.new("RGB", (32, 32)), "add a hat", steps=1, refine_strength=0.0))
+    assert "E1-Full expects 'Editing Instruction: ... Target Image Description: ...'" in caplog.text
+    assert result.metadata["instruction"] == "add a hat"
+    caplog.clear()
+    e1_full_editor.edit(EditRequest(Image.new("RGB", (32, 32)), PROMPT, steps=1, refine_strength=0.0))
+    assert "E1-Full expects" not in caplog.text
