@@ -293,6 +293,10 @@ def _write_atomically(path: Path, write: Callable[[Any], None], overwrite: bool)
                 os.link(temp_name, path)
             except FileExistsError as exc:
                 raise UserError(f"{path} already exists; choose another --output or pass --overwrite") from exc
+            except OSError:  # a filesystem without hard links: check, then rename (not race-free)
+                if path.exists():
+                    raise UserError(f"{path} already exists; choose another --output or pass --overwrite") from None
+                os.replace(temp_name, path)
     finally:
         if os.path.exists(temp_name):
             os.unlink(temp_name)

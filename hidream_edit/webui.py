@@ -134,7 +134,7 @@ def timing_summary(metadata: Mapping[str, Any]) -> str:
     steps = t["step_s"]
     per_step = sum(steps) / len(steps) if steps else 0.0
     return (
-        f"{len(steps)} steps in {_fmt_seconds(sum(steps))} ({per_step:.2f} s/step), "
+        f"{len(steps)} step{'' if len(steps) == 1 else 's'} in {_fmt_seconds(sum(steps))} ({per_step:.2f} s/step), "
         f"encode {_fmt_seconds(t['encode_s'])}, decode {_fmt_seconds(t['decode_s'])}, "
         f"total {_fmt_seconds(t['total_s'])}"
     )
@@ -177,6 +177,14 @@ def error_message(exc: BaseException) -> str:
     logger.error("edit failed", exc_info=exc)
     text = " ".join(str(exc).split())[:300]
     return f"internal error ({type(exc).__name__}{': ' + text if text else ''}); details are in the server log"
+
+
+def _then(done: int, total: int) -> str:
+    return ", decoding" if done == total else ""
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _display_name(path: str | Path) -> str:
@@ -355,12 +363,14 @@ class WebEditor:
                 raise UserError(f"{name}: the upload is gone ({exc.strerror}); upload it again") from exc
             if size > self.settings.max_upload_bytes:
                 raise UserError(f"{name}: {size / 2**20:.1f} MiB is over the {self.settings.max_upload_mb} MiB limit")
-            image = open_image(source, max_pixels=self.settings.max_pixels)
-        else:
-            stream = io.BytesIO(source)
-            stream.name = name  # error messages name the zip entry
-            image = open_image(stream, max_pixels=self.settings.max_pixels)
-        image.filename = name  # later messages name the upload, not the gradio cache path
+            try:
+                source = path.read_bytes()
+            except OSError as exc:
+                raise UserError(f"{name}: cannot read the upload ({exc.strerror})") from exc
+        stream = io.BytesIO(source)
+        stream.name = name  # messages name the upload or zip entry, never the server's cache path
+        image = open_image(stream, max_pixels=self.settings.max_pixels)
+        image.filename = name
         return image
 
     def _run(
@@ -370,6 +380,7 @@ class WebEditor:
         on_step: Callable[[int, int], None],
         label: str,
         progress: ProgressFn | None,
+        on_start: Callable[[], None],
     ) -> EditResult:
         """Validate, then wait for the device and edit; checks Stop before starting and between steps."""
         request = self.editor.resolve(request)  # bad values fail before waiting for the device
@@ -382,7 +393,8 @@ class WebEditor:
         try:
             if should_stop():
                 raise EditCancelled("stopped before it started")
-            self._set_activity(f"editing {label}: starting")
+            self._set_activity(f"editing {label}: encoding")
+            on_start()
             return self.editor.edit(request, on_step=on_step, should_stop=should_stop)
         finally:
             self._set_activity("idle")
@@ -409,16 +421,18 @@ class WebEditor:
             request = self._request(source, instruction, params, seed)
 
             def on_step(done: int, total: int) -> None:
-                self._set_activity(f"editing {name}: step {done} of {total}")
+                self._set_activity(f"editing {name}: step {done} of {total}{_then(done, total)}")
                 if progress is not None:
                     progress(done / total, f"step {done} of {total}")
 
-            if progress is not None:
-                progress(0.0, "encoding the instruction and the image")
-            result = self._run(request, should_stop, on_step, name, progress)
+            def on_start() -> None:
+                if progress is not None:
+                    progress(0.0, "encoding the instruction and the image")
+
+            result = self._run(request, should_stop, on_step, name, progress, on_start)
             image_path_out, json_path = save_result(result, unique_result_path(self.settings.results_dir, "edit", name))
         except EditCancelled as exc:
-            return EditOutcome(f"Stopped: {exc}; nothing was saved.", seed=seed)
+            return EditOutcome(f"{_sentence(str(exc))}; nothing was saved.", seed=seed)
         except Exception as exc:
             return EditOutcome(f"Error: {error_message(exc)}", seed=seed)
         elapsed = time.perf_counter() - started
@@ -520,6 +534,8 @@ class WebEditor:
             if not items:
                 raise UserError("no images to edit")
             lines = self.instructions_for(instructions, len(items))
+            # settings wrong for every image fail once, here, not once per image
+            self.editor.resolve(self._request(Image.new("RGB", (16, 16)), lines[0], params, self.choose_seed(params)))
             batch_dir = _inside(self.settings.results_dir, self.settings.results_dir / f"batch-{_token()}")
             batch_dir.mkdir()
         except Exception as exc:
@@ -543,13 +559,16 @@ class WebEditor:
 
                 def on_step(done: int, total: int, index: int = index, name: str = item.name) -> None:
                     text = f"image {index + 1} of {count} ({name}): step {done} of {total}"
-                    self._set_activity(f"batch {text}")
+                    self._set_activity(f"batch {text}{_then(done, total)}")
                     if progress is not None:
                         progress((index + done / total) / count, text)
 
-                if progress is not None:
-                    progress(index / count, f"image {index + 1} of {count}: encoding")
-                result = self._run(request, should_stop, on_step, f"batch image {index + 1} of {count}", progress)
+                def on_start(index: int = index) -> None:
+                    if progress is not None:
+                        progress(index / count, f"image {index + 1} of {count}: encoding")
+
+                label = f"batch image {index + 1} of {count}"
+                result = self._run(request, should_stop, on_step, label, progress, on_start)
                 out = _inside(self.settings.results_dir, batch_dir / f"{index + 1:03d}-{safe_stem(item.name)}.png")
                 image_path, _ = save_result(result, out)
             except EditCancelled as exc:
@@ -557,7 +576,7 @@ class WebEditor:
                 entry["status"] = f"stopped: {exc}"
                 continue
             except Exception as exc:
-                message = error_message(exc)
+                message = error_message(exc).removeprefix(f"{item.name}: ")
                 errors.append((item.name, message))
                 entry.update(status="failed", error=message, seed=seed)
                 continue
@@ -666,9 +685,7 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
     """The Blocks app with its queue configured; `launch(demo, settings)` serves it."""
     web = WebEditor(editor, settings)
     title = MODEL_TITLES[web.model]
-    tiny_note = (
-        " — **tiny random-weight test model: results are noise**" if editor.settings.sources.tiny else ""
-    )
+    tiny_note = " — **tiny random-weight test model: results are noise**" if editor.settings.sources.tiny else ""
 
     def submitted() -> float:
         return time.monotonic()
@@ -706,7 +723,8 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
 
     with gr.Blocks(title=f"{title} editor", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## {title} image editor{tiny_note}")
-        panel = gr.Markdown(web.device_panel(), elem_id="device-panel")
+        with gr.Accordion("Device", open=True):
+            panel = gr.Markdown(web.device_panel(), elem_id="device-panel")
         with gr.Tabs():
             with gr.Tab("Edit", id="edit"):
                 with gr.Row(equal_height=True):
@@ -722,7 +740,7 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
                     edit_stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")
                 status = gr.Textbox(label="Status", interactive=False, elem_id="status")
                 downloads = gr.File(label="Download result and metadata", file_count="multiple", interactive=False,
-                                    elem_id="downloads")  # fmt: skip
+                                    height=140, elem_id="downloads")  # fmt: skip
             with gr.Tab("Batch", id="batch"):
                 batch_files = gr.File(
                     label=f"Images or one zip (up to {settings.max_batch} images)",
@@ -750,6 +768,7 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
             run_edit,
             inputs=[source, instruction, *edit_settings, edit_submitted],
             outputs=[result, downloads, status, edit_settings[6]],
+            show_progress_on=result,
             concurrency_id="device",
             concurrency_limit=settings.concurrency,
             api_name="edit",
@@ -759,6 +778,7 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
             run_batch,
             inputs=[batch_files, batch_instructions, *batch_settings, batch_submitted],
             outputs=[gallery, batch_zip, batch_status, batch_errors],
+            show_progress_on=gallery,
             concurrency_id="device",
             concurrency_limit=settings.concurrency,
             api_name="batch",

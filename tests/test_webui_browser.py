@@ -1,0 +1,282 @@
+"""The web editor in a real browser: `gradio_demo_npu.py --tiny` on a free localhost port, driven by
+Playwright in Debian's Chromium (apt-get install chromium; pip install playwright, no browser download).
+
+One server for the module, started with auth (so signing in is tested too), a queue of one waiting job
+(so "busy" can be provoked), a 1 MiB upload limit and a 1 s device panel refresh. On failure a
+screenshot of every open page is saved in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+REPO = Path(__file__).resolve().parent.parent
+USER, PASSWORD = "tester", "pw:for-tests"
+START_TIMEOUT_S = 180
+EDIT_TIMEOUT_MS = 150_000
+
+if not CHROMIUM.exists():
+    print(f"\nskipping the browser tests: {CHROMIUM} is missing (apt-get install -y chromium)", file=sys.stderr)
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (apt-get install -y chromium)")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("webui-server")
+    results = root / "results"
+    port = _free_port()
+    log_path = root / "server.log"
+    env = {
+        **os.environ,
+        "HIDREAM_TINY_DIR": str(tiny_checkpoints.root),
+        "HIDREAM_GRADIO_AUTH": f"{USER}:{PASSWORD}",
+        "GRADIO_TEMP_DIR": str(root / "gradio-cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    command = [sys.executable, str(REPO / "gradio_demo_npu.py"), "--tiny", "--port", str(port),
+               "--results-dir", str(results), "--max-queue", "1", "--refresh", "1", "--max-upload-mb", "1"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while _status(url + "/") != 200:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server was not up after {START_TIMEOUT_S} s:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield {"url": url, "results": results, "log": log_path, "root": root}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(server: dict) -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        context.set_default_timeout(30_000)
+        outside: list[str] = []
+        context.on("request", lambda request: outside.append(request.url)
+                   if not request.url.startswith((server["url"], "data:", "blob:")) else None)  # fmt: skip
+        page = context.new_page()
+        page.goto(server["url"])
+        page.locator("input[type=text]").fill(USER)
+        page.locator("input[type=password]").fill(PASSWORD)
+        page.get_by_role("button", name="Login").click()
+        page.wait_for_selector("#device-panel", timeout=60_000)
+        page.close()
+        yield context
+        assert outside == [], f"the page contacted other hosts: {outside}"
+        browser.close()
+
+
+@contextlib.contextmanager
+def screenshots_on_failure(context, tmp_path: Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        for index, page in enumerate(context.pages):
+            with contextlib.suppress(Exception):
+                page.screenshot(path=str(tmp_path / f"failure-page{index}.png"), full_page=True)
+        print(f"\nscreenshots in {tmp_path}", file=sys.stderr)
+        raise
+
+
+def _open_app(context, url: str):
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#device-panel", timeout=60_000)
+    return page
+
+
+def _set_slider(page, elem_id: str, value: int) -> None:
+    """Type into a slider's number box until it sticks.
+
+    A freshly opened accordion mounts its contents asynchronously, and the slider's initial value
+    can land after (and over) a value typed too soon; so check twice, a moment apart, and retry.
+    """
+    box = page.locator(f"#{elem_id} input[type=number]")
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(5):
+        box.fill(str(value))
+        box.blur()
+        stuck = True
+        for pause in (300, 700):
+            page.wait_for_timeout(pause)
+            stuck = stuck and box.input_value() == slider.input_value() == str(value)
+        if stuck:
+            return
+    raise AssertionError(f"could not set #{elem_id} to {value}")
+
+
+def _prepare_edit(page, image: Path, instruction: str) -> None:
+    page.locator("#source input[type=file]").set_input_files(str(image))
+    page.wait_for_selector("#source img")
+    page.locator("#instruction textarea").fill(instruction)
+    page.get_by_text("Advanced settings").first.click()
+
+
+def _click_edit(page, steps: int) -> None:
+    """Set the steps right before clicking, well after the accordion was opened (see _set_slider)."""
+    page.bring_to_front()
+    _set_slider(page, "edit-steps", steps)
+    page.locator("#edit-button").click()
+
+
+def _wait_for_value(page, selector: str, prefix: str, timeout: int = EDIT_TIMEOUT_MS) -> str:
+    page.wait_for_function(
+        "([selector, prefix]) => document.querySelector(selector)?.value.startsWith(prefix)",
+        arg=[selector, prefix],
+        timeout=timeout,
+    )
+    return page.locator(selector).input_value()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    paths = []
+    for name, size, color in (("sky.png", (96, 64), (40, 120, 220)), ("grass.png", (64, 64), (40, 200, 60))):
+        Image.new("RGB", size, color).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    return paths
+
+
+def test_the_app_needs_a_login(server: dict) -> None:
+    assert _status(server["url"] + "/config") == 401
+    assert _status(server["url"] + "/gradio_api/info") == 401
+
+
+def test_edit_in_the_browser(server: dict, browser, images: list[Path], tmp_path: Path) -> None:
+    page = _open_app(browser, server["url"])
+    with screenshots_on_failure(browser, tmp_path):
+        panel = page.locator("#device-panel")
+        assert "Device cpu" in panel.inner_text() and "dtype fp32" in panel.inner_text()
+        _prepare_edit(page, images[0], "make the sky purple")
+        _click_edit(page, steps=2)
+        page.wait_for_selector("#result img", timeout=EDIT_TIMEOUT_MS)
+        status = _wait_for_value(page, "#status textarea", "Done in ")
+        assert "seed 3" in status and "2 steps in" in status
+
+        links = {link.inner_text().strip(): link.get_attribute("href") for link in page.locator("#downloads a").all()}
+        json_url = next(href for href in links.values() if href and ".json" in href)
+        metadata = json.loads(page.request.get(json_url).body())
+        assert metadata["instruction"] == "make the sky purple" and metadata["steps"] == 2
+        saved = sorted(p.name for p in server["results"].iterdir())
+        assert len(saved) == 2 and saved[0].endswith("-sky.png") and saved[1].endswith("-sky.png.json")
+
+        # the panel refreshes by itself and now shows the edit's timings
+        page.wait_for_function("document.querySelector('#device-panel').innerText.includes('Last edit 2 steps in')",
+                               timeout=15_000)  # fmt: skip
+        assert "Device cpu" in panel.inner_text()
+        page.screenshot(path=str(tmp_path / "edit.png"), full_page=True)
+    page.close()
+
+
+def test_an_upload_over_the_limit_is_refused_with_a_message(server: dict, browser, tmp_path: Path) -> None:
+    noise = Image.effect_noise((1200, 1200), 100).convert("RGB")  # noise hardly compresses: about 3 MB as PNG
+    noise.save(tmp_path / "noise.png")
+    assert (tmp_path / "noise.png").stat().st_size > 1024 * 1024
+    page = _open_app(browser, server["url"])
+    with screenshots_on_failure(browser, tmp_path):
+        page.locator("#source input[type=file]").set_input_files(str(tmp_path / "noise.png"))
+        page.get_by_text('File(s) exceed the maximum allowed size of 1.0 Mb: "noise.png"').wait_for(timeout=15_000)
+    page.close()
+
+
+def test_batch_in_the_browser(server: dict, browser, images: list[Path], tmp_path: Path) -> None:
+    page = _open_app(browser, server["url"])
+    with screenshots_on_failure(browser, tmp_path):
+        page.get_by_role("tab", name="Batch").click()
+        page.get_by_text("Advanced settings").last.click()
+        page.locator("#batch-files input[type=file]").set_input_files([str(p) for p in images])
+        page.wait_for_function("document.querySelector('#batch-files').innerText.includes('grass')")
+        page.locator("#batch-instructions textarea").fill("make it red\nmake it blue")
+        _set_slider(page, "batch-steps", 1)
+        page.locator("#batch-button").click()
+        status = _wait_for_value(page, "#batch-status textarea", "Batch ")
+        assert status.startswith("Batch 2 of 2 images edited"), status
+        assert page.locator("#batch-errors textarea").input_value() == ""
+        page.wait_for_function("document.querySelectorAll('#batch-gallery img').length >= 2")
+        captions = page.locator("#batch-gallery").inner_text()
+        assert "sky.png: make it red" in captions and "grass.png: make it blue" in captions
+
+        zip_url = page.locator("#batch-zip a").first.get_attribute("href")
+        with zipfile.ZipFile(io.BytesIO(page.request.get(zip_url).body())) as archive:
+            names = sorted(name.split("/", 1)[1] for name in archive.namelist())
+            summary = json.loads(next(archive.read(n) for n in archive.namelist() if n.endswith("summary.json")))
+        assert names == ["001-sky.png", "001-sky.png.json", "002-grass.png", "002-grass.png.json", "summary.json"]
+        assert [entry["instruction"] for entry in summary] == ["make it red", "make it blue"]
+        assert all(len(entry["timings"]["step_s"]) == 1 for entry in summary)
+        page.screenshot(path=str(tmp_path / "batch.png"), full_page=True)
+    page.close()
+
+
+def test_full_queue_says_busy_and_stop_cancels(server: dict, browser, images: list[Path], tmp_path: Path) -> None:
+    """One edit runs, one waits (the queue holds one), a third is told the app is busy; Stop ends both."""
+    running, waiting, refused = (_open_app(browser, server["url"]) for _ in range(3))
+    with screenshots_on_failure(browser, tmp_path):
+        for page in (running, waiting, refused):
+            _prepare_edit(page, images[1], "make it gold")
+        before = sorted(server["results"].rglob("*"))
+        _click_edit(running, steps=40)
+        running.wait_for_function("document.querySelector('#device-panel').innerText.includes('step 1 of 40')",
+                                  timeout=60_000)  # fmt: skip
+        _click_edit(waiting, steps=40)
+        waiting.wait_for_timeout(1500)  # let it join the queue
+        _click_edit(refused, steps=40)
+        refused.get_by_text("This application is currently busy. Please try again.").wait_for(timeout=15_000)
+
+        waiting.locator("#edit-stop").click()
+        running.locator("#edit-stop").click()
+        status = _wait_for_value(running, "#status textarea", "Stopped")
+        assert status.startswith("Stopped after step ") and status.endswith(" of 40; nothing was saved."), status
+        assert _wait_for_value(waiting, "#status textarea", "Stopped") == (
+            "Stopped before it started; nothing was saved."
+        )
+        assert sorted(server["results"].rglob("*")) == before  # nothing saved
+        assert "Traceback" not in server["log"].read_text()
+    for page in (running, waiting, refused):
+        page.close()
