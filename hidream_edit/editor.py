@@ -315,10 +315,15 @@ def save_result(result: EditResult, output: str | Path, overwrite: bool = False)
             raise UserError(f"{', '.join(existing)} already exists; choose another --output or pass --overwrite")
     image = result.image.convert("RGB") if fmt == "JPEG" else result.image
     metadata = {**result.metadata, "output": str(path)}
-    _write_atomically(path, lambda stream: image.save(stream, format=fmt), overwrite)
     try:
-        _write_atomically(json_path, lambda stream: stream.write(json.dumps(metadata, indent=2).encode()), overwrite)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+        _write_atomically(path, lambda stream: image.save(stream, format=fmt), overwrite)
+        try:
+            _write_atomically(
+                json_path, lambda stream: stream.write(json.dumps(metadata, indent=2).encode()), overwrite
+            )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path, json_path

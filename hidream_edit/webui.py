@@ -335,11 +335,10 @@ class WebEditor:
         if self.model == "e1-full":
             target = (params.target_description or "").strip() or None
             instruction = compose_e1_full_prompt(instruction, image, target)
-        negative = params.negative if params.negative is not None else None
         return EditRequest(
             image=image,
             instruction=instruction,
-            negative=negative,
+            negative=params.negative,
             steps=_as_int(params.steps, "steps"),
             guidance=_as_float(params.guidance, "guidance"),
             image_guidance=_as_float(params.image_guidance, "image guidance"),

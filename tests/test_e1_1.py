@@ -229,3 +229,19 @@ def test_device_out_of_memory_is_one_line_with_the_fix(
     assert len(errors) == 1 and "NPU out of memory" in errors[0] and "--offload model" in errors[0]
     assert "Traceback" not in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_unwritable_output_is_a_user_error(
+    e1_1_editor: Any, source_png: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    result = edit(e1_1_editor, source_png, steps=1)
+
+    def denied(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(UserError, match="cannot write .*r.png: Permission denied"):
+        save_result(result, tmp_path / "r.png")
+    assert list(tmp_path.iterdir()) == [source_png]
