@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "tester", "pw:for-tests"
 START_TIMEOUT_S = 180
 EDIT_TIMEOUT_MS = 150_000
+LONG_EDIT_STEPS = 100  # the Steps slider's maximum
 
 if not CHROMIUM.exists():
     print(f"\nskipping the browser tests: {CHROMIUM} is missing (apt-get install -y chromium)", file=sys.stderr)
@@ -175,6 +176,27 @@ def _wait_for_value(page, selector: str, prefix: str, timeout: int = EDIT_TIMEOU
     return page.locator(selector).input_value()
 
 
+def _wait_for_panel_step(page, total: int, after: int = 0, timeout: int = 60_000) -> int:
+    """Wait until the device panel shows a step of a running `total`-step edit beyond `after`; return it."""
+    handle = page.wait_for_function(
+        """([total, after]) => {
+            const match = document.querySelector('#device-panel')?.innerText.match(/step (\\d+) of (\\d+)/);
+            return match && Number(match[2]) === total && Number(match[1]) > after ? Number(match[1]) : null;
+        }""",
+        arg=[total, after],
+        timeout=timeout,
+        polling=100,
+    )
+    return int(handle.json_value())
+
+
+def _wait_for_queue_position(page, timeout: int = 15_000) -> None:
+    """Wait until gradio shows that this page's job waits in the queue (its progress text says 'queue')."""
+    page.wait_for_function(
+        "document.querySelector('#result')?.innerText.toLowerCase().includes('queue')", timeout=timeout, polling=100
+    )
+
+
 @pytest.fixture
 def images(tmp_path: Path) -> list[Path]:
     paths = []
@@ -255,24 +277,31 @@ def test_batch_in_the_browser(server: dict, browser, images: list[Path], tmp_pat
 
 
 def test_full_queue_says_busy_and_stop_cancels(server: dict, browser, images: list[Path], tmp_path: Path) -> None:
-    """One edit runs, one waits (the queue holds one), a third is told the app is busy; Stop ends both."""
+    """One edit runs (the panel follows its steps), one waits (the queue holds one), a third is told the app is
+    busy; Stop ends both and nothing is saved."""
     running, waiting, refused = (_open_app(browser, server["url"]) for _ in range(3))
     with screenshots_on_failure(browser, tmp_path):
         for page in (running, waiting, refused):
             _prepare_edit(page, images[1], "make it gold")
         before = sorted(server["results"].rglob("*"))
-        _click_edit(running, steps=40)
-        running.wait_for_function("document.querySelector('#device-panel').innerText.includes('step 1 of 40')",
-                                  timeout=60_000)  # fmt: skip
-        _click_edit(waiting, steps=40)
-        waiting.wait_for_timeout(1500)  # let it join the queue
-        _click_edit(refused, steps=40)
+        # The longest edit the UI allows, so it is still running whatever the CPU speed (Stop ends it).
+        _click_edit(running, steps=LONG_EDIT_STEPS)
+        # The panel refreshes once a second and shows the step reached then: any step number proves
+        # it updates during the edit (waiting for "step 1" raced the timer and failed on fast runs).
+        _wait_for_panel_step(running, LONG_EDIT_STEPS)
+        _click_edit(waiting, steps=LONG_EDIT_STEPS)
+        waiting.wait_for_function("document.querySelector('#device-panel').innerText.includes('Now editing')")
+        _wait_for_queue_position(waiting)
+        _click_edit(refused, steps=LONG_EDIT_STEPS)
         refused.get_by_text("This application is currently busy. Please try again.").wait_for(timeout=15_000)
+        first_seen = _wait_for_panel_step(running, LONG_EDIT_STEPS)
+        assert _wait_for_panel_step(running, LONG_EDIT_STEPS, after=first_seen) > first_seen  # still live
 
         waiting.locator("#edit-stop").click()
         running.locator("#edit-stop").click()
         status = _wait_for_value(running, "#status textarea", "Stopped")
-        assert status.startswith("Stopped after step ") and status.endswith(" of 40; nothing was saved."), status
+        assert status.startswith("Stopped after step "), status
+        assert status.endswith(f" of {LONG_EDIT_STEPS}; nothing was saved."), status
         assert _wait_for_value(waiting, "#status textarea", "Stopped") == (
             "Stopped before it started; nothing was saved."
         )
