@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint constraints
+.PHONY: setup demo test lint constraints mutate
 
 setup: $(STAMP)
 
@@ -37,3 +37,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# Mutation testing (slow, not part of `make test`): plants one bug at a time, reports the survivors.
+mutate: setup
+	$(PY) tools/mutate.py

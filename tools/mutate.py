@@ -1,0 +1,250 @@
+"""Mutation testing for this project: plant one plausible bug at a time and see whether the tests notice.
+
+Mutants are generated from the syntax tree of each target file (flipped comparisons and arithmetic,
+swapped booleans, dropped `not`/minus, `and`/`or` swapped, off-by-one constants, a dropped keyword
+argument, a removed call statement), a deterministic sample per file. Each mutant is applied to a
+scratch copy of the repository and that file's fast test subset runs there; a failing run "kills" the
+mutant, a passing run means the suite would let that bug through ("survived").
+
+    .venv/bin/python tools/mutate.py                      # the default sample (see TARGETS)
+    .venv/bin/python tools/mutate.py --per-file 20 --seed 3 hidream_edit/pipeline.py
+    .venv/bin/python tools/mutate.py --list               # only show the sampled mutants
+
+`make mutate` runs the default sample. It is slow (a test subset per mutant) and not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# target file -> the fast tests that should catch a bug in it (no browser tests: they are slow)
+TARGETS: dict[str, list[str]] = {
+    "hidream_edit/pipeline.py": ["tests/test_pipeline.py", "tests/test_edit_loop.py"],
+    "hidream_edit/editor.py": ["tests/test_saving.py", "tests/test_e1_1.py", "tests/test_plumbing.py"],
+    "hidream_edit/models.py": ["tests/test_e1_1.py", "tests/test_e1_full.py"],
+    "hidream_edit/images.py": ["tests/test_images.py"],
+    "device_utils.py": ["tests/test_device_utils.py"],
+    "hidream_edit/cli.py": ["tests/test_plumbing.py", "tests/test_e1_1.py"],
+}
+COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".venv-*", "results", "__pycache__", ".pytest_cache",
+                                     ".ruff_cache", "mutants")  # fmt: skip
+SWAPS: dict[type, type] = {
+    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+    ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.And: ast.Or, ast.Or: ast.And,
+}  # fmt: skip
+QUIET_CALLS = ("logger.", "logging.", "print(", "warn_once(", "warnings.warn(")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One planted bug: replace source[start:end] of `path` with `replacement`."""
+
+    path: str
+    line: int
+    start: int
+    end: int
+    original: str
+    replacement: str
+    kind: str
+
+    def describe(self) -> str:
+        if self.kind.startswith("drop") and self.kind != "drop call":
+            return f"{self.path}:{self.line} [{self.kind}] in {_short(self.original)}"
+        return f"{self.path}:{self.line} [{self.kind}] {_short(self.original)} -> {_short(self.replacement)}"
+
+
+def _short(text: str, limit: int = 90) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[: limit - 3] + "...")
+
+
+def _offsets(source: str) -> list[int]:
+    """Character offset of the start of each line (1-based line numbers index it at line - 1)."""
+    starts, total = [], 0
+    for line in source.splitlines(keepends=True):
+        starts.append(total)
+        total += len(line)
+    return starts + [total]
+
+
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    ids: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = getattr(node, "body", [])
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                ids.add(id(body[0].value))
+    return ids
+
+
+def _inside_fstring_or_annotation(tree: ast.AST) -> set[int]:
+    """Nodes not worth mutating: parts of f-strings and of type annotations."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        parts: list[ast.AST] = []
+        if isinstance(node, ast.JoinedStr):
+            parts = [node]
+        elif isinstance(node, (ast.arg, ast.AnnAssign)) and getattr(node, "annotation", None) is not None:
+            parts = [node.annotation]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            parts = [node.returns]
+        for part in parts:
+            skip.update(id(child) for child in ast.walk(part))
+    return skip
+
+
+def generate(path: str, source: str) -> Iterator[Mutant]:
+    """Every mutant this tool knows how to make in one file, in source order."""
+    tree = ast.parse(source)
+    offsets = _offsets(source)
+    skip = _docstring_nodes(tree) | _inside_fstring_or_annotation(tree)
+
+    def span(node: ast.AST) -> tuple[int, int]:
+        return (offsets[node.lineno - 1] + node.col_offset, offsets[node.end_lineno - 1] + node.end_col_offset)
+
+    def mutant(node: ast.AST, replacement: str, kind: str) -> Mutant:
+        start, end = span(node)
+        return Mutant(path, node.lineno, start, end, source[start:end], replacement, kind)
+
+    for node in ast.walk(tree):
+        if id(node) in skip or not hasattr(node, "lineno"):
+            continue
+        if isinstance(node, ast.BinOp) and type(node.op) in SWAPS:
+            yield mutant(node, f"({ast.unparse(ast.BinOp(node.left, SWAPS[type(node.op)](), node.right))})", "arith")
+        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in SWAPS:
+            flipped = ast.Compare(node.left, [SWAPS[type(node.ops[0])]()], node.comparators)
+            yield mutant(node, f"({ast.unparse(flipped)})", "compare")
+        elif isinstance(node, ast.BoolOp):
+            yield mutant(node, f"({ast.unparse(ast.BoolOp(SWAPS[type(node.op)](), node.values))})", "boolop")
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+            yield mutant(node, f"({ast.unparse(node.operand)})", "unary")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            yield mutant(node, str(not node.value), "bool")
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float) and id(node) not in skip:
+            yield mutant(node, repr(node.value + 1), "number")
+        elif isinstance(node, ast.Call) and node.keywords:
+            for index, keyword in enumerate(node.keywords):
+                if keyword.arg is None:
+                    continue
+                kept = [k for i, k in enumerate(node.keywords) if i != index]
+                call = ast.Call(node.func, node.args, kept)
+                yield mutant(node, ast.unparse(call), f"drop {keyword.arg}=")
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            text = ast.get_source_segment(source, node) or ""
+            if not text.startswith(QUIET_CALLS) and text != "sys.exit(main())":
+                yield mutant(node, "pass", "drop call")
+
+
+def apply(source: str, mutant: Mutant) -> str:
+    return source[: mutant.start] + mutant.replacement + source[mutant.end :]
+
+
+def sample(paths: list[str], per_file: int, seed: int) -> list[Mutant]:
+    """A deterministic sample of valid mutants, `per_file` from each file."""
+    chosen: list[Mutant] = []
+    for path in paths:
+        source = (REPO / path).read_text()
+        valid = []
+        for candidate in generate(path, source):
+            try:
+                compile(apply(source, candidate), path, "exec")
+            except SyntaxError:
+                continue
+            valid.append(candidate)
+        random.Random(f"{seed}:{path}").shuffle(valid)
+        chosen.extend(sorted(valid[:per_file], key=lambda m: m.line))
+    return chosen
+
+
+def _tests_for(path: str) -> list[str]:
+    return [test for test in TARGETS.get(path, []) if (REPO / test).exists()]
+
+
+def run_tests(workdir: Path, tests: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, float]:
+    """'killed' (a test failed or it timed out), 'survived' (all passed) or 'error' (nothing ran)."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return "killed (timeout)", time.monotonic() - started
+    seconds = time.monotonic() - started
+    if done.returncode == 0:
+        return "survived", seconds
+    if done.returncode == 1:
+        return "killed", seconds
+    return f"error (pytest exit {done.returncode})", seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Mutation testing: does the suite notice planted bugs?")
+    parser.add_argument("files", nargs="*", help=f"files to mutate (default: {', '.join(TARGETS)})")
+    parser.add_argument("--per-file", type=int, default=8, help="mutants sampled per file (default 8)")
+    parser.add_argument("--seed", type=int, default=1, help="sampling seed (default 1)")
+    parser.add_argument("--list", action="store_true", help="print the sampled mutants and exit")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    files = args.files or list(TARGETS)
+    for path in files:
+        if not _tests_for(path):
+            parser.error(f"{path}: no test subset for it in TARGETS")
+    mutants = sample(files, args.per_file, args.seed)
+    if args.list:
+        print("\n".join(m.describe() for m in mutants))
+        return 0
+
+    scratch = Path(tempfile.mkdtemp(prefix="hidream-mutate-"))
+    workdir = scratch / "repo"
+    shutil.copytree(REPO, workdir, ignore=COPY_IGNORE)
+    env = {**os.environ, "HIDREAM_TINY_DIR": str(scratch / "tiny"), "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+    results: list[dict] = []
+    try:
+        baseline: dict[str, float] = {}
+        for path in files:
+            status, seconds = run_tests(workdir, _tests_for(path), env, timeout_s=1800)
+            if status != "survived":
+                print(f"the unmutated tests for {path} do not pass ({status}); fix that first", file=sys.stderr)
+                return 2
+            baseline[path] = seconds
+            print(f"baseline {path}: {seconds:.0f} s", flush=True)
+        for number, mutant in enumerate(mutants, 1):
+            target = workdir / mutant.path
+            original = target.read_text()
+            target.write_text(apply(original, mutant))
+            try:
+                status, seconds = run_tests(workdir, _tests_for(mutant.path), env, 3 * baseline[mutant.path] + 60)
+            finally:
+                target.write_text(original)
+            results.append({**asdict(mutant), "status": status, "seconds": round(seconds, 1)})
+            print(f"{number:3d}/{len(mutants)} {status:16s} {mutant.describe()}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    killed = sum(r["status"].startswith("killed") for r in results)
+    survivors = [r for r in results if r["status"] == "survived"]
+    print(f"\n{killed} of {len(results)} mutants killed ({100 * killed / max(len(results), 1):.0f}%), "
+          f"{len(survivors)} survived")  # fmt: skip
+    for mutant in (m for m, r in zip(mutants, results, strict=False) if r["status"] == "survived"):
+        print(f"  survived: {mutant.describe()}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
