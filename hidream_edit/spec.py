@@ -1,0 +1,138 @@
+"""Model facts: one `ModelSpec` per HiDream editing model, looked up by name in `MODELS`.
+
+Everything that differs between HiDream-E1.1 and HiDream-E1-Full lives here (hub ids, the files a run
+needs from each repository, the edit-weights flag, `max_seq`, upstream's defaults, the resize rule,
+the prompt form, the LoRA layout, the real component sizes), so the rest of the code asks the spec
+instead of comparing model names. A leaf module: it imports nothing of this project.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B-Instruct"
+I1_HUB_ID = "HiDream-ai/HiDream-I1-Full"
+
+# What prompt encoding loads from the Llama repository; its `original/` folder (.pth files for Meta's
+# own runtime, about 16 GB) is never used.
+LLAMA_ALLOW_PATTERNS: tuple[str, ...] = (
+    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+)  # fmt: skip
+# The parts of HiDream-I1-Full the editing pipeline loads besides the transformer.
+I1_PIPELINE_PATTERNS: tuple[str, ...] = (
+    "model_index.json", "scheduler/*", "vae/*", "text_encoder/*", "text_encoder_2/*", "text_encoder_3/*",
+    "tokenizer/*", "tokenizer_2/*", "tokenizer_3/*",
+)  # fmt: skip
+I1_TRANSFORMER_CONFIG = ("transformer/config.json",)
+I1_TRANSFORMER_WEIGHTS = ("transformer/*",)
+
+# E1-Full's prompt form; the refine stage encodes the text after TARGET_MARKER.
+INSTRUCTION_MARKER = "Editing Instruction:"
+TARGET_MARKER = "Target Image Description:"
+
+
+@dataclass(frozen=True)
+class EditDefaults:
+    """Upstream's defaults for one model."""
+
+    negative: str
+    guidance: float
+    image_guidance: float
+    steps: int
+    refine_strength: float
+    clip_cfg_norm: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """A PEFT LoRA shipped as one safetensors file in the model's repository."""
+
+    file: str
+    rank: int
+    alpha: int
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything this project knows about one editing model."""
+
+    name: str
+    title: str
+    edit_hub_id: str
+    edit_flag: str
+    edit_env: str
+    edit_help: str
+    max_seq: int
+    defaults: EditDefaults
+    resize: str  # "area" (about 1024x1024 pixels, aspect kept) or "square" (768x768)
+    prompt_form: bool  # expects "Editing Instruction: ... Target Image Description: ..."
+    lora: LoraLayout | None = None
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None
+
+    def edit_allow_patterns(self) -> tuple[str, ...]:
+        """What to download from the edit repository: E1.1's transformer folder or E1-Full's LoRA file."""
+        return (self.lora.file,) if self.lora else I1_TRANSFORMER_WEIGHTS
+
+    def i1_allow_patterns(self, base_refine_weights: bool) -> tuple[str, ...]:
+        """What to download from HiDream-I1-Full: its transformer weights only when they are loaded."""
+        needs_weights = self.uses_lora or base_refine_weights
+        return I1_PIPELINE_PATTERNS + (I1_TRANSFORMER_WEIGHTS if needs_weights else I1_TRANSFORMER_CONFIG)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "e1.1": ModelSpec(
+        name="e1.1",
+        title="HiDream-E1.1",
+        edit_hub_id="HiDream-ai/HiDream-E1-1",
+        edit_flag="--e1-path",
+        edit_env="HIDREAM_E1_PATH",
+        edit_help="HiDream-E1-1 dir or hub id",
+        max_seq=8192,
+        defaults=EditDefaults("low quality, blurry, distorted", 3.0, 1.5, 28, 0.3, True, 3),
+        resize="area",
+        prompt_form=False,
+    ),
+    "e1-full": ModelSpec(
+        name="e1-full",
+        title="HiDream-E1-Full",
+        edit_hub_id="HiDream-ai/HiDream-E1-Full",
+        edit_flag="--lora-path",
+        edit_env="HIDREAM_E1_FULL_PATH",
+        edit_help="HiDream-E1-Full LoRA file, dir or hub id",
+        max_seq=4608,
+        defaults=EditDefaults("low resolution, blur", 5.0, 4.0, 28, 0.3, True, 3),
+        resize="square",
+        prompt_form=True,
+        lora=LoraLayout(
+            file="HiDream-E1-Full.safetensors",
+            rank=16,
+            alpha=16,
+            target_modules=("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t",
+                            "w1", "w2", "w3", "final_layer.linear"),  # fmt: skip
+        ),
+    ),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+
+# Parameters of the real components, counted from the real configs on the meta device.
+REAL_PARAMETERS: dict[str, int] = {
+    "transformer": 17_106_000_000,
+    "llama": 8_030_000_000,  # of which lm_head 0.525 B, unused by prompt encoding
+    "t5": 4_762_000_000,
+    "clip_l": 124_000_000,
+    "clip_g": 695_000_000,
+    "vae": 84_000_000,
+}
+
+
+def is_e1_full_form(text: str) -> bool:
+    """Whether a prompt already reads "Editing Instruction: ... Target Image Description: ..."."""
+    instruction_at = text.find(INSTRUCTION_MARKER)
+    target_at = text.find(TARGET_MARKER)
+    return 0 <= instruction_at < target_at
