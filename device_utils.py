@@ -1,8 +1,9 @@
-"""Device layer for HiDream-E1 on Ascend NPU, CUDA and CPU.
+"""Device layer for diffusion pipelines on Ascend NPU, CUDA and CPU.
 
 Scripts import this module instead of hard-coding "cuda". It picks the device (NPU > CUDA > CPU, or what
 PREFERRED_DEVICE asks for), the dtype the device really runs, generators, memory figures, safetensors
-loading, offload modes and the attention implementation installed on a HiDream transformer.
+loading, offload modes, and which device-generic attention kernels (sdpa, math, npu_fused) this device
+can run. It knows no model: installing a kernel into a model's attention modules is the model code's job.
 
 Importing it initialises no device, configures no logging and imports no diffusers. It sets
 TORCH_DEVICE_BACKEND_AUTOLOAD=0 (unless already set) before importing torch, because with torch_npu
@@ -408,23 +409,6 @@ class DeviceManager:
                 raise DeviceError("attention backend npu_fused: this torch_npu has no npu_fusion_attention")
         return name
 
-    def configure_attention(self, transformer: torch.nn.Module, backend: str | None = None) -> str:
-        """Install the chosen attention on every attention module of a diffusers HiDream transformer.
-
-        diffusers' HiDream attention calls F.scaled_dot_product_attention directly and ignores
-        DIFFUSERS_ATTN_BACKEND, so the only real switch is its processor.
-        """
-        name = self.resolve_attention_backend(backend)
-        count = 0
-        for module in transformer.modules():
-            if type(module).__name__ == "HiDreamAttention":
-                module.set_processor(HiDreamAttentionProcessor(name))
-                count += 1
-        if count == 0:
-            raise DeviceError(f"{type(transformer).__name__} has no HiDream attention modules to configure")
-        logger.info("attention: %s on %d modules", name, count)
-        return name
-
     def report(self) -> dict[str, Any]:
         """Everything the device report shows, as plain data."""
         return {
@@ -472,65 +456,6 @@ ATTENTION_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     "math": math_attention,
     "npu_fused": npu_fused_attention,
 }
-
-
-class HiDreamAttentionProcessor:
-    """HiDream's attention (q/k RMS norm, RoPE, text twin projections) with a chosen attention kernel.
-
-    Same projections and order as diffusers' HiDreamAttnProcessor; only the kernel differs. `calls`
-    counts kernel invocations so tests and reports can prove which kernel ran.
-    """
-
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-        self.calls = 0
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        hidden_states_masks: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.transformers.transformer_hidream_image import apply_rope
-
-        dtype = hidden_states.dtype
-        batch = hidden_states.shape[0]
-        query = attn.q_rms_norm(attn.to_q(hidden_states)).to(dtype=dtype)
-        key = attn.k_rms_norm(attn.to_k(hidden_states)).to(dtype=dtype)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim)
-        key = key.view(batch, -1, attn.heads, head_dim)
-        value = value.view(batch, -1, attn.heads, head_dim)
-        if hidden_states_masks is not None:
-            key = key * hidden_states_masks.view(batch, -1, 1, 1)
-        num_image_tokens = query.shape[1]
-        if not attn.single:
-            query_t = attn.q_rms_norm_t(attn.to_q_t(encoder_hidden_states)).to(dtype=dtype)
-            key_t = attn.k_rms_norm_t(attn.to_k_t(encoder_hidden_states)).to(dtype=dtype)
-            value_t = attn.to_v_t(encoder_hidden_states)
-            query = torch.cat([query, query_t.view(batch, -1, attn.heads, head_dim)], dim=1)
-            key = torch.cat([key, key_t.view(batch, -1, attn.heads, head_dim)], dim=1)
-            value = torch.cat([value, value_t.view(batch, -1, attn.heads, head_dim)], dim=1)
-        if query.shape[-1] == image_rotary_emb.shape[-3] * 2:
-            query, key = apply_rope(query, key, image_rotary_emb)
-        else:
-            query_rope, query_pass = query.chunk(2, dim=-1)
-            key_rope, key_pass = key.chunk(2, dim=-1)
-            query_rope, key_rope = apply_rope(query_rope, key_rope, image_rotary_emb)
-            query = torch.cat([query_rope, query_pass], dim=-1)
-            key = torch.cat([key_rope, key_pass], dim=-1)
-        self.calls += 1
-        out = ATTENTION_FUNCTIONS[self.backend](query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        if attn.single:
-            return attn.to_out(out)
-        image_part, text_part = torch.split(out, [num_image_tokens, out.shape[1] - num_image_tokens], dim=1)
-        return attn.to_out(image_part), attn.to_out_t(text_part)
 
 
 def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -615,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the device report; exit 2 with one line if the requested device cannot be used."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Report the device HiDream-E1 would run on.")
+    parser = argparse.ArgumentParser(description="Report the compute device, dtype and memory this machine offers.")
     parser.add_argument("--device", help="auto, npu, npu:N, cuda, cuda:N or cpu (default: PREFERRED_DEVICE or auto)")
     parser.add_argument("--dtype", help="auto, bf16, fp16 or fp32 (default: PREFERRED_DTYPE or auto)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from device_utils import CheckpointError, DeviceManager, load_safetensors
+from hidream_edit.attention import install_attention
 from hidream_edit.errors import ModelFilesError, UserError
 
 logger = logging.getLogger(__name__)
@@ -402,6 +403,6 @@ def load_pipeline(
         i1_dir, transformer=transformer, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype
     )
     pipe.set_progress_bar_config(disable=True)
-    attention = dm.configure_attention(pipe.transformer, attention)
+    attention = install_attention(pipe.transformer, dm, attention)
     actions = dm.set_memory_efficient_mode(pipe, offload, vae_tiling=vae_tiling)
     return LoadedPipeline(pipe, switch, attention, actions, sources, lora_fused=fuse_lora)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import device_utils
 from device_utils import CheckpointError, DeviceError, DeviceManager, load_safetensors
+from hidream_edit.attention import install_attention
 
 PRELUDE = "import device_utils\n"
 LIBHCCL = "libhccl.so: cannot open shared object file: No such file or directory"
@@ -235,9 +236,9 @@ def test_sdpa_and_math_match_diffusers_processor(width: int, monkeypatch: pytest
     with torch.no_grad():
         reference = transformer(**inputs).sample
         dm = DeviceManager()
-        assert dm.configure_attention(transformer, "sdpa") == "sdpa"
+        assert install_attention(transformer, dm, "sdpa") == "sdpa"
         sdpa_out = transformer(**inputs).sample
-        dm.configure_attention(transformer, "math")
+        install_attention(transformer, dm, "math")
 
         def forbidden(*args: object, **kwargs: object) -> None:
             raise AssertionError("F.scaled_dot_product_attention must not run with the math backend")
@@ -254,13 +255,13 @@ def test_attention_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     dm = DeviceManager()
     assert dm.resolve_attention_backend() == "sdpa"
     monkeypatch.setenv("HIDREAM_ATTENTION", "math")
-    assert dm.configure_attention(small_transformer()) == "math"
+    assert install_attention(small_transformer(), dm) == "math"
     with pytest.raises(DeviceError, match="needs an NPU"):
         dm.resolve_attention_backend("npu_fused")
     with pytest.raises(DeviceError, match="sdpa, math, npu_fused"):
         dm.resolve_attention_backend("flash")
     with pytest.raises(DeviceError, match="no HiDream attention modules"):
-        dm.configure_attention(torch.nn.Linear(2, 2), "sdpa")
+        install_attention(torch.nn.Linear(2, 2), dm, "sdpa")
 
 
 # ---------------------------------------------------------------- import and CLI
@@ -421,11 +422,12 @@ def test_npu_fused_attention_runs_the_fused_kernel() -> None:
     code = PRELUDE + (
         "import torch\n"
         "from test_device_utils import small_transformer, transformer_inputs\n"
+        "from hidream_edit.attention import install_attention\n"
         "dm = device_utils.DeviceManager()\n"
         "t = small_transformer(); inputs = transformer_inputs(16)\n"
         "with torch.no_grad():\n"
         "    ref = t(**inputs).sample\n"
-        "    print(dm.configure_attention(t, 'npu_fused'))\n"
+        "    print(install_attention(t, dm, 'npu_fused'))\n"
         "    out = t(**inputs).sample\n"
         "print(sys.modules['torch_npu'].fusion_calls, bool(torch.allclose(ref, out, atol=1e-4)))"
     )

@@ -16,6 +16,7 @@ from PIL import Image
 
 from device_utils import DeviceManager, load_safetensors
 from hidream_edit import models
+from hidream_edit.attention import install_attention
 from hidream_edit.cli import run_edit_cli
 from hidream_edit.editor import EditRequest, EditResult, save_result
 from hidream_edit.errors import ModelFilesError, UserError
@@ -114,10 +115,10 @@ def test_sdpa_and_math_attention_agree(e1_1_editor: Any, source_png: Path) -> No
     transformer = e1_1_editor.loaded.pipe.transformer
     sdpa = edit(e1_1_editor, source_png, seed=1)
     try:
-        e1_1_editor.dm.configure_attention(transformer, "math")
+        install_attention(transformer, e1_1_editor.dm, "math")
         math = edit(e1_1_editor, source_png, seed=1)
     finally:
-        e1_1_editor.dm.configure_attention(transformer, "sdpa")
+        install_attention(transformer, e1_1_editor.dm, "sdpa")
     assert np.abs(as_array(sdpa) - as_array(math)).max() <= 2
 
 
