@@ -1,114 +1,51 @@
-"""Argument handling shared by inference_e1_1_npu.py, inference_npu.py and gradio_demo_npu.py.
+"""The editing command lines: inference_e1_1_npu.py (E1.1) and inference_npu.py (E1-Full).
 
-Each flag exists once here; the entry scripts only pick the model. A user mistake ends in one line
-on stderr and exit code 2, never a traceback.
+The flags themselves are defined once in config.py (shared with the web UI and the doctor); this module
+builds the edit parser, checks what can be checked before loading, runs the edit and prints the outcome.
+A user mistake ends in one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from device_utils import ATTENTION_BACKENDS, MEMORY_MODES, CheckpointError, DeviceError, npu_status
-from hidream_edit.editor import (
-    DEFAULTS,
-    EditCancelled,
-    Editor,
-    EditorSettings,
-    EditRequest,
-    image_format_for,
-    resolve_request,
+from device_utils import CheckpointError, DeviceError, npu_status
+from hidream_edit.config import (
+    EXIT_USER_ERROR,
+    OneLineArgumentParser,
+    add_edit_arguments,
+    add_model_arguments,
+    editor_settings_from_args,
+    environment,
+    model_spec,
+    source_flag,
+    vlm_api_key,
 )
-from hidream_edit.errors import UserError
-from hidream_edit.models import REFINE_WEIGHTS, resolve_model_sources
+from hidream_edit.editor import EditCancelled, Editor, EditRequest, image_format_for, resolve_request
+from hidream_edit.errors import ModelFilesError, UserError
+from hidream_edit.spec import ModelSpec
 
 logger = logging.getLogger("hidream_edit")
 
 USER_ERRORS = (UserError, DeviceError, CheckpointError)
-EXIT_USER_ERROR = 2
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one line (and exit 2) instead of the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, model: str) -> None:
-    """Where the weights come from and how they are placed: shared by the CLIs and the web UI."""
-    group = parser.add_argument_group("model and device")
-    group.add_argument("--tiny", action="store_true", help="use the built-in tiny random-weight checkpoints (noise)")
-    group.add_argument("--llama-path", help="Llama-3.1-8B-Instruct dir or hub id (env HIDREAM_LLAMA_PATH)")
-    group.add_argument("--i1-path", help="HiDream-I1-Full dir or hub id (env HIDREAM_I1_PATH)")
-    if model == "e1.1":
-        group.add_argument("--e1-path", help="HiDream-E1-1 dir or hub id (env HIDREAM_E1_PATH)")
-    else:
-        group.add_argument("--lora-path", help="HiDream-E1-Full LoRA file, dir or hub id (env HIDREAM_E1_FULL_PATH)")
-        group.add_argument("--fuse-lora", action="store_true", help="merge the LoRA for speed (needs refine 0)")
-    group.add_argument("--device", help="auto, npu, npu:N, cuda, cuda:N or cpu (env PREFERRED_DEVICE)")
-    group.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), help="(env PREFERRED_DTYPE)")
-    group.add_argument("--attention", choices=ATTENTION_BACKENDS, help="attention kernel (env HIDREAM_ATTENTION)")
-    group.add_argument("--offload", choices=MEMORY_MODES, default="none", help="CPU offload mode (default: none)")
-    group.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
-    group.add_argument("--rng", choices=("device", "cpu"), default="device",
-                       help="where the seed's noise is drawn; cpu gives the same noise on every device")  # fmt: skip
-    group.add_argument("--refine-weights", choices=REFINE_WEIGHTS, default="edit",
-                       help="refine-stage weights: edit (upstream's measured behaviour) or base (true I1)")  # fmt: skip
+def user_error_line(exc: BaseException, spec: ModelSpec) -> str:
+    """The one line a CLI user sees for a library error, naming the flag that fixes it where there is one."""
+    if isinstance(exc, ModelFilesError) and exc.role is not None:
+        return f"{exc}; check {source_flag(spec, exc.role)} (or try --tiny)"
+    return str(exc)
 
 
-def add_edit_arguments(parser: argparse.ArgumentParser, model: str) -> None:
-    """Per-edit settings with the model's upstream defaults."""
-    d = DEFAULTS[model]
-    group = parser.add_argument_group("edit settings")
-    group.add_argument("--negative", default=d.negative, help=f"negative prompt (default: {d.negative!r})")
-    group.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps (default: {d.steps})")
-    group.add_argument("--guidance", type=float, default=d.guidance, help=f"text guidance (default: {d.guidance})")
-    group.add_argument("--image-guidance", type=float, default=d.image_guidance,
-                       help=f"image guidance (default: {d.image_guidance})")  # fmt: skip
-    group.add_argument("--refine-strength", type=float, default=d.refine_strength,
-                       help=f"fraction of steps in the refine stage, 0..1 (default: {d.refine_strength})")  # fmt: skip
-    group.add_argument("--no-clip-cfg-norm", dest="clip_cfg_norm", action="store_false",
-                       help="use plain two-scale guidance instead of the norm-clipped one")  # fmt: skip
-    group.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
-
-
-def settings_from_args(args: argparse.Namespace, model: str, env: Mapping[str, str] | None = None) -> EditorSettings:
-    """EditorSettings from parsed flags; flags win over environment variables."""
-    env = os.environ if env is None else env
-    sources = resolve_model_sources(
-        model,
-        llama_path=args.llama_path,
-        i1_path=args.i1_path,
-        e1_path=getattr(args, "e1_path", None),
-        lora_path=getattr(args, "lora_path", None),
-        tiny=args.tiny,
-        env=env,
-    )
-    return EditorSettings(
-        sources=sources,
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
-        offload=args.offload,
-        rng=args.rng,
-        refine_weights=args.refine_weights,
-        fuse_lora=getattr(args, "fuse_lora", False),
-        vae_tiling=args.vae_tiling,
-    )
-
-
-def build_edit_parser(model: str) -> OneLineArgumentParser:
-    title = "HiDream-E1.1" if model == "e1.1" else "HiDream-E1-Full"
+def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
     parser = OneLineArgumentParser(
-        description=f"Edit an image with {title} following a text instruction, on Ascend NPU, CUDA or CPU.",
+        description=f"Edit an image with {spec.title} following a text instruction, on Ascend NPU, CUDA or CPU.",
         epilog="Example: %(prog)s --tiny --image in.png --instruction 'make the sky blue' --output out.png",
     )
     parser.add_argument("--image", required=True, help="input image")
@@ -116,8 +53,8 @@ def build_edit_parser(model: str) -> OneLineArgumentParser:
     parser.add_argument("--output", required=True, help="output image; its extension picks the format")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--verbose", action="store_true", help="log details (INFO)")
-    if model == "e1-full":
-        group = parser.add_argument_group("E1-Full prompt")
+    if spec.prompt_form:
+        group = parser.add_argument_group(f"{spec.title} prompt")
         group.add_argument("--keep-aspect", action="store_true",
                            help="resize to cover 768x768 and centre-crop instead of stretching")  # fmt: skip
         group.add_argument("--target-description", help="describe the edited image; builds E1-Full's prompt form")
@@ -128,8 +65,8 @@ def build_edit_parser(model: str) -> OneLineArgumentParser:
         group.add_argument("--vlm-timeout", type=float, default=60.0, help="seconds per request (default 60)")
         group.add_argument("--refine-fallback", action="store_true",
                            help="if refinement fails, go on with the bare instruction")  # fmt: skip
-    add_edit_arguments(parser, model)
-    add_model_arguments(parser, model)
+    add_edit_arguments(parser, spec)
+    add_model_arguments(parser, spec)
     return parser
 
 
@@ -145,9 +82,9 @@ def _check_output(path: Path, overwrite: bool) -> None:
                 raise UserError(f"{candidate} already exists; choose another --output or pass --overwrite")
 
 
-def _instruction_for(args: argparse.Namespace, model: str, env: Mapping[str, str]) -> str:
+def _instruction_for(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) -> str:
     """The prompt to edit with; for E1-Full possibly built from a target description or by a VLM."""
-    if model != "e1-full":
+    if not spec.prompt_form:
         return args.instruction
     from hidream_edit.images import open_image
     from hidream_edit.instructions import VLMSettings, compose_e1_full_prompt
@@ -156,7 +93,7 @@ def _instruction_for(args: argparse.Namespace, model: str, env: Mapping[str, str
     if args.refine_instruction:
         if not args.vlm_url or not args.vlm_model:
             raise UserError("--refine-instruction needs --vlm-url and --vlm-model")
-        vlm = VLMSettings(args.vlm_url, args.vlm_model, env.get("OPENAI_API_KEY"), timeout_s=args.vlm_timeout)
+        vlm = VLMSettings(args.vlm_url, args.vlm_model, vlm_api_key(env), timeout_s=args.vlm_timeout)
     image = open_image(args.image) if vlm is not None else None
     return compose_e1_full_prompt(args.instruction, image, args.target_description, vlm, args.refine_fallback)
 
@@ -210,15 +147,16 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     from hidream_edit.editor import save_result
     from hidream_edit.images import open_image
 
-    env = os.environ if env is None else env
-    args = build_edit_parser(model).parse_args(argv)
+    env = environment(env)
+    spec = model_spec(model)
+    args = build_edit_parser(spec).parse_args(argv)
     configure_logging(args.verbose)
     output = Path(args.output).expanduser()
     try:
         _check_output(output, args.overwrite)
         open_image(args.image)
-        instruction = _instruction_for(args, model, env)
-        settings = settings_from_args(args, model, env)
+        instruction = _instruction_for(args, spec, env)
+        settings = editor_settings_from_args(args, spec, env)
         request = EditRequest(
             image=args.image,
             instruction=instruction,
@@ -231,14 +169,14 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
             seed=args.seed,
             keep_aspect=getattr(args, "keep_aspect", False),
         )
-        resolve_request(request, model, settings.fuse_lora)
+        resolve_request(request, spec, settings.fuse_lora)
         started = time.perf_counter()
         editor = Editor.load(settings)
         with tqdm(total=args.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
             result = editor.edit(request, on_step=lambda done, total: bar.update(done - bar.n))
         image_path, _ = save_result(result, output, overwrite=args.overwrite)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_error_line(exc, spec)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except EditCancelled as exc:
         print(f"cancelled: {exc}", file=sys.stderr)

@@ -22,33 +22,14 @@ from PIL import Image
 from device_utils import DeviceManager
 from hidream_edit.errors import UserError
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
-from hidream_edit.instructions import is_e1_full_form
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
+from hidream_edit.spec import ModelSpec, is_e1_full_form
 
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                  ".tiff": "TIFF"}  # fmt: skip
 MAX_STEPS = 1000
-
-
-@dataclass(frozen=True)
-class EditDefaults:
-    """Upstream defaults of one model (DESIGN.md section 3)."""
-
-    negative: str
-    guidance: float
-    image_guidance: float
-    steps: int
-    refine_strength: float
-    clip_cfg_norm: bool
-    seed: int
-
-
-DEFAULTS = {
-    "e1.1": EditDefaults("low quality, blurry, distorted", 3.0, 1.5, 28, 0.3, True, 3),
-    "e1-full": EditDefaults("low resolution, blur", 5.0, 4.0, 28, 0.3, True, 3),
-}
 
 
 class EditCancelled(Exception):
@@ -72,6 +53,10 @@ class EditorSettings:
     @property
     def model(self) -> str:
         return self.sources.model
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.sources.spec
 
 
 @dataclass(frozen=True)
@@ -103,9 +88,9 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
         raise UserError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
 
 
-def resolve_request(request: EditRequest, model: str, lora_fused: bool = False) -> EditRequest:
-    """Fill a request's defaults for `model` and validate it; a bad value is a UserError naming it."""
-    d = DEFAULTS[model]
+def resolve_request(request: EditRequest, spec: ModelSpec, lora_fused: bool = False) -> EditRequest:
+    """Fill a request's defaults for the model and validate it; a bad value is a UserError naming it."""
+    d = spec.defaults
     resolved = replace(
         request,
         instruction=request.instruction.strip(),
@@ -139,7 +124,7 @@ class Editor:
         self.dm = dm
         self.loaded = loaded
         self.load_s = load_s
-        self.defaults = DEFAULTS[settings.model]
+        self.defaults = settings.spec.defaults
         self.last_metadata: dict[str, Any] | None = None
 
     @classmethod
@@ -164,12 +149,12 @@ class Editor:
 
     def resolve(self, request: EditRequest) -> EditRequest:
         """Fill defaults and validate against this editor's model and loading options."""
-        return resolve_request(request, self.settings.model, self.loaded.lora_fused)
+        return resolve_request(request, self.settings.spec, self.loaded.lora_fused)
 
     def prepare_image(self, request: EditRequest) -> tuple[Image.Image, Image.Image]:
         """(source as opened, model input at the model's working size)."""
         source = open_image(request.image)
-        if self.settings.model == "e1.1":
+        if self.settings.spec.resize == "area":
             return source, resize_for_e1_1(source)
         return source, resize_for_e1_full(source, keep_aspect=request.keep_aspect)
 
@@ -181,7 +166,7 @@ class Editor:
     ) -> EditResult:
         """Run one edit. `on_step(done, total)` reports progress; `should_stop()` cancels between steps."""
         request = self.resolve(request)
-        if self.settings.model == "e1-full" and not is_e1_full_form(request.instruction):
+        if self.settings.spec.prompt_form and not is_e1_full_form(request.instruction):
             logger.warning(
                 "E1-Full expects 'Editing Instruction: ... Target Image Description: ...'; "
                 "using the bare instruction (see --target-description or --refine-instruction)"

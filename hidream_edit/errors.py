@@ -6,7 +6,15 @@ class UserError(Exception):
 
 
 class ModelFilesError(UserError):
-    """A model directory or checkpoint file is missing, incomplete or corrupt."""
+    """A model directory or checkpoint file is missing, incomplete or corrupt.
+
+    `role` ("llama", "i1" or "edit") says which model source is at fault, so a front end that knows
+    its flags can name the one that sets it.
+    """
+
+    def __init__(self, message: str, role: str | None = None) -> None:
+        super().__init__(message)
+        self.role = role
 
 
 class ImageInputError(UserError):

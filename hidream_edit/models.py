@@ -1,16 +1,15 @@
-"""Where HiDream weights come from and how they become an editing pipeline on the chosen device.
+"""Locating HiDream weights and turning them into an editing pipeline on the chosen device.
 
-`resolve_model_sources` is the one place that reads configuration from the environment. Loading
-keeps one copy of the transformer weights in host memory: the E1.1 transformer is created on the
-meta device from I1's config and its E1.1 tensors are assigned straight in.
+Where the weights come from is decided by config.py (flags and environment); this module finds the
+files (local folders, or hub ids through the local cache with only the files each model needs),
+checks them, and loads. Loading keeps one copy of the transformer weights in host memory: the E1.1
+transformer is created on the meta device from I1's config and its E1.1 tensors are assigned straight in.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,31 +19,19 @@ import torch
 from device_utils import CheckpointError, DeviceManager, load_safetensors
 from hidream_edit.attention import install_attention
 from hidream_edit.errors import ModelFilesError, UserError
+from hidream_edit.spec import LLAMA_ALLOW_PATTERNS, MODELS, REFINE_WEIGHTS, LoraLayout, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("e1.1", "e1-full")
-LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B-Instruct"
-I1_HUB_ID = "HiDream-ai/HiDream-I1-Full"
-E1_1_HUB_ID = "HiDream-ai/HiDream-E1-1"
-E1_FULL_HUB_ID = "HiDream-ai/HiDream-E1-Full"
-E1_FULL_LORA_FILE = "HiDream-E1-Full.safetensors"
-MAX_SEQ = {"e1.1": 8192, "e1-full": 4608}
-LORA_RANK = 16
-LORA_ALPHA = 16
-LORA_TARGET_MODULES = (
-    "to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t", "w1", "w2", "w3", "final_layer.linear",
-)  # fmt: skip
-REFINE_WEIGHTS = ("edit", "base")
 PIPELINE_PARTS = ("scheduler", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZER_PARTS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
-def e1_full_lora_config() -> Any:
-    """The PEFT LoraConfig of HiDream-E1-Full (DESIGN.md section 3)."""
+def lora_config(layout: LoraLayout) -> Any:
+    """The PEFT LoraConfig of a model's LoRA layout (E1-Full: DESIGN.md section 3)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGET_MODULES))
+    return LoraConfig(r=layout.rank, lora_alpha=layout.alpha, target_modules=list(layout.target_modules))
 
 
 @dataclass(frozen=True)
@@ -58,56 +45,12 @@ class ModelSources:
     tiny: bool = False
     offline: bool = False
 
+    @property
+    def spec(self) -> ModelSpec:
+        return MODELS[self.model]
+
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "llama": self.llama, "i1": self.i1, "edit": self.edit, "tiny": self.tiny}
-
-
-def default_tiny_dir(env: Mapping[str, str]) -> Path:
-    """HIDREAM_TINY_DIR, else a per-user cache folder."""
-    if env.get("HIDREAM_TINY_DIR"):
-        return Path(env["HIDREAM_TINY_DIR"]).expanduser()
-    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "hidream-e1-npu" / "tiny"
-
-
-def resolve_model_sources(
-    model: str = "e1.1",
-    llama_path: str | None = None,
-    i1_path: str | None = None,
-    e1_path: str | None = None,
-    lora_path: str | None = None,
-    tiny: bool = False,
-    env: Mapping[str, str] | None = None,
-) -> ModelSources:
-    """Flags win, then HIDREAM_*_PATH variables, then the real hub ids; `tiny` builds or reuses the tiny set."""
-    env = os.environ if env is None else env
-    if model not in MODELS:
-        raise UserError(f"unknown model {model!r}; use one of: {', '.join(MODELS)}")
-    offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if tiny:
-        given = [flag for flag, value in (("--llama-path", llama_path), ("--i1-path", i1_path),
-                                          ("--e1-path", e1_path), ("--lora-path", lora_path)) if value]  # fmt: skip
-        if given:
-            raise UserError(f"--tiny uses the built-in tiny checkpoints; drop {', '.join(given)}")
-        from hidream_edit.tiny import ensure_tiny_checkpoints
-
-        try:
-            tiny_set = ensure_tiny_checkpoints(default_tiny_dir(env))
-        except FileExistsError as exc:
-            raise UserError(str(exc)) from exc
-        edit = tiny_set.e1_1 if model == "e1.1" else tiny_set.e1_full_lora
-        return ModelSources(model, str(tiny_set.llama), str(tiny_set.i1), str(edit), tiny=True, offline=True)
-    if model == "e1.1":
-        edit = e1_path or env.get("HIDREAM_E1_PATH") or E1_1_HUB_ID
-    else:
-        edit = lora_path or env.get("HIDREAM_E1_FULL_PATH") or E1_FULL_HUB_ID
-    return ModelSources(
-        model=model,
-        llama=llama_path or env.get("HIDREAM_LLAMA_PATH") or LLAMA_HUB_ID,
-        i1=i1_path or env.get("HIDREAM_I1_PATH") or I1_HUB_ID,
-        edit=edit,
-        offline=offline,
-    )
 
 
 def _is_hub_id(source: str) -> bool:
@@ -115,22 +58,28 @@ def _is_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not Path(source).exists()
 
 
-def locate(source: str, what: str, offline: bool, flag: str, allow_patterns: list[str] | None = None) -> Path:
-    """A local path as given, or a hub id resolved through the local HF cache (downloaded unless offline)."""
+ROLE_NAMES = {"llama": "Llama-3.1-8B-Instruct", "i1": "HiDream-I1-Full", "edit": "edit weights"}
+
+
+def locate(source: str, role: str, offline: bool, allow_patterns: tuple[str, ...] | None = None) -> Path:
+    """A local path as given, or a hub id resolved through the local HF cache (downloaded unless offline).
+
+    For a hub id only the files matching `allow_patterns` are fetched (the spec says which a run loads).
+    """
+    what = ROLE_NAMES[role]
     if not _is_hub_id(source):
         path = Path(source).expanduser()
         if not path.exists():
-            raise ModelFilesError(f"{what}: {path} does not exist; check {flag}")
+            raise ModelFilesError(f"{what}: {path} does not exist", role=role)
         return path
     from huggingface_hub import snapshot_download
 
+    patterns = list(allow_patterns) if allow_patterns is not None else None
     try:
-        return Path(snapshot_download(source, local_files_only=offline, allow_patterns=allow_patterns))
+        return Path(snapshot_download(source, local_files_only=offline, allow_patterns=patterns))
     except Exception as exc:  # hub errors come in many types; all mean "not available here"
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFilesError(
-            f"{what}: cannot get {source} ({cause}); download it and pass {flag} DIR, or use --tiny"
-        ) from exc
+        raise ModelFilesError(f"{what}: cannot get {source} ({cause})", role=role) from exc
 
 
 def _weight_problems(folder: Path) -> list[str]:
@@ -157,39 +106,37 @@ def _folder_problems(folder: Path, files: tuple[str, ...]) -> list[str]:
 def check_model_files(sources: ModelSources, locate_hub: bool = False) -> list[str]:
     """Problems with the local model folders (empty when complete). Hub ids not on disk are one problem each."""
     problems: list[str] = []
-    entries = [("llama", sources.llama, "--llama-path"), ("i1", sources.i1, "--i1-path"),
-               ("edit", sources.edit, "--e1-path" if sources.model == "e1.1" else "--lora-path")]  # fmt: skip
-    for kind, source, flag in entries:
+    for role, source in (("llama", sources.llama), ("i1", sources.i1), ("edit", sources.edit)):
         try:
-            path = locate(source, kind, offline=True, flag=flag) if (locate_hub or not _is_hub_id(source)) else None
+            path = locate(source, role, offline=True) if (locate_hub or not _is_hub_id(source)) else None
         except ModelFilesError as exc:
             problems.append(str(exc))
             continue
         if path is None:
-            problems.append(f"{kind}: {source} is a hub id; it is fetched at load time unless HF_HUB_OFFLINE=1")
+            problems.append(f"{role}: {source} is a hub id; it is fetched at load time unless HF_HUB_OFFLINE=1")
             continue
-        problems.extend(_problems_for(kind, sources.model, path))
+        problems.extend(_problems_for(role, sources.spec, path))
     return problems
 
 
-def _problems_for(kind: str, model: str, path: Path) -> list[str]:
-    if kind == "llama":
+def _problems_for(role: str, spec: ModelSpec, path: Path, base_refine_weights: bool = False) -> list[str]:
+    if role == "llama":
         problems = _folder_problems(path, ("config.json",))
         if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
             problems.append(f"{path / 'tokenizer.json'}")
         return problems + _weight_problems(path)
-    if kind == "i1":
+    if role == "i1":
         problems = _folder_problems(path, ("model_index.json", "transformer/config.json"))
         problems += _folder_problems(path, tuple(f"{part}/config.json" for part in PIPELINE_PARTS[1:]))
         problems += _folder_problems(path, ("scheduler/scheduler_config.json",) + TOKENIZER_PARTS)
         for part in PIPELINE_PARTS[1:]:
             problems += _weight_problems(path / part)
-        if model == "e1-full":
+        if spec.needs_i1_transformer_weights(base_refine_weights):
             problems += _weight_problems(path / "transformer")
         return problems
-    if model == "e1.1":
+    if spec.lora is None:
         return _weight_problems(path / "transformer")
-    lora = path / E1_FULL_LORA_FILE if path.is_dir() else path
+    lora = path / spec.lora.file if path.is_dir() else path
     return [] if lora.is_file() else [f"{lora}"]
 
 
@@ -227,7 +174,7 @@ def load_e1_1_transformer(i1_dir: Path, e1_dir: Path, dtype: torch.dtype) -> Any
             state[key] = state[key].to(dtype)
     transformer.load_state_dict(state, strict=True, assign=True)
     del state
-    transformer.max_seq = MAX_SEQ["e1.1"]
+    transformer.max_seq = MODELS["e1.1"].max_seq
     return transformer.eval()
 
 
@@ -320,7 +267,9 @@ def load_e1_full_transformer(i1_dir: Path, lora_file: Path, dtype: torch.dtype, 
     from diffusers import HiDreamImageTransformer2DModel
 
     transformer = HiDreamImageTransformer2DModel.from_pretrained(i1_dir, subfolder="transformer", dtype=dtype)
-    transformer.add_adapter(e1_full_lora_config())
+    spec = MODELS["e1-full"]
+    assert spec.lora is not None
+    transformer.add_adapter(lora_config(spec.lora))
     try:
         checkpoint = load_safetensors(lora_file)
     except CheckpointError as exc:
@@ -340,7 +289,7 @@ def load_e1_full_transformer(i1_dir: Path, lora_file: Path, dtype: torch.dtype, 
         swap = TensorSwap(transformer, {k: params[k].detach().to("cpu", copy=True) for k in full_keys})
     transformer.load_state_dict(checkpoint, strict=False)
     del checkpoint
-    transformer.max_seq = MAX_SEQ["e1-full"]
+    transformer.max_seq = spec.max_seq
     logger.info("E1-Full: LoRA loaded with %d full tensors", len(full_keys))
     return transformer.eval(), AdaptersOff(transformer, swap)
 
@@ -371,29 +320,28 @@ def load_pipeline(
 
     from hidream_edit.pipeline import HiDreamImageEditingPipeline
 
+    spec = sources.spec
     if refine_weights not in REFINE_WEIGHTS:
         raise UserError(f"unknown refine weights {refine_weights!r}; use one of: {', '.join(REFINE_WEIGHTS)}")
-    if fuse_lora and sources.model != "e1-full":
-        raise UserError("--fuse-lora applies to E1-Full only")
+    if fuse_lora and not spec.uses_lora:
+        raise UserError(f"{spec.title} has no LoRA to fuse")
     attention = dm.resolve_attention_backend(attention)
-    edit_flag = "--e1-path" if sources.model == "e1.1" else "--lora-path"
-    llama_dir = locate(sources.llama, "llama", sources.offline, "--llama-path")
-    i1_dir = locate(sources.i1, "i1", sources.offline, "--i1-path")
-    patterns = [E1_FULL_LORA_FILE] if sources.model == "e1-full" else ["transformer/*"]
-    edit_path = locate(sources.edit, "edit", sources.offline, edit_flag, allow_patterns=patterns)
-    problems = _problems_for("llama", sources.model, llama_dir) + _problems_for("i1", sources.model, i1_dir)
-    _raise_if_incomplete(problems + _problems_for("edit", sources.model, edit_path))
+    base_refine = refine_weights == "base"
+    llama_dir = locate(sources.llama, "llama", sources.offline, LLAMA_ALLOW_PATTERNS)
+    i1_dir = locate(sources.i1, "i1", sources.offline, spec.i1_allow_patterns(base_refine))
+    edit_path = locate(sources.edit, "edit", sources.offline, spec.edit_allow_patterns())
+    problems = _problems_for("llama", spec, llama_dir) + _problems_for("i1", spec, i1_dir, base_refine)
+    _raise_if_incomplete(problems + _problems_for("edit", spec, edit_path))
 
     dtype = dm.dtype
-    if sources.model == "e1.1":
+    switch: Any
+    if spec.lora is None:
         transformer = load_e1_1_transformer(i1_dir, edit_path, dtype)
-        switch: Any = (
-            BaseWeightsE1_1(transformer, differing_base_tensors(transformer, i1_dir))
-            if refine_weights == "base"
-            else SameWeights()
-        )
+        switch = SameWeights()
+        if base_refine:
+            switch = BaseWeightsE1_1(transformer, differing_base_tensors(transformer, i1_dir))
     else:
-        lora_file = edit_path / E1_FULL_LORA_FILE if edit_path.is_dir() else edit_path
+        lora_file = edit_path / spec.lora.file if edit_path.is_dir() else edit_path
         transformer, switch = load_e1_full_transformer(i1_dir, lora_file, dtype, refine_weights)
         if fuse_lora:
             transformer.fuse_lora(lora_scale=1.0)

@@ -27,6 +27,9 @@ I1_PIPELINE_PATTERNS: tuple[str, ...] = (
 I1_TRANSFORMER_CONFIG = ("transformer/config.json",)
 I1_TRANSFORMER_WEIGHTS = ("transformer/*",)
 
+# Which weights the refine stage uses: the edit weights (upstream's measured behaviour) or true I1 weights.
+REFINE_WEIGHTS: tuple[str, ...] = ("edit", "base")
+
 # E1-Full's prompt form; the refine stage encodes the text after TARGET_MARKER.
 INSTRUCTION_MARKER = "Editing Instruction:"
 TARGET_MARKER = "Target Image Description:"
@@ -79,11 +82,23 @@ class ModelSpec:
         """What to download from the edit repository: E1.1's transformer folder or E1-Full's LoRA file."""
         return (self.lora.file,) if self.lora else I1_TRANSFORMER_WEIGHTS
 
+    def needs_i1_transformer_weights(self, base_refine_weights: bool) -> bool:
+        """E1-Full adds its LoRA to I1's transformer; E1.1 reads I1's weights only to refine with them."""
+        return self.uses_lora or base_refine_weights
+
     def i1_allow_patterns(self, base_refine_weights: bool) -> tuple[str, ...]:
         """What to download from HiDream-I1-Full: its transformer weights only when they are loaded."""
-        needs_weights = self.uses_lora or base_refine_weights
+        needs_weights = self.needs_i1_transformer_weights(base_refine_weights)
         return I1_PIPELINE_PATTERNS + (I1_TRANSFORMER_WEIGHTS if needs_weights else I1_TRANSFORMER_CONFIG)
 
+
+E1_FULL_LORA = LoraLayout(
+    file="HiDream-E1-Full.safetensors",
+    rank=16,
+    alpha=16,
+    target_modules=("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t",
+                    "w1", "w2", "w3", "final_layer.linear"),  # fmt: skip
+)
 
 MODELS: dict[str, ModelSpec] = {
     "e1.1": ModelSpec(
@@ -109,13 +124,7 @@ MODELS: dict[str, ModelSpec] = {
         defaults=EditDefaults("low resolution, blur", 5.0, 4.0, 28, 0.3, True, 3),
         resize="square",
         prompt_form=True,
-        lora=LoraLayout(
-            file="HiDream-E1-Full.safetensors",
-            rank=16,
-            alpha=16,
-            target_modules=("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t",
-                            "w1", "w2", "w3", "final_layer.linear"),  # fmt: skip
-        ),
+        lora=E1_FULL_LORA,
     ),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from hidream_edit.models import E1_FULL_LORA_FILE, e1_full_lora_config
+from hidream_edit.models import lora_config
+from hidream_edit.spec import E1_FULL_LORA, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,11 @@ class TinyCheckpoints:
 
     @property
     def e1_full_lora(self) -> Path:
-        return self.e1_full / E1_FULL_LORA_FILE
+        return self.e1_full / E1_FULL_LORA.file
+
+    def edit_source(self, spec: ModelSpec) -> Path:
+        """What a model's edit-weights flag points at: E1.1's repo folder, or E1-Full's LoRA file."""
+        return self.e1_full_lora if spec.uses_lora else self.e1_1
 
     @classmethod
     def at(cls, root: Path) -> TinyCheckpoints:
@@ -414,7 +419,7 @@ def _build_e1_full(lora_file: Path, seed: int) -> None:
 
     transformer = _new_transformer(seed)
     base = {k: v.clone() for k, v in transformer.state_dict().items()}
-    transformer.add_adapter(e1_full_lora_config())
+    transformer.add_adapter(lora_config(E1_FULL_LORA))
     gen = _generator(seed, "e1_full-lora")
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in sorted(transformer.state_dict().items()):

@@ -23,18 +23,20 @@ def tiny_env(tiny_checkpoints) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def e1_1_editor(tiny_env):
     """One E1.1 Editor on the tiny set (CPU, fp32, sdpa), shared by the session."""
+    from hidream_edit.config import resolve_model_sources
     from hidream_edit.editor import Editor, EditorSettings
-    from hidream_edit.models import resolve_model_sources
+    from hidream_edit.spec import MODELS
 
-    sources = resolve_model_sources("e1.1", tiny=True, env=tiny_env)
+    sources = resolve_model_sources(MODELS["e1.1"], tiny=True, env=tiny_env)
     return Editor.load(EditorSettings(sources=sources, device="cpu", dtype="fp32", attention="sdpa"))
 
 
 @pytest.fixture(scope="session")
 def e1_full_editor(tiny_env):
     """One E1-Full Editor on the tiny set with --refine-weights base, shared by the session."""
+    from hidream_edit.config import resolve_model_sources
     from hidream_edit.editor import Editor, EditorSettings
-    from hidream_edit.models import resolve_model_sources
+    from hidream_edit.spec import MODELS
 
-    sources = resolve_model_sources("e1-full", tiny=True, env=tiny_env)
+    sources = resolve_model_sources(MODELS["e1-full"], tiny=True, env=tiny_env)
     return Editor.load(EditorSettings(sources=sources, device="cpu", dtype="fp32", refine_weights="base"))

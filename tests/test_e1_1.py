@@ -18,8 +18,10 @@ from device_utils import DeviceManager, load_safetensors
 from hidream_edit import models
 from hidream_edit.attention import install_attention
 from hidream_edit.cli import run_edit_cli
+from hidream_edit.config import resolve_model_sources
 from hidream_edit.editor import EditRequest, EditResult, save_result
 from hidream_edit.errors import ModelFilesError, UserError
+from hidream_edit.spec import MODELS
 
 METADATA_FIELDS = {
     "model", "instruction", "negative", "steps", "guidance", "image_guidance", "refine_strength", "clip_cfg_norm",
@@ -190,7 +192,7 @@ def test_incomplete_model_directory_lists_what_is_missing(tiny_checkpoints: Any,
 def test_refine_weights_base_runs_refine_steps_on_i1_tensors(tiny_env: dict[str, str], source_png: Path) -> None:
     from hidream_edit.editor import Editor, EditorSettings
 
-    sources = models.resolve_model_sources("e1.1", tiny=True, env=tiny_env)
+    sources = resolve_model_sources(MODELS["e1.1"], tiny=True, env=tiny_env)
     editor = Editor.load(EditorSettings(sources=sources, device="cpu", refine_weights="base"))
     switch = editor.loaded.refine_weights
     transformer = editor.loaded.pipe.transformer

@@ -18,8 +18,10 @@ from safetensors.torch import save_file
 from device_utils import load_safetensors
 from hidream_edit import models
 from hidream_edit.cli import run_edit_cli
+from hidream_edit.config import resolve_model_sources
 from hidream_edit.editor import Editor, EditorSettings, EditRequest
 from hidream_edit.errors import ModelFilesError
+from hidream_edit.spec import MODELS
 
 PROMPT = "Editing Instruction: make it green. Target Image Description: a green square"
 
@@ -77,7 +79,7 @@ def test_adapters_disabled_only_during_refine_steps(e1_full_editor: Any) -> None
 
 
 def test_fused_and_unfused_agree_without_refine(e1_full_editor: Any, tiny_env: dict[str, str]) -> None:
-    sources = models.resolve_model_sources("e1-full", tiny=True, env=tiny_env)
+    sources = resolve_model_sources(MODELS["e1-full"], tiny=True, env=tiny_env)
     fused = Editor.load(EditorSettings(sources=sources, device="cpu", fuse_lora=True))
     request = EditRequest(Image.new("RGB", (96, 64), (200, 50, 20)), PROMPT, steps=2, refine_strength=0.0)
     a = np.asarray(fused.edit(request).image, dtype=np.int16)

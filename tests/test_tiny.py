@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hidream_edit import tiny
-from hidream_edit.models import E1_FULL_LORA_FILE, e1_full_lora_config
+from hidream_edit.models import lora_config
+from hidream_edit.spec import E1_FULL_LORA
 from hidream_edit.tiny import (
     MARKER_NAME,
     TinyCheckpoints,
@@ -59,7 +60,7 @@ def test_paths_follow_the_hub_repo_names(tmp_path: Path) -> None:
     assert paths.i1 == tmp_path / "HiDream-I1-Full"
     assert paths.e1_1 == tmp_path / "HiDream-E1-1"
     assert paths.e1_full == tmp_path / "HiDream-E1-Full"
-    assert paths.e1_full_lora == tmp_path / "HiDream-E1-Full" / E1_FULL_LORA_FILE
+    assert paths.e1_full_lora == tmp_path / "HiDream-E1-Full" / E1_FULL_LORA.file
 
 
 def test_layout_matches_the_real_repos(tiny_checkpoints: TinyCheckpoints) -> None:
@@ -85,7 +86,7 @@ def test_layout_matches_the_real_repos(tiny_checkpoints: TinyCheckpoints) -> Non
             assert (t.i1 / folder / name).is_file()
     assert (t.i1 / "tokenizer_3" / "spiece.model").is_file()
     assert t.e1_full_lora.is_file()
-    assert [p.name for p in t.e1_full.iterdir()] == [E1_FULL_LORA_FILE]
+    assert [p.name for p in t.e1_full.iterdir()] == [E1_FULL_LORA.file]
 
     scheduler = json.loads((t.i1 / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["use_flow_sigmas"] is True
@@ -251,7 +252,7 @@ def test_e1_full_lora_matches_the_adapter_names(tiny_checkpoints: TinyCheckpoint
     model = HiDreamImageTransformer2DModel.from_pretrained(t.i1, subfolder="transformer").eval()
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
     base_out = _forward(model)
-    model.add_adapter(e1_full_lora_config())
+    model.add_adapter(lora_config(E1_FULL_LORA))
 
     adapter_keys = {k for k in model.state_dict() if ".lora_" in k}
     lora_keys = {k for k in checkpoint if ".lora_" in k}
@@ -270,7 +271,7 @@ def test_e1_full_lora_matches_the_adapter_names(tiny_checkpoints: TinyCheckpoint
     assert not torch.allclose(edited, base_out)
 
     fresh = HiDreamImageTransformer2DModel.from_pretrained(t.i1, subfolder="transformer").eval()
-    fresh.add_adapter(e1_full_lora_config())
+    fresh.add_adapter(lora_config(E1_FULL_LORA))
     result = set_peft_model_state_dict(fresh, {k: checkpoint[k] for k in lora_keys})
     assert not result.unexpected_keys
     assert all(torch.equal(fresh.state_dict()[k], checkpoint[k]) for k in lora_keys)

@@ -1,0 +1,238 @@
+"""Configuration: the one place that reads the environment, and the one definition of each shared flag.
+
+Front ends (the two CLIs, the web UI, the environment doctor) build their parsers from the `add_*`
+functions here and turn parsed flags plus environment variables into fully resolved settings with the
+`*_from_args` functions; nothing below this layer reads `os.environ` (device_utils keeps LOCAL_RANK,
+torchrun's contract, and the torch autoload switch). Flags win over environment variables.
+
+Importing this module imports no torch, so the doctor can build its parser on a machine where torch is
+broken; the device choices are read from device_utils when a parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from hidream_edit.errors import UserError
+from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID, MODEL_NAMES, MODELS, REFINE_WEIGHTS, ModelSpec
+
+if TYPE_CHECKING:
+    from hidream_edit.editor import EditorSettings
+    from hidream_edit.models import ModelSources
+
+EXIT_USER_ERROR = 2
+
+ENV_DEVICE = "PREFERRED_DEVICE"
+ENV_DTYPE = "PREFERRED_DTYPE"
+ENV_ATTENTION = "HIDREAM_ATTENTION"
+ENV_LLAMA_PATH = "HIDREAM_LLAMA_PATH"
+ENV_I1_PATH = "HIDREAM_I1_PATH"
+ENV_TINY_DIR = "HIDREAM_TINY_DIR"
+ENV_HUB_OFFLINE = "HF_HUB_OFFLINE"
+ENV_VLM_KEY = "OPENAI_API_KEY"
+ENV_WEB_AUTH = "HIDREAM_GRADIO_AUTH"
+ENV_CACHE_HOME = "XDG_CACHE_HOME"
+
+
+RNG_PLACEMENTS = ("device", "cpu")
+# Where each model source is set: the flag, its environment variable, and the words for messages.
+SOURCE_FLAGS = {"llama": "--llama-path", "i1": "--i1-path"}
+
+
+def environment(env: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    """The process environment, or the mapping a caller (a test, an embedding app) passes instead."""
+    return os.environ if env is None else env
+
+
+def is_truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline(env: Mapping[str, str] | None = None) -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it."""
+    return is_truthy(environment(env).get(ENV_HUB_OFFLINE))
+
+
+def vlm_api_key(env: Mapping[str, str] | None = None) -> str | None:
+    """The key for the OpenAI-compatible rewrite endpoint, if any."""
+    return environment(env).get(ENV_VLM_KEY) or None
+
+
+def web_auth_value(env: Mapping[str, str] | None = None) -> str | None:
+    """HIDREAM_GRADIO_AUTH ("user:password"), used when --auth is not given."""
+    return environment(env).get(ENV_WEB_AUTH) or None
+
+
+def source_flag(spec: ModelSpec, role: str) -> str:
+    """The flag that sets one model source ("llama", "i1" or "edit"), for messages to CLI users."""
+    return spec.edit_flag if role == "edit" else SOURCE_FLAGS[role]
+
+
+def default_tiny_dir(env: Mapping[str, str] | None = None) -> Path:
+    """HIDREAM_TINY_DIR, else a per-user cache folder ($XDG_CACHE_HOME or ~/.cache)."""
+    env = environment(env)
+    if env.get(ENV_TINY_DIR):
+        return Path(env[ENV_TINY_DIR]).expanduser()
+    cache = Path(env.get(ENV_CACHE_HOME) or Path.home() / ".cache")
+    return cache / "hidream-e1-npu" / "tiny"
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line (and exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+@dataclass(frozen=True)
+class DeviceChoices:
+    """Names the device layer accepts, read from device_utils (None where torch cannot be imported)."""
+
+    dtypes: tuple[str, ...] | None
+    attention: tuple[str, ...] | None
+    offload: tuple[str, ...] | None
+
+
+def device_choices() -> DeviceChoices:
+    try:
+        from device_utils import ATTENTION_BACKENDS, DTYPES, MEMORY_MODES
+    except Exception:  # torch missing or broken: the doctor still parses its flags and reports why
+        return DeviceChoices(None, None, None)
+    return DeviceChoices(("auto", *DTYPES), ATTENTION_BACKENDS, MEMORY_MODES)
+
+
+def add_model_source_arguments(parser: argparse.ArgumentParser, spec: ModelSpec | None) -> None:
+    """--tiny and where each model's weights come from. `spec` None: the edit flags of every model."""
+    group = parser.add_argument_group("model files")
+    group.add_argument("--tiny", action="store_true", help="use the built-in tiny random-weight checkpoints (noise)")
+    group.add_argument("--llama-path", help=f"Llama-3.1-8B-Instruct dir or hub id (env {ENV_LLAMA_PATH})")
+    group.add_argument("--i1-path", help=f"HiDream-I1-Full dir or hub id (env {ENV_I1_PATH})")
+    for each in MODELS.values() if spec is None else (spec,):
+        group.add_argument(each.edit_flag, help=f"{each.edit_help} (env {each.edit_env})")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype."""
+    choices = device_choices()
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", help=f"auto, npu, npu:N, cuda, cuda:N or cpu (env {ENV_DEVICE}, default auto)")
+    group.add_argument("--dtype", choices=choices.dtypes, help=f"auto, bf16, fp16 or fp32 (env {ENV_DTYPE})")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> None:
+    """Where the weights come from and how they are placed: shared by the CLIs and the web UI."""
+    add_model_source_arguments(parser, spec)
+    add_device_arguments(parser)
+    choices = device_choices()
+    group = parser.add_argument_group("placement and kernels")
+    if spec.uses_lora:
+        group.add_argument("--fuse-lora", action="store_true",
+                           help="merge the LoRA into the weights (needs --refine-strength 0)")  # fmt: skip
+    group.add_argument("--attention", choices=choices.attention, help=f"attention kernel (env {ENV_ATTENTION})")
+    group.add_argument("--offload", choices=choices.offload, default="none", help="CPU offload mode (default: none)")
+    group.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
+    group.add_argument("--rng", choices=RNG_PLACEMENTS, default="device",
+                       help="where the seed's noise is drawn; cpu gives the same noise on every device")  # fmt: skip
+    group.add_argument("--refine-weights", choices=REFINE_WEIGHTS, default="edit",
+                       help="refine-stage weights: edit (upstream's measured behaviour) or base (true I1)")  # fmt: skip
+
+
+def add_edit_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> None:
+    """Per-edit settings with the model's upstream defaults."""
+    d = spec.defaults
+    group = parser.add_argument_group("edit settings")
+    group.add_argument("--negative", default=d.negative, help=f"negative prompt (default: {d.negative!r})")
+    group.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps (default: {d.steps})")
+    group.add_argument("--guidance", type=float, default=d.guidance, help=f"text guidance (default: {d.guidance})")
+    group.add_argument("--image-guidance", type=float, default=d.image_guidance,
+                       help=f"image guidance (default: {d.image_guidance})")  # fmt: skip
+    group.add_argument("--refine-strength", type=float, default=d.refine_strength,
+                       help=f"fraction of steps in the refine stage, 0..1 (default: {d.refine_strength})")  # fmt: skip
+    group.add_argument("--no-clip-cfg-norm", dest="clip_cfg_norm", action="store_false",
+                       help="use plain two-scale guidance instead of the norm-clipped one")  # fmt: skip
+    group.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+
+
+def add_model_choice_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--model", choices=MODEL_NAMES, default="e1.1", help=help_text)
+
+
+def model_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; use one of: {', '.join(MODEL_NAMES)}") from None
+
+
+def resolve_model_sources(
+    spec: ModelSpec,
+    llama_path: str | None = None,
+    i1_path: str | None = None,
+    edit_path: str | None = None,
+    tiny: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> ModelSources:
+    """Flags win, then HIDREAM_*_PATH variables, then the real hub ids; `tiny` builds or reuses the tiny set."""
+    from hidream_edit.models import ModelSources
+
+    env = environment(env)
+    if tiny:
+        given = [flag for flag, value in (("--llama-path", llama_path), ("--i1-path", i1_path),
+                                          (spec.edit_flag, edit_path)) if value]  # fmt: skip
+        if given:
+            raise UserError(f"--tiny uses the built-in tiny checkpoints; drop {', '.join(given)}")
+        from hidream_edit.tiny import ensure_tiny_checkpoints
+
+        try:
+            tiny_set = ensure_tiny_checkpoints(default_tiny_dir(env))
+        except FileExistsError as exc:
+            raise UserError(str(exc)) from exc
+        return ModelSources(
+            spec.name, str(tiny_set.llama), str(tiny_set.i1), str(tiny_set.edit_source(spec)), tiny=True, offline=True
+        )
+    return ModelSources(
+        model=spec.name,
+        llama=llama_path or env.get(ENV_LLAMA_PATH) or LLAMA_HUB_ID,
+        i1=i1_path or env.get(ENV_I1_PATH) or I1_HUB_ID,
+        edit=edit_path or env.get(spec.edit_env) or spec.edit_hub_id,
+        offline=hub_offline(env),
+    )
+
+
+def edit_path_from_args(args: argparse.Namespace, spec: ModelSpec) -> str | None:
+    return getattr(args, spec.edit_flag.removeprefix("--").replace("-", "_"), None)
+
+
+def model_sources_from_args(
+    args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str] | None = None
+) -> ModelSources:
+    return resolve_model_sources(
+        spec, args.llama_path, args.i1_path, edit_path_from_args(args, spec), tiny=args.tiny, env=env
+    )
+
+
+def editor_settings_from_args(
+    args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str] | None = None
+) -> EditorSettings:
+    """EditorSettings from parsed model flags and the environment."""
+    from hidream_edit.editor import EditorSettings
+
+    env = environment(env)
+    return EditorSettings(
+        sources=model_sources_from_args(args, spec, env),
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention or env.get(ENV_ATTENTION) or None,
+        offload=args.offload,
+        rng=args.rng,
+        refine_weights=args.refine_weights,
+        fuse_lora=getattr(args, "fuse_lora", False),
+        vae_tiling=args.vae_tiling,
+    )
