@@ -1,4 +1,4 @@
-"""Environment doctor for HiDream-E1 on Ascend NPU (and CUDA / CPU).
+"""The environment doctor: can this machine run HiDream-E1 on Ascend NPU (or CUDA / CPU)?
 
     python test_npu_setup.py                 # all checks, one line each
     python test_npu_setup.py --smoke         # plus a timed two-step edit with the tiny model
@@ -32,6 +32,21 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # `import torch` must survive a missing CANN
+
+from hidream_edit.config import (  # noqa: E402  (after the autoload switch)
+    ENV_ATTENTION,
+    ENV_DEVICE,
+    ENV_DTYPE,
+    add_device_arguments,
+    add_model_choice_argument,
+    add_model_source_arguments,
+    edit_path_from_args,
+    environment,
+    model_spec,
+)
+from hidream_edit.spec import MODELS, REAL_PARAMETERS, ModelSpec  # noqa: E402
+
 if TYPE_CHECKING:
     import torch
 
@@ -64,21 +79,33 @@ PACKAGES: tuple[tuple[str, bool], ...] = (
     ("gradio", False),
 )
 
-# Parameters of the full pipeline (DESIGN.md section 2); the transformer is the largest component.
+# Parameters of the full pipeline (the spec's real sizes); the transformer is the largest component.
 COMPONENT_PARAMS: dict[str, float] = {
-    "transformer": 17.0e9,
-    "llama": 8.0e9,
-    "t5": 4.7e9,
-    "clips": 1.6e9,
+    "transformer": REAL_PARAMETERS["transformer"],
+    "llama": REAL_PARAMETERS["llama"],
+    "t5": REAL_PARAMETERS["t5"],
+    "clips": REAL_PARAMETERS["clip_l"] + REAL_PARAMETERS["clip_g"] + REAL_PARAMETERS["vae"],
 }
 HEADROOM = 0.15
-# Weight bytes on disk (bf16) each model folder should at least roughly hold; below 90% looks truncated.
+
+
+def expected_weight_bytes(spec: ModelSpec, role: str) -> float | None:
+    """Weight bytes on disk (bf16) a model folder should at least roughly hold; None where unknown (a LoRA)."""
+    if role == "llama":
+        return 2 * COMPONENT_PARAMS["llama"]
+    if role == "i1":
+        encoders = COMPONENT_PARAMS["t5"] + COMPONENT_PARAMS["clips"]
+        with_transformer = spec.needs_i1_transformer_weights(base_refine_weights=False)
+        return 2 * (encoders + (COMPONENT_PARAMS["transformer"] if with_transformer else 0))
+    return None if spec.uses_lora else 2 * COMPONENT_PARAMS["transformer"]
+
+
+# Below 90% of these looks truncated.
 EXPECTED_WEIGHT_BYTES: dict[tuple[str, str], float] = {
-    ("e1.1", "llama"): 2 * COMPONENT_PARAMS["llama"],
-    ("e1-full", "llama"): 2 * COMPONENT_PARAMS["llama"],
-    ("e1.1", "i1"): 2 * (COMPONENT_PARAMS["t5"] + COMPONENT_PARAMS["clips"]),  # E1.1 uses only I1's config
-    ("e1-full", "i1"): 2 * (COMPONENT_PARAMS["transformer"] + COMPONENT_PARAMS["t5"] + COMPONENT_PARAMS["clips"]),
-    ("e1.1", "edit"): 2 * COMPONENT_PARAMS["transformer"],
+    (name, role): expected
+    for name, spec in MODELS.items()
+    for role in ("llama", "i1", "edit")
+    if (expected := expected_weight_bytes(spec, role)) is not None
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SMOKE_SCRIPT = "inference_e1_1_npu.py"
@@ -115,7 +142,6 @@ def torch_npu_installed() -> bool:
 @functools.cache
 def load_device_utils() -> ModuleType:
     """device_utils, imported with backend autoload off so a missing CANN cannot kill this process."""
-    os.environ.setdefault(AUTOLOAD_VAR, "0")
     import device_utils
 
     return device_utils
@@ -145,7 +171,7 @@ def release(version: str) -> tuple[int, ...]:
 
 def find_set_env(env: Mapping[str, str] | None = None) -> Path | None:
     """The CANN set_env.sh: under ASCEND_HOME_PATH / ASCEND_TOOLKIT_HOME (or their parents), else a default."""
-    env = os.environ if env is None else env
+    env = environment(env)
     candidates: list[Path] = []
     for var in CANN_HOME_VARS:
         if env.get(var):
@@ -248,7 +274,7 @@ def check_torch_npu_version() -> Check:
 
 def check_cann_env(env: Mapping[str, str] | None = None) -> Check:
     """ASCEND_HOME_PATH / ASCEND_TOOLKIT_HOME are what CANN's set_env.sh exports."""
-    env = os.environ if env is None else env
+    env = environment(env)
     missing_status = FAIL if torch_npu_installed() else WARN
     found = {var: env[var] for var in CANN_HOME_VARS if env.get(var)}
     set_env = find_set_env(env)
@@ -268,7 +294,7 @@ def check_cann_env(env: Mapping[str, str] | None = None) -> Check:
 
 def find_library(name: str, env: Mapping[str, str] | None = None) -> str | None:
     """Where the loader would find lib<x>.so: an LD_LIBRARY_PATH directory, else ctypes.util.find_library."""
-    env = os.environ if env is None else env
+    env = environment(env)
     for directory in (env.get("LD_LIBRARY_PATH") or "").split(os.pathsep):
         if directory and (Path(directory) / name).is_file():
             return str(Path(directory) / name)
@@ -330,7 +356,7 @@ def _cann_or_reinstall_fix(error: str, env: Mapping[str, str]) -> str:
 
 def check_torch_npu_import(env: Mapping[str, str] | None = None, timeout: float = 180.0) -> Check:
     """`import torch; import torch_npu` in a fresh process with autoload off: the exact CANN error, if any."""
-    env = dict(os.environ if env is None else env)
+    env = dict(environment(env))
     if not torch_npu_installed():
         return Check("torch_npu import", PASS, "skipped: torch_npu is not installed")
     env[AUTOLOAD_VAR] = "0"
@@ -350,7 +376,7 @@ def check_torch_npu_import(env: Mapping[str, str] | None = None, timeout: float 
 
 def check_torch_autoload(env: Mapping[str, str] | None = None, timeout: float = 180.0) -> Check:
     """A plain `import torch` (autoload on, as in any script not using device_utils) must survive torch_npu."""
-    env = {k: v for k, v in (os.environ if env is None else env).items() if k != AUTOLOAD_VAR}
+    env = {k: v for k, v in (environment(env)).items() if k != AUTOLOAD_VAR}
     if not torch_npu_installed():
         return Check("torch autoload", PASS, "skipped: torch_npu is not installed")
     result = _probe("import torch", env, timeout)
@@ -384,7 +410,7 @@ def check_npu_devices() -> Check:
 
     count = du.device_count("npu")
     names = sorted({str(torch.npu.get_device_name(i)) for i in range(count)})
-    visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    visible = environment().get("ASCEND_RT_VISIBLE_DEVICES")
     shown = f" (ASCEND_RT_VISIBLE_DEVICES={visible})" if visible is not None else ""
     return Check("NPU devices", PASS, f"{count} visible{shown}: {', '.join(names)}")
 
@@ -408,10 +434,9 @@ def check_device_choice(device: str | None = None, dtype: str | None = None) -> 
     if torch_import_error():
         return _no_torch("device choice"), None
     du = load_device_utils()
-    asked_device = (
-        f"--device {device}" if device else f"PREFERRED_DEVICE={os.environ.get('PREFERRED_DEVICE') or 'auto'}"
-    )
-    asked_dtype = f"--dtype {dtype}" if dtype else f"PREFERRED_DTYPE={os.environ.get('PREFERRED_DTYPE') or 'auto'}"
+    env = environment()
+    asked_device = f"--device {device}" if device else f"{ENV_DEVICE}={env.get(ENV_DEVICE) or 'auto'}"
+    asked_dtype = f"--dtype {dtype}" if dtype else f"{ENV_DTYPE}={env.get(ENV_DTYPE) or 'auto'}"
     try:
         dm = du.DeviceManager(device, dtype)
     except du.DeviceError as exc:
@@ -486,7 +511,7 @@ def check_attention(device: torch.device, dtype: torch.dtype, npu: bool | None =
 
     du = load_device_utils()
     npu = device.type == "npu" if npu is None else npu
-    configured = (os.environ.get("HIDREAM_ATTENTION") or "sdpa").strip().lower()
+    configured = (environment().get(ENV_ATTENTION) or "sdpa").strip().lower()
     name_of = dtype_name(dtype)
     tolerance = TOLERANCE[name_of]
     generator = torch.Generator().manual_seed(0)
@@ -616,9 +641,9 @@ def local_location(source: str) -> Path | None:
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if len(source.split("/")) == 2 and not source.startswith((".", "/", "~")):
-        return cached_hub_snapshot(source)
-    return None
+    from hidream_edit.models import is_hub_id
+
+    return cached_hub_snapshot(source) if is_hub_id(source) else None
 
 
 def weight_bytes(path: Path) -> int:
@@ -661,15 +686,15 @@ def check_models(
     model: str = "e1.1",
     llama_path: str | None = None,
     i1_path: str | None = None,
-    e1_path: str | None = None,
-    lora_path: str | None = None,
+    edit_path: str | None = None,
     tiny: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> tuple[list[Check], Any]:
     """Model folders complete? Hub ids not yet downloaded are a WARN (fetched at first load) unless offline."""
     try:
+        from hidream_edit.config import resolve_model_sources
         from hidream_edit.errors import UserError
-        from hidream_edit.models import check_model_files, resolve_model_sources
+        from hidream_edit.models import check_model_files, is_hub_id
     except Exception as exc:  # a broken project install must show up as a check, not a crash
         return [
             Check(
@@ -680,12 +705,12 @@ def check_models(
             )
         ], None
     try:
-        sources = resolve_model_sources(model, llama_path, i1_path, e1_path, lora_path, tiny=tiny, env=env)
+        sources = resolve_model_sources(model_spec(model), llama_path, i1_path, edit_path, tiny=tiny, env=env)
     except UserError as exc:
         return [Check("model files", FAIL, str(exc), "fix the model flags or HIDREAM_*_PATH variables")], None
     problems = check_model_files(sources, locate_hub=True)
     roles = {role: getattr(sources, role) for role in ("llama", "i1", "edit")}
-    not_downloaded = [s for s in roles.values() if local_location(s) is None and len(s.split("/")) == 2]
+    not_downloaded = [s for s in roles.values() if local_location(s) is None and is_hub_id(s)]
     local_problems = [p for p in problems if not any(s in p for s in not_downloaded)]
     described = f"{sources.model}{' (tiny)' if sources.tiny else ''}: " + ", ".join(
         f"{r}={s}" for r, s in roles.items()
@@ -888,8 +913,9 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
         checks += check_precision(dm.device, dm.dtype)
         checks += check_attention(dm.device, dm.dtype)
     checks += check_packages()
+    spec = model_spec(args.model)
     model_checks, sources = check_models(
-        args.model, args.llama_path, args.i1_path, args.e1_path, args.lora_path, tiny=args.tiny
+        args.model, args.llama_path, args.i1_path, edit_path_from_args(args, spec), tiny=args.tiny
     )
     checks += model_checks
     if args.check_hub and sources is not None:
@@ -922,14 +948,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Check that this machine can run HiDream-E1 (Ascend NPU, CUDA or CPU). Exit 0: nothing failed."
     )
-    parser.add_argument("--model", choices=("e1.1", "e1-full"), default="e1.1", help="model to check (default e1.1)")
-    parser.add_argument("--llama-path", help="Llama-3.1-8B-Instruct dir or hub id (env HIDREAM_LLAMA_PATH)")
-    parser.add_argument("--i1-path", help="HiDream-I1-Full dir or hub id (env HIDREAM_I1_PATH)")
-    parser.add_argument("--e1-path", help="HiDream-E1-1 dir or hub id (env HIDREAM_E1_PATH)")
-    parser.add_argument("--lora-path", help="HiDream-E1-Full LoRA file, dir or hub id (env HIDREAM_E1_FULL_PATH)")
-    parser.add_argument("--tiny", action="store_true", help="check the built-in tiny checkpoints instead")
-    parser.add_argument("--device", help="auto, npu, npu:N, cuda, cuda:N or cpu (default: PREFERRED_DEVICE or auto)")
-    parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), help="(default: PREFERRED_DTYPE or auto)")
+    add_model_choice_argument(parser, "model to check (default e1.1)")
+    add_model_source_arguments(parser, None)
+    add_device_arguments(parser)
     parser.add_argument("--check-hub", action="store_true", help="also ask the model hub about hub ids (network)")
     parser.add_argument("--smoke", action="store_true", help="run a timed two-step tiny edit through the CLI")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {name, status, detail, fix}")

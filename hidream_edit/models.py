@@ -53,7 +53,8 @@ class ModelSources:
         return {"model": self.model, "llama": self.llama, "i1": self.i1, "edit": self.edit, "tiny": self.tiny}
 
 
-def _is_hub_id(source: str) -> bool:
+def is_hub_id(source: str) -> bool:
+    """`owner/name` that is not a path on this machine."""
     parts = source.split("/")
     return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not Path(source).exists()
 
@@ -67,7 +68,7 @@ def locate(source: str, role: str, offline: bool, allow_patterns: tuple[str, ...
     For a hub id only the files matching `allow_patterns` are fetched (the spec says which a run loads).
     """
     what = ROLE_NAMES[role]
-    if not _is_hub_id(source):
+    if not is_hub_id(source):
         path = Path(source).expanduser()
         if not path.exists():
             raise ModelFilesError(f"{what}: {path} does not exist", role=role)
@@ -108,7 +109,7 @@ def check_model_files(sources: ModelSources, locate_hub: bool = False) -> list[s
     problems: list[str] = []
     for role, source in (("llama", sources.llama), ("i1", sources.i1), ("edit", sources.edit)):
         try:
-            path = locate(source, role, offline=True) if (locate_hub or not _is_hub_id(source)) else None
+            path = locate(source, role, offline=True) if (locate_hub or not is_hub_id(source)) else None
         except ModelFilesError as exc:
             problems.append(str(exc))
             continue
