@@ -22,7 +22,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -197,28 +197,35 @@ def host_memory() -> tuple[int, int]:
 class DeviceManager:
     """Chooses and describes the compute device; one instance per process is typical.
 
-    `preferred_device` / env PREFERRED_DEVICE: auto, npu, npu:N, cuda, cuda:N, cpu.
-    `preferred_dtype` / env PREFERRED_DTYPE: auto, bf16, fp16, fp32.
-    A device or dtype asked for by name that cannot be used raises DeviceError; auto mode falls back
-    with one warning naming the cause.
+    `preferred_device`: auto (None), npu, npu:N, cuda, cuda:N, cpu. `preferred_dtype`: auto (None), bf16,
+    fp16, fp32. A device or dtype asked for by name that cannot be used raises DeviceError naming where the
+    request came from (`device_origin` / `dtype_origin`, e.g. "--device" or "PREFERRED_DEVICE"); auto mode
+    falls back with one warning naming the cause. The manager reads no environment variable except
+    LOCAL_RANK (torchrun's contract); the PREFERRED_DEVICE / PREFERRED_DTYPE conventions are resolved by
+    the caller (`preferences_from(environ)` does it for scripts that use this module alone).
     """
 
-    def __init__(self, preferred_device: str | None = None, preferred_dtype: str | None = None) -> None:
-        device_source = "preferred_device" if preferred_device else "PREFERRED_DEVICE"
-        spec = preferred_device or os.environ.get("PREFERRED_DEVICE") or "auto"
+    def __init__(
+        self,
+        preferred_device: str | None = None,
+        preferred_dtype: str | None = None,
+        *,
+        device_origin: str = "preferred_device",
+        dtype_origin: str = "preferred_dtype",
+    ) -> None:
+        spec = (preferred_device or "").strip() or "auto"
         device_type, explicit_index = parse_device_spec(spec)
         if device_type == "auto":
             device_type = self._detect()
         else:
-            self._require(device_type, f"{device_source}={spec}")
-        index = self._choose_index(device_type, explicit_index, f"{device_source}={spec}")
+            self._require(device_type, f"{device_origin}={spec}")
+        index = self._choose_index(device_type, explicit_index, f"{device_origin}={spec}")
         self.device: torch.device = torch.device(device_type, index) if device_type != "cpu" else torch.device("cpu")
         self.device_type: str = device_type
         if device_type != "cpu":
             torch.get_device_module(device_type).set_device(index)
-        dtype_source = "preferred_dtype" if preferred_dtype else "PREFERRED_DTYPE"
-        dtype_name = (preferred_dtype or os.environ.get("PREFERRED_DTYPE") or "auto").strip().lower()
-        self.dtype: torch.dtype = self._choose_dtype(dtype_name, f"{dtype_source}={dtype_name}")
+        dtype_name = (preferred_dtype or "").strip().lower() or "auto"
+        self.dtype: torch.dtype = self._choose_dtype(dtype_name, f"{dtype_origin}={dtype_name}")
         logger.info("using %s (%s), dtype %s", self.device, self.device_name, self.dtype_name)
 
     @staticmethod
@@ -396,8 +403,8 @@ class DeviceManager:
         return actions
 
     def resolve_attention_backend(self, backend: str | None = None) -> str:
-        """The attention backend to use: the argument, else env HIDREAM_ATTENTION, else sdpa."""
-        name = (backend or os.environ.get("HIDREAM_ATTENTION") or "sdpa").strip().lower()
+        """The attention kernel to use, checked against this device: the argument, else sdpa."""
+        name = (backend or "sdpa").strip().lower()
         if name not in ATTENTION_BACKENDS:
             raise DeviceError(f"unknown attention backend {name!r}; use one of: {', '.join(ATTENTION_BACKENDS)}")
         if name == "npu_fused":
@@ -521,6 +528,37 @@ def load_safetensors(path: str | Path, device: str | torch.device | None = None)
     return state
 
 
+ENV_DEVICE = "PREFERRED_DEVICE"
+ENV_DTYPE = "PREFERRED_DTYPE"
+
+
+@dataclass(frozen=True)
+class DevicePreferences:
+    """What a user asked for and where it came from, ready for `DeviceManager(**prefs.arguments())`."""
+
+    device: str | None = None
+    dtype: str | None = None
+    device_origin: str = "preferred_device"
+    dtype_origin: str = "preferred_dtype"
+
+    def arguments(self) -> dict[str, Any]:
+        return {
+            "preferred_device": self.device,
+            "preferred_dtype": self.dtype,
+            "device_origin": self.device_origin,
+            "dtype_origin": self.dtype_origin,
+        }
+
+
+def preferences_from(
+    environ: Mapping[str, str], device: str | None = None, dtype: str | None = None
+) -> DevicePreferences:
+    """Flags win over PREFERRED_DEVICE / PREFERRED_DTYPE in `environ`; the origin names which one was used."""
+    device_origin, device_value = ("--device", device) if device else (ENV_DEVICE, environ.get(ENV_DEVICE) or None)
+    dtype_origin, dtype_value = ("--dtype", dtype) if dtype else (ENV_DTYPE, environ.get(ENV_DTYPE) or None)
+    return DevicePreferences(device_value, dtype_value, device_origin, dtype_origin)
+
+
 def _format_report(report: dict[str, Any]) -> str:
     stats = MemoryStats(**report["memory"])
     return "\n".join(
@@ -537,17 +575,21 @@ def _format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the device report; exit 2 with one line if the requested device cannot be used."""
+    """Print the device report; exit 2 with one line if the requested device cannot be used.
+
+    As a command line this module is an entry script, so here (and only here) it reads the environment.
+    """
     import argparse
 
+    environ = os.environ
     parser = argparse.ArgumentParser(description="Report the compute device, dtype and memory this machine offers.")
-    parser.add_argument("--device", help="auto, npu, npu:N, cuda, cuda:N or cpu (default: PREFERRED_DEVICE or auto)")
-    parser.add_argument("--dtype", help="auto, bf16, fp16 or fp32 (default: PREFERRED_DTYPE or auto)")
+    parser.add_argument("--device", help=f"auto, npu, npu:N, cuda, cuda:N or cpu (default: {ENV_DEVICE} or auto)")
+    parser.add_argument("--dtype", help=f"auto, bf16, fp16 or fp32 (default: {ENV_DTYPE} or auto)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        report = DeviceManager(args.device, args.dtype).report()
+        report = DeviceManager(**preferences_from(environ, args.device, args.dtype).arguments()).report()
     except DeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

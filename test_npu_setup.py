@@ -438,7 +438,7 @@ def check_device_choice(device: str | None = None, dtype: str | None = None) -> 
     asked_device = f"--device {device}" if device else f"{ENV_DEVICE}={env.get(ENV_DEVICE) or 'auto'}"
     asked_dtype = f"--dtype {dtype}" if dtype else f"{ENV_DTYPE}={env.get(ENV_DTYPE) or 'auto'}"
     try:
-        dm = du.DeviceManager(device, dtype)
+        dm = du.DeviceManager(**du.preferences_from(env, device, dtype).arguments())
     except du.DeviceError as exc:
         message = str(exc)
         if "set_env" in message:

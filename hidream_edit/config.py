@@ -222,13 +222,17 @@ def editor_settings_from_args(
     args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str] | None = None
 ) -> EditorSettings:
     """EditorSettings from parsed model flags and the environment."""
+    from device_utils import preferences_from
     from hidream_edit.editor import EditorSettings
 
     env = environment(env)
+    device = preferences_from(env, args.device, args.dtype)
     return EditorSettings(
         sources=model_sources_from_args(args, spec, env),
-        device=args.device,
-        dtype=args.dtype,
+        device=device.device,
+        dtype=device.dtype,
+        device_origin=device.device_origin,
+        dtype_origin=device.dtype_origin,
         attention=args.attention or env.get(ENV_ATTENTION) or None,
         offload=args.offload,
         rng=args.rng,

@@ -43,6 +43,8 @@ class EditorSettings:
     sources: ModelSources
     device: str | None = None
     dtype: str | None = None
+    device_origin: str = "device"  # where `device` came from, for messages: "--device", "PREFERRED_DEVICE", ...
+    dtype_origin: str = "dtype"
     attention: str | None = None
     offload: str = "none"
     rng: str = "device"
@@ -133,7 +135,9 @@ class Editor:
         if settings.rng not in ("device", "cpu"):
             raise UserError(f"unknown rng placement {settings.rng!r}; use device or cpu")
         started = time.perf_counter()
-        dm = DeviceManager(settings.device, settings.dtype)
+        dm = DeviceManager(
+            settings.device, settings.dtype, device_origin=settings.device_origin, dtype_origin=settings.dtype_origin
+        )
         loaded = load_pipeline(
             settings.sources,
             dm,

@@ -29,7 +29,7 @@ class FakeHub:
         self.cache = cache
         self.fetched: dict[str, list[str]] = {}
 
-    def snapshot_download(self, repo_id: str, local_files_only: bool = False, allow_patterns: Any = None, **_: Any) -> str:
+    def snapshot_download(self, repo_id: str, allow_patterns: Any = None, **_: Any) -> str:
         source = self.repos[repo_id]
         target = self.cache / repo_id.replace("/", "--")
         files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
