@@ -4,7 +4,8 @@
     python gradio_demo_npu.py --tiny --port 7861   # built-in tiny random-weight model (output is noise)
     python gradio_demo_npu.py --model e1-full --host 0.0.0.0 --auth team:secret --results-dir /data/results
 
-The model is loaded once, when the server starts; the app itself lives in hidream_edit/webui.py.
+The model is loaded once, when the server starts; the app itself lives in hidream_edit/web/
+(service.py: what it does; layout.py: the gradio page).
 """
 
 import os
@@ -13,7 +14,7 @@ import sys
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # `import torch` must survive a missing CANN
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a device server has no business calling home
 
-from hidream_edit.webui import main  # noqa: E402
+from hidream_edit.web.layout import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], os.environ))

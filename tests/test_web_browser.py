@@ -2,7 +2,9 @@
 Playwright in Debian's Chromium (apt-get install chromium; pip install playwright, no browser download).
 
 One server for the module, started with auth (so signing in is tested too), a queue of one waiting job
-(so "busy" can be provoked), a 1 MiB upload limit and a 1 s device panel refresh. On failure a
+(so "busy" can be provoked), a 1 MiB upload limit and a 1 s device panel refresh. Every test opens its
+own pages, compares the results folder before and after itself and leaves the device idle, so the tests
+do not depend on their order; they wait on what the page shows, never for a fixed time. On failure a
 screenshot of every open page is saved in the test's tmp dir.
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -54,11 +57,29 @@ def _status(url: str) -> int | None:
         return None
 
 
+def _start_server(command: list[str], root: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen | None:
+    """Start the server and wait until it answers; None if its port was taken meanwhile (choose another)."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while _status(url + "/") != 200:
+        if process.poll() is not None:
+            if process.returncode == 2 and "cannot serve on" in log_path.read_text():
+                return None
+            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            pytest.fail(f"the server was not up after {START_TIMEOUT_S} s:\n{log_path.read_text()}")
+        time.sleep(0.5)  # polling for start-up, not a wait for correctness
+    return process
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    root = tmp_path_factory.mktemp("webui-server")
+    root = tmp_path_factory.mktemp("web-server")
     results = root / "results"
-    port = _free_port()
     log_path = root / "server.log"
     env = {
         **os.environ,
@@ -68,20 +89,17 @@ def server(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
-    command = [sys.executable, str(REPO / "gradio_demo_npu.py"), "--tiny", "--port", str(port),
-               "--results-dir", str(results), "--max-queue", "1", "--refresh", "1", "--max-upload-mb", "1"]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(5):  # a port found free can be taken before the server binds it
+        port = _free_port()
+        command = [sys.executable, str(REPO / "gradio_demo_npu.py"), "--tiny", "--port", str(port), "--results-dir",
+                   str(results), "--max-queue", "1", "--refresh", "1", "--max-upload-mb", "1"]  # fmt: skip
+        process = _start_server(command, root, env, log_path)
+        if process is not None:
+            break
+    else:
+        pytest.fail(f"no free port to serve on after 5 tries:\n{log_path.read_text()}")
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while _status(url + "/") != 200:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not up after {START_TIMEOUT_S} s:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield {"url": url, "results": results, "log": log_path, "root": root}
+        yield {"url": f"http://127.0.0.1:{port}", "results": results, "log": log_path, "root": root}
     finally:
         process.terminate()
         try:
@@ -133,29 +151,36 @@ def _open_app(context, url: str):
     return page
 
 
-def _set_slider(page, elem_id: str, value: int) -> None:
-    """Type into a slider's number box until it sticks.
+def _set_slider(page, elem_id: str, value: float) -> None:
+    """Type into a slider's number box until slider and box both show the value.
 
     A freshly opened accordion mounts its contents asynchronously, and the slider's initial value
-    can land after (and over) a value typed too soon; so check twice, a moment apart, and retry.
+    can land after (and over) a value typed too soon: so wait until the slider shows its initial
+    value, type, and type again if the value did not stick.
     """
     box = page.locator(f"#{elem_id} input[type=number]")
-    slider = page.locator(f"#{elem_id} input[type=range]")
+    box.wait_for(state="visible")
+    both_show = """([id, value]) => {
+        const box = document.querySelector(`#${id} input[type=number]`);
+        const range = document.querySelector(`#${id} input[type=range]`);
+        return box && range && box.value !== '' && (value === null ? box.value === range.value
+            : Number(box.value) === value && Number(range.value) === value);
+    }"""
+    page.wait_for_function(both_show, arg=[elem_id, None])
     for _ in range(5):
         box.fill(str(value))
         box.blur()
-        stuck = True
-        for pause in (300, 700):
-            page.wait_for_timeout(pause)
-            stuck = stuck and box.input_value() == slider.input_value() == str(value)
-        if stuck:
+        try:
+            page.wait_for_function(both_show, arg=[elem_id, value], timeout=3_000)
             return
+        except PlaywrightTimeout:
+            continue
     raise AssertionError(f"could not set #{elem_id} to {value}")
 
 
 def _prepare_edit(page, image: Path, instruction: str) -> None:
     page.locator("#source input[type=file]").set_input_files(str(image))
-    page.wait_for_selector("#source img")
+    page.wait_for_selector("#source-preview img")  # the app opened the upload with its own checks
     page.locator("#instruction textarea").fill(instruction)
     page.get_by_text("Advanced settings").first.click()
 
@@ -211,22 +236,33 @@ def test_the_app_needs_a_login(server: dict) -> None:
     assert _status(server["url"] + "/gradio_api/info") == 401
 
 
+def _new_files(server: dict, before: set[Path]) -> list[Path]:
+    return sorted(set(server["results"].rglob("*")) - before)
+
+
 def test_edit_in_the_browser(server: dict, browser, images: list[Path], tmp_path: Path) -> None:
     page = _open_app(browser, server["url"])
     with screenshots_on_failure(browser, tmp_path):
         panel = page.locator("#device-panel")
         assert "Device cpu" in panel.inner_text() and "dtype fp32" in panel.inner_text()
+        before = set(server["results"].rglob("*"))
         _prepare_edit(page, images[0], "make the sky purple")
+        assert page.locator("#status textarea").input_value() == "sky.png: 96x64 pixels, ready to edit"
+        # settings typed in the page reach the edit (the metadata records what the pipeline got)
+        page.locator("#edit-negative textarea").fill("browser negative")
+        page.locator("#edit-seed input").fill("7")
+        _set_slider(page, "edit-guidance", 2.5)
         _click_edit(page, steps=2)
         page.wait_for_selector("#result img", timeout=EDIT_TIMEOUT_MS)
         status = _wait_for_value(page, "#status textarea", "Done in ")
-        assert "seed 3" in status and "2 steps in" in status
+        assert "seed 7" in status and "2 steps in" in status
 
         links = {link.inner_text().strip(): link.get_attribute("href") for link in page.locator("#downloads a").all()}
         json_url = next(href for href in links.values() if href and ".json" in href)
         metadata = json.loads(page.request.get(json_url).body())
         assert metadata["instruction"] == "make the sky purple" and metadata["steps"] == 2
-        saved = sorted(p.name for p in server["results"].iterdir())
+        assert metadata["negative"] == "browser negative" and metadata["guidance"] == 2.5 and metadata["seed"] == 7
+        saved = [path.name for path in _new_files(server, before)]
         assert len(saved) == 2 and saved[0].endswith("-sky.png") and saved[1].endswith("-sky.png.json")
 
         # the panel refreshes by itself and now shows the edit's timings
@@ -235,6 +271,50 @@ def test_edit_in_the_browser(server: dict, browser, images: list[Path], tmp_path
         assert "Device cpu" in panel.inner_text()
         page.screenshot(path=str(tmp_path / "edit.png"), full_page=True)
     page.close()
+
+
+def test_a_bad_upload_gets_the_apps_one_line_reason(server: dict, browser, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image at all")
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (15_000, 15_000)).save(bomb)  # about 30 kB on disk, 225 M pixels
+    assert bomb.stat().st_size < 1024 * 1024
+    page = _open_app(browser, server["url"])
+    with screenshots_on_failure(browser, tmp_path):
+        before = set(server["results"].rglob("*"))
+        page.locator("#source input[type=file]").set_input_files(str(notes))
+        assert _wait_for_value(page, "#status textarea", "Error") == "Error: notes.png: not a recognised image file"
+        page.locator("#instruction textarea").fill("make it red")
+        page.locator("#edit-stop").click()  # changes the status line, so the edit's answer is seen arriving
+        _wait_for_value(page, "#status textarea", "Stop requested")
+        page.locator("#edit-button").click()  # the edit says the same, not gradio's generic error
+        assert _wait_for_value(page, "#status textarea", "Error") == "Error: notes.png: not a recognised image file"
+        fresh = _open_app(browser, server["url"])  # an upload box that holds a file takes no other
+        fresh.locator("#source input[type=file]").set_input_files(str(bomb))
+        status = _wait_for_value(fresh, "#status textarea", "Error: bomb.png")
+        assert status.startswith("Error: bomb.png: image is too large to open safely"), status
+        assert fresh.locator("#source-preview img").count() == 0
+        assert _new_files(server, before) == []
+    for opened in (page, fresh):
+        opened.close()
+
+
+def test_closing_the_tab_stops_the_edit_and_saves_nothing(server: dict, browser, images: list[Path],
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    closing, watching = _open_app(browser, server["url"]), _open_app(browser, server["url"])
+    with screenshots_on_failure(browser, tmp_path):
+        before = set(server["results"].rglob("*"))
+        _prepare_edit(closing, images[1], "make it gold")
+        _click_edit(closing, steps=LONG_EDIT_STEPS)
+        _wait_for_panel_step(closing, LONG_EDIT_STEPS)
+        closing.close()
+        # The edit ends at its next step: the device goes idle without finishing (a finished edit would
+        # show as the last edit, with its 100 steps) and nothing is saved.
+        watching.wait_for_function("document.querySelector('#device-panel').innerText.includes('Now idle')",
+                                   timeout=EDIT_TIMEOUT_MS)  # fmt: skip
+        assert f"Last edit {LONG_EDIT_STEPS} steps" not in watching.locator("#device-panel").inner_text()
+        assert _new_files(server, before) == []
+    watching.close()
 
 
 def test_an_upload_over_the_limit_is_refused_with_a_message(server: dict, browser, tmp_path: Path) -> None:
@@ -283,7 +363,7 @@ def test_full_queue_says_busy_and_stop_cancels(server: dict, browser, images: li
     with screenshots_on_failure(browser, tmp_path):
         for page in (running, waiting, refused):
             _prepare_edit(page, images[1], "make it gold")
-        before = sorted(server["results"].rglob("*"))
+        before = set(server["results"].rglob("*"))
         # The longest edit the UI allows, so it is still running whatever the CPU speed (Stop ends it).
         _click_edit(running, steps=LONG_EDIT_STEPS)
         # The panel refreshes once a second and shows the step reached then: any step number proves
@@ -305,7 +385,7 @@ def test_full_queue_says_busy_and_stop_cancels(server: dict, browser, images: li
         assert _wait_for_value(waiting, "#status textarea", "Stopped") == (
             "Stopped before it started; nothing was saved."
         )
-        assert sorted(server["results"].rglob("*")) == before  # nothing saved
+        assert _new_files(server, before) == []  # nothing saved
         assert "Traceback" not in server["log"].read_text()
     for page in (running, waiting, refused):
         page.close()

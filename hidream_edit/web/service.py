@@ -1,61 +1,71 @@
-"""The web editor: a Gradio app over one loaded `Editor`, meant to be left running on a device server.
+"""The web editor's service: everything the web UI does, without gradio.
 
 Everything a button does is a plain method of `WebEditor` that takes plain values (file paths,
-strings, numbers) and returns plain values, so tests call them directly with the tiny model; the
-Gradio layer in `build_app` only wires components to those methods. The model is loaded once, by
-the caller, before `build_app`; importing this module loads nothing.
+strings, numbers) and returns plain values, so tests call them directly with the tiny model;
+`hidream_edit.web.layout` only wires gradio components to those methods. The model is loaded once,
+by the caller, before the app is built; importing this module loads nothing and reads no
+environment (the entry script hands its environment in).
 
 Safety defaults: the server binds 127.0.0.1, auth is optional (flag or HIDREAM_GRADIO_AUTH),
-uploads are limited in bytes and pixels, zip archives are read entry by entry with limits (never
-extracted to disk), results are written only under the results directory with unique names, and
-every failure reaches the browser as one readable line (tracebacks go to the server log only).
+uploads are limited in bytes and pixels, texts in characters, zip archives are read entry by entry
+with limits (never extracted to disk), results are written only under the results directory with
+unique names and only files the app wrote are published for download, a stopped, cancelled or
+abandoned job saves nothing, and every failure reaches the browser as one readable line
+(tracebacks go to the server log only).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import io
 import json
 import logging
 import math
 import os
+import pwd
 import re
 import secrets
-import sys
 import threading
 import time
+import urllib.parse
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import gradio as gr
 import torch
 from PIL import Image
 
-from hidream_edit.cli import (
-    EXIT_USER_ERROR,
-    USER_ERRORS,
-    OneLineArgumentParser,
-    add_model_arguments,
-    configure_logging,
-    settings_from_args,
-)
-from hidream_edit.editor import MAX_STEPS, EditCancelled, Editor, EditorSettings, EditRequest, EditResult, save_result
+import hidream_edit
+from device_utils import CheckpointError, DeviceError
+
+# The shared flag definitions move to hidream_edit.config (issue 9): this is the web UI's only import from the CLI.
+from hidream_edit.cli import OneLineArgumentParser, add_model_arguments, configure_logging, settings_from_args
+from hidream_edit.editor import EditCancelled, Editor, EditorSettings, EditRequest, EditResult, save_result
 from hidream_edit.errors import UserError
 from hidream_edit.images import open_image
-from hidream_edit.instructions import compose_e1_full_prompt
+from hidream_edit.instructions import InstructionRefinementError, VLMSettings, compose_e1_full_prompt
 
 logger = logging.getLogger(__name__)
 
 AUTH_ENV = "HIDREAM_GRADIO_AUTH"
+VLM_KEY_ENV = "OPENAI_API_KEY"
 MODELS = ("e1.1", "e1-full")
 MODEL_TITLES = {"e1.1": "HiDream-E1.1", "e1-full": "HiDream-E1-Full"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ZIP_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 RANDOM_SEED_LIMIT = 2**31  # stays exact in the browser's numbers, so a random seed can be typed back in
 DEVICE_BUSY = "waiting for the device (another edit is running)"
+MAX_PROMPT_CHARS = 2000  # same limit as editor.MAX_PROMPT_CHARS: the text encoders read 128 tokens at most
+PREVIEW_SIDE = 1024
+USER_ERRORS = (UserError, DeviceError, CheckpointError)
+EXIT_USER_ERROR = 2
+CODE_DIR = Path(hidream_edit.__file__).resolve().parent.parent  # the repository (or site-packages) holding the code
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,8 @@ class WebSettings:
     max_pixels: int = 40_000_000
     max_batch: int = 32
     refresh_s: float = 5.0
+    vlm: VLMSettings | None = None  # E1-Full: the endpoint that may rewrite instructions
+    vlm_fallback: bool = False  # a failed rewrite goes on with the bare instruction (as the CLI's flag)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -90,6 +102,38 @@ def parse_auth(value: str | None, source: str = "--auth") -> tuple[str, str] | N
     if not sep or not user or not password:
         raise UserError(f"{source} must look like user:password (both non-empty)")
     return user, password
+
+
+def check_results_dir(path: Path, homes: Iterable[Path], code_dir: Path = CODE_DIR) -> None:
+    """Refuse a results dir that would put results beside (and next to served) files that are not ours.
+
+    A filesystem root, a home directory (or a folder holding one) and a folder holding the code
+    are refused; a folder inside any of them is fine.
+    """
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor):
+        raise UserError(f"--results-dir {path} is a filesystem root; give the results a folder of their own")
+    for home in homes:
+        if home.resolve().is_relative_to(resolved):
+            raise UserError(f"--results-dir {path} is or holds the home directory {home}; "
+                            f"give the results a folder of their own, e.g. {home / 'hidream-results'}")  # fmt: skip
+    if code_dir.resolve().is_relative_to(resolved):
+        raise UserError(f"--results-dir {path} holds the code ({code_dir}); "
+                        f"give the results a folder of their own, e.g. {code_dir / 'results'}")  # fmt: skip
+
+
+def home_dirs(env: Mapping[str, str]) -> list[Path]:
+    """The home directories to keep results out of: $HOME and this user's entry in the password database."""
+    homes = [Path(env["HOME"])] if env.get("HOME") else []
+    with contextlib.suppress(KeyError):  # a uid without an entry (some containers)
+        homes.append(Path(pwd.getpwuid(os.getuid()).pw_dir))
+    return homes
+
+
+def check_text_length(name: str, text: str | None, limit: int = MAX_PROMPT_CHARS) -> None:
+    """Refuse a text the encoders would cut anyway, before it costs decoding, encoding or disk."""
+    if text is not None and len(text) > limit:
+        raise UserError(f"the {name} is {len(text)} characters long; the limit is {limit}")
 
 
 def safe_stem(name: str | None, default: str = "image", limit: int = 40) -> str:
@@ -193,7 +237,15 @@ def _display_name(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stop requests
+# Stop requests and cancelled jobs
+
+EDIT_JOBS = "edit"
+BATCH_JOBS = "batch"
+
+
+def stop_key(session_hash: str | None, kind: str) -> str:
+    """The stop-registry key of one kind of job (edit or batch) of one browser session."""
+    return f"{session_hash}:{kind}"
 
 
 class StopRegistry:
@@ -227,6 +279,26 @@ class StopRegistry:
         return should_stop
 
 
+async def run_cancellable(work: Callable[[Callable[[], bool]], T], should_stop: Callable[[], bool]) -> T:
+    """Run a blocking job in a worker thread, stoppable by `should_stop` and by cancelling this task.
+
+    A thread cannot be killed, and a server that cancels the task awaiting it (a client's cancel)
+    would otherwise let the job run to the end and save its result. Here the cancellation turns the
+    job's stop check true, so it stops at its next step and saves nothing; the task ends at once.
+    """
+    cancelled = threading.Event()
+
+    def stop() -> bool:
+        return cancelled.is_set() or should_stop()
+
+    try:
+        return await asyncio.to_thread(work, stop)
+    except asyncio.CancelledError:
+        cancelled.set()
+        logger.info("a job was cancelled by its client; it stops at its next step and saves nothing")
+        raise
+
+
 # ---------------------------------------------------------------------------------------------
 # Results of the callbacks (plain values the Gradio layer maps to components)
 
@@ -238,6 +310,7 @@ class EditOutcome:
     json_path: Path | None = None
     seed: int | None = None
     metadata: dict[str, Any] | None = None
+    prompt: str | None = None  # what the model was given (E1-Full: the composed or rewritten form)
 
     @property
     def files(self) -> list[str] | None:
@@ -279,9 +352,11 @@ class EditParams:
     random_seed: bool = False
     target_description: str | None = None
     keep_aspect: bool = False
+    rewrite: bool = False
 
 
 ProgressFn = Callable[[float, str], None]
+PublishFn = Callable[[list[Path]], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,13 +364,18 @@ ProgressFn = Callable[[float, str], None]
 
 
 class WebEditor:
-    """The app's state: one Editor, the limits, the device lock, stop requests and what runs now."""
+    """The app's state: one Editor, the limits, the device lock, stop requests and what runs now.
 
-    def __init__(self, editor: Editor, settings: WebSettings) -> None:
+    `publish` is told every file the app writes for download (and nothing else); the layout makes
+    exactly those files downloadable, so a file someone else put in the results dir never is.
+    """
+
+    def __init__(self, editor: Editor, settings: WebSettings, publish: PublishFn | None = None) -> None:
         self.editor = editor
         self.settings = settings
         self.model = editor.settings.model
         self.stops = StopRegistry()
+        self._publish = publish or (lambda paths: None)
         # The pipeline (its scheduler above all) holds per-run state: one edit at a time on it.
         self._device = threading.Lock()
         self._activity_lock = threading.Lock()
@@ -326,18 +406,65 @@ class WebEditor:
             return f"device report unavailable: {error_message(exc)}"
         return device_panel_markdown(report, self.editor.last_metadata, self.activity, self.editor.load_s)
 
-    # --- one edit ------------------------------------------------------------------------------------
+    def stop_session(self, session_hash: str | None) -> None:
+        """The page went away (tab closed or reloaded): its running and waiting jobs stop, saving nothing."""
+        for kind in (EDIT_JOBS, BATCH_JOBS):
+            self.stops.request(stop_key(session_hash, kind))
 
-    def _request(self, image: Image.Image, instruction: str | None, params: EditParams, seed: int) -> EditRequest:
-        instruction = (instruction or "").strip()
-        if not instruction:
-            raise UserError("the instruction is empty")
-        if self.model == "e1-full":
-            target = (params.target_description or "").strip() or None
-            instruction = compose_e1_full_prompt(instruction, image, target)
+    # --- checks and requests ---------------------------------------------------------------------
+
+    @staticmethod
+    def check_texts(instructions: Iterable[str], params: EditParams) -> None:
+        """Refuse overlong texts first, before any upload is decoded or the device is waited for."""
+        for instruction in instructions:
+            check_text_length("instruction", instruction)
+        check_text_length("negative instruction", params.negative)
+        check_text_length("target image description", params.target_description)
+
+    def preview(self, path: str | Path | None) -> tuple[Image.Image | None, str]:
+        """The source preview: the upload opened with the app's own checks and shrunk for the page, or why not."""
+        if not path:
+            return None, ""
+        name = _display_name(path)
+        try:
+            image = self._open(Path(path), name)
+        except Exception as exc:
+            return None, f"Error: {error_message(exc)}"
+        size = f"{image.width}x{image.height}"
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        return image, f"{name}: {size} pixels, ready to edit"
+
+    def _prompt(
+        self, image: Image.Image, instruction: str, params: EditParams, progress: ProgressFn | None
+    ) -> tuple[str, str | None]:
+        """(prompt for the model, note for the status). E1-Full builds its prompt form, maybe with the VLM.
+
+        Precedence and failure as in the CLI: a prompt already in form is kept, a target description
+        builds the form, else the VLM writes it when asked; a failed rewrite is an error, or with
+        the fallback flag the bare instruction (and the note says so).
+        """
+        if self.model != "e1-full":
+            return instruction, None
+        target = (params.target_description or "").strip() or None
+        vlm = None
+        if params.rewrite:
+            vlm = self.settings.vlm
+            if vlm is None:
+                raise UserError("the instruction rewrite needs a server started with --vlm-url and --vlm-model")
+            if target is None and progress is not None:
+                progress(0.0, f"rewriting the instruction with {vlm.model}")
+        try:
+            return compose_e1_full_prompt(instruction, image, target, vlm), None
+        except InstructionRefinementError as exc:
+            if vlm is None or not self.settings.vlm_fallback:
+                raise
+            logger.warning("instruction rewrite failed (%s); going on with the bare instruction", exc)
+            return instruction, f"the instruction rewrite failed ({exc}); edited with the bare instruction"
+
+    def _request(self, image: Image.Image, prompt: str, params: EditParams, seed: int) -> EditRequest:
         return EditRequest(
             image=image,
-            instruction=instruction,
+            instruction=prompt,
             negative=params.negative,
             steps=_as_int(params.steps, "steps"),
             guidance=_as_float(params.guidance, "guidance"),
@@ -381,7 +508,7 @@ class WebEditor:
         progress: ProgressFn | None,
         on_start: Callable[[], None],
     ) -> EditResult:
-        """Validate, then wait for the device and edit; checks Stop before starting and between steps."""
+        """Validate, then wait for the device and edit; checks Stop before starting, between steps and after."""
         request = self.editor.resolve(request)  # bad values fail before waiting for the device
         if not self._device.acquire(blocking=False):
             if progress is not None:
@@ -394,10 +521,15 @@ class WebEditor:
                 raise EditCancelled("stopped before it started")
             self._set_activity(f"editing {label}: encoding")
             on_start()
-            return self.editor.edit(request, on_step=on_step, should_stop=should_stop)
+            result = self.editor.edit(request, on_step=on_step, should_stop=should_stop)
         finally:
             self._set_activity("idle")
             self._device.release()
+        if should_stop():  # a stop that came during the last step still means "save nothing"
+            raise EditCancelled("stopped after the last step")
+        return result
+
+    # --- one edit ------------------------------------------------------------------------------------
 
     def edit(
         self,
@@ -411,13 +543,20 @@ class WebEditor:
         should_stop = should_stop or (lambda: False)
         started = time.perf_counter()
         seed: int | None = None
+        prompt: str | None = None
         try:
+            self.check_texts([instruction or ""], params)
             if not image_path:
                 raise UserError("upload an image first")
+            instruction = (instruction or "").strip()
+            if not instruction:
+                raise UserError("the instruction is empty")
             name = _display_name(image_path)
             source = self._open(Path(image_path), name)
             seed = self.choose_seed(params)
-            request = self._request(source, instruction, params, seed)
+            self.editor.resolve(self._request(source, instruction, params, seed))  # before the VLM is asked
+            prompt, note = self._prompt(source, instruction, params, progress)
+            request = self._request(source, prompt, params, seed)
 
             def on_step(done: int, total: int) -> None:
                 self._set_activity(f"editing {name}: step {done} of {total}{_then(done, total)}")
@@ -430,16 +569,19 @@ class WebEditor:
 
             result = self._run(request, should_stop, on_step, name, progress, on_start)
             image_path_out, json_path = save_result(result, unique_result_path(self.settings.results_dir, "edit", name))
+            self._publish([image_path_out, json_path])
         except EditCancelled as exc:
-            return EditOutcome(f"{_sentence(str(exc))}; nothing was saved.", seed=seed)
+            return EditOutcome(f"{_sentence(str(exc))}; nothing was saved.", seed=seed, prompt=prompt)
         except Exception as exc:
-            return EditOutcome(f"Error: {error_message(exc)}", seed=seed)
+            return EditOutcome(f"Error: {error_message(exc)}", seed=seed, prompt=prompt)
         elapsed = time.perf_counter() - started
         status = (
             f"Done in {_fmt_seconds(elapsed)} with seed {seed}: {timing_summary(result.metadata)}. "
             f"Saved {image_path_out.name}"
         )
-        return EditOutcome(status, image_path_out, json_path, seed, result.metadata)
+        if note:
+            status += f" ({note})"
+        return EditOutcome(status, image_path_out, json_path, seed, result.metadata, prompt)
 
     # --- batch -----------------------------------------------------------------------------------------
 
@@ -462,7 +604,6 @@ class WebEditor:
             if len(items) > self.settings.max_batch:
                 raise UserError(f"more than {self.settings.max_batch} images; the limit is {self.settings.max_batch}")
         return items, errors
-
     def _zip_items(self, path: Path, name: str, errors: list[tuple[str, str]]) -> list[BatchItem]:
         limit = self.settings.max_upload_bytes
         items: list[BatchItem] = []
@@ -528,17 +669,24 @@ class WebEditor:
         """The Batch button: edit each image, keep going past failures, zip what was made."""
         should_stop = should_stop or (lambda: False)
         started = time.perf_counter()
+        errors: list[tuple[str, str]] = []
         try:
+            # one line per image at most: a longer text is refused before it is even split
+            check_text_length("instruction text", instructions, self.settings.max_batch * (MAX_PROMPT_CHARS + 1))
+            self.check_texts((instructions or "").splitlines(), params)
             items, errors = self.collect_batch(paths)
             if not items:
-                raise UserError("no images to edit")
+                reasons = "; ".join(f"{name}: {message}" for name, message in errors[:3])
+                raise UserError(f"no images to edit ({reasons})" if reasons else "no images to edit")
             lines = self.instructions_for(instructions, len(items))
-            # settings wrong for every image fail once, here, not once per image
-            self.editor.resolve(self._request(Image.new("RGB", (16, 16)), lines[0], params, self.choose_seed(params)))
+            # settings wrong for every image fail once, here, not once per image (the VLM is not asked here)
+            probe = Image.new("RGB", (16, 16))
+            first, _ = self._prompt(probe, lines[0], replace(params, rewrite=False), None)
+            self.editor.resolve(self._request(probe, first, params, self.choose_seed(params)))
             batch_dir = _inside(self.settings.results_dir, self.settings.results_dir / f"batch-{_token()}")
             batch_dir.mkdir()
         except Exception as exc:
-            return BatchOutcome(f"Error: {error_message(exc)}")
+            return BatchOutcome(f"Error: {error_message(exc)}", errors=errors)
 
         gallery: list[tuple[str, str]] = []
         summary: list[dict[str, Any]] = []
@@ -554,7 +702,11 @@ class WebEditor:
             try:
                 image = self._open(item.source, item.name)
                 seed = self.choose_seed(params)
-                request = self._request(image, instruction, params, seed)
+                prompt, note = self._prompt(image, instruction, params, progress)
+                entry["prompt"] = prompt
+                if note:
+                    entry["note"] = note
+                request = self._request(image, prompt, params, seed)
 
                 def on_step(done: int, total: int, index: int = index, name: str = item.name) -> None:
                     text = f"image {index + 1} of {count} ({name}): step {done} of {total}"
@@ -570,6 +722,7 @@ class WebEditor:
                 result = self._run(request, should_stop, on_step, label, progress, on_start)
                 out = _inside(self.settings.results_dir, batch_dir / f"{index + 1:03d}-{safe_stem(item.name)}.png")
                 image_path, _ = save_result(result, out)
+                self._publish([image_path])
             except EditCancelled as exc:
                 stopped = f"image {index + 1} of {count}: {exc}"
                 entry["status"] = f"stopped: {exc}"
@@ -586,6 +739,8 @@ class WebEditor:
             (batch_dir / "errors.txt").write_text("".join(f"{n}: {m}\n" for n, m in errors), encoding="utf-8")
         (batch_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         zip_path = self._zip(batch_dir) if gallery else None
+        if zip_path is not None:
+            self._publish([zip_path])
 
         elapsed = time.perf_counter() - started
         parts = [f"{len(gallery)} of {count} images edited in {_fmt_seconds(elapsed)}"]
@@ -636,181 +791,6 @@ def _as_float(value: Any, name: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Gradio app
-
-
-CSS = """
-#status textarea, #batch-status textarea {font-weight: 600}
-#device-panel {font-size: 0.9em}
-"""
-
-
-def _progress_adapter(progress: Any) -> ProgressFn:
-    def report(fraction: float, desc: str) -> None:
-        progress(max(0.0, min(1.0, fraction)), desc=desc)
-
-    return report
-
-
-def _settings_panel(web: WebEditor, prefix: str) -> list[gr.components.Component]:
-    """The advanced settings (defaults as the CLI's), returned in EditParams order."""
-    d = web.editor.defaults
-    with gr.Accordion("Advanced settings", open=False):
-        negative = gr.Textbox(d.negative, label="Negative instruction", elem_id=f"{prefix}-negative")
-        with gr.Row():
-            steps = gr.Slider(1, min(MAX_STEPS, 100), value=d.steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
-            guidance = gr.Slider(0, 20, value=d.guidance, step=0.1, label="Guidance", elem_id=f"{prefix}-guidance")
-            image_guidance = gr.Slider(0, 20, value=d.image_guidance, step=0.1, label="Image guidance",
-                                       elem_id=f"{prefix}-image-guidance")  # fmt: skip
-        with gr.Row():
-            refine = gr.Slider(0, 1, value=d.refine_strength, step=0.05, label="Refine strength",
-                               elem_id=f"{prefix}-refine")  # fmt: skip
-            clip = gr.Checkbox(d.clip_cfg_norm, label="Norm-clipped guidance (clip_cfg_norm)", elem_id=f"{prefix}-clip")
-        with gr.Row():
-            seed = gr.Number(d.seed, label="Seed", precision=0, minimum=0, elem_id=f"{prefix}-seed")
-            random_seed = gr.Checkbox(False, label="Random seed", elem_id=f"{prefix}-random-seed")
-        if web.model == "e1-full":
-            target = gr.Textbox(label="Target image description (builds E1-Full's prompt form)",
-                                elem_id=f"{prefix}-target")  # fmt: skip
-            keep_aspect = gr.Checkbox(False, label="Keep aspect (crop instead of stretch)",
-                                      elem_id=f"{prefix}-keep-aspect")  # fmt: skip
-        else:
-            target = gr.State(None)
-            keep_aspect = gr.State(False)
-    return [negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target, keep_aspect]
-
-
-def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
-    """The Blocks app with its queue configured; `launch(demo, settings)` serves it."""
-    web = WebEditor(editor, settings)
-    title = MODEL_TITLES[web.model]
-    tiny_note = " — **tiny random-weight test model: results are noise**" if editor.settings.sources.tiny else ""
-
-    def submitted() -> float:
-        return time.monotonic()
-
-    def stop_edit(request: gr.Request) -> str:
-        web.stops.request(f"{request.session_hash}:edit")
-        return "Stop requested: the edit stops after the current step."
-
-    def stop_batch(request: gr.Request) -> str:
-        web.stops.request(f"{request.session_hash}:batch")
-        return "Stop requested: the batch stops after the current step."
-
-    def run_edit(
-        image, instruction, negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-        keep_aspect, submitted_at, request: gr.Request, progress=gr.Progress(),  # noqa: B008
-    ):  # fmt: skip
-        params = EditParams(negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-                            keep_aspect)  # fmt: skip
-        should_stop = web.stops.checker(f"{request.session_hash}:edit", submitted_at)
-        outcome = web.edit(image, instruction, params, should_stop, _progress_adapter(progress))
-        seed_update = outcome.seed if outcome.seed is not None else gr.update()
-        path = str(outcome.image_path) if outcome.image_path else None
-        return path, outcome.files, outcome.status, seed_update
-
-    def run_batch(
-        files, instructions, negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-        keep_aspect, submitted_at, request: gr.Request, progress=gr.Progress(),  # noqa: B008
-    ):  # fmt: skip
-        params = EditParams(negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-                            keep_aspect)  # fmt: skip
-        should_stop = web.stops.checker(f"{request.session_hash}:batch", submitted_at)
-        outcome = web.batch(files, instructions, params, should_stop, _progress_adapter(progress))
-        zip_file = str(outcome.zip_path) if outcome.zip_path else None
-        return outcome.gallery, zip_file, outcome.status, outcome.errors_text
-
-    with gr.Blocks(title=f"{title} editor", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
-        gr.Markdown(f"## {title} image editor{tiny_note}")
-        with gr.Accordion("Device", open=True):
-            panel = gr.Markdown(web.device_panel(), elem_id="device-panel")
-        with gr.Tabs():
-            with gr.Tab("Edit", id="edit"):
-                with gr.Row(equal_height=True):
-                    source = gr.Image(label="Source", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                      height=420, elem_id="source")  # fmt: skip
-                    result = gr.Image(label="Result", type="filepath", format="png", interactive=False, height=420,
-                                      buttons=["download", "fullscreen"], elem_id="result")  # fmt: skip
-                instruction = gr.Textbox(label="Instruction", placeholder="e.g. make the sky purple", lines=2,
-                                         elem_id="instruction")  # fmt: skip
-                edit_settings = _settings_panel(web, "edit")
-                with gr.Row():
-                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                    edit_stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")
-                status = gr.Textbox(label="Status", interactive=False, elem_id="status")
-                downloads = gr.File(label="Download result and metadata", file_count="multiple", interactive=False,
-                                    height=140, elem_id="downloads")  # fmt: skip
-            with gr.Tab("Batch", id="batch"):
-                batch_files = gr.File(
-                    label=f"Images or one zip (up to {settings.max_batch} images)",
-                    file_count="multiple",
-                    file_types=["image", ".zip"],
-                    elem_id="batch-files",
-                )
-                batch_instructions = gr.Textbox(
-                    label="Instruction (one line for all images, or one line per image in upload order)",
-                    lines=3, elem_id="batch-instructions",
-                )  # fmt: skip
-                batch_settings = _settings_panel(web, "batch")
-                with gr.Row():
-                    batch_button = gr.Button("Run batch", variant="primary", elem_id="batch-button")
-                    batch_stop = gr.Button("Stop", variant="stop", elem_id="batch-stop")
-                batch_status = gr.Textbox(label="Status", interactive=False, elem_id="batch-status")
-                gallery = gr.Gallery(label="Results", columns=4, height=360, elem_id="batch-gallery")
-                batch_zip = gr.File(label="All results (zip)", interactive=False, elem_id="batch-zip")
-                batch_errors = gr.Textbox(label="Problems", interactive=False, lines=3, elem_id="batch-errors")
-
-        edit_submitted = gr.State(None)
-        batch_submitted = gr.State(None)
-        # Recording the submit time needs no queue: a Stop pressed while the job waits still counts.
-        edit_button.click(submitted, outputs=edit_submitted, queue=False, api_visibility="private").then(
-            run_edit,
-            inputs=[source, instruction, *edit_settings, edit_submitted],
-            outputs=[result, downloads, status, edit_settings[6]],
-            show_progress_on=result,
-            concurrency_id="device",
-            concurrency_limit=settings.concurrency,
-            api_name="edit",
-        )
-        edit_stop.click(stop_edit, outputs=status, queue=False, api_visibility="private")
-        batch_button.click(submitted, outputs=batch_submitted, queue=False, api_visibility="private").then(
-            run_batch,
-            inputs=[batch_files, batch_instructions, *batch_settings, batch_submitted],
-            outputs=[gallery, batch_zip, batch_status, batch_errors],
-            show_progress_on=gallery,
-            concurrency_id="device",
-            concurrency_limit=settings.concurrency,
-            api_name="batch",
-        )
-        batch_stop.click(stop_batch, outputs=batch_status, queue=False,
-                         api_visibility="private")  # fmt: skip
-        timer = gr.Timer(settings.refresh_s)
-        timer.tick(web.device_panel, outputs=panel, queue=False, show_progress="hidden", api_visibility="private")
-
-    demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
-    demo.web_editor = web  # for tests and for launch()
-    return demo
-
-
-def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> None:
-    """Serve the app with the safety settings (bind address, auth, upload limit, results dir)."""
-    demo.launch(
-        server_name=settings.host,
-        server_port=settings.port,
-        auth=[settings.auth] if settings.auth else None,
-        auth_message="HiDream editor: sign in" if settings.auth else None,
-        max_file_size=settings.max_upload_bytes,
-        allowed_paths=[str(settings.results_dir.resolve())],
-        show_error=False,
-        ssr_mode=False,
-        mcp_server=False,
-        quiet=False,
-        prevent_thread_lock=not block,
-        css=CSS,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line (gradio_demo_npu.py)
 
 
@@ -825,7 +805,8 @@ def build_parser(model: str) -> OneLineArgumentParser:
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     server.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     server.add_argument("--auth", help=f"user:password required to use the app (env {AUTH_ENV})")
-    server.add_argument("--results-dir", default="results", help="where results are written (default results)")
+    server.add_argument("--results-dir", default="results",
+                        help="where results are written, a folder of their own (default results)")  # fmt: skip
     server.add_argument("--concurrency", type=int, default=1,
                         help="jobs taken from the queue at once (default 1; the model runs one edit at a time "
                              "whatever this says, so more only overlaps decoding and saving)")  # fmt: skip
@@ -835,8 +816,37 @@ def build_parser(model: str) -> OneLineArgumentParser:
     server.add_argument("--max-batch", type=int, default=32, help="most images in one batch (default 32)")
     server.add_argument("--refresh", type=float, default=5.0, help="device panel refresh in seconds (default 5)")
     server.add_argument("--verbose", action="store_true", help="log details (INFO)")
+    if model == "e1-full":
+        vlm = parser.add_argument_group("instruction rewrite (E1-Full; offered in the page when both are given)")
+        vlm.add_argument("--vlm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+        vlm.add_argument("--vlm-model", help=f"model name at that endpoint (key from {VLM_KEY_ENV})")
+        vlm.add_argument("--vlm-timeout", type=float, default=60.0, help="seconds per request (default 60)")
+        vlm.add_argument("--refine-fallback", action="store_true",
+                         help="if the rewrite fails, go on with the bare instruction")  # fmt: skip
     add_model_arguments(parser, model)
     return parser
+
+
+def _vlm_settings(args: argparse.Namespace, env: Mapping[str, str]) -> VLMSettings | None:
+    url, model = getattr(args, "vlm_url", None), getattr(args, "vlm_model", None)
+    if not url and not model:
+        return None
+    if not url or not model:
+        raise UserError("--vlm-url and --vlm-model go together")
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise UserError(f"--vlm-url must be an http(s) URL, got {url!r}")
+    if not (math.isfinite(args.vlm_timeout) and args.vlm_timeout > 0):
+        raise UserError(f"--vlm-timeout must be a positive number of seconds, got {args.vlm_timeout:g}")
+    return VLMSettings(url, model, env.get(VLM_KEY_ENV), timeout_s=args.vlm_timeout)
+
+
+def _expand_home(text: str, env: Mapping[str, str]) -> Path:
+    """`~` and `~/...` from the given environment's home (the process environment is not read here)."""
+    if text == "~" or text.startswith("~/"):
+        homes = home_dirs(env)
+        if homes:
+            return homes[0] / text[2:]
+    return Path(text).expanduser() if text.startswith("~") else Path(text)
 
 
 def web_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> WebSettings:
@@ -850,9 +860,10 @@ def web_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     if not 0.5 <= args.refresh <= 3600:
         raise UserError(f"--refresh must be between 0.5 and 3600 seconds, got {args.refresh:g}")
-    results_dir = Path(args.results_dir).expanduser()
+    results_dir = _expand_home(args.results_dir, env)
     if results_dir.exists() and not results_dir.is_dir():
         raise UserError(f"--results-dir {results_dir} is not a directory")
+    check_results_dir(results_dir, home_dirs(env))
     return WebSettings(
         results_dir=results_dir.resolve(),
         host=args.host,
@@ -864,6 +875,8 @@ def web_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         max_pixels=args.max_pixels,
         max_batch=args.max_batch,
         refresh_s=args.refresh,
+        vlm=_vlm_settings(args, env),
+        vlm_fallback=getattr(args, "refine_fallback", False),
     )
 
 
@@ -876,30 +889,11 @@ def parse_command_line(argv: Sequence[str], env: Mapping[str, str]) -> tuple[str
     return args.model, args, web_settings_from_args(args, env)
 
 
-def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
-    """Parse, load the model once, build and serve. Exit 2 on a user mistake (one line), 130 on Ctrl-C."""
-    env = os.environ if env is None else env
-    argv = sys.argv[1:] if argv is None else list(argv)
-    model, args, settings = (None, None, None)
-    try:
-        model, args, settings = parse_command_line(argv, env)
-        configure_logging(args.verbose)
-        editor_settings: EditorSettings = settings_from_args(args, model, env)
-        if settings.host not in LOOPBACK_HOSTS and settings.auth is None:
-            print(f"warning: serving on {settings.host} without --auth: anyone who can reach it can use the device",
-                  file=sys.stderr)  # fmt: skip
-        print(f"loading {MODEL_TITLES[model]}...", file=sys.stderr, flush=True)
-        editor = Editor.load(editor_settings)
-        demo = build_app(editor, settings)
-        launch(demo, settings)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as exc:  # the port is taken or the address cannot be bound
-        print(f"error: cannot serve on {settings.host}:{settings.port}: {exc}" if settings else f"error: {exc}",
-              file=sys.stderr)  # fmt: skip
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
-        return 130
-    return 0
+def editor_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> EditorSettings:
+    """How to load the model, from the shared model/device flags (flags win over the environment)."""
+    return settings_from_args(args, args.model, env)
+
+
+def start_logging(verbose: bool) -> None:
+    """The scripts' logging setup, shared with the CLIs."""
+    configure_logging(verbose)

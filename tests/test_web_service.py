@@ -1,0 +1,538 @@
+"""The web editor's service (hidream_edit.web.service), called directly on CPU: no gradio, no server, no browser."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from web_helpers import GOOD_PROMPT, FakeVLM, files_under, png, png_bytes, running_fake_vlm, stub_editor
+
+from hidream_edit.editor import DEFAULTS, Editor
+from hidream_edit.errors import UserError
+from hidream_edit.instructions import VLMSettings
+from hidream_edit.web.service import (
+    AUTH_ENV,
+    CODE_DIR,
+    DEVICE_BUSY,
+    MAX_PROMPT_CHARS,
+    EditParams,
+    StopRegistry,
+    WebEditor,
+    WebSettings,
+    check_text_length,
+    device_panel_markdown,
+    error_message,
+    parse_auth,
+    parse_command_line,
+    run_cancellable,
+    safe_stem,
+    stop_key,
+    unique_result_path,
+)
+
+FAST = EditParams(steps=2, seed=5)
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    return tmp_path / "results"
+
+
+@pytest.fixture
+def vlm() -> Iterator[FakeVLM]:
+    with running_fake_vlm() as server:
+        yield server
+
+
+@pytest.fixture
+def published() -> list[Path]:
+    return []
+
+
+@pytest.fixture
+def web(e1_1_editor: Editor, results: Path, published: list[Path]) -> WebEditor:
+    settings = WebSettings(results_dir=results, max_upload_mb=1, max_pixels=200_000, max_batch=4)
+    return WebEditor(e1_1_editor, settings, publish=published.extend)
+
+
+class Recorder:
+    """Stands in for gr.Progress: remembers (fraction, description) calls."""
+
+    def __init__(self, on_call=None) -> None:
+        self.calls: list[tuple[float, str]] = []
+        self.on_call = on_call
+
+    def __call__(self, fraction: float, desc: str) -> None:
+        self.calls.append((fraction, desc))
+        if self.on_call is not None:
+            self.on_call(fraction, desc)
+
+
+class AfterEdit:
+    """An Editor whose edit calls `hook` once the real edit returned (as if a stop came during the decode)."""
+
+    def __init__(self, editor: Editor, hook) -> None:
+        self._editor = editor
+        self._hook = hook
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._editor, name)
+
+    def edit(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._editor.edit(*args, **kwargs)
+        self._hook()
+        return result
+
+
+# --- one edit on the tiny model -------------------------------------------------------------------
+
+
+def test_edit_saves_image_and_metadata_under_the_results_dir(web: WebEditor, results: Path, tmp_path: Path,
+                                                             published: list[Path]) -> None:  # fmt: skip
+    source = png(tmp_path / "holiday photo.png")
+    progress = Recorder()
+    outcome = web.edit(source, "  make the sky purple ", EditParams(steps=2, random_seed=True), progress=progress)
+
+    assert outcome.status.startswith("Done in "), outcome.status
+    assert f"seed {outcome.seed}" in outcome.status
+    assert 0 <= outcome.seed < 2**31
+    assert outcome.image_path.parent == results.resolve()
+    assert outcome.image_path.name.startswith("edit-") and outcome.image_path.name.endswith("-holiday_photo.png")
+    assert outcome.files == [str(outcome.image_path), str(outcome.json_path)]
+    assert files_under(results) == sorted([outcome.image_path, outcome.json_path])
+    assert published == [outcome.image_path, outcome.json_path]  # exactly what was written becomes downloadable
+    with Image.open(outcome.image_path) as image:
+        assert image.size == (48, 32)  # back at the source size
+    metadata = json.loads(outcome.json_path.read_text())
+    assert metadata["instruction"] == "make the sky purple"
+    assert metadata["steps"] == 2 and metadata["seed"] == outcome.seed
+    assert metadata["negative"] == DEFAULTS["e1.1"].negative  # the CLI's defaults fill what the UI left out
+    assert len(metadata["timings"]["step_s"]) == 2
+    # per-step progress, ending at the last step
+    assert progress.calls[-1] == (1.0, "step 2 of 2")
+    assert (0.5, "step 1 of 2") in progress.calls
+    # the device panel now shows this edit's timings
+    panel = web.device_panel()
+    assert "**Device** `cpu`" in panel and "**Last edit** 2 steps in" in panel and "**Now** idle" in panel
+
+
+def test_stop_cancels_between_steps_and_saves_nothing(web: WebEditor, results: Path, tmp_path: Path) -> None:
+    stops = StopRegistry()
+    submitted = time.monotonic()
+
+    def press_stop_after_first_step(fraction: float, desc: str) -> None:
+        if desc == "step 1 of 2":
+            stops.request("session-a")
+
+    outcome = web.edit(png(tmp_path / "a.png"), "make it red", FAST, stops.checker("session-a", submitted),
+                       Recorder(press_stop_after_first_step))  # fmt: skip
+    assert outcome.status == "Stopped after step 1 of 2; nothing was saved."
+    assert outcome.image_path is None and outcome.files is None
+    assert files_under(results) == []
+    assert web.activity == "idle"
+
+
+def test_a_stop_that_comes_during_the_decode_still_saves_nothing(e1_1_editor: Editor, results: Path,
+                                                                tmp_path: Path) -> None:  # fmt: skip
+    stops = StopRegistry()
+    published: list[Path] = []
+    web = WebEditor(AfterEdit(e1_1_editor, lambda: stops.request("s")), WebSettings(results_dir=results),
+                    publish=published.extend)  # fmt: skip
+    outcome = web.edit(png(tmp_path / "a.png"), "make it red", FAST, stops.checker("s", time.monotonic()))
+    assert outcome.status == "Stopped after the last step; nothing was saved."
+    assert files_under(results) == [] and published == []
+
+
+def test_a_cancelled_task_stops_its_worker_at_the_next_check() -> None:
+    """What a client's cancel does: the awaiting task is cancelled, the worker thread sees its stop check turn true."""
+    entered = threading.Event()
+    seen: list[bool] = []
+
+    def work(stop) -> str:
+        entered.set()
+        for _ in range(600):  # 60 s at most, ends as soon as the stop check says so
+            if stop():
+                seen.append(True)
+                return "stopped"
+            time.sleep(0.1)
+        return "ran to the end"
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(run_cancellable(work, lambda: False))
+        await asyncio.to_thread(entered.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())  # returns once the worker thread has finished (asyncio.run waits for the executor)
+    assert seen == [True]  # it returned because its stop check said so, not by running to the end
+
+
+def test_run_cancellable_passes_the_result_and_the_registry_stop() -> None:
+    assert asyncio.run(run_cancellable(lambda stop: stop(), lambda: True)) is True
+    assert asyncio.run(run_cancellable(lambda stop: stop(), lambda: False)) is False
+
+
+def test_closing_the_page_stops_both_kinds_of_jobs_of_that_session_only(web: WebEditor) -> None:
+    before = time.monotonic()
+    web.stop_session("closed")
+    assert web.stops.checker(stop_key("closed", "edit"), before)()
+    assert web.stops.checker(stop_key("closed", "batch"), before)()
+    assert not web.stops.checker(stop_key("open", "edit"), before)()
+
+
+# --- batch on the tiny model --------------------------------------------------------------------------
+
+
+def test_batch_runs_every_image_lists_failures_and_zips_the_results(web: WebEditor, results: Path, tmp_path: Path,
+                                                                   published: list[Path]) -> None:  # fmt: skip
+    archive = tmp_path / "holiday.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("pics/b.png", png_bytes(color=(10, 200, 10)))
+        zf.writestr("pics/broken.png", b"this is not a png")
+        zf.writestr("notes.txt", "not an image")
+        zf.writestr("__MACOSX/pics/._b.png", b"resource fork")
+        zf.writestr("../evil.png", png_bytes())  # a hostile name is only a label: nothing is extracted
+    first = png(tmp_path / "first.png")
+    progress = Recorder()
+    lines = "make it red\nmake it green\nmake it blue\nmake it gold"
+    outcome = web.batch([str(first), str(archive)], lines, EditParams(steps=1, seed=7), progress=progress)
+
+    assert outcome.status.startswith("Batch 3 of 4 images edited in"), outcome.status
+    assert "2 problems" in outcome.status
+    errors = dict(outcome.errors)
+    assert errors["holiday.zip/notes.txt"] == "skipped: not an image file"
+    assert "not a recognised image file" in errors["holiday.zip/pics/broken.png"]
+    assert not errors["holiday.zip/pics/broken.png"].startswith("holiday.zip")  # the name is not repeated
+    assert [caption for _, caption in outcome.gallery] == [
+        "1. first.png: make it red",
+        "2. holiday.zip/../evil.png: make it green",
+        "3. holiday.zip/pics/b.png: make it blue",
+    ]
+    assert progress.calls[-1][0] == pytest.approx(0.75)  # image 3 of 4 finished; the broken one has no steps
+    # everything written is inside the results dir: one batch folder and its zip
+    assert {p.name for p in results.iterdir()} == {outcome.batch_dir.name, outcome.zip_path.name}
+    assert not (tmp_path / "evil.png").exists()
+    with zipfile.ZipFile(outcome.zip_path) as zf:
+        names = sorted(name.split("/", 1)[1] for name in zf.namelist())
+        assert all(name.split("/", 1)[0] == outcome.batch_dir.name for name in zf.namelist())
+        summary = json.loads(zf.read(f"{outcome.batch_dir.name}/summary.json"))
+        errors_txt = zf.read(f"{outcome.batch_dir.name}/errors.txt").decode()
+    assert names == ["001-first.png", "001-first.png.json", "002-evil.png", "002-evil.png.json", "003-b.png",
+                     "003-b.png.json", "errors.txt", "summary.json"]  # fmt: skip
+    assert [entry["status"] for entry in summary] == ["ok", "ok", "ok", "failed"]
+    assert summary[3]["instruction"] == "make it gold"
+    assert "holiday.zip/notes.txt: skipped" in errors_txt
+    metadata = json.loads((outcome.batch_dir / "003-b.png.json").read_text())
+    assert metadata["instruction"] == "make it blue" and metadata["steps"] == 1 and metadata["seed"] == 7
+    assert published == [Path(path) for path, _ in outcome.gallery] + [outcome.zip_path]
+
+
+# --- validation: refused before the model runs --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make_input", "instruction", "params", "expected"),
+    [
+        (lambda d: None, "x", FAST, "Error: upload an image first"),
+        (lambda d: png(d / "a.png"), "   ", FAST, "Error: the instruction is empty"),
+        (lambda d: png(d / "big.png", (600, 400)), "x", FAST,
+         "Error: big.png: image is 600x400 (240000 pixels), more than the limit of 200000 pixels"),
+        (lambda d: png(d / "a.png"), "x", EditParams(steps=0), "Error: steps must be between 1 and 1000, got 0"),
+        (lambda d: png(d / "a.png"), "x", EditParams(steps=2.5), "Error: steps must be a whole number, got 2.5"),
+        (lambda d: png(d / "a.png"), "x", EditParams(guidance=99), "Error: guidance must be between 0 and 50, got 99"),
+        (lambda d: (d / "notes.png").write_bytes(b"hello") and d / "notes.png", "x", FAST,
+         "Error: notes.png: not a recognised image file"),
+        (lambda d: (d / "huge.png").write_bytes(b"\0" * (1024 * 1024 + 1)) and d / "huge.png", "x", FAST,
+         "Error: huge.png: 1.0 MiB is over the 1 MiB limit"),
+        # overlong texts are refused before the upload is even looked at (this one does not exist)
+        (lambda d: d / "gone.png", "x" * 10_000_000, FAST,
+         "Error: the instruction is 10000000 characters long; the limit is 2000"),
+        (lambda d: d / "gone.png", "x", EditParams(negative="n" * 2001),
+         "Error: the negative instruction is 2001 characters long; the limit is 2000"),
+        (lambda d: d / "gone.png", "x", EditParams(target_description="t" * 2001),
+         "Error: the target image description is 2001 characters long; the limit is 2000"),
+    ],
+)  # fmt: skip
+def test_bad_input_gives_one_readable_line(web: WebEditor, results: Path, tmp_path: Path, make_input, instruction,
+                                           params, expected) -> None:  # fmt: skip
+    outcome = web.edit(make_input(tmp_path), instruction, params)
+    assert outcome.status == expected
+    assert "\n" not in outcome.status and "Traceback" not in outcome.status
+    assert files_under(results) == []
+
+
+def test_batch_refuses_mismatched_instruction_lines_and_too_many_images(web: WebEditor, tmp_path: Path) -> None:
+    images = [str(png(tmp_path / f"{i}.png")) for i in range(3)]
+    outcome = web.batch(images, "a\nb", FAST)
+    assert outcome.status == ("Error: 2 instruction lines for 3 images: give one instruction for all, "
+                              "or exactly one line per image")  # fmt: skip
+    assert outcome.zip_path is None and outcome.gallery == []
+    assert web.batch(images * 2, "a", FAST).status == "Error: more than 4 images; the limit is 4"
+    assert web.batch([], "a", FAST).status == "Error: upload some images or a zip of images first"
+    assert web.batch(images, "a", EditParams(steps=0)).status == "Error: steps must be between 1 and 1000, got 0"
+    bad_zip = tmp_path / "bad.zip"
+    bad_zip.write_bytes(b"PK not really")
+    outcome = web.batch([str(bad_zip)], "a", FAST)
+    assert outcome.status == "Error: no images to edit (bad.zip: not a readable zip archive (File is not a zip file))"
+    assert web.batch(images, "a\n" + "b" * 2001 + "\nc", FAST).status == (
+        "Error: the instruction is 2001 characters long; the limit is 2000")  # fmt: skip
+    assert web.batch(images, "a" * 4 * 2001 + "a", FAST).status == (
+        "Error: the instruction text is 8005 characters long; the limit is 8004")  # fmt: skip
+
+
+def test_a_refused_zip_says_why_not_just_no_images(e1_1_editor: Editor, tmp_path: Path) -> None:
+    web = WebEditor(e1_1_editor, WebSettings(results_dir=tmp_path / "r", max_upload_mb=1, max_batch=5))
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as zf:
+        for index in range(6):
+            zf.writestr(f"{index}.png", png_bytes())
+    outcome = web.batch([str(many)], "a", FAST)
+    assert outcome.status == "Error: no images to edit (many.zip: holds more than 5 images, the batch limit)"
+    assert outcome.errors == [("many.zip", "holds more than 5 images, the batch limit")]
+    heavy = tmp_path / "heavy.zip"
+    with zipfile.ZipFile(heavy, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for index in range(5):  # 5 x 0.9 MiB, each under the 1 MiB limit, together over 4 MiB
+            zf.writestr(f"{index}.png", b"\0" * (9 * 2**20 // 10))
+    outcome = web.batch([str(heavy)], "a", FAST)
+    assert outcome.status == "Error: no images to edit (heavy.zip: unpacks to more than 4 MiB of images)"
+    assert files_under(tmp_path / "r") == []
+
+
+def test_zip_entries_over_the_size_limit_are_skipped(web: WebEditor, tmp_path: Path) -> None:
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("huge.png", b"\0" * (2 * 1024 * 1024))  # compresses to almost nothing
+        zf.writestr("ok.png", png_bytes())
+    items, errors = web.collect_batch([str(archive)])
+    assert [item.name for item in items] == ["big.zip/ok.png"]
+    assert errors == [("big.zip/huge.png", "skipped: 2.0 MiB is over the 1 MiB limit")]
+
+
+def test_instruction_lines() -> None:
+    assert WebEditor.instructions_for("make it red\n\n", 3) == ["make it red"] * 3
+    assert WebEditor.instructions_for(" a \n b ", 2) == ["a", "b"]
+    with pytest.raises(UserError, match="the instruction is empty"):
+        WebEditor.instructions_for(" \n ", 2)
+
+
+def test_a_job_waiting_for_the_device_can_be_stopped(web: WebEditor, results: Path, tmp_path: Path) -> None:
+    stops = StopRegistry()
+    progress = Recorder()
+    outcomes = []
+    web._device.acquire()  # another edit holds the device
+    try:
+        job = threading.Thread(
+            target=lambda: outcomes.append(
+                web.edit(png(tmp_path / "a.png"), "x", FAST, stops.checker("s", time.monotonic()), progress)
+            )
+        )
+        job.start()
+        deadline = time.monotonic() + 30
+        while (0.0, DEVICE_BUSY) not in progress.calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stops.request("s")
+        job.join(timeout=30)
+    finally:
+        web._device.release()
+    assert outcomes[0].status == "Stopped before it started; nothing was saved."
+    assert (0.0, DEVICE_BUSY) in progress.calls
+    assert files_under(results) == []
+
+
+def test_stop_only_affects_jobs_of_the_same_session_submitted_before_it() -> None:
+    stops = StopRegistry()
+    before = time.monotonic()
+    stops.request("a")
+    after = time.monotonic() + 1
+    assert stops.checker("a", before)() is True
+    assert stops.checker("a", after)() is False  # a later Edit is not stopped by an old Stop
+    assert stops.checker("b", before)() is False  # nor another session's job
+
+
+def test_unexpected_errors_are_one_line_without_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    message = error_message(RuntimeError("kernel exploded\n  at line 3"))
+    assert message == "internal error (RuntimeError: kernel exploded at line 3); details are in the server log"
+    assert "edit failed" in caplog.text  # the traceback goes to the server log
+    assert "ran out of memory" in error_message(RuntimeError("NPU out of memory. Tried to allocate 2 GiB"))
+    assert error_message(UserError("bad\nvalue")) == "bad value"
+
+
+# --- names, auth, panel text ------------------------------------------------------------------------------
+
+
+def test_result_names_are_unique_sanitised_and_inside_the_results_dir(tmp_path: Path) -> None:
+    names = {unique_result_path(tmp_path, "edit", "../../etc/pass wd.png") for _ in range(50)}
+    assert len(names) == 50
+    for path in names:
+        assert path.parent == tmp_path.resolve()
+        assert path.name.startswith("edit-") and path.name.endswith("-pass_wd.png")
+    assert safe_stem(".bashrc") == "bashrc" and safe_stem("") == "image" and safe_stem("日本.png") == "image"
+
+
+def test_parse_auth() -> None:
+    assert parse_auth("alice:s3:cret") == ("alice", "s3:cret")
+    assert parse_auth(None) is None and parse_auth("  ") is None
+    for bad in ("alice", "alice:", ":pw"):
+        with pytest.raises(UserError, match="user:password"):
+            parse_auth(bad)
+
+
+def test_command_line(tmp_path: Path) -> None:
+    model, args, settings = parse_command_line(["--tiny", "--results-dir", str(tmp_path / "r")], {})
+    assert model == "e1.1" and args.tiny
+    assert settings.host == "127.0.0.1" and settings.port == 7860 and settings.auth is None
+    assert settings.results_dir == (tmp_path / "r").resolve() and settings.concurrency == 1
+    model, args, settings = parse_command_line(["--model", "e1-full", "--lora-path", "x", "--auth", "a:b"],
+                                               {AUTH_ENV: "env:pw"})  # fmt: skip
+    assert model == "e1-full" and args.lora_path == "x" and settings.auth == ("a", "b")  # the flag wins
+    assert parse_command_line([], {AUTH_ENV: "env:pw"})[2].auth == ("env", "pw")
+    with pytest.raises(UserError, match="--max-queue must be at least 1"):
+        parse_command_line(["--max-queue", "0"], {})
+    with pytest.raises(UserError, match=AUTH_ENV):
+        parse_command_line([], {AUTH_ENV: "nopassword"})
+
+
+def test_device_panel_shows_device_memory_and_the_last_timings() -> None:
+    gib = 2**30
+    report = {"device": "npu:0", "device_name": "Ascend910B3", "dtype": "bf16", "attention": "npu_fused",
+              "offload": "none", "memory": {"allocated": 30 * gib, "reserved": 32 * gib, "peak": 34 * gib,
+                                            "free": 20 * gib, "total": 64 * gib, "host_rss": 5 * gib,
+                                            "host_total": 512 * gib}}  # fmt: skip
+    last = {"timings": {"load_s": 90.0, "encode_s": 0.8, "step_s": [1.0, 1.2], "decode_s": 0.5, "total_s": 3.5}}
+    text = device_panel_markdown(report, last, "editing a.png: step 3 of 28")
+    assert "`npu:0` (Ascend910B3)" in text and "bf16" in text and "npu_fused" in text
+    assert "44.0 GiB used of 64.0 GiB" in text and "peak 34.0 GiB" in text
+    assert "5.0 GiB used by this server of 512.0 GiB" in text
+    assert "**Now** editing a.png: step 3 of 28" in text
+    assert "**Last edit** 2 steps in 2.20 s (1.10 s/step), encode 0.80 s, decode 0.50 s, total 3.50 s" in text
+
+
+# --- E1-Full prompts and the VLM rewrite ---------------------------------------------------------------
+
+
+def test_e1_full_builds_its_prompt_form_from_the_target_description(tmp_path: Path) -> None:
+    web = WebEditor(stub_editor("e1-full"), WebSettings(results_dir=tmp_path))
+    image = Image.new("RGB", (8, 8))
+    prompt, note = web._prompt(image, "make it red", EditParams(target_description="a red square"), None)
+    assert prompt == "Editing Instruction: make it red. Target Image Description: a red square" and note is None
+    assert web._prompt(image, "make it red", EditParams(), None) == ("make it red", None)
+    with pytest.raises(UserError, match="needs a server started with --vlm-url and --vlm-model"):
+        web._prompt(image, "make it red", EditParams(rewrite=True), None)
+
+
+def test_the_rewrite_asks_the_vlm_and_the_edit_uses_and_shows_its_prompt(e1_full_editor: Editor, vlm: FakeVLM,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    web = WebEditor(e1_full_editor, WebSettings(results_dir=tmp_path / "r", vlm=vlm.settings()))
+    outcome = web.edit(png(tmp_path / "a.png"), "make it blue", EditParams(steps=1, seed=2, rewrite=True))
+    assert outcome.status.startswith("Done in "), outcome.status
+    assert outcome.prompt == GOOD_PROMPT
+    assert json.loads(outcome.json_path.read_text())["instruction"] == GOOD_PROMPT
+    (request,) = vlm.requests
+    assert request["model"] == "test-vlm" and request["auth"] == "Bearer sk-test"
+    assert "make it blue" in json.dumps(request["messages"])
+    # without the option ticked the VLM is not asked and the bare instruction is what the model gets
+    outcome = web.edit(png(tmp_path / "a.png"), "make it blue", EditParams(steps=1, seed=2))
+    assert outcome.prompt == "make it blue" and len(vlm.requests) == 1
+
+
+def test_a_failed_rewrite_is_an_error_or_with_the_fallback_the_bare_instruction(vlm: FakeVLM, tmp_path: Path) -> None:
+    vlm.reply = (400, b'{"error": "no such model"}')
+    image = Image.new("RGB", (8, 8))
+    strict = WebEditor(stub_editor("e1-full"), WebSettings(results_dir=tmp_path, vlm=vlm.settings()))
+    with pytest.raises(UserError, match=r"returned HTTP 400"):
+        strict._prompt(image, "make it red", EditParams(rewrite=True), None)
+    lenient = WebEditor(stub_editor("e1-full"), WebSettings(results_dir=tmp_path, vlm=vlm.settings(),
+                                                           vlm_fallback=True))  # fmt: skip
+    prompt, note = lenient._prompt(image, "make it red", EditParams(rewrite=True), None)
+    assert prompt == "make it red"
+    assert note.startswith("the instruction rewrite failed (VLM endpoint ") and note.endswith(
+        "; edited with the bare instruction")  # fmt: skip
+    # a target description wins over the rewrite, as in the CLI: the VLM is not asked
+    asked = len(vlm.requests)
+    prompt, _ = strict._prompt(image, "make it red", EditParams(rewrite=True, target_description="a red dot"), None)
+    assert prompt == "Editing Instruction: make it red. Target Image Description: a red dot"
+    assert len(vlm.requests) == asked
+
+
+def test_the_vlm_flags_are_the_clis_and_only_for_e1_full(tmp_path: Path) -> None:
+    results = ["--results-dir", str(tmp_path / "r")]
+    _, _, settings = parse_command_line(["--model", "e1-full", "--vlm-url", "http://127.0.0.1:8000/v1", "--vlm-model",
+                                         "qwen", "--vlm-timeout", "7", "--refine-fallback", *results],
+                                        {"OPENAI_API_KEY": "sk-1"})  # fmt: skip
+    assert settings.vlm == VLMSettings("http://127.0.0.1:8000/v1", "qwen", "sk-1", timeout_s=7.0)
+    assert settings.vlm_fallback is True
+    assert parse_command_line(["--model", "e1-full", *results], {})[2].vlm is None
+    for argv, message in ((["--vlm-url", "http://x/v1"], "--vlm-url and --vlm-model go together"),
+                          (["--vlm-url", "ftp://x", "--vlm-model", "m"], "--vlm-url must be an http"),
+                          (["--vlm-url", "http://x", "--vlm-model", "m", "--vlm-timeout", "inf"],
+                           "--vlm-timeout must be a positive number")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            parse_command_line(["--model", "e1-full", *argv, *results], {})
+    with pytest.raises(SystemExit):
+        parse_command_line(["--vlm-url", "http://x/v1", *results], {})  # E1.1 has no prompt form to write
+
+
+# --- uploads: the app's own checks, before anything else sees them ----------------------------------------
+
+
+def test_the_preview_opens_uploads_with_the_apps_checks(web: WebEditor, tmp_path: Path) -> None:
+    image, status = web.preview(png(tmp_path / "photo.png", (400, 300)))
+    assert status == "photo.png: 400x300 pixels, ready to edit" and image.size == (400, 300)
+    (tmp_path / "notes.png").write_text("not an image")
+    assert web.preview(tmp_path / "notes.png") == (None, "Error: notes.png: not a recognised image file")
+    huge = tmp_path / "huge.png"
+    Image.new("1", (16_000, 10_000)).save(huge)  # a few kB on disk, 160 M pixels
+    assert web.preview(huge) == (None, "Error: huge.png: image is 16000x10000 (160000000 pixels), "
+                                       "more than the limit of 200000 pixels")  # fmt: skip
+    assert web.preview(None) == (None, "")
+
+
+def test_the_preview_is_shrunk_for_the_page(e1_1_editor: Editor, tmp_path: Path) -> None:
+    web = WebEditor(e1_1_editor, WebSettings(results_dir=tmp_path / "r"))
+    image, status = web.preview(png(tmp_path / "wide.png", (3000, 1000)))
+    assert image.size == (1024, 341) and status == "wide.png: 3000x1000 pixels, ready to edit"
+
+
+# --- where results go ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("results_dir", "message"),
+    [
+        ("/", "is a filesystem root"),
+        ("{home}", "is or holds the home directory"),
+        ("~", "is or holds the home directory"),
+        ("{home}/..", "is or holds the home directory"),
+        (str(CODE_DIR), "holds the code"),
+        (str(CODE_DIR.parent), "holds the code"),
+    ],
+)
+def test_results_dir_that_would_expose_other_files_is_refused(results_dir: str, message: str,
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    home = tmp_path / "home" / "alice"
+    home.mkdir(parents=True)
+    with pytest.raises(UserError, match=message):
+        parse_command_line(["--results-dir", results_dir.format(home=home)], {"HOME": str(home)})
+
+
+def test_results_dir_inside_home_or_the_repo_is_fine(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    assert parse_command_line(["--results-dir", "~/results"], {"HOME": str(home)})[2].results_dir == home / "results"
+    inside = CODE_DIR / "results"
+    assert parse_command_line(["--results-dir", str(inside)], {"HOME": str(home)})[2].results_dir == inside
+
+
+def test_text_limit_is_inclusive() -> None:
+    check_text_length("instruction", "x" * MAX_PROMPT_CHARS)
+    with pytest.raises(UserError, match="2001 characters long; the limit is 2000"):
+        check_text_length("instruction", "x" * (MAX_PROMPT_CHARS + 1))
