@@ -17,4 +17,4 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a device server ha
 from hidream_edit.web.layout import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], os.environ))
+    sys.exit(main(sys.argv[1:]))

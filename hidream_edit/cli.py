@@ -15,26 +15,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from device_utils import CheckpointError, DeviceError, npu_status
 from hidream_edit.config import (
     EXIT_USER_ERROR,
     OneLineArgumentParser,
     add_edit_arguments,
     add_model_arguments,
+    configure_logging,
     editor_settings_from_args,
     environment,
     model_spec,
     source_flag,
     vlm_api_key,
 )
-from hidream_edit.editor import EditCancelled, Editor, EditRequest, image_format_for, resolve_request
+from hidream_edit.editor import USER_ERRORS, EditCancelled, Editor, EditRequest, image_format_for, resolve_request
 from hidream_edit.errors import ModelFilesError, UserError
 from hidream_edit.spec import ModelSpec
 
 logger = logging.getLogger("hidream_edit")
-
-USER_ERRORS = (UserError, DeviceError, CheckpointError)
-
 
 def user_error_line(exc: BaseException, spec: ModelSpec) -> str:
     """The one line a CLI user sees for a library error, naming the flag that fixes it where there is one."""
@@ -96,25 +93,6 @@ def _instruction_for(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str
         vlm = VLMSettings(args.vlm_url, args.vlm_model, vlm_api_key(env), timeout_s=args.vlm_timeout)
     image = open_image(args.image) if vlm is not None else None
     return compose_e1_full_prompt(args.instruction, image, args.target_description, vlm, args.refine_fallback)
-
-
-def configure_logging(verbose: bool) -> None:
-    """Script-level logging: our warnings always, details with --verbose; library progress bars off.
-
-    Settles torch_npu first: diffusers and transformers, imported here, probe for it on their own.
-    """
-    npu_status()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    level = logging.INFO if verbose else logging.WARNING
-    for name in ("hidream_edit", "device_utils"):
-        logging.getLogger(name).setLevel(level)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
 
 
 def out_of_memory_hint(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ broken; the device choices are read from device_utils when a parser is built.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -162,6 +163,27 @@ def add_edit_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> None
 
 def add_model_choice_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--model", choices=MODEL_NAMES, default="e1.1", help=help_text)
+
+
+def configure_logging(verbose: bool) -> None:
+    """Script-level logging: our warnings always, details with --verbose; library progress bars off.
+
+    Settles torch_npu first: diffusers and transformers, imported here, probe for it on their own.
+    """
+    from device_utils import npu_status
+
+    npu_status()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("hidream_edit", "device_utils"):
+        logging.getLogger(name).setLevel(level)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 def model_spec(name: str) -> ModelSpec:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from device_utils import DeviceManager
+from device_utils import CheckpointError, DeviceError, DeviceManager
 from hidream_edit.errors import UserError
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                  ".tiff": "TIFF"}  # fmt: skip
 MAX_STEPS = 1000
+
+
+# Errors every front end shows as one line (CLIs: exit 2): the user's mistake, not a bug.
+USER_ERRORS = (UserError, DeviceError, CheckpointError)
 
 
 class EditCancelled(Exception):

@@ -15,11 +15,13 @@ import pytest
 from PIL import Image
 from web_helpers import GOOD_PROMPT, FakeVLM, files_under, png, png_bytes, running_fake_vlm, stub_editor
 
-from hidream_edit.editor import DEFAULTS, Editor
+from hidream_edit.config import ENV_WEB_AUTH as AUTH_ENV
+from hidream_edit.editor import Editor
 from hidream_edit.errors import UserError
 from hidream_edit.instructions import VLMSettings
+from hidream_edit.spec import MODELS
+from hidream_edit.web.command_line import parse_command_line
 from hidream_edit.web.service import (
-    AUTH_ENV,
     CODE_DIR,
     DEVICE_BUSY,
     MAX_PROMPT_CHARS,
@@ -31,7 +33,6 @@ from hidream_edit.web.service import (
     device_panel_markdown,
     error_message,
     parse_auth,
-    parse_command_line,
     run_cancellable,
     safe_stem,
     stop_key,
@@ -114,7 +115,7 @@ def test_edit_saves_image_and_metadata_under_the_results_dir(web: WebEditor, res
     metadata = json.loads(outcome.json_path.read_text())
     assert metadata["instruction"] == "make the sky purple"
     assert metadata["steps"] == 2 and metadata["seed"] == outcome.seed
-    assert metadata["negative"] == DEFAULTS["e1.1"].negative  # the CLI's defaults fill what the UI left out
+    assert metadata["negative"] == MODELS["e1.1"].defaults.negative  # the CLI's defaults fill what the UI left out
     assert len(metadata["timings"]["step_s"]) == 2
     # per-step progress, ending at the last step
     assert progress.calls[-1] == (1.0, "step 2 of 2")

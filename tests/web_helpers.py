@@ -14,8 +14,8 @@ from typing import Any
 
 from PIL import Image
 
-from hidream_edit.editor import DEFAULTS
 from hidream_edit.instructions import VLMSettings
+from hidream_edit.spec import MODELS
 
 
 def png(path: Path, size: tuple[int, int] = (48, 32), color: tuple[int, int, int] = (30, 120, 200)) -> Path:
@@ -38,7 +38,8 @@ def stub_editor(model: str) -> SimpleNamespace:
               "memory": {"allocated": None, "reserved": None, "peak": None, "free": None, "total": None,
                          "host_rss": 2**30, "host_total": 2**34}}  # fmt: skip
     return SimpleNamespace(
-        defaults=DEFAULTS[model], settings=SimpleNamespace(model=model, sources=SimpleNamespace(tiny=True)),
+        defaults=MODELS[model].defaults,
+        settings=SimpleNamespace(model=model, spec=MODELS[model], sources=SimpleNamespace(tiny=True)),
         device_report=lambda: report, last_metadata=None, load_s=1.5,
     )  # fmt: skip
 

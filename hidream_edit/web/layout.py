@@ -13,22 +13,18 @@ from typing import Any
 
 import gradio as gr
 
-from hidream_edit.editor import MAX_STEPS, Editor
+from hidream_edit.config import EXIT_USER_ERROR, environment, model_spec
+from hidream_edit.editor import MAX_STEPS, USER_ERRORS, Editor
+from hidream_edit.web.command_line import editor_settings_from_args, parse_command_line, start_logging
 from hidream_edit.web.service import (
     BATCH_JOBS,
     EDIT_JOBS,
-    EXIT_USER_ERROR,
     LOOPBACK_HOSTS,
-    MODEL_TITLES,
-    USER_ERRORS,
     EditParams,
     ProgressFn,
     WebEditor,
     WebSettings,
-    editor_settings_from_args,
-    parse_command_line,
     run_cancellable,
-    start_logging,
     stop_key,
 )
 
@@ -62,15 +58,15 @@ def _settings_panel(web: WebEditor, prefix: str) -> list[gr.components.Component
         with gr.Row():
             seed = gr.Number(d.seed, label="Seed", precision=0, minimum=0, elem_id=f"{prefix}-seed")
             random_seed = gr.Checkbox(False, label="Random seed", elem_id=f"{prefix}-random-seed")
-        if web.model == "e1-full":
+        if web.spec.prompt_form:
             target = gr.Textbox("", label="Target image description (builds E1-Full's prompt form)",
                                 elem_id=f"{prefix}-target")  # fmt: skip
-            keep_aspect = gr.Checkbox(False, label="Keep aspect (crop instead of stretch)",
+            keep_aspect = gr.Checkbox(False, label="Keep aspect ratio (instead of stretching to a square)",
                                       elem_id=f"{prefix}-keep-aspect")  # fmt: skip
         else:
             target = gr.State(None)
             keep_aspect = gr.State(False)
-        if web.model == "e1-full" and web.settings.vlm is not None:
+        if web.spec.prompt_form and web.settings.vlm is not None:
             rewrite = gr.Checkbox(False, label=f"Rewrite the instruction with {web.settings.vlm.model} "
                                                "(used when no target description is given)",
                                   elem_id=f"{prefix}-rewrite")  # fmt: skip
@@ -83,9 +79,9 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
     """The Blocks app with its queue configured; `launch(demo, settings)` serves it."""
     # Only the files the app writes become downloadable, one by one (never the whole results dir).
     web = WebEditor(editor, settings, publish=gr.set_static_paths)
-    title = MODEL_TITLES[web.model]
+    title = web.spec.title
     tiny_note = " — **tiny random-weight test model: results are noise**" if editor.settings.sources.tiny else ""
-    shows_prompt = web.model == "e1-full"
+    shows_prompt = web.spec.prompt_form
 
     def submitted() -> float:
         return time.monotonic()
@@ -230,8 +226,9 @@ def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> Non
     )
 
 
-def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
+def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Parse, load the model once, build and serve. Exit 2 on a user mistake (one line), 130 on Ctrl-C."""
+    env = environment(env)
     settings = None
     try:
         model, args, settings = parse_command_line(argv, env)
@@ -240,7 +237,7 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
         if settings.host not in LOOPBACK_HOSTS and settings.auth is None:
             print(f"warning: serving on {settings.host} without --auth: anyone who can reach it can use the device",
                   file=sys.stderr)  # fmt: skip
-        print(f"loading {MODEL_TITLES[model]}...", file=sys.stderr, flush=True)
+        print(f"loading {model_spec(model).title}...", file=sys.stderr, flush=True)
         editor = Editor.load(editor_settings)
         demo = build_app(editor, settings)
         launch(demo, settings)

@@ -16,7 +16,6 @@ abandoned job saves nothing, and every failure reaches the browser as one readab
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import io
@@ -29,7 +28,6 @@ import re
 import secrets
 import threading
 import time
-import urllib.parse
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,29 +38,19 @@ import torch
 from PIL import Image
 
 import hidream_edit
-from device_utils import CheckpointError, DeviceError
-
-# The shared flag definitions move to hidream_edit.config (issue 9): this is the web UI's only import from the CLI.
-from hidream_edit.cli import OneLineArgumentParser, add_model_arguments, configure_logging, settings_from_args
-from hidream_edit.editor import EditCancelled, Editor, EditorSettings, EditRequest, EditResult, save_result
+from hidream_edit.editor import USER_ERRORS, EditCancelled, Editor, EditRequest, EditResult, save_result
 from hidream_edit.errors import UserError
 from hidream_edit.images import open_image
 from hidream_edit.instructions import InstructionRefinementError, VLMSettings, compose_e1_full_prompt
 
 logger = logging.getLogger(__name__)
 
-AUTH_ENV = "HIDREAM_GRADIO_AUTH"
-VLM_KEY_ENV = "OPENAI_API_KEY"
-MODELS = ("e1.1", "e1-full")
-MODEL_TITLES = {"e1.1": "HiDream-E1.1", "e1-full": "HiDream-E1-Full"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ZIP_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 RANDOM_SEED_LIMIT = 2**31  # stays exact in the browser's numbers, so a random seed can be typed back in
 DEVICE_BUSY = "waiting for the device (another edit is running)"
 MAX_PROMPT_CHARS = 2000  # same limit as editor.MAX_PROMPT_CHARS: the text encoders read 128 tokens at most
 PREVIEW_SIDE = 1024
-USER_ERRORS = (UserError, DeviceError, CheckpointError)
-EXIT_USER_ERROR = 2
 CODE_DIR = Path(hidream_edit.__file__).resolve().parent.parent  # the repository (or site-packages) holding the code
 
 T = TypeVar("T")
@@ -374,6 +362,7 @@ class WebEditor:
         self.editor = editor
         self.settings = settings
         self.model = editor.settings.model
+        self.spec = editor.settings.spec
         self.stops = StopRegistry()
         self._publish = publish or (lambda paths: None)
         # The pipeline (its scheduler above all) holds per-run state: one edit at a time on it.
@@ -443,7 +432,7 @@ class WebEditor:
         builds the form, else the VLM writes it when asked; a failed rewrite is an error, or with
         the fallback flag the bare instruction (and the note says so).
         """
-        if self.model != "e1-full":
+        if not self.spec.prompt_form:
             return instruction, None
         target = (params.target_description or "").strip() or None
         vlm = None
@@ -788,112 +777,3 @@ def _as_float(value: Any, name: str) -> float | None:
     if not math.isfinite(number):
         raise UserError(f"{name} must be a finite number, got {value!r}")
     return number
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line (gradio_demo_npu.py)
-
-
-def build_parser(model: str) -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(
-        prog="gradio_demo_npu.py",
-        description="Web editor for HiDream-E1.1 / E1-Full on Ascend NPU, CUDA or CPU.",
-        epilog="Example: %(prog)s --tiny --port 7860 (then open http://127.0.0.1:7860)",
-    )
-    parser.add_argument("--model", choices=MODELS, default="e1.1", help="which model to serve (default e1.1)")
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    server.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    server.add_argument("--auth", help=f"user:password required to use the app (env {AUTH_ENV})")
-    server.add_argument("--results-dir", default="results",
-                        help="where results are written, a folder of their own (default results)")  # fmt: skip
-    server.add_argument("--concurrency", type=int, default=1,
-                        help="jobs taken from the queue at once (default 1; the model runs one edit at a time "
-                             "whatever this says, so more only overlaps decoding and saving)")  # fmt: skip
-    server.add_argument("--max-queue", type=int, default=8, help="jobs that may wait; more get 'busy' (default 8)")
-    server.add_argument("--max-upload-mb", type=int, default=50, help="largest upload in MiB (default 50)")
-    server.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
-    server.add_argument("--max-batch", type=int, default=32, help="most images in one batch (default 32)")
-    server.add_argument("--refresh", type=float, default=5.0, help="device panel refresh in seconds (default 5)")
-    server.add_argument("--verbose", action="store_true", help="log details (INFO)")
-    if model == "e1-full":
-        vlm = parser.add_argument_group("instruction rewrite (E1-Full; offered in the page when both are given)")
-        vlm.add_argument("--vlm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-        vlm.add_argument("--vlm-model", help=f"model name at that endpoint (key from {VLM_KEY_ENV})")
-        vlm.add_argument("--vlm-timeout", type=float, default=60.0, help="seconds per request (default 60)")
-        vlm.add_argument("--refine-fallback", action="store_true",
-                         help="if the rewrite fails, go on with the bare instruction")  # fmt: skip
-    add_model_arguments(parser, model)
-    return parser
-
-
-def _vlm_settings(args: argparse.Namespace, env: Mapping[str, str]) -> VLMSettings | None:
-    url, model = getattr(args, "vlm_url", None), getattr(args, "vlm_model", None)
-    if not url and not model:
-        return None
-    if not url or not model:
-        raise UserError("--vlm-url and --vlm-model go together")
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise UserError(f"--vlm-url must be an http(s) URL, got {url!r}")
-    if not (math.isfinite(args.vlm_timeout) and args.vlm_timeout > 0):
-        raise UserError(f"--vlm-timeout must be a positive number of seconds, got {args.vlm_timeout:g}")
-    return VLMSettings(url, model, env.get(VLM_KEY_ENV), timeout_s=args.vlm_timeout)
-
-
-def _expand_home(text: str, env: Mapping[str, str]) -> Path:
-    """`~` and `~/...` from the given environment's home (the process environment is not read here)."""
-    if text == "~" or text.startswith("~/"):
-        homes = home_dirs(env)
-        if homes:
-            return homes[0] / text[2:]
-    return Path(text).expanduser() if text.startswith("~") else Path(text)
-
-
-def web_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> WebSettings:
-    auth = parse_auth(args.auth, "--auth") if args.auth else parse_auth(env.get(AUTH_ENV), AUTH_ENV)
-    for name, value, low in (("--concurrency", args.concurrency, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-upload-mb", args.max_upload_mb, 1), ("--max-pixels", args.max_pixels, 1),
-                             ("--max-batch", args.max_batch, 1)):  # fmt: skip
-        if value < low:
-            raise UserError(f"{name} must be at least {low}, got {value}")
-    if not 1 <= args.port <= 65535:
-        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
-    if not 0.5 <= args.refresh <= 3600:
-        raise UserError(f"--refresh must be between 0.5 and 3600 seconds, got {args.refresh:g}")
-    results_dir = _expand_home(args.results_dir, env)
-    if results_dir.exists() and not results_dir.is_dir():
-        raise UserError(f"--results-dir {results_dir} is not a directory")
-    check_results_dir(results_dir, home_dirs(env))
-    return WebSettings(
-        results_dir=results_dir.resolve(),
-        host=args.host,
-        port=args.port,
-        auth=auth,
-        concurrency=args.concurrency,
-        max_queue=args.max_queue,
-        max_upload_mb=args.max_upload_mb,
-        max_pixels=args.max_pixels,
-        max_batch=args.max_batch,
-        refresh_s=args.refresh,
-        vlm=_vlm_settings(args, env),
-        vlm_fallback=getattr(args, "refine_fallback", False),
-    )
-
-
-def parse_command_line(argv: Sequence[str], env: Mapping[str, str]) -> tuple[str, argparse.Namespace, WebSettings]:
-    """(model, args, web settings); bad flags exit 2 with one line, bad values raise UserError."""
-    pre = OneLineArgumentParser(prog="gradio_demo_npu.py", add_help=False)
-    pre.add_argument("--model", choices=MODELS, default="e1.1")
-    known, _ = pre.parse_known_args(argv)
-    args = build_parser(known.model).parse_args(argv)
-    return args.model, args, web_settings_from_args(args, env)
-
-
-def editor_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> EditorSettings:
-    """How to load the model, from the shared model/device flags (flags win over the environment)."""
-    return settings_from_args(args, args.model, env)
-
-
-def start_logging(verbose: bool) -> None:
-    """The scripts' logging setup, shared with the CLIs."""
-    configure_logging(verbose)
