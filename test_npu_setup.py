@@ -707,7 +707,7 @@ def check_models(
             "model files",
             status,
             f"{described}; not downloaded ({why}): {', '.join(not_downloaded)}",
-            "huggingface-cli download <id>, or pass --llama-path/--i1-path/--e1-path DIR; --tiny to try",
+            "hf download <id>, or pass --llama-path/--i1-path/--e1-path (or --lora-path) DIR; --tiny to try",
         )
     else:
         check = Check("model files", PASS, f"{described}; complete")
@@ -731,7 +731,7 @@ def check_hub(sources: Any, timeout: float = 10.0) -> list[Check]:
                     f"hub {role}",
                     WARN,
                     f"{source}: {type(exc).__name__}: {first_line(exc)}",
-                    "check the network, HF_ENDPOINT, and `huggingface-cli login` for gated repos",
+                    "check the network, HF_ENDPOINT, and `hf auth login` for gated repos",
                 )
             )
             continue
@@ -801,7 +801,7 @@ def check_memory_plan(dm: Any) -> Check:
             "memory plan", WARN, detail + host_note, f"pass {plan.flag} (the default, none, runs out of memory)"
         )
     return Check(
-        "memory plan", WARN, detail + host_note, f"pass {plan.flag} (slow), or put the text encoders on a second card"
+        "memory plan", WARN, detail + host_note, f"pass {plan.flag} (slow)"
     )
 
 
