@@ -64,7 +64,7 @@ PACKAGES: tuple[tuple[str, bool], ...] = (
     ("gradio", False),
 )
 
-# Parameters of the full pipeline (DESIGN.md section 2); the transformer is the largest component.
+# Parameters of the full pipeline (docs/ARCHITECTURE.md section 5); the transformer is the largest component.
 COMPONENT_PARAMS: dict[str, float] = {
     "transformer": 17.0e9,
     "llama": 8.0e9,

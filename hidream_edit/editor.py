@@ -34,7 +34,7 @@ MAX_STEPS = 1000
 
 @dataclass(frozen=True)
 class EditDefaults:
-    """Upstream defaults of one model (DESIGN.md section 3)."""
+    """Upstream defaults of one model (docs/ARCHITECTURE.md section 3.7)."""
 
     negative: str
     guidance: float

@@ -40,7 +40,7 @@ TOKENIZER_PARTS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 def e1_full_lora_config() -> Any:
-    """The PEFT LoraConfig of HiDream-E1-Full (DESIGN.md section 3)."""
+    """The PEFT LoraConfig of HiDream-E1-Full (docs/ARCHITECTURE.md section 3.5)."""
     from peft import LoraConfig
 
     return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGET_MODULES))
