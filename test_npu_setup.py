@@ -79,7 +79,7 @@ PACKAGES: tuple[tuple[str, bool], ...] = (
     ("gradio", False),
 )
 
-# Parameters of the full pipeline (the spec's real sizes); the transformer is the largest component.
+# Parameters of the full pipeline (the spec's real sizes, docs/ARCHITECTURE.md section 5).
 COMPONENT_PARAMS: dict[str, float] = {
     "transformer": REAL_PARAMETERS["transformer"],
     "llama": REAL_PARAMETERS["llama"],
@@ -732,7 +732,7 @@ def check_models(
             "model files",
             status,
             f"{described}; not downloaded ({why}): {', '.join(not_downloaded)}",
-            "huggingface-cli download <id>, or pass --llama-path/--i1-path/--e1-path DIR; --tiny to try",
+            "hf download <id>, or pass --llama-path/--i1-path/--e1-path (or --lora-path) DIR; --tiny to try",
         )
     else:
         check = Check("model files", PASS, f"{described}; complete")
@@ -756,7 +756,7 @@ def check_hub(sources: Any, timeout: float = 10.0) -> list[Check]:
                     f"hub {role}",
                     WARN,
                     f"{source}: {type(exc).__name__}: {first_line(exc)}",
-                    "check the network, HF_ENDPOINT, and `huggingface-cli login` for gated repos",
+                    "check the network, HF_ENDPOINT, and `hf auth login` for gated repos",
                 )
             )
             continue
@@ -826,7 +826,7 @@ def check_memory_plan(dm: Any) -> Check:
             "memory plan", WARN, detail + host_note, f"pass {plan.flag} (the default, none, runs out of memory)"
         )
     return Check(
-        "memory plan", WARN, detail + host_note, f"pass {plan.flag} (slow), or put the text encoders on a second card"
+        "memory plan", WARN, detail + host_note, f"pass {plan.flag} (slow)"
     )
 
 

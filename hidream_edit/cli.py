@@ -95,6 +95,28 @@ def _instruction_for(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str
     return compose_e1_full_prompt(args.instruction, image, args.target_description, vlm, args.refine_fallback)
 
 
+def prompt_metadata(args: argparse.Namespace, model: str, prompt: str) -> dict[str, Any]:
+    """How the CLI built an E1-Full prompt, for the metadata JSON: the flags and the outcome, never the key."""
+    from hidream_edit.instructions import is_e1_full_form
+    from hidream_edit.spec import MODELS
+
+    if not MODELS[model].prompt_form:
+        return {}
+    vlm = None
+    if args.refine_instruction:
+        if is_e1_full_form(args.instruction):
+            outcome = "not asked: the instruction is already in the E1-Full form"
+        elif args.target_description is not None:
+            outcome = "not asked: --target-description given"
+        elif prompt == args.instruction.strip():
+            outcome = "failed: went on with the bare instruction"
+        else:
+            outcome = "rewritten"
+        vlm = {"url": args.vlm_url, "model": args.vlm_model, "timeout_s": args.vlm_timeout,
+               "fallback": args.refine_fallback, "outcome": outcome}  # fmt: skip
+    return {"instruction_given": args.instruction, "target_description": args.target_description, "vlm": vlm}
+
+
 def out_of_memory_hint(exc: BaseException) -> str:
     """One line for a device OOM (torch.OutOfMemoryError or torch_npu's RuntimeError) with what to try."""
     first = str(exc).strip().splitlines()[0][:160]
@@ -152,6 +174,7 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
         editor = Editor.load(settings)
         with tqdm(total=args.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
             result = editor.edit(request, on_step=lambda done, total: bar.update(done - bar.n))
+        result.metadata.update(prompt_metadata(args, model, instruction))
         image_path, _ = save_result(result, output, overwrite=args.overwrite)
     except USER_ERRORS as exc:
         print(f"error: {user_error_line(exc, spec)}", file=sys.stderr)

@@ -236,6 +236,7 @@ class Editor:
             "dtype": self.dm.dtype_name,
             "attention": self.loaded.attention,
             "offload": self.settings.offload,
+            "vae_tiling": self.settings.vae_tiling,
             "memory_actions": self.loaded.memory_actions,
             "refine_weights": self.settings.refine_weights,
             "lora_fused": self.loaded.lora_fused,

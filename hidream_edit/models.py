@@ -28,7 +28,7 @@ TOKENIZER_PARTS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 def lora_config(layout: LoraLayout) -> Any:
-    """The PEFT LoraConfig of a model's LoRA layout (E1-Full: DESIGN.md section 3)."""
+    """The PEFT LoraConfig of a model's LoRA layout (E1-Full: docs/ARCHITECTURE.md section 3.5)."""
     from peft import LoraConfig
 
     return LoraConfig(r=layout.rank, lora_alpha=layout.alpha, target_modules=list(layout.target_modules))

@@ -1,7 +1,7 @@
 """HiDreamImageEditingPipeline: diffusers' HiDreamImagePipeline plus the HiDream-E1 editing loop.
 
 Prompt encoding, the VAE and the scheduler are diffusers'; this module adds the image-conditioned
-edit stage, the optional text-only refine stage and their guidance rules (DESIGN.md section 3).
+edit stage, the optional text-only refine stage and their guidance rules (docs/ARCHITECTURE.md section 3).
 The small pure functions below are the algorithm's pieces, kept separate so they can be tested alone.
 """
 
@@ -159,7 +159,7 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         refine_weights: RefineWeights | None = None,
         max_sequence_length: int = 128,
     ) -> EditOutput:
-        """Edit `image` (sides multiples of 16) following `prompt`; see DESIGN.md section 3."""
+        """Edit `image` (sides multiples of 16) following `prompt`; see docs/ARCHITECTURE.md section 3."""
         if not 0.0 <= refine_strength <= 1.0:
             raise ValueError(f"refine_strength must be in [0, 1], got {refine_strength}")
         if num_inference_steps < 1:

@@ -524,6 +524,7 @@ def test_hub_ids_not_downloaded_warn_or_fail_offline(tmp_path: Path) -> None:
     assert sources.i1 == "HiDream-ai/HiDream-I1-Full" and set(by_name(checks)) == {"model files", "model size llama"}
     checks, _ = doctor.check_models("e1.1", env={"HF_HUB_OFFLINE": "1"})
     assert by_name(checks)["model files"].status == "FAIL"
+    assert by_name(checks)["model files"].fix.startswith("hf download <id>")
 
 
 @pytest.mark.usefixtures("no_hub_cache")
@@ -571,6 +572,15 @@ def test_check_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     assert checks["hub llama"].status == "WARN" and "gated repo" in checks["hub llama"].detail
     assert checks["hub i1"].status == "PASS" and "0123456789ab" in checks["hub i1"].detail
     assert "hub edit" not in checks and timeouts == [10.0, 10.0]
+    assert "`hf auth login`" in checks["hub llama"].fix
+
+
+@pytest.mark.parametrize("command", [["download", "--help"], ["auth", "login", "--help"]])
+def test_the_hub_commands_the_fixes_name_exist(command: list[str]) -> None:
+    """huggingface_hub 1.x ships only the `hf` CLI; `huggingface-cli download` / `login` no longer exist."""
+    hf = Path(sys.executable).parent / "hf"
+    result = subprocess.run([str(hf), *command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -611,7 +621,7 @@ def test_memory_plan_checks() -> None:
     card = doctor.check_memory_plan(fake_manager("npu", 64 * 2**30, 32 * 2**30, torch.bfloat16))
     assert card.status == "WARN" and "--offload model" in card.fix and "host RAM 32.0 GiB" in card.detail
     small = doctor.check_memory_plan(fake_manager("cuda", 24 * 2**30, 512 * 2**30, torch.float16))
-    assert small.status == "WARN" and small.fix.startswith("pass --offload sequential")
+    assert small.status == "WARN" and small.fix == "pass --offload sequential (slow)"  # no code splits over cards
     cpu = doctor.check_memory_plan(fake_manager("cpu", None, 64 * 2**30, torch.float32))
     assert cpu.status == "WARN" and "host memory 64.0 GiB" in cpu.detail and "--tiny" in cpu.fix
     assert doctor.check_memory_plan(fake_manager("cpu", None, 512 * 2**30, torch.bfloat16)).status == "PASS"
