@@ -12,6 +12,7 @@ from PIL import Image
 from hidream_edit import instructions
 from hidream_edit.cli import build_edit_parser, prompt_metadata, run_edit_cli
 from hidream_edit.instructions import RefinedInstruction
+from hidream_edit.spec import MODELS
 
 
 @pytest.fixture()
@@ -22,7 +23,7 @@ def source(tmp_path: Path) -> Path:
 
 
 def e1_full_args(*extra: str) -> argparse.Namespace:
-    return build_edit_parser("e1-full").parse_args(["--image", "x.png", "--output", "o.png", *extra])
+    return build_edit_parser(MODELS["e1-full"]).parse_args(["--image", "x.png", "--output", "o.png", *extra])
 
 
 def test_e1_1_cli_records_vae_tiling(tiny_env: dict[str, str], source: Path, tmp_path: Path) -> None:
@@ -80,6 +81,6 @@ def test_prompt_metadata_says_what_built_the_prompt() -> None:
     assert "already in the E1-Full form" in prompt_metadata(given, "e1-full", in_form)["vlm"]["outcome"]
     both = e1_full_args("--instruction", "add a hat", "--target-description", "a cat", *vlm_flags)
     assert "--target-description" in prompt_metadata(both, "e1-full", "x")["vlm"]["outcome"]
-    e1_1 = build_edit_parser("e1.1").parse_args(["--image", "x", "--output", "o.png", "--instruction", "i"])
+    e1_1 = build_edit_parser(MODELS["e1.1"]).parse_args(["--image", "x", "--output", "o.png", "--instruction", "i"])
     assert prompt_metadata(e1_1, "e1.1", "i") == {}
 

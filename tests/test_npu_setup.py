@@ -485,7 +485,7 @@ def no_hub_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def model_checks(folders: dict[str, Path], **env: str) -> dict[str, Any]:
     checks, _ = doctor.check_models(
-        "e1.1", str(folders["llama"]), str(folders["i1"]), str(folders["e1"]), None, tiny=False, env=env
+        "e1.1", str(folders["llama"]), str(folders["i1"]), str(folders["e1"]), tiny=False, env=env
     )
     return by_name(checks)
 
@@ -597,8 +597,8 @@ def test_memory_plan_arithmetic(gib: int, dtype_bytes: int, mode: str) -> None:
         f"(x1.15 = {plan.needed_total * 1.15 / 2**30:.1f}), transformer {plan.needed_largest / 2**30:.1f} GiB "
         f"(x1.15 = {plan.needed_largest * 1.15 / 2**30:.1f}) -> {plan.flag}"
     )
-    assert plan.needed_total == pytest.approx(31.3e9 * dtype_bytes)
-    assert plan.needed_largest == pytest.approx(17e9 * dtype_bytes)
+    assert plan.needed_total == pytest.approx(30.80e9 * dtype_bytes, rel=1e-3)  # the real pipeline, 30.80 B
+    assert plan.needed_largest == pytest.approx(17.106e9 * dtype_bytes, rel=1e-3)  # the transformer
     assert plan.mode == mode and plan.flag == f"--offload {mode}"
 
 
