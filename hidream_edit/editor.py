@@ -148,9 +148,11 @@ def resolve_request(request: EditRequest, model: str, lora_fused: bool = False) 
     if not resolved.instruction:
         raise UserError("the instruction is empty")
     instruction, marker, target = resolved.instruction.partition(TARGET_MARKER)
-    check_prompt_text("instruction", instruction.replace(INSTRUCTION_MARKER, "", 1).strip())
+    if marker:  # E1-Full's form: each part is capped, not the markers and separators around them
+        instruction = instruction.replace(INSTRUCTION_MARKER, "", 1).strip().removesuffix(".")
+    check_prompt_text("instruction", instruction)
     if marker:
-        check_prompt_text("target description", target)
+        check_prompt_text("target description", target.strip())
     check_prompt_text("negative prompt", resolved.negative)
     if not 1 <= resolved.steps <= MAX_STEPS:
         raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {resolved.steps}")
