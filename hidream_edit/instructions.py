@@ -225,6 +225,7 @@ def parse_vlm_answer(text: str) -> tuple[str, str, str]:
     label that stands alone on its line, whose text they become. Reasoning that a model wraps in
     <think>...</think> is skipped, since it may quote the labels.
     """
+    text = printable(text)
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
     parts: list[str | None] = [None, None, None]
@@ -449,11 +450,12 @@ def _post_with_retries(endpoint: str, payload: bytes, settings: VLMSettings) -> 
             return _post_once(endpoint, payload, headers, deadline, timeout_message)
         except _RetryableFailure as failure:
             delay = max(settings.backoff_s * 2**attempt, failure.retry_after_s)
-            if attempt >= settings.retries:
+            now = time.monotonic()
+            if attempt >= settings.retries or now >= deadline:
                 raise InstructionRefinementError(failure.message) from failure
-            if time.monotonic() + delay >= deadline:
+            if now + delay >= deadline:
                 raise InstructionRefinementError(
-                    f"{failure.message} (no time left for a retry within {settings.timeout_s:g} s)"
+                    f"{failure.message} (no time left to retry within the {settings.timeout_s:g} s timeout)"
                 ) from failure
             attempt += 1
             logger.warning(
