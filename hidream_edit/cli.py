@@ -15,14 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from device_utils import (
-    ATTENTION_BACKENDS,
-    MEMORY_MODES,
-    CheckpointError,
-    DeviceError,
-    host_rss_label,
-    npu_status,
-)
+from device_utils import ATTENTION_BACKENDS, MEMORY_MODES, CheckpointError, DeviceError, host_rss_label, npu_status
 from hidream_edit.editor import (
     DEFAULTS,
     EditCancelled,
