@@ -68,6 +68,12 @@ def _cann_cause(exc: BaseException) -> str:
     return text
 
 
+_PIP_NAMES = {"attr": "attrs", "yaml": "pyyaml", "google": "protobuf", "absl": "absl-py", "pkg_resources": "setuptools"}
+"""pip package for an import name where they differ, for the modules torch_npu and CANN's Python parts import."""
+_CANN_MODULES = frozenset({"acl", "te", "tbe", "hccl", "op_gen", "op_compile_tool", "auto_tune", "schedule_search"})
+"""Python modules that come with CANN (on PYTHONPATH after set_env.sh), not from pip."""
+
+
 @functools.cache
 def _load_torch_npu() -> str | None:
     """Import torch_npu once; on failure return the cause and block any later import of it.
@@ -79,9 +85,14 @@ def _load_torch_npu() -> str | None:
     try:
         import torch_npu  # noqa: F401
     except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] == "torch_npu":
+        missing = (exc.name or "").split(".")[0]
+        if missing == "torch_npu":
             return "torch_npu is not installed; pip install torch-npu matching your torch and CANN"
-        cause = f"torch_npu cannot load: {_cann_cause(exc)}; {CANN_FIX}"
+        if missing and missing not in _CANN_MODULES:
+            package = _PIP_NAMES.get(missing, missing)
+            cause = f"torch_npu cannot load: the Python package {package!r} is missing; pip install {package}"
+        else:
+            cause = f"torch_npu cannot load: {_cann_cause(exc)}; {CANN_FIX}"
     except (ImportError, OSError, RuntimeError) as exc:
         cause = f"torch_npu cannot load: {_cann_cause(exc)}; {CANN_FIX}"
     else:
@@ -160,6 +171,7 @@ class MemoryStats:
     total: int | None
     host_rss: int
     host_total: int
+    host_rss_is_peak: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,12 +188,26 @@ class MemoryStats:
         )
         return (
             f"{self.device} ({self.device_name}): {device_part}; "
-            f"host RSS {gib(self.host_rss)} of {gib(self.host_total)}"
+            f"{host_rss_label(self.host_rss_is_peak)} {gib(self.host_rss)} of {gib(self.host_total)}"
         )
 
 
+def host_rss_label(is_peak: bool) -> str:
+    """How to name the host RSS figure: without psutil it is the process's peak (ru_maxrss), not now."""
+    return "host peak RSS" if is_peak else "host RSS"
+
+
+def host_rss_is_peak() -> bool:
+    """Whether host_memory() reports the peak RSS because psutil is not installed."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
 def host_memory() -> tuple[int, int]:
-    """(RSS of this process, total host memory) in bytes."""
+    """(RSS of this process, total host memory) in bytes; the RSS is the peak without psutil."""
     try:
         import psutil
 
@@ -350,7 +376,10 @@ class DeviceManager:
             reserved = int(module.memory_reserved(self.index))
             peak = int(module.max_memory_allocated(self.index))
             free, total = (int(v) for v in module.mem_get_info(self.index))
-        stats = MemoryStats(str(self.device), self.device_name, allocated, reserved, peak, free, total, rss, host_total)
+        stats = MemoryStats(
+            str(self.device), self.device_name, allocated, reserved, peak, free, total, rss, host_total,
+            host_rss_is_peak=host_rss_is_peak(),
+        )  # fmt: skip
         if log:
             logger.info("memory: %s", stats.summary())
         return stats

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from device_utils import host_rss_label
 from hidream_edit.config import (
     EXIT_USER_ERROR,
     OneLineArgumentParser,
@@ -27,8 +28,17 @@ from hidream_edit.config import (
     source_flag,
     vlm_api_key,
 )
-from hidream_edit.editor import USER_ERRORS, EditCancelled, Editor, EditRequest, image_format_for, resolve_request
+from hidream_edit.editor import (
+    USER_ERRORS,
+    EditCancelled,
+    Editor,
+    EditRequest,
+    check_output_path,
+    check_prompt_text,
+    resolve_request,
+)
 from hidream_edit.errors import ModelFilesError, UserError
+from hidream_edit.instructions import MAX_VLM_TIMEOUT_S, VLM_TIMEOUT_S
 from hidream_edit.spec import ModelSpec
 
 logger = logging.getLogger("hidream_edit")
@@ -38,6 +48,19 @@ def user_error_line(exc: BaseException, spec: ModelSpec) -> str:
     if isinstance(exc, ModelFilesError) and exc.role is not None:
         return f"{exc}; check {source_flag(spec, exc.role)} (or try --tiny)"
     return str(exc)
+
+
+def vlm_timeout_seconds(value: str) -> float:
+    """argparse type for --vlm-timeout: a finite number of seconds in (0, MAX_VLM_TIMEOUT_S]."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--vlm-timeout must be a number of seconds, got {value!r}") from None
+    if not 0 < seconds <= MAX_VLM_TIMEOUT_S:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"--vlm-timeout must be more than 0 and at most {MAX_VLM_TIMEOUT_S:g} seconds, got {value!r}"
+        )
+    return seconds
 
 
 def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
@@ -59,7 +82,8 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
                            help="ask a vision-language model to write the E1-Full prompt")  # fmt: skip
         group.add_argument("--vlm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
         group.add_argument("--vlm-model", help="model name at that endpoint (key from OPENAI_API_KEY)")
-        group.add_argument("--vlm-timeout", type=float, default=60.0, help="seconds per request (default 60)")
+        group.add_argument("--vlm-timeout", type=vlm_timeout_seconds, default=VLM_TIMEOUT_S,
+                           help="seconds for the whole VLM call, retries included (default %(default)g)")  # fmt: skip
         group.add_argument("--refine-fallback", action="store_true",
                            help="if refinement fails, go on with the bare instruction")  # fmt: skip
     add_edit_arguments(parser, spec)
@@ -69,14 +93,14 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
 
 def _check_output(path: Path, overwrite: bool) -> None:
     """Fail before loading any model if the output cannot be written."""
-    image_format_for(path)
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent} is not a directory")
-    json_path = path.with_suffix(path.suffix + ".json")
-    if not overwrite:
-        for candidate in (path, json_path):
-            if candidate.exists():
-                raise UserError(f"{candidate} already exists; choose another --output or pass --overwrite")
+    check_output_path(path, overwrite)
+
+
+def _check_prompts(args: argparse.Namespace) -> None:
+    """Fail before asking a VLM or loading a model if a prompt is too long or not UTF-8."""
+    check_prompt_text("instruction", args.instruction)
+    check_prompt_text("negative prompt", args.negative)
+    check_prompt_text("target description", getattr(args, "target_description", None))
 
 
 def _instruction_for(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) -> str:
@@ -136,7 +160,7 @@ def summary_line(result_metadata: dict[str, Any], image_path: Path) -> str:
         f"saved {image_path} ({width}x{height}) on {result_metadata['device']} {result_metadata['dtype']}: "
         f"load {t['load_s']:.1f}s, encode {t['encode_s']:.1f}s, "
         f"{len(steps)} steps {sum(steps):.1f}s ({per_step:.2f}s/step), decode {t['decode_s']:.1f}s; "
-        f"{device_peak}, host RSS {memory['host_rss'] / 2**30:.2f} GiB"
+        f"{device_peak}, {host_rss_label(bool(memory.get('host_rss_is_peak')))} {memory['host_rss'] / 2**30:.2f} GiB"
     )
 
 
@@ -154,6 +178,7 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     output = Path(args.output).expanduser()
     try:
         _check_output(output, args.overwrite)
+        _check_prompts(args)
         open_image(args.image)
         instruction = _instruction_for(args, spec, env)
         settings = editor_settings_from_args(args, spec, env)

@@ -6,12 +6,20 @@ class, so defaults, validation, metadata and saving exist once.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import signal
+import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,13 +31,15 @@ from device_utils import CheckpointError, DeviceError, DeviceManager
 from hidream_edit.errors import UserError
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
-from hidream_edit.spec import ModelSpec, is_e1_full_form
+from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, ModelSpec, is_e1_full_form
 
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                  ".tiff": "TIFF"}  # fmt: skip
 MAX_STEPS = 1000
+MAX_PROMPT_CHARS = 2000
+"""Longest instruction, negative or target description accepted; the text encoders read 128 tokens."""
 
 
 # Errors every front end shows as one line (CLIs: exit 2): the user's mistake, not a bug.
@@ -94,6 +104,24 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
         raise UserError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
 
 
+def check_prompt_text(name: str, text: str | None) -> None:
+    """A UserError if `text` is longer than MAX_PROMPT_CHARS or holds bytes that are not UTF-8.
+
+    Undecodable command-line bytes reach Python as lone surrogates, which no encoder can take.
+    """
+    if text is None:
+        return
+    if len(text) > MAX_PROMPT_CHARS:
+        raise UserError(
+            f"the {name} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS} "
+            "(the text encoders read only the first 128 tokens)"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"the {name} is not valid UTF-8 text (undecodable byte at character {exc.start + 1})") from None
+
+
 def resolve_request(request: EditRequest, spec: ModelSpec, lora_fused: bool = False) -> EditRequest:
     """Fill a request's defaults for the model and validate it; a bad value is a UserError naming it."""
     d = spec.defaults
@@ -110,6 +138,13 @@ def resolve_request(request: EditRequest, spec: ModelSpec, lora_fused: bool = Fa
     )
     if not resolved.instruction:
         raise UserError("the instruction is empty")
+    instruction, marker, target = resolved.instruction.partition(TARGET_MARKER)
+    if marker:  # E1-Full's form: each part is capped, not the markers and separators around them
+        instruction = instruction.replace(INSTRUCTION_MARKER, "", 1).strip().removesuffix(".")
+    check_prompt_text("instruction", instruction)
+    if marker:
+        check_prompt_text("target description", target.strip())
+    check_prompt_text("negative prompt", resolved.negative)
     if not 1 <= resolved.steps <= MAX_STEPS:
         raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {resolved.steps}")
     _check_range("guidance", resolved.guidance, 0.0, 50.0)
@@ -274,50 +309,252 @@ def image_format_for(path: Path) -> str:
     return fmt
 
 
-def _write_atomically(path: Path, write: Callable[[Any], None], overwrite: bool) -> None:
-    """Write to a temp file beside `path`, then link/rename it into place (never a half-written file)."""
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        if overwrite:
-            os.replace(temp_name, path)
-        else:
-            try:
-                os.link(temp_name, path)
-            except FileExistsError as exc:
-                raise UserError(f"{path} already exists; choose another --output or pass --overwrite") from exc
-            except OSError:  # a filesystem without hard links: check, then rename (not race-free)
-                if path.exists():
-                    raise UserError(f"{path} already exists; choose another --output or pass --overwrite") from None
-                os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+STALE_TEMP_AGE_S = 3600.0
+"""A temp file of ours this old is abandoned whoever wrote it (another host on a shared folder, an old version)."""
+
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+# .NAME.PID-HOST.TOKEN.tmp: the writer's pid and host let the next save tell a dead writer's leftovers
+# from a live concurrent save; .NAME.XXXXXXXX.tmp is what earlier versions (tempfile.mkstemp) left.
+_OUTPUT_NAME = r"\..+\.(?:" + "|".join(suffix[1:] for suffix in IMAGE_FORMATS) + r")(?:\.json)?"
+_TEMP_NAME = re.compile(_OUTPUT_NAME + r"\.(?P<pid>\d{1,10})-(?P<host>[0-9a-f]{8})\.[0-9a-f]{8}\.tmp", re.IGNORECASE)
+_LEGACY_TEMP_NAME = re.compile(_OUTPUT_NAME + r"\.[a-z0-9_]{8}\.tmp", re.IGNORECASE)
 
 
-def save_result(result: EditResult, output: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
-    """Save the image and `<output>.json` metadata; refuses to replace existing files unless asked."""
+class _TargetWriteFailed(Exception):
+    """An OSError while writing or publishing one target; carries the target for the message."""
+
+    def __init__(self, target: Path, cause: OSError) -> None:
+        super().__init__(f"cannot write {target}: {cause.strerror or cause}")
+        self.target = target
+
+
+class _Terminated(BaseException):
+    """Raised by the temporary SIGTERM handler so a save unwinds and removes its temp files."""
+
+
+def check_output_path(output: str | Path, overwrite: bool) -> tuple[Path, Path]:
+    """(image path, JSON path) for `output`, or a UserError if they cannot be written as asked.
+
+    Cheap enough to call before loading a model; save_result calls it again just before writing.
+    """
     path = Path(output).expanduser()
-    fmt = image_format_for(path)
+    image_format_for(path)
     json_path = path.with_suffix(path.suffix + ".json")
     if not path.parent.is_dir():
         raise UserError(f"{path.parent} is not a directory")
+    for candidate in (path, json_path):
+        if candidate.is_dir():
+            raise UserError(f"{candidate} is a directory; choose another --output")
+        if candidate.exists() and not candidate.is_file():
+            raise UserError(f"{candidate} exists and is not a regular file; choose another --output")
     if not overwrite:
-        existing = [str(p) for p in (path, json_path) if p.exists()]
+        existing = [str(p) for p in (path, json_path) if os.path.lexists(p)]
         if existing:
             raise UserError(f"{', '.join(existing)} already exists; choose another --output or pass --overwrite")
+    return path, json_path
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists here (a pid we cannot signal belongs to someone alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True
+    return True
+
+
+def sweep_stale_temp_files(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove temp files an interrupted save left in `folder`; returns what was removed.
+
+    Only names of our own pattern are touched: those whose writer process on this host is gone, and
+    any older than STALE_TEMP_AGE_S. A concurrent save's live temp file is never removed.
+    """
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(".") or not entry.name.endswith(".tmp"):
+            continue
+        ours = _TEMP_NAME.fullmatch(entry.name)
+        if ours is None and _LEGACY_TEMP_NAME.fullmatch(entry.name) is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_AGE_S
+            writer_gone = ours is not None and ours["host"] == _HOST_TAG and not _process_alive(int(ours["pid"]))
+            if old or writer_gone:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError as exc:
+            logger.debug("cannot remove stale temp file %s: %s", entry.path, exc)
+    if removed:
+        logger.info("removed %d temp file(s) left by an interrupted save in %s", len(removed), folder)
+    return removed
+
+
+def _temp_path_for(target: Path) -> Path:
+    return target.parent / f".{target.name}.{os.getpid()}-{_HOST_TAG}.{secrets.token_hex(4)}.tmp"
+
+
+def _create_temp(target: Path, temps: list[Path]) -> int:
+    """Create a new temp file beside `target` (mode 0666 less the umask, like any new file); records it."""
+    for _ in range(100):
+        temp = _temp_path_for(target)
+        try:
+            handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        temps.append(temp)
+        return handle
+    raise FileExistsError(errno.EEXIST, "no free temp file name", str(target))
+
+
+def _write_temp(target: Path, write: Callable[[Any], None], temps: list[Path]) -> Path:
+    """Write a complete temp file for `target`; an OSError becomes _TargetWriteFailed naming `target`."""
+    try:
+        handle = _create_temp(target, temps)
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except OSError as exc:
+        raise _TargetWriteFailed(target, exc) from exc
+    return temps[-1]
+
+
+def _backup_of(target: Path, temps: list[Path]) -> Path | None:
+    """A second name for the existing `target` (hard link, else a copy), so it can be put back; None if absent."""
+    if not target.exists():
+        return None
+    for _ in range(100):
+        backup = _temp_path_for(target)
+        try:
+            os.link(target, backup)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here: copy instead
+            temps.append(backup)
+            shutil.copy2(target, backup)
+            return backup
+        temps.append(backup)
+        return backup
+    raise FileExistsError(errno.EEXIST, "no free temp file name", str(target))
+
+
+def _link_new(temp: Path, target: Path) -> None:
+    """Give `temp` the name `target` only if nothing has that name: os.link fails rather than replace."""
+    try:
+        os.link(temp, target)
+    except FileExistsError as exc:
+        raise UserError(f"{target} already exists; choose another --output or pass --overwrite") from exc
+    except OSError:  # a filesystem without hard links: check, then rename (not race-free)
+        if os.path.lexists(target):
+            raise UserError(f"{target} already exists; choose another --output or pass --overwrite") from None
+        os.replace(temp, target)
+
+
+def _same_file(path: Path, inode: tuple[int, int]) -> bool:
+    try:
+        status = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (status.st_dev, status.st_ino) == inode
+
+
+def _publish(pairs: list[tuple[Path, Path]], overwrite: bool, temps: list[Path]) -> None:
+    """Move each complete temp file onto its target: all of them, or on any failure none.
+
+    Without `overwrite`, targets are linked so an existing file (even one created a moment ago by a
+    concurrent save) is never replaced. With it, the old targets get a backup name first and are put
+    back if a later target fails, so there are never fewer or mixed files than before.
+    """
+    done: list[tuple[Path, Path | None, tuple[int, int]]] = []
+    try:
+        for temp, target in pairs:
+            status = os.stat(temp)
+            inode = (status.st_dev, status.st_ino)
+            try:
+                if overwrite:
+                    backup = _backup_of(target, temps)
+                    os.replace(temp, target)
+                else:
+                    backup = None
+                    _link_new(temp, target)
+            except OSError as exc:
+                raise _TargetWriteFailed(target, exc) from exc
+            done.append((target, backup, inode))
+    except BaseException:
+        for target, backup, inode in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, target)
+                elif _same_file(target, inode):
+                    os.unlink(target)
+            except OSError as exc:
+                logger.error("cannot restore %s after a failed save: %s", target, exc)
+        raise
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into an exception for the duration of a save, then die of it as before.
+
+    Only when SIGTERM would otherwise kill the process outright (default handler, main thread): the
+    save's cleanup runs, then the signal is re-sent with the default handler so the exit status is
+    unchanged. A handler someone else installed (a web server's graceful shutdown) is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        if signal.getsignal(signal.SIGTERM) is raise_terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def save_result(result: EditResult, output: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Save the image and `<output>.json` metadata: both files or neither, never a partial file.
+
+    Refuses to replace existing files unless asked, race-free against a concurrent save. Both temp
+    files are complete before either target changes; a failure, Ctrl-C or SIGTERM leaves the folder
+    as it was, and temp files left by a killed save are swept on the next save into the folder.
+    """
+    path, json_path = check_output_path(output, overwrite)
+    fmt = IMAGE_FORMATS[path.suffix.lower()]
     image = result.image.convert("RGB") if fmt == "JPEG" else result.image
     metadata = {**result.metadata, "output": str(path)}
+    sweep_stale_temp_files(path.parent)
+    temps: list[Path] = []
     try:
-        _write_atomically(path, lambda stream: image.save(stream, format=fmt), overwrite)
-        try:
-            _write_atomically(
-                json_path, lambda stream: stream.write(json.dumps(metadata, indent=2).encode()), overwrite
-            )
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        with _sigterm_unwinds():
+            try:
+                image_temp = _write_temp(path, lambda stream: image.save(stream, format=fmt), temps)
+                json_temp = _write_temp(
+                    json_path, lambda stream: stream.write(json.dumps(metadata, indent=2).encode()), temps
+                )
+                _publish([(image_temp, path), (json_temp, json_path)], overwrite, temps)
+            finally:
+                for temp in temps:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temp)
+    except _TargetWriteFailed as exc:
+        raise UserError(str(exc)) from exc.__cause__
     return path, json_path

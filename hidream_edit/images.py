@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import stat
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -143,17 +144,33 @@ def _source_name(source: ImageSource) -> str:
     return str(name) if isinstance(name, (str, bytes, Path)) and name else "<image stream>"
 
 
+_SPECIAL_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def _check_path(path: Path, name: str) -> None:
-    """Give the common path mistakes their own clear message before Pillow sees them."""
+    """Give the common path mistakes their own clear message before Pillow sees them.
+
+    Only stat() is used, never open(): opening a FIFO would block until someone writes to it.
+    """
     try:
-        if path.is_dir():
-            raise ImageInputError(f"{name}: is a directory, not an image file")
-        if not path.exists():
-            raise ImageInputError(f"{name}: file not found")
-        if path.stat().st_size == 0:
-            raise ImageInputError(f"{name}: file is empty (0 bytes)")
+        status = path.stat()
+    except FileNotFoundError:
+        raise ImageInputError(f"{name}: file not found") from None
     except OSError as exc:
         raise ImageInputError(f"{name}: cannot access file ({_describe(exc)})") from exc
+    for is_kind, kind in _SPECIAL_FILE_KINDS:
+        if is_kind(status.st_mode):
+            raise ImageInputError(f"{name}: is {kind}, not an image file")
+    if not stat.S_ISREG(status.st_mode):
+        raise ImageInputError(f"{name}: is not a regular file")
+    if status.st_size == 0:
+        raise ImageInputError(f"{name}: file is empty (0 bytes)")
 
 
 def _decode(image: Image.Image, name: str, max_pixels: int) -> Image.Image:

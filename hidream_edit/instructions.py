@@ -10,11 +10,15 @@ the standard library only, so the NPU image needs no extra client package.
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import io
 import json
 import logging
+import re
+import socket
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,6 +37,10 @@ INSTRUCTION_MARKER = "Editing Instruction:"
 
 MAX_IMAGE_SIDE = 1024
 """Long side of the image sent to the VLM; more detail rarely helps a description and costs tokens."""
+
+VLM_TIMEOUT_S = 60.0
+"""Default total time for one rewrite request, every retry and backoff included."""
+MAX_VLM_TIMEOUT_S = 3600.0
 
 _MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 _SNIPPET_CHARS = 200
@@ -57,9 +65,30 @@ SYSTEM_PROMPT = (
 )
 
 
+_TERMINAL_ESCAPE = re.compile(
+    r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?|[ -/]*[0-~])?"
+    r"|\x9b[0-?]*[ -/]*[@-~]"
+)
+_INVISIBLE_FORMATTING = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """`text` without terminal escape sequences and control characters (newlines and tabs kept).
+
+    Server text reaches the terminal in messages and logs; an ANSI sequence in it could recolour,
+    retitle or rewrite what the user sees.
+    """
+    text = _TERMINAL_ESCAPE.sub("", text)
+    return "".join(
+        char
+        for char in text
+        if char in "\n\t" or (unicodedata.category(char) != "Cc" and char not in _INVISIBLE_FORMATTING)
+    )
+
+
 def _one_line(text: str) -> str:
-    """Collapse whitespace so messages and snippets stay on one line."""
-    return " ".join(text.split())
+    """Collapse whitespace and drop control characters so messages and snippets stay on one line."""
+    return " ".join(printable(text).split())
 
 
 def _snippet(text: str) -> str:
@@ -127,7 +156,7 @@ class VLMSettings:
     url: str
     model: str
     api_key: str | None = field(default=None, repr=False)
-    timeout_s: float = 60.0
+    timeout_s: float = VLM_TIMEOUT_S
     retries: int = 2
     backoff_s: float = 1.0
 
@@ -136,8 +165,10 @@ class VLMSettings:
             raise InstructionRefinementError("the VLM URL is empty")
         if not self.model.strip():
             raise InstructionRefinementError("the VLM model name is empty")
-        if not self.timeout_s > 0:
-            raise InstructionRefinementError(f"the VLM timeout must be positive, got {self.timeout_s}")
+        if not 0 < self.timeout_s <= MAX_VLM_TIMEOUT_S:  # also false for nan
+            raise InstructionRefinementError(
+                f"the VLM timeout must be more than 0 and at most {MAX_VLM_TIMEOUT_S:g} s, got {self.timeout_s}"
+            )
         if self.retries < 0:
             raise InstructionRefinementError(f"the VLM retries must be 0 or more, got {self.retries}")
         if self.backoff_s < 0:
@@ -194,6 +225,7 @@ def parse_vlm_answer(text: str) -> tuple[str, str, str]:
     label that stands alone on its line, whose text they become. Reasoning that a model wraps in
     <think>...</think> is skipped, since it may quote the labels.
     """
+    text = printable(text)
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
     parts: list[str | None] = [None, None, None]
@@ -271,13 +303,102 @@ def _retry_after_s(headers: Message | None) -> float:
     return min(max(seconds, 0.0), _MAX_RETRY_AFTER_S)
 
 
-def _read_body(response: http.client.HTTPResponse, deadline: float, timeout_s: float, endpoint: str) -> bytes:
-    """Read the body in chunks so a server that trickles bytes cannot outlast the timeout by much."""
+class _DeadlineReader(io.RawIOBase):
+    """A socket's raw reader on which no read outlasts the deadline, however slowly bytes trickle in."""
+
+    def __init__(self, raw: io.RawIOBase, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._raw = raw
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._sock.settimeout(_remaining(self._deadline))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """A connected socket whose sends and reads are all bounded by one deadline (for http.client)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data: Any) -> None:
+        self._sock.settimeout(_remaining(self._deadline))
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        if mode != "rb":
+            raise ValueError(f"unsupported socket file mode {mode!r}")
+        raw = self._sock.makefile("rb", buffering=0)  # keeps the socket open until the response is closed
+        return io.BufferedReader(_DeadlineReader(raw, self._sock, self._deadline))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left before `deadline`; TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        self.timeout = _remaining(self.deadline)
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock, self.deadline)  # type: ignore[assignment]
+
+
+class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        self.timeout = _remaining(self.deadline)
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock, self.deadline)  # type: ignore[assignment]
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_DeadlineHTTPConnection, deadline=self.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(_DeadlineHTTPSConnection, deadline=self.deadline)
+        return self.do_open(connection, req, context=self._context)  # type: ignore[attr-defined]
+
+
+def _read_body(response: http.client.HTTPResponse, endpoint: str) -> bytes:
+    """Read the body, refusing one larger than _MAX_RESPONSE_BYTES (the socket enforces the deadline)."""
     chunks: list[bytes] = []
     total = 0
     while True:
-        if time.monotonic() > deadline:
-            raise _RetryableFailure(f"VLM endpoint {endpoint} did not answer within {timeout_s:g} s")
         chunk = response.read(65536)
         if not chunk:
             return b"".join(chunks)
@@ -287,14 +408,13 @@ def _read_body(response: http.client.HTTPResponse, deadline: float, timeout_s: f
         chunks.append(chunk)
 
 
-def _post_once(endpoint: str, payload: bytes, headers: dict[str, str], timeout_s: float) -> bytes:
-    """One POST; sorts each failure into retryable or final."""
-    timeout_message = f"VLM endpoint {endpoint} did not answer within {timeout_s:g} s"
+def _post_once(endpoint: str, payload: bytes, headers: dict[str, str], deadline: float, timeout_message: str) -> bytes:
+    """One POST ended by `deadline` (connect, send, headers and body); sorts failures into retryable or final."""
     request = urllib.request.Request(endpoint, data=payload, headers=headers, method="POST")
-    deadline = time.monotonic() + timeout_s
+    opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline))
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return _read_body(response, deadline, timeout_s, endpoint)
+        with opener.open(request, timeout=_remaining(deadline)) as response:
+            return _read_body(response, endpoint)
     except urllib.error.HTTPError as exc:
         try:
             body = exc.read().decode("utf-8", errors="replace")
@@ -305,29 +425,38 @@ def _post_once(endpoint: str, payload: bytes, headers: dict[str, str], timeout_s
             raise _RetryableFailure(message, _retry_after_s(exc.headers)) from exc
         raise InstructionRefinementError(message) from exc
     except urllib.error.URLError as exc:
-        if isinstance(exc.reason, TimeoutError):
+        if isinstance(exc.reason, TimeoutError) or time.monotonic() >= deadline:
             raise _RetryableFailure(timeout_message) from exc
         raise _RetryableFailure(f"cannot reach VLM endpoint {endpoint}: {exc.reason}") from exc
     except TimeoutError as exc:
         raise _RetryableFailure(timeout_message) from exc
     except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline:
+            raise _RetryableFailure(timeout_message) from exc
         detail = str(exc) or type(exc).__name__
         raise _RetryableFailure(f"connection to VLM endpoint {endpoint} failed: {detail}") from exc
 
 
 def _post_with_retries(endpoint: str, payload: bytes, settings: VLMSettings) -> bytes:
-    """POST with exponential backoff; only transient failures are retried."""
+    """POST with exponential backoff; only transient failures are retried, all within settings.timeout_s."""
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if settings.api_key:
         headers["Authorization"] = f"Bearer {settings.api_key}"
+    deadline = time.monotonic() + settings.timeout_s
+    timeout_message = f"VLM endpoint {endpoint} did not answer within {settings.timeout_s:g} s"
     attempt = 0
     while True:
         try:
-            return _post_once(endpoint, payload, headers, settings.timeout_s)
+            return _post_once(endpoint, payload, headers, deadline, timeout_message)
         except _RetryableFailure as failure:
-            if attempt >= settings.retries:
-                raise InstructionRefinementError(failure.message) from failure
             delay = max(settings.backoff_s * 2**attempt, failure.retry_after_s)
+            now = time.monotonic()
+            if attempt >= settings.retries or now >= deadline:
+                raise InstructionRefinementError(failure.message) from failure
+            if now + delay >= deadline:
+                raise InstructionRefinementError(
+                    f"{failure.message} (no time left to retry within the {settings.timeout_s:g} s timeout)"
+                ) from failure
             attempt += 1
             logger.warning(
                 "%s; retry %d of %d in %.2f s",
@@ -396,7 +525,7 @@ def refine_instruction(image: Image.Image, instruction: str, settings: VLMSettin
     started = time.monotonic()
     body = _post_with_retries(endpoint, payload, settings)
     answer, finish_reason = _answer_text(body, endpoint)
-    logger.debug("VLM answer after %.1f s: %s", time.monotonic() - started, answer)
+    logger.debug("VLM answer after %.1f s: %s", time.monotonic() - started, printable(answer))
     try:
         source, new_instruction, target = parse_vlm_answer(answer)
     except InstructionRefinementError as exc:

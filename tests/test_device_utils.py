@@ -326,6 +326,44 @@ def test_cann_missing_auto_warns_once_and_named_request_fails() -> None:
 
 
 @pytest.mark.parametrize(
+    ("failing_import", "expected"),
+    [
+        ("import decorator_is_missing_here", "the Python package 'decorator_is_missing_here' is missing; "
+                                              "pip install decorator_is_missing_here"),
+        ("raise ModuleNotFoundError(\"No module named 'attr'\", name='attr')",
+         "the Python package 'attrs' is missing; pip install attrs"),
+        ("raise ModuleNotFoundError(\"No module named 'yaml.loader'\", name='yaml.loader')", "pip install pyyaml"),
+        ("raise ModuleNotFoundError(\"No module named 'tbe'\", name='tbe')", "source the CANN set_env.sh"),
+    ],
+    ids=["decorator", "attrs", "pyyaml", "cann-module"],
+)  # fmt: skip
+def test_a_missing_python_dependency_of_torch_npu_is_named_as_such(
+    failing_import: str, expected: str, tmp_path: Path
+) -> None:
+    package = tmp_path / "torch_npu"
+    package.mkdir()
+    (package / "__init__.py").write_text(failing_import + "\n")
+    code = "import sys, device_utils\nprint(device_utils.npu_status()[1])\nprint(sys.modules['torch_npu'] is None)\n"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr
+    cause, blocked = done.stdout.splitlines()
+    assert cause.startswith("torch_npu cannot load: ") and expected in cause
+    assert ("CANN" in cause) == ("tbe" in failing_import)
+    assert blocked == "True"  # later imports (transformers, diffusers) see torch_npu as unavailable
+
+
+def test_host_rss_is_labelled_as_the_peak_without_psutil(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_psutil = DeviceManager("cpu").memory_stats(log=False)
+    assert with_psutil.host_rss_is_peak is False and "; host RSS " in with_psutil.summary()
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
+    without = DeviceManager("cpu").memory_stats(log=False)
+    assert without.host_rss_is_peak is True and without.as_dict()["host_rss_is_peak"] is True
+    assert "; host peak RSS " in without.summary()
+    assert without.host_rss >= with_psutil.host_rss // 2  # ru_maxrss: the peak, not 0 or pages
+
+
+@pytest.mark.parametrize(
     "env,expected",
     [
         ({"PREFERRED_DEVICE": "npu:1"}, "npu:1"),

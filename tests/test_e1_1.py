@@ -237,14 +237,17 @@ def test_device_out_of_memory_is_one_line_with_the_fix(
 def test_unwritable_output_is_a_user_error(
     e1_1_editor: Any, source_png: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tempfile
+    import os
 
     result = edit(e1_1_editor, source_png, steps=1)
+    real_open = os.open
 
-    def denied(*args: Any, **kwargs: Any) -> None:
-        raise PermissionError(13, "Permission denied")
+    def denied_in_tmp_path(path: Any, *args: Any, **kwargs: Any) -> int:
+        if Path(path).parent == tmp_path:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    monkeypatch.setattr(os, "open", denied_in_tmp_path)
     with pytest.raises(UserError, match="cannot write .*r.png: Permission denied"):
         save_result(result, tmp_path / "r.png")
     assert list(tmp_path.iterdir()) == [source_png]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -272,6 +274,45 @@ def test_empty_file(tmp_path: Path) -> None:
     with pytest.raises(ImageInputError) as excinfo:
         open_image(path)
     assert "empty" in _assert_input_error(excinfo, "empty.jpg")
+
+
+def test_a_character_device_says_what_it_is() -> None:
+    with pytest.raises(ImageInputError) as excinfo:
+        open_image("/dev/zero")
+    assert _assert_input_error(excinfo, "/dev/zero").endswith("is a character device, not an image file")
+
+
+def test_a_fifo_says_what_it_is_and_is_never_opened(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes: the writer here unblocks such an open,
+    so a check that opened the FIFO would end with some other message instead of hanging."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    opened_by_a_reader = threading.Event()
+
+    def writer() -> None:
+        handle = os.open(fifo, os.O_WRONLY)  # returns once anyone opens the FIFO for reading
+        opened_by_a_reader.set()
+        os.close(handle)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ImageInputError) as excinfo:
+            open_image(fifo)
+        message = _assert_input_error(excinfo, "pipe.png")
+        assert not opened_by_a_reader.is_set()
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+        thread.join(timeout=30)
+    assert message.endswith("is a named pipe (FIFO), not an image file")
+
+
+def test_a_symlink_to_a_directory_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link.png").symlink_to(tmp_path / "folder")
+    with pytest.raises(ImageInputError) as excinfo:
+        open_image(tmp_path / "link.png")
+    assert _assert_input_error(excinfo, "link.png").endswith("is a directory, not an image file")
 
 
 def test_not_an_image(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +64,7 @@ class Reply:
     status: int = 200
     body: bytes = b""
     delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,6 +123,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(reply.status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(reply.body)
         except (BrokenPipeError, ConnectionResetError):
@@ -324,6 +328,10 @@ def test_settings_hide_key_and_validate() -> None:
     assert "sk-secret" not in repr(settings)
     for bad in (
         {"timeout_s": 0},
+        {"timeout_s": float("inf")},
+        {"timeout_s": float("nan")},
+        {"timeout_s": -1.0},
+        {"timeout_s": 1e9},
         {"retries": -1},
         {"backoff_s": -1.0},
         {"url": " "},
@@ -458,12 +466,114 @@ def test_http_400_is_not_retried(vlm: FakeVLM, image: Image.Image) -> None:
     assert len(vlm.requests) == 1
 
 
-def test_timeout_is_retried_then_reported(vlm: FakeVLM, image: Image.Image) -> None:
-    vlm.replies = [Reply(body=chat_body(GOOD_ANSWER), delay_s=3.0)]
-    with pytest.raises(InstructionRefinementError, match=r"within 0\.3 s") as error:
+def test_a_hung_server_uses_up_the_whole_timeout_once(vlm: FakeVLM, image: Image.Image) -> None:
+    """The timeout bounds the whole call: no retry starts after it has run out."""
+    vlm.replies = [Reply(body=chat_body(GOOD_ANSWER), delay_s=30.0)]
+    with pytest.raises(InstructionRefinementError, match=r"within 0\.3 s$") as error:
         refine_instruction(image, "make the car blue", vlm.settings(timeout_s=0.3, retries=1))
     assert vlm.url in assert_one_line(error)
-    assert len(vlm.requests) == 2
+    assert len(vlm.requests) == 1
+
+
+def test_a_retry_that_would_end_after_the_timeout_is_not_started(vlm: FakeVLM, image: Image.Image) -> None:
+    vlm.replies = [Reply(status=503, body=b"busy", headers={"Retry-After": "20"})]
+    with pytest.raises(InstructionRefinementError, match=r"HTTP 503: busy \(no time left to retry within the 5 s"):
+        refine_instruction(image, "make the car blue", vlm.settings(timeout_s=5.0, retries=3))
+    assert len(vlm.requests) == 1
+
+
+@dataclass
+class DripServer:
+    """Accepts a request, then sends its answer one byte at a time, 20 bytes a second, for `drip_s`."""
+
+    mode: str  # "headers": the status line and headers never end; "body": a long body trickles
+    drip_s: float = 6.0
+    url: str = ""
+    connections: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def serve(self, listener: socket.socket) -> None:
+        while not self.stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.drip, args=(connection,), daemon=True).start()
+
+    def drip(self, connection: socket.socket) -> None:
+        with connection:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                received += chunk
+            if self.mode == "headers":
+                connection.sendall(b"HTTP/1.1 200 OK\r\n")
+                answer = b"X-Slow: " + b"z" * 10_000
+            else:
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n"
+                )
+                answer = b" " * 10_000
+            ends = time.monotonic() + self.drip_s
+            for byte in answer:
+                if self.stop.wait(0.05) or time.monotonic() > ends:
+                    return
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+
+@pytest.fixture(params=["headers", "body"])
+def drip_server(request: pytest.FixtureRequest) -> Iterator[DripServer]:
+    server = DripServer(mode=request.param)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server.url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    thread = threading.Thread(target=server.serve, args=(listener,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop.set()
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_a_server_that_drips_its_answer_cannot_outlast_the_timeout(drip_server: DripServer, image: Image.Image):
+    """Each byte arrives well within any per-read timeout; only a deadline for the whole call stops it.
+
+    Without one the call lasts drip_s per attempt (18 s here); the bound below leaves 2 s for a busy machine.
+    """
+    settings = VLMSettings(url=drip_server.url, model="m", timeout_s=1.0, retries=2, backoff_s=0.01)
+    started = time.monotonic()
+    with pytest.raises(InstructionRefinementError, match=r"did not answer within 1 s") as error:
+        refine_instruction(image, "make the car blue", settings)
+    assert time.monotonic() - started < settings.timeout_s + 2.0
+    assert drip_server.url in assert_one_line(error)
+    assert drip_server.connections == 1
+
+
+def test_server_text_loses_terminal_escapes_and_control_characters(
+    vlm: FakeVLM, image: Image.Image, caplog: pytest.LogCaptureFixture
+) -> None:
+    hostile = "\x1b[2J\x1b]0;owned\x07\x1b[31mred\x1b[0m alert\x07 \x9b1Ahidden\u202egnp.exe \x00nul"
+    vlm.replies = [Reply(status=500, body=hostile.encode()), Reply(status=400, body=hostile.encode())]
+    with pytest.raises(InstructionRefinementError) as error:
+        refine_instruction(image, "make the car blue", vlm.settings(retries=1))
+    texts = [assert_one_line(error), *(record.getMessage() for record in caplog.records)]
+    assert len(texts) == 2
+    for text in texts:
+        assert "red alert hiddengnp.exe nul" in text
+        assert not any(char in text for char in "\x1b\x07\x9b\u202e\x00"), repr(text)
+        assert "owned" not in text
+
+
+def test_answer_parts_lose_control_characters() -> None:
+    answer = "Source: a \x1b[1mred\x1b[0m car\nInstruction: make it\x07 blue\nTarget: a \x1b]2;x\x07blue car"
+    assert parse_vlm_answer(answer) == ("a red car", "make it blue", "a blue car")
 
 
 def test_unreachable_endpoint_names_the_url(image: Image.Image) -> None:

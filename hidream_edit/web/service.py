@@ -189,7 +189,8 @@ def device_panel_markdown(
     lines = [
         f"**Device** `{report['device']}` ({report['device_name']}) · **dtype** {report['dtype']} · "
         f"**attention** {report['attention']} · **offload** {report['offload']}",
-        f"**Device memory** {device_memory} · **Host memory** {_gib(memory['host_rss'])} used by this server "
+        f"**Device memory** {device_memory} · **Host memory** {_gib(memory['host_rss'])} "
+        f"{'at peak (psutil missing) for' if memory.get('host_rss_is_peak') else 'used by'} this server "
         f"of {_gib(memory['host_total'])}",
         f"**Now** {activity}",
     ]

@@ -1,0 +1,219 @@
+"""save_result: both files or neither, never a partial file, no overwrite without asking, the umask honoured.
+
+Each test fails on a plausible bug: writing straight into the target, os.replace instead of os.link (the
+no-overwrite check is no longer race-free), the image left behind when the JSON fails, the old image
+lost when an --overwrite fails halfway, mkstemp's 0600 mode.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from hidream_edit.editor import EditResult, save_result
+from hidream_edit.errors import UserError
+
+OLD_IMAGE = b"old image bytes"
+OLD_JSON = b'{"old": true}'
+
+
+def result(colour: tuple[int, int, int] = (10, 20, 30), **metadata: Any) -> EditResult:
+    return EditResult(Image.new("RGB", (8, 8), colour), {"marker": "new", **metadata})
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture()
+def old_output(tmp_path: Path) -> Path:
+    """out.png and out.png.json from an earlier edit."""
+    path = tmp_path / "out.png"
+    path.write_bytes(OLD_IMAGE)
+    Path(f"{path}.json").write_bytes(OLD_JSON)
+    return path
+
+
+def assert_old_output_intact(path: Path) -> None:
+    assert path.read_bytes() == OLD_IMAGE and Path(f"{path}.json").read_bytes() == OLD_JSON
+    assert listing(path.parent) == ["out.png", "out.png.json"]  # and no temp or backup file left
+
+
+@pytest.fixture()
+def file_size_limit() -> Iterator[Any]:
+    """Set a per-file size limit (RLIMIT_FSIZE): a real "disk full" for any write past it, EFBIG."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def limit(size: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+def test_overwrite_keeps_both_old_files_when_the_json_target_is_a_directory(tmp_path: Path) -> None:
+    path = tmp_path / "out.png"
+    path.write_bytes(OLD_IMAGE)
+    Path(f"{path}.json").mkdir()
+    with pytest.raises(UserError, match=r"out\.png\.json is a directory") as error:
+        save_result(result(), path, overwrite=True)
+    assert "out.png:" not in str(error.value)
+    assert path.read_bytes() == OLD_IMAGE and Path(f"{path}.json").is_dir()
+    assert listing(tmp_path) == ["out.png", "out.png.json"]
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_disk_full_during_the_json_write_changes_nothing(
+    tmp_path: Path, old_output: Path, file_size_limit: Any, overwrite: bool
+) -> None:
+    output = old_output if overwrite else tmp_path / "new.png"
+    big = result(padding="x" * 200_000)  # the image is ~100 bytes, its JSON 200 kB
+    file_size_limit(64 * 1024)
+    with pytest.raises(UserError, match=rf"cannot write .*{output.name}\.json: File too large"):
+        save_result(big, output, overwrite=overwrite)
+    assert_old_output_intact(old_output)
+
+
+def test_overwrite_puts_the_old_image_back_when_the_json_cannot_be_moved_into_place(
+    old_output: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_replace = os.replace
+    json_path = Path(f"{old_output}.json")
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst) == json_path:
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError, match=r"cannot write .*out\.png\.json: Input/output error"):
+        save_result(result(), old_output, overwrite=True)
+    assert_old_output_intact(old_output)
+
+
+def test_overwrite_replaces_both_files(old_output: Path) -> None:
+    image_path, json_path = save_result(result((200, 0, 0)), old_output, overwrite=True)
+    assert Image.open(image_path).getpixel((0, 0)) == (200, 0, 0)
+    assert json.loads(json_path.read_text())["marker"] == "new"
+    assert listing(old_output.parent) == ["out.png", "out.png.json"]
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_an_encoder_failing_midway_leaves_the_old_file(
+    tmp_path: Path, old_output: Path, monkeypatch: pytest.MonkeyPatch, overwrite: bool
+) -> None:
+    def fails_after_some_bytes(self: Image.Image, stream: Any, *args: Any, **kwargs: Any) -> None:
+        stream.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 1000)
+        stream.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", fails_after_some_bytes)
+    output = old_output if overwrite else tmp_path / "new.png"
+    with pytest.raises(UserError, match=rf"cannot write .*{output.name}: No space left on device"):
+        save_result(result(), output, overwrite=overwrite)
+    assert_old_output_intact(old_output)
+
+
+def test_two_savers_racing_for_one_name_one_wins_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both savers pass the existence check before either links: only os.link's refusal can stop one."""
+    both_checked = threading.Barrier(2)
+    real_save = Image.Image.save
+
+    def save_after_both_checked(self: Image.Image, *args: Any, **kwargs: Any) -> None:
+        both_checked.wait(timeout=60)
+        real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_after_both_checked)
+    output = tmp_path / "race.png"
+    outcomes: dict[str, BaseException | None] = {}
+
+    def saver(name: str, colour: tuple[int, int, int]) -> None:
+        try:
+            save_result(result(colour, saver=name), output)
+            outcomes[name] = None
+        except BaseException as exc:  # recorded and checked below
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=saver, args=args) for args in (("red", (255, 0, 0)), ("blue", (0, 0, 255)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    winners = [name for name, outcome in outcomes.items() if outcome is None]
+    losers = [outcome for outcome in outcomes.values() if outcome is not None]
+    assert len(winners) == 1 and len(losers) == 1, outcomes
+    assert isinstance(losers[0], UserError) and "race.png already exists" in str(losers[0])
+    winner = winners[0]
+    assert Image.open(output).getpixel((0, 0)) == {"red": (255, 0, 0), "blue": (0, 0, 255)}[winner]
+    assert json.loads(Path(f"{output}.json").read_text())["saver"] == winner
+    assert listing(tmp_path) == ["race.png", "race.png.json"]
+
+
+def test_the_image_is_not_left_behind_when_the_json_name_is_taken_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another program creates out.png.json after our check: ours must not replace it nor keep our image."""
+    output = tmp_path / "out.png"
+    rival_json = b'{"rival": true}'
+    real_save = Image.Image.save
+
+    def rival_appears(self: Image.Image, *args: Any, **kwargs: Any) -> None:
+        Path(f"{output}.json").write_bytes(rival_json)
+        real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", rival_appears)
+    with pytest.raises(UserError, match=r"out\.png\.json already exists"):
+        save_result(result(), output)
+    assert listing(tmp_path) == ["out.png.json"] and Path(f"{output}.json").read_bytes() == rival_json
+
+
+def test_an_image_created_meanwhile_is_not_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output = tmp_path / "out.png"
+    real_save = Image.Image.save
+
+    def rival_appears(self: Image.Image, *args: Any, **kwargs: Any) -> None:
+        output.write_bytes(OLD_IMAGE)
+        real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", rival_appears)
+    with pytest.raises(UserError, match=r"out\.png already exists"):
+        save_result(result(), output)
+    assert listing(tmp_path) == ["out.png"] and output.read_bytes() == OLD_IMAGE
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_outputs_honour_the_umask(tmp_path: Path, umask: int, mode: int, overwrite: bool) -> None:
+    output = tmp_path / "out.png"
+    if overwrite:
+        output.write_bytes(OLD_IMAGE)
+    previous = os.umask(umask)
+    try:
+        paths = save_result(result(), output, overwrite=overwrite)
+    finally:
+        os.umask(previous)
+    assert [oct(os.stat(p).st_mode & 0o777) for p in paths] == [oct(mode)] * 2
+
+
+def test_a_non_regular_target_is_refused_even_with_overwrite(tmp_path: Path) -> None:
+    fifo = tmp_path / "out.png"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=r"out\.png exists and is not a regular file"):
+        save_result(result(), fifo, overwrite=True)
+    assert listing(tmp_path) == ["out.png"] and fifo.is_fifo()
