@@ -21,6 +21,7 @@ from hidream_edit.config import (
     OneLineArgumentParser,
     add_edit_arguments,
     add_model_arguments,
+    add_rewrite_arguments,
     configure_logging,
     editor_settings_from_args,
     environment,
@@ -38,7 +39,6 @@ from hidream_edit.editor import (
     resolve_request,
 )
 from hidream_edit.errors import ModelFilesError, UserError
-from hidream_edit.instructions import MAX_VLM_TIMEOUT_S, VLM_TIMEOUT_S
 from hidream_edit.spec import ModelSpec
 
 logger = logging.getLogger("hidream_edit")
@@ -48,19 +48,6 @@ def user_error_line(exc: BaseException, spec: ModelSpec) -> str:
     if isinstance(exc, ModelFilesError) and exc.role is not None:
         return f"{exc}; check {source_flag(spec, exc.role)} (or try --tiny)"
     return str(exc)
-
-
-def vlm_timeout_seconds(value: str) -> float:
-    """argparse type for --vlm-timeout: a finite number of seconds in (0, MAX_VLM_TIMEOUT_S]."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--vlm-timeout must be a number of seconds, got {value!r}") from None
-    if not 0 < seconds <= MAX_VLM_TIMEOUT_S:  # also false for nan
-        raise argparse.ArgumentTypeError(
-            f"--vlm-timeout must be more than 0 and at most {MAX_VLM_TIMEOUT_S:g} seconds, got {value!r}"
-        )
-    return seconds
 
 
 def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
@@ -78,14 +65,7 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
         group.add_argument("--keep-aspect", action="store_true",
                            help="resize to cover 768x768 and centre-crop instead of stretching")  # fmt: skip
         group.add_argument("--target-description", help="describe the edited image; builds E1-Full's prompt form")
-        group.add_argument("--refine-instruction", action="store_true",
-                           help="ask a vision-language model to write the E1-Full prompt")  # fmt: skip
-        group.add_argument("--vlm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-        group.add_argument("--vlm-model", help="model name at that endpoint (key from OPENAI_API_KEY)")
-        group.add_argument("--vlm-timeout", type=vlm_timeout_seconds, default=VLM_TIMEOUT_S,
-                           help="seconds for the whole VLM call, retries included (default %(default)g)")  # fmt: skip
-        group.add_argument("--refine-fallback", action="store_true",
-                           help="if refinement fails, go on with the bare instruction")  # fmt: skip
+        add_rewrite_arguments(parser, spec)
     add_edit_arguments(parser, spec)
     add_model_arguments(parser, spec)
     return parser
@@ -111,12 +91,12 @@ def _instruction_for(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str
     from hidream_edit.instructions import VLMSettings, compose_e1_full_prompt
 
     vlm = None
-    if args.refine_instruction:
+    if args.rewrite_instruction:
         if not args.vlm_url or not args.vlm_model:
-            raise UserError("--refine-instruction needs --vlm-url and --vlm-model")
+            raise UserError("--rewrite-instruction needs --vlm-url and --vlm-model")
         vlm = VLMSettings(args.vlm_url, args.vlm_model, vlm_api_key(env), timeout_s=args.vlm_timeout)
     image = open_image(args.image) if vlm is not None else None
-    return compose_e1_full_prompt(args.instruction, image, args.target_description, vlm, args.refine_fallback)
+    return compose_e1_full_prompt(args.instruction, image, args.target_description, vlm, args.rewrite_fallback)
 
 
 def prompt_metadata(args: argparse.Namespace, model: str, prompt: str) -> dict[str, Any]:
@@ -127,7 +107,7 @@ def prompt_metadata(args: argparse.Namespace, model: str, prompt: str) -> dict[s
     if not MODELS[model].prompt_form:
         return {}
     vlm = None
-    if args.refine_instruction:
+    if args.rewrite_instruction:
         if is_e1_full_form(args.instruction):
             outcome = "not asked: the instruction is already in the E1-Full form"
         elif args.target_description is not None:
@@ -137,7 +117,7 @@ def prompt_metadata(args: argparse.Namespace, model: str, prompt: str) -> dict[s
         else:
             outcome = "rewritten"
         vlm = {"url": args.vlm_url, "model": args.vlm_model, "timeout_s": args.vlm_timeout,
-               "fallback": args.refine_fallback, "outcome": outcome}  # fmt: skip
+               "fallback": args.rewrite_fallback, "outcome": outcome}  # fmt: skip
     return {"instruction_given": args.instruction, "target_description": args.target_description, "vlm": vlm}
 
 

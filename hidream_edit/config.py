@@ -161,6 +161,56 @@ def add_edit_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> None
     group.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
 
 
+class DeprecatedFlag(argparse.Action):
+    """A store_true flag whose old spelling still works for one release, with a warning naming the new one."""
+
+    def __init__(self, option_strings: list[str], dest: str, new_name: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)  # type: ignore[arg-type]
+        self.new_name = new_name
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        if option_string != self.new_name:
+            print(f"warning: {option_string} is deprecated; use {self.new_name}", file=sys.stderr)
+        setattr(namespace, self.dest, True)
+
+
+def vlm_timeout_seconds(value: str) -> float:
+    """argparse type for --vlm-timeout: a finite number of seconds in (0, MAX_VLM_TIMEOUT_S]."""
+    from hidream_edit.instructions import MAX_VLM_TIMEOUT_S
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--vlm-timeout must be a number of seconds, got {value!r}") from None
+    if not 0 < seconds <= MAX_VLM_TIMEOUT_S:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"--vlm-timeout must be more than 0 and at most {MAX_VLM_TIMEOUT_S:g} seconds, got {value!r}"
+        )
+    return seconds
+
+
+def add_rewrite_arguments(parser: argparse.ArgumentParser, spec: ModelSpec, in_page: bool = False) -> None:
+    """The VLM instruction rewrite (models with a prompt form). `in_page`: the web UI, where a checkbox asks."""
+    from hidream_edit.instructions import VLM_TIMEOUT_S
+
+    where = "offered in the page when --vlm-url and --vlm-model are given" if in_page else "asked with a flag"
+    group = parser.add_argument_group(f"instruction rewrite ({spec.title}; {where})")
+    if not in_page:
+        group.add_argument("--rewrite-instruction", "--refine-instruction", action=DeprecatedFlag,
+                           new_name="--rewrite-instruction", dest="rewrite_instruction",
+                           help=f"ask a vision-language model to write the {spec.title} prompt "
+                                "(--refine-instruction: deprecated old name)")  # fmt: skip
+    group.add_argument("--vlm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    group.add_argument("--vlm-model", help=f"model name at that endpoint (key from {ENV_VLM_KEY})")
+    group.add_argument("--vlm-timeout", type=vlm_timeout_seconds, default=VLM_TIMEOUT_S,
+                       help="seconds for the whole VLM call, retries included (default %(default)g)")  # fmt: skip
+    group.add_argument("--rewrite-fallback", "--refine-fallback", action=DeprecatedFlag, new_name="--rewrite-fallback",
+                       dest="rewrite_fallback",
+                       help="if the rewrite fails, go on with the bare instruction "
+                            "(--refine-fallback: deprecated old name)")  # fmt: skip
+
+
 def add_model_choice_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--model", choices=MODEL_NAMES, default="e1.1", help=help_text)
 

@@ -212,7 +212,7 @@ class Editor:
         if self.settings.spec.prompt_form and not is_e1_full_form(request.instruction):
             logger.warning(
                 "E1-Full expects 'Editing Instruction: ... Target Image Description: ...'; "
-                "using the bare instruction (see --target-description or --refine-instruction)"
+                "using the bare instruction (see --target-description or --rewrite-instruction)"
             )
         source, model_input = self.prepare_image(request)
         generator = self.dm.create_generator(request.seed, on="cpu" if self.settings.rng == "cpu" else "device")

@@ -2,7 +2,7 @@
 
 E1-Full was trained on prompts that pair a precise instruction with a description of the edited
 image, and the pipeline encodes the text after TARGET_MARKER on its own for the refine stage.
-Users rarely write that form, so `refine_instruction` asks an OpenAI-compatible vision-language
+Users rarely write that form, so `rewrite_instruction` asks an OpenAI-compatible vision-language
 model (VLM) to describe the source, sharpen the request and imagine the result. HTTP goes through
 the standard library only, so the NPU image needs no extra client package.
 """
@@ -99,7 +99,7 @@ def _snippet(text: str) -> str:
     return flat or "<empty>"
 
 
-class InstructionRefinementError(UserError):
+class InstructionRewriteError(UserError):
     """The VLM could not turn a request into an E1-Full prompt; the message is always one line."""
 
     def __init__(self, message: str) -> None:
@@ -140,7 +140,7 @@ def format_e1_full_prompt(instruction: str, target_description: str) -> str:
 
 
 @dataclass(frozen=True)
-class RefinedInstruction:
+class RewrittenInstruction:
     """What the VLM made of a request; `prompt` is what the E1-Full pipeline should receive."""
 
     source_description: str
@@ -162,17 +162,17 @@ class VLMSettings:
 
     def __post_init__(self) -> None:
         if not self.url.strip():
-            raise InstructionRefinementError("the VLM URL is empty")
+            raise InstructionRewriteError("the VLM URL is empty")
         if not self.model.strip():
-            raise InstructionRefinementError("the VLM model name is empty")
+            raise InstructionRewriteError("the VLM model name is empty")
         if not 0 < self.timeout_s <= MAX_VLM_TIMEOUT_S:  # also false for nan
-            raise InstructionRefinementError(
+            raise InstructionRewriteError(
                 f"the VLM timeout must be more than 0 and at most {MAX_VLM_TIMEOUT_S:g} s, got {self.timeout_s}"
             )
         if self.retries < 0:
-            raise InstructionRefinementError(f"the VLM retries must be 0 or more, got {self.retries}")
+            raise InstructionRewriteError(f"the VLM retries must be 0 or more, got {self.retries}")
         if self.backoff_s < 0:
-            raise InstructionRefinementError(f"the VLM backoff must be 0 or more, got {self.backoff_s}")
+            raise InstructionRewriteError(f"the VLM backoff must be 0 or more, got {self.backoff_s}")
 
 
 def _clean_line(line: str) -> str:
@@ -238,7 +238,7 @@ def parse_vlm_answer(text: str) -> tuple[str, str, str]:
         if labelled is not None:
             index, rest = labelled
             if parts[index] is not None:
-                raise InstructionRefinementError(
+                raise InstructionRewriteError(
                     f"the VLM answer has more than one {_PART_NAMES[index]!r} line: {_snippet(text)}"
                 )
             parts[index] = _unquote(rest)
@@ -247,7 +247,7 @@ def parse_vlm_answer(text: str) -> tuple[str, str, str]:
             parts[current] = _unquote(line)
     missing = [name for name, part in zip(_PART_NAMES, parts, strict=True) if not part]
     if missing:
-        raise InstructionRefinementError(
+        raise InstructionRewriteError(
             f"cannot parse the VLM answer (missing {', '.join(missing)}): {_snippet(text)}"
         )
     source, instruction, target = (part or "" for part in parts)
@@ -258,7 +258,7 @@ def _endpoint_url(url: str) -> str:
     """Accept a base URL (".../v1") or the full chat-completions URL."""
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InstructionRefinementError(f"the VLM URL must be an http(s) URL, got {url!r}")
+        raise InstructionRewriteError(f"the VLM URL must be an http(s) URL, got {url!r}")
     path = parts.path.rstrip("/")
     if not path.endswith("/chat/completions"):
         path += "/chat/completions"
@@ -280,7 +280,7 @@ def _image_data_url(image: Image.Image) -> str:
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
     except (OSError, ValueError) as exc:
-        raise InstructionRefinementError(f"cannot encode the source image for the VLM: {exc}") from exc
+        raise InstructionRewriteError(f"cannot encode the source image for the VLM: {exc}") from exc
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -404,7 +404,7 @@ def _read_body(response: http.client.HTTPResponse, endpoint: str) -> bytes:
             return b"".join(chunks)
         total += len(chunk)
         if total > _MAX_RESPONSE_BYTES:
-            raise InstructionRefinementError(f"VLM endpoint {endpoint} sent more than {_MAX_RESPONSE_BYTES} bytes")
+            raise InstructionRewriteError(f"VLM endpoint {endpoint} sent more than {_MAX_RESPONSE_BYTES} bytes")
         chunks.append(chunk)
 
 
@@ -423,7 +423,7 @@ def _post_once(endpoint: str, payload: bytes, headers: dict[str, str], deadline:
         message = f"VLM endpoint {endpoint} returned HTTP {exc.code}: {_snippet(body)}"
         if exc.code == 429 or exc.code >= 500:
             raise _RetryableFailure(message, _retry_after_s(exc.headers)) from exc
-        raise InstructionRefinementError(message) from exc
+        raise InstructionRewriteError(message) from exc
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, TimeoutError) or time.monotonic() >= deadline:
             raise _RetryableFailure(timeout_message) from exc
@@ -452,9 +452,9 @@ def _post_with_retries(endpoint: str, payload: bytes, settings: VLMSettings) -> 
             delay = max(settings.backoff_s * 2**attempt, failure.retry_after_s)
             now = time.monotonic()
             if attempt >= settings.retries or now >= deadline:
-                raise InstructionRefinementError(failure.message) from failure
+                raise InstructionRewriteError(failure.message) from failure
             if now + delay >= deadline:
-                raise InstructionRefinementError(
+                raise InstructionRewriteError(
                     f"{failure.message} (no time left to retry within the {settings.timeout_s:g} s timeout)"
                 ) from failure
             attempt += 1
@@ -473,12 +473,12 @@ def _answer_text(body: bytes, endpoint: str) -> tuple[str, str | None]:
     try:
         data: Any = json.loads(body)
     except ValueError as exc:
-        raise InstructionRefinementError(
+        raise InstructionRewriteError(
             f"VLM endpoint {endpoint} returned malformed JSON: {_snippet(body.decode('utf-8', errors='replace'))}"
         ) from exc
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise InstructionRefinementError(f"VLM response from {endpoint} has no choices: {_snippet(json.dumps(data))}")
+        raise InstructionRewriteError(f"VLM response from {endpoint} has no choices: {_snippet(json.dumps(data))}")
     first = choices[0]
     message = first.get("message")
     content = message.get("content") if isinstance(message, dict) else None
@@ -489,18 +489,18 @@ def _answer_text(body: bytes, endpoint: str) -> tuple[str, str | None]:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
         )
     if not isinstance(content, str) or not content.strip():
-        raise InstructionRefinementError(
+        raise InstructionRewriteError(
             f"VLM response from {endpoint} has no answer text: {_snippet(json.dumps(first))}"
         )
     finish_reason = first.get("finish_reason")
     return content, finish_reason if isinstance(finish_reason, str) else None
 
 
-def refine_instruction(image: Image.Image, instruction: str, settings: VLMSettings) -> RefinedInstruction:
+def rewrite_instruction(image: Image.Image, instruction: str, settings: VLMSettings) -> RewrittenInstruction:
     """Ask the VLM to turn a loose request about `image` into an E1-Full prompt."""
     request_text = instruction.strip()
     if not request_text:
-        raise InstructionRefinementError("the editing instruction is empty")
+        raise InstructionRewriteError("the editing instruction is empty")
     endpoint = _endpoint_url(settings.url)
     payload = json.dumps(
         {
@@ -528,15 +528,15 @@ def refine_instruction(image: Image.Image, instruction: str, settings: VLMSettin
     logger.debug("VLM answer after %.1f s: %s", time.monotonic() - started, printable(answer))
     try:
         source, new_instruction, target = parse_vlm_answer(answer)
-    except InstructionRefinementError as exc:
+    except InstructionRewriteError as exc:
         if finish_reason == "length":
-            raise InstructionRefinementError(f"{exc} (the answer was cut off by the token limit)") from exc
+            raise InstructionRewriteError(f"{exc} (the answer was cut off by the token limit)") from exc
         raise
     try:
         prompt = format_e1_full_prompt(new_instruction, target)
     except UserError as exc:
-        raise InstructionRefinementError(f"the VLM answer does not make an E1-Full prompt: {exc}") from exc
-    return RefinedInstruction(
+        raise InstructionRewriteError(f"the VLM answer does not make an E1-Full prompt: {exc}") from exc
+    return RewrittenInstruction(
         source_description=source,
         instruction=new_instruction,
         target_description=target,
@@ -563,9 +563,9 @@ def compose_e1_full_prompt(
     if vlm is None:
         return instruction.strip()
     try:
-        return refine_instruction(image, instruction, vlm).prompt
-    except InstructionRefinementError as exc:
+        return rewrite_instruction(image, instruction, vlm).prompt
+    except InstructionRewriteError as exc:
         if not fallback:
             raise
-        logger.warning("instruction refinement failed (%s); going on with the bare instruction", exc)
+        logger.warning("instruction rewrite failed (%s); going on with the bare instruction", exc)
         return instruction.strip()

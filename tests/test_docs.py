@@ -31,9 +31,6 @@ NOT_RUN = {
 }
 # Flags of other programs that the docs show (hf download).
 EXTERNAL_FLAGS = frozenset({"--local-dir", "--include", "--exclude"})
-# The VLM flags the docs already call by their new names while the rename lands (issue 9): accepted
-# while the script still has only the old name. Delete an entry once its new name is in --help.
-PENDING_RENAMES = {"--rewrite-instruction": "--refine-instruction", "--rewrite-fallback": "--refine-fallback"}
 # The --help runs whose flags each documented command is checked against.
 HELP_RUNS: dict[str, list[str]] = {
     "inference_e1_1_npu.py": ["inference_e1_1_npu.py", "--help"],
@@ -108,7 +105,7 @@ def help_flags() -> dict[str, set[str]]:
 
 
 def known(flag: str, available: set[str]) -> bool:
-    return flag in available or (flag in PENDING_RENAMES and PENDING_RENAMES[flag] in available)
+    return flag in available
 
 
 def test_documented_commands_use_only_their_scripts_flags(help_flags: dict[str, set[str]]) -> None:

@@ -143,7 +143,7 @@ def test_cli_refines_the_instruction_with_a_vlm(vlm_url: str, tiny_env: dict[str
     Image.new("RGB", (80, 60), (220, 0, 0)).save(source)
     output = tmp_path / "out.png"
     argv = ["--tiny", "--image", str(source), "--instruction", "make it green", "--output", str(output),
-            "--steps", "1", "--refine-instruction", "--vlm-url", vlm_url, "--vlm-model", "test-vlm"]  # fmt: skip
+            "--steps", "1", "--rewrite-instruction", "--vlm-url", vlm_url, "--vlm-model", "test-vlm"]  # fmt: skip
     assert run_edit_cli(argv, "e1-full", env={**tiny_env, "OPENAI_API_KEY": "k"}) == 0
     metadata = json.loads(Path(f"{output}.json").read_text())
     assert metadata["instruction"] == (
@@ -152,17 +152,17 @@ def test_cli_refines_the_instruction_with_a_vlm(vlm_url: str, tiny_env: dict[str
     assert ChatCompletions.requests[-1]["model"] == "test-vlm" and Image.open(output).size == (80, 60)
 
 
-def test_cli_refinement_failure_is_one_line_unless_fallback(
+def test_cli_rewrite_failure_is_one_line_unless_fallback(
     tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = tmp_path / "in.png"
     Image.new("RGB", (80, 60)).save(source)
-    argv = ["--tiny", "--image", str(source), "--instruction", "make it green", "--steps", "1", "--refine-instruction",
+    argv = ["--tiny", "--image", str(source), "--instruction", "make it green", "--steps", "1", "--rewrite-instruction",
             "--vlm-url", "http://127.0.0.1:9/v1", "--vlm-model", "m", "--vlm-timeout", "1"]  # fmt: skip
     assert run_edit_cli([*argv, "--output", str(tmp_path / "a.png")], "e1-full", env=tiny_env) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "127.0.0.1:9" in err and not (tmp_path / "a.png").exists()
-    argv += ["--refine-fallback", "--output", str(tmp_path / "b.png")]
+    argv += ["--rewrite-fallback", "--output", str(tmp_path / "b.png")]
     assert run_edit_cli(argv, "e1-full", env=tiny_env) == 0
     assert json.loads((tmp_path / "b.png.json").read_text())["instruction"] == "make it green"
 

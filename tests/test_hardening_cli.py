@@ -97,7 +97,7 @@ def test_a_non_utf8_argv_byte_is_one_line_exit_2_from_the_script(
         ("e1.1", ["--negative", "x" * 10_000], "the negative prompt is 10000 characters long; the limit is 2000"),
         ("e1-full", ["--target-description", "y" * (MAX_PROMPT_CHARS + 1)], "the target description is 2001 "),
         # checked before the VLM is asked (an unreachable endpoint would say "cannot reach" instead)
-        ("e1-full", ["--instruction", "x" * 50_000, "--refine-instruction", "--vlm-url", "http://127.0.0.1:9/v1",
+        ("e1-full", ["--instruction", "x" * 50_000, "--rewrite-instruction", "--vlm-url", "http://127.0.0.1:9/v1",
                      "--vlm-model", "m"], "the instruction is 50000 characters long"),
     ],
 )  # fmt: skip

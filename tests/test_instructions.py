@@ -1,4 +1,4 @@
-"""Tests for E1-Full prompt helpers and VLM instruction refinement against a real local HTTP server."""
+"""Tests for E1-Full prompt helpers and the VLM instruction rewrite against a real local HTTP server."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from hidream_edit.instructions import (
     INSTRUCTION_MARKER,
     SYSTEM_PROMPT,
     TARGET_MARKER,
-    InstructionRefinementError,
-    RefinedInstruction,
+    InstructionRewriteError,
+    RewrittenInstruction,
     VLMSettings,
     format_e1_full_prompt,
     is_e1_full_form,
     parse_vlm_answer,
-    refine_instruction,
     refine_prompt_from,
+    rewrite_instruction,
 )
 
 GOOD_ANSWER = (
@@ -172,7 +172,7 @@ def decode_png(data_url: str) -> Image.Image:
     return picture
 
 
-def assert_one_line(error: pytest.ExceptionInfo[InstructionRefinementError]) -> str:
+def assert_one_line(error: pytest.ExceptionInfo[InstructionRewriteError]) -> str:
     message = str(error.value)
     assert message and "\n" not in message
     return message
@@ -310,13 +310,13 @@ def test_parse_vlm_answer_keeps_colons_inside_text() -> None:
     ],
 )
 def test_parse_vlm_answer_rejects_missing_parts(answer: str, missing: str) -> None:
-    with pytest.raises(InstructionRefinementError, match=f"missing {missing}") as error:
+    with pytest.raises(InstructionRewriteError, match=f"missing {missing}") as error:
         parse_vlm_answer(answer)
     assert_one_line(error)
 
 
 def test_parse_vlm_answer_rejects_duplicate_part() -> None:
-    with pytest.raises(InstructionRefinementError, match="more than one 'target'"):
+    with pytest.raises(InstructionRewriteError, match="more than one 'target'"):
         parse_vlm_answer(GOOD_ANSWER + "\nTarget: something else")
 
 
@@ -339,24 +339,24 @@ def test_settings_hide_key_and_validate() -> None:
     ):
         values: dict[str, Any] = {"url": "http://x/v1", "model": "m"}
         values.update(bad)
-        with pytest.raises(InstructionRefinementError):
+        with pytest.raises(InstructionRewriteError):
             VLMSettings(**values)
 
 
 def test_non_http_url_is_rejected(image: Image.Image) -> None:
-    with pytest.raises(InstructionRefinementError, match="http"):
-        refine_instruction(image, "make it blue", VLMSettings(url="ftp://host/v1", model="m"))
+    with pytest.raises(InstructionRewriteError, match="http"):
+        rewrite_instruction(image, "make it blue", VLMSettings(url="ftp://host/v1", model="m"))
 
 
-# --- refine_instruction against a real server --------------------------------------------------
+# --- rewrite_instruction against a real server --------------------------------------------------
 
 
 def test_good_answer_gives_refined_instruction(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(body=chat_body(GOOD_ANSWER))]
-    refined = refine_instruction(image, "make the car blue", vlm.settings())
-    assert refined == RefinedInstruction(*EXPECTED_PARTS, prompt=GOOD_PROMPT)
-    assert is_e1_full_form(refined.prompt)
-    assert refine_prompt_from(refined.prompt) == EXPECTED_PARTS[2]
+    rewritten = rewrite_instruction(image, "make the car blue", vlm.settings())
+    assert rewritten == RewrittenInstruction(*EXPECTED_PARTS, prompt=GOOD_PROMPT)
+    assert is_e1_full_form(rewritten.prompt)
+    assert refine_prompt_from(rewritten.prompt) == EXPECTED_PARTS[2]
     assert len(vlm.requests) == 1
 
 
@@ -368,7 +368,7 @@ def test_request_carries_model_system_prompt_and_png(
     vlm: FakeVLM, size: tuple[int, int], sent_size: tuple[int, int]
 ) -> None:
     source = Image.new("RGBA", size, (10, 200, 30, 255))
-    refine_instruction(source, "  make the car blue ", vlm.settings(model="qwen-vl"))
+    rewrite_instruction(source, "  make the car blue ", vlm.settings(model="qwen-vl"))
     (request,) = vlm.requests
     assert request.path == "/v1/chat/completions"
     assert request.headers["content-type"] == "application/json"
@@ -388,38 +388,38 @@ def test_request_carries_model_system_prompt_and_png(
 
 
 def test_authorization_header_when_key_set(vlm: FakeVLM, image: Image.Image) -> None:
-    refine_instruction(image, "make the car blue", vlm.settings(api_key="sk-test-123"))
+    rewrite_instruction(image, "make the car blue", vlm.settings(api_key="sk-test-123"))
     assert vlm.requests[0].headers["authorization"] == "Bearer sk-test-123"
 
 
 def test_full_chat_completions_url_is_used_as_is(vlm: FakeVLM, image: Image.Image) -> None:
-    refine_instruction(image, "make the car blue", vlm.settings(url=vlm.url + "/chat/completions/"))
+    rewrite_instruction(image, "make the car blue", vlm.settings(url=vlm.url + "/chat/completions/"))
     assert vlm.requests[0].path == "/v1/chat/completions"
 
 
 def test_content_as_list_of_parts(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(body=chat_body([{"type": "text", "text": GOOD_ANSWER}]))]
-    assert refine_instruction(image, "make the car blue", vlm.settings()).prompt == GOOD_PROMPT
+    assert rewrite_instruction(image, "make the car blue", vlm.settings()).prompt == GOOD_PROMPT
 
 
 def test_unparseable_answer_is_an_error_and_not_retried(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(body=chat_body("Sure! The car would look great in blue."))]
-    with pytest.raises(InstructionRefinementError, match="cannot parse the VLM answer") as error:
-        refine_instruction(image, "make the car blue", vlm.settings())
+    with pytest.raises(InstructionRewriteError, match="cannot parse the VLM answer") as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings())
     assert "look great in blue" in assert_one_line(error)
     assert len(vlm.requests) == 1
 
 
 def test_truncated_answer_mentions_token_limit(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(body=chat_body("Source: a red car\nInstruction: make", finish_reason="length"))]
-    with pytest.raises(InstructionRefinementError, match="token limit"):
-        refine_instruction(image, "make the car blue", vlm.settings())
+    with pytest.raises(InstructionRewriteError, match="token limit"):
+        rewrite_instruction(image, "make the car blue", vlm.settings())
 
 
 def test_non_json_body_is_an_error(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(body=b"<html>\n<body>gateway says hi</body>\n</html>")]
-    with pytest.raises(InstructionRefinementError, match="malformed JSON") as error:
-        refine_instruction(image, "make the car blue", vlm.settings())
+    with pytest.raises(InstructionRewriteError, match="malformed JSON") as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings())
     assert "gateway says hi" in assert_one_line(error)
     assert len(vlm.requests) == 1
 
@@ -435,15 +435,15 @@ def test_non_json_body_is_an_error(vlm: FakeVLM, image: Image.Image) -> None:
 )
 def test_missing_choices_or_content_is_an_error(vlm: FakeVLM, image: Image.Image, payload: Any) -> None:
     vlm.replies = [Reply(body=json.dumps(payload).encode())]
-    with pytest.raises(InstructionRefinementError, match="no choices|no answer text") as error:
-        refine_instruction(image, "make the car blue", vlm.settings())
+    with pytest.raises(InstructionRewriteError, match="no choices|no answer text") as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings())
     assert_one_line(error)
 
 
 def test_http_500_is_retried_then_fails(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(status=500, body=b'{"error": "CUDA out of memory"}')]
-    with pytest.raises(InstructionRefinementError, match="HTTP 500") as error:
-        refine_instruction(image, "make the car blue", vlm.settings(retries=2))
+    with pytest.raises(InstructionRewriteError, match="HTTP 500") as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings(retries=2))
     assert "CUDA out of memory" in assert_one_line(error)
     assert len(vlm.requests) == 3
 
@@ -453,15 +453,15 @@ def test_http_429_is_retried_and_can_recover(vlm: FakeVLM, image: Image.Image) -
         Reply(status=429, body=b"slow down"),
         Reply(body=chat_body(GOOD_ANSWER)),
     ]
-    refined = refine_instruction(image, "make the car blue", vlm.settings(retries=1))
-    assert refined.prompt == GOOD_PROMPT
+    rewritten = rewrite_instruction(image, "make the car blue", vlm.settings(retries=1))
+    assert rewritten.prompt == GOOD_PROMPT
     assert len(vlm.requests) == 2
 
 
 def test_http_400_is_not_retried(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(status=400, body=b'{"error": "unknown model test-vlm"}')]
-    with pytest.raises(InstructionRefinementError, match="HTTP 400") as error:
-        refine_instruction(image, "make the car blue", vlm.settings(retries=3))
+    with pytest.raises(InstructionRewriteError, match="HTTP 400") as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings(retries=3))
     assert "unknown model" in assert_one_line(error)
     assert len(vlm.requests) == 1
 
@@ -469,16 +469,16 @@ def test_http_400_is_not_retried(vlm: FakeVLM, image: Image.Image) -> None:
 def test_a_hung_server_uses_up_the_whole_timeout_once(vlm: FakeVLM, image: Image.Image) -> None:
     """The timeout bounds the whole call: no retry starts after it has run out."""
     vlm.replies = [Reply(body=chat_body(GOOD_ANSWER), delay_s=30.0)]
-    with pytest.raises(InstructionRefinementError, match=r"within 0\.3 s$") as error:
-        refine_instruction(image, "make the car blue", vlm.settings(timeout_s=0.3, retries=1))
+    with pytest.raises(InstructionRewriteError, match=r"within 0\.3 s$") as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings(timeout_s=0.3, retries=1))
     assert vlm.url in assert_one_line(error)
     assert len(vlm.requests) == 1
 
 
 def test_a_retry_that_would_end_after_the_timeout_is_not_started(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(status=503, body=b"busy", headers={"Retry-After": "20"})]
-    with pytest.raises(InstructionRefinementError, match=r"HTTP 503: busy \(no time left to retry within the 5 s"):
-        refine_instruction(image, "make the car blue", vlm.settings(timeout_s=5.0, retries=3))
+    with pytest.raises(InstructionRewriteError, match=r"HTTP 503: busy \(no time left to retry within the 5 s"):
+        rewrite_instruction(image, "make the car blue", vlm.settings(timeout_s=5.0, retries=3))
     assert len(vlm.requests) == 1
 
 
@@ -549,8 +549,8 @@ def test_a_server_that_drips_its_answer_cannot_outlast_the_timeout(drip_server: 
     """
     settings = VLMSettings(url=drip_server.url, model="m", timeout_s=1.0, retries=2, backoff_s=0.01)
     started = time.monotonic()
-    with pytest.raises(InstructionRefinementError, match=r"did not answer within 1 s") as error:
-        refine_instruction(image, "make the car blue", settings)
+    with pytest.raises(InstructionRewriteError, match=r"did not answer within 1 s") as error:
+        rewrite_instruction(image, "make the car blue", settings)
     assert time.monotonic() - started < settings.timeout_s + 2.0
     assert drip_server.url in assert_one_line(error)
     assert drip_server.connections == 1
@@ -561,8 +561,8 @@ def test_server_text_loses_terminal_escapes_and_control_characters(
 ) -> None:
     hostile = "\x1b[2J\x1b]0;owned\x07\x1b[31mred\x1b[0m alert\x07 \x9b1Ahidden\u202egnp.exe \x00nul"
     vlm.replies = [Reply(status=500, body=hostile.encode()), Reply(status=400, body=hostile.encode())]
-    with pytest.raises(InstructionRefinementError) as error:
-        refine_instruction(image, "make the car blue", vlm.settings(retries=1))
+    with pytest.raises(InstructionRewriteError) as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings(retries=1))
     texts = [assert_one_line(error), *(record.getMessage() for record in caplog.records)]
     assert len(texts) == 2
     for text in texts:
@@ -579,19 +579,19 @@ def test_answer_parts_lose_control_characters() -> None:
 def test_unreachable_endpoint_names_the_url(image: Image.Image) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     settings = VLMSettings(url=url, model="m", timeout_s=2.0, retries=1, backoff_s=0.01)
-    with pytest.raises(InstructionRefinementError, match="cannot reach") as error:
-        refine_instruction(image, "make the car blue", settings)
+    with pytest.raises(InstructionRewriteError, match="cannot reach") as error:
+        rewrite_instruction(image, "make the car blue", settings)
     assert url in assert_one_line(error)
 
 
 def test_empty_instruction_sends_nothing(vlm: FakeVLM, image: Image.Image) -> None:
-    with pytest.raises(InstructionRefinementError, match="empty"):
-        refine_instruction(image, "   ", vlm.settings())
+    with pytest.raises(InstructionRewriteError, match="empty"):
+        rewrite_instruction(image, "   ", vlm.settings())
     assert vlm.requests == []
 
 
 def test_vlm_answer_with_marker_is_rejected(vlm: FakeVLM, image: Image.Image) -> None:
     answer = "Source: a car\nInstruction: make it blue\nTarget: Target Image Description: a blue car"
     vlm.replies = [Reply(body=chat_body(answer))]
-    with pytest.raises(InstructionRefinementError, match="must not contain"):
-        refine_instruction(image, "make the car blue", vlm.settings())
+    with pytest.raises(InstructionRewriteError, match="must not contain"):
+        rewrite_instruction(image, "make the car blue", vlm.settings())

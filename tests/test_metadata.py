@@ -11,7 +11,7 @@ from PIL import Image
 
 from hidream_edit import instructions
 from hidream_edit.cli import build_edit_parser, prompt_metadata, run_edit_cli
-from hidream_edit.instructions import RefinedInstruction
+from hidream_edit.instructions import RewrittenInstruction
 from hidream_edit.spec import MODELS
 
 
@@ -45,16 +45,16 @@ def test_e1_full_cli_records_target_description_and_vlm_settings(
 ) -> None:
     asked: list[instructions.VLMSettings] = []
 
-    def fake_rewrite(image: Image.Image, instruction: str, settings: instructions.VLMSettings) -> RefinedInstruction:
+    def fake_rewrite(image: Image.Image, instruction: str, settings: instructions.VLMSettings) -> RewrittenInstruction:
         asked.append(settings)
         prompt = instructions.format_e1_full_prompt("paint the square blue", "a blue square")
-        return RefinedInstruction("a red square", "paint the square blue", "a blue square", prompt)
+        return RewrittenInstruction("a red square", "paint the square blue", "a blue square", prompt)
 
-    monkeypatch.setattr(instructions, "refine_instruction", fake_rewrite)
+    monkeypatch.setattr(instructions, "rewrite_instruction", fake_rewrite)
     output = tmp_path / "vlm.png"
     argv = ["--tiny", "--image", str(source), "--instruction", "make it blue", "--output", str(output),
-            "--steps", "1", "--refine-strength", "0", "--refine-instruction", "--vlm-url", "http://127.0.0.1:9/v1",
-            "--vlm-model", "test-vlm", "--vlm-timeout", "7", "--refine-fallback"]  # fmt: skip
+            "--steps", "1", "--refine-strength", "0", "--rewrite-instruction", "--vlm-url", "http://127.0.0.1:9/v1",
+            "--vlm-model", "test-vlm", "--vlm-timeout", "7", "--rewrite-fallback"]  # fmt: skip
     assert run_edit_cli(argv, "e1-full", env={**tiny_env, "OPENAI_API_KEY": "sk-secret-key"}) == 0
     text = Path(f"{output}.json").read_text()
     metadata = json.loads(text)
@@ -73,8 +73,8 @@ def test_prompt_metadata_says_what_built_the_prompt() -> None:
     }  # fmt: skip
     described = e1_full_args("--instruction", "add a hat", "--target-description", "a cat in a hat")
     assert prompt_metadata(described, "e1-full", "...")["target_description"] == "a cat in a hat"
-    vlm_flags = ["--refine-instruction", "--vlm-url", "http://h/v1", "--vlm-model", "m"]
-    fell_back = e1_full_args("--instruction", " add a hat ", *vlm_flags, "--refine-fallback")
+    vlm_flags = ["--rewrite-instruction", "--vlm-url", "http://h/v1", "--vlm-model", "m"]
+    fell_back = e1_full_args("--instruction", " add a hat ", *vlm_flags, "--rewrite-fallback")
     assert prompt_metadata(fell_back, "e1-full", "add a hat")["vlm"]["outcome"].startswith("failed")
     in_form = "Editing Instruction: add a hat. Target Image Description: a cat in a hat"
     given = e1_full_args("--instruction", in_form, *vlm_flags)

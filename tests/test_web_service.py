@@ -467,17 +467,18 @@ def test_a_failed_rewrite_is_an_error_or_with_the_fallback_the_bare_instruction(
 def test_the_vlm_flags_are_the_clis_and_only_for_e1_full(tmp_path: Path) -> None:
     results = ["--results-dir", str(tmp_path / "r")]
     _, _, settings = parse_command_line(["--model", "e1-full", "--vlm-url", "http://127.0.0.1:8000/v1", "--vlm-model",
-                                         "qwen", "--vlm-timeout", "7", "--refine-fallback", *results],
+                                         "qwen", "--vlm-timeout", "7", "--rewrite-fallback", *results],
                                         {"OPENAI_API_KEY": "sk-1"})  # fmt: skip
     assert settings.vlm == VLMSettings("http://127.0.0.1:8000/v1", "qwen", "sk-1", timeout_s=7.0)
     assert settings.vlm_fallback is True
     assert parse_command_line(["--model", "e1-full", *results], {})[2].vlm is None
     for argv, message in ((["--vlm-url", "http://x/v1"], "--vlm-url and --vlm-model go together"),
-                          (["--vlm-url", "ftp://x", "--vlm-model", "m"], "--vlm-url must be an http"),
-                          (["--vlm-url", "http://x", "--vlm-model", "m", "--vlm-timeout", "inf"],
-                           "--vlm-timeout must be a positive number")):  # fmt: skip
+                          (["--vlm-url", "ftp://x", "--vlm-model", "m"], "--vlm-url must be an http")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             parse_command_line(["--model", "e1-full", *argv, *results], {})
+    with pytest.raises(SystemExit):  # the CLI's check: a finite number of seconds, one line, exit 2
+        parse_command_line(["--model", "e1-full", "--vlm-url", "http://x", "--vlm-model", "m", "--vlm-timeout", "inf",
+                            *results], {})  # fmt: skip
     with pytest.raises(SystemExit):
         parse_command_line(["--vlm-url", "http://x/v1", *results], {})  # E1.1 has no prompt form to write
 

@@ -7,17 +7,16 @@ Turns flags and the environment (handed in by the caller, resolved by config) in
 from __future__ import annotations
 
 import argparse
-import math
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hidream_edit.config import (
-    ENV_VLM_KEY,
     ENV_WEB_AUTH,
     OneLineArgumentParser,
     add_model_arguments,
     add_model_choice_argument,
+    add_rewrite_arguments,
     configure_logging,
     model_spec,
     vlm_api_key,
@@ -56,12 +55,7 @@ def build_parser(model: str) -> OneLineArgumentParser:
     server.add_argument("--refresh", type=float, default=5.0, help="device panel refresh in seconds (default 5)")
     server.add_argument("--verbose", action="store_true", help="log details (INFO)")
     if spec.prompt_form:
-        vlm = parser.add_argument_group(f"instruction rewrite ({spec.title}; offered in the page when both are given)")
-        vlm.add_argument("--vlm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-        vlm.add_argument("--vlm-model", help=f"model name at that endpoint (key from {ENV_VLM_KEY})")
-        vlm.add_argument("--vlm-timeout", type=float, default=60.0, help="seconds per request (default 60)")
-        vlm.add_argument("--refine-fallback", action="store_true",
-                         help="if the rewrite fails, go on with the bare instruction")  # fmt: skip
+        add_rewrite_arguments(parser, spec, in_page=True)
     add_model_arguments(parser, spec)
     return parser
 
@@ -74,8 +68,6 @@ def _vlm_settings(args: argparse.Namespace, env: Mapping[str, str]) -> VLMSettin
         raise UserError("--vlm-url and --vlm-model go together")
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise UserError(f"--vlm-url must be an http(s) URL, got {url!r}")
-    if not (math.isfinite(args.vlm_timeout) and args.vlm_timeout > 0):
-        raise UserError(f"--vlm-timeout must be a positive number of seconds, got {args.vlm_timeout:g}")
     return VLMSettings(url, model, vlm_api_key(env), timeout_s=args.vlm_timeout)
 
 
@@ -115,7 +107,7 @@ def web_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         max_batch=args.max_batch,
         refresh_s=args.refresh,
         vlm=_vlm_settings(args, env),
-        vlm_fallback=getattr(args, "refine_fallback", False),
+        vlm_fallback=getattr(args, "rewrite_fallback", False),
     )
 
 

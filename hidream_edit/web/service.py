@@ -41,7 +41,7 @@ import hidream_edit
 from hidream_edit.editor import USER_ERRORS, EditCancelled, Editor, EditRequest, EditResult, save_result
 from hidream_edit.errors import UserError
 from hidream_edit.images import open_image
-from hidream_edit.instructions import InstructionRefinementError, VLMSettings, compose_e1_full_prompt
+from hidream_edit.instructions import InstructionRewriteError, VLMSettings, compose_e1_full_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -445,7 +445,7 @@ class WebEditor:
                 progress(0.0, f"rewriting the instruction with {vlm.model}")
         try:
             return compose_e1_full_prompt(instruction, image, target, vlm), None
-        except InstructionRefinementError as exc:
+        except InstructionRewriteError as exc:
             if vlm is None or not self.settings.vlm_fallback:
                 raise
             logger.warning("instruction rewrite failed (%s); going on with the bare instruction", exc)

@@ -1,0 +1,74 @@
+"""config.py: flags + environment -> settings; flags win, the environment is read only here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from device_utils import preferences_from
+from hidream_edit.cli import build_edit_parser
+from hidream_edit.config import default_tiny_dir, editor_settings_from_args, hub_offline, resolve_model_sources
+from hidream_edit.errors import UserError
+from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID, MODELS
+
+E1_FULL = MODELS["e1-full"]
+BASE = ["--image", "x.png", "--instruction", "i", "--output", "o.png"]
+
+
+def test_old_rewrite_flag_names_still_work_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    old = build_edit_parser(E1_FULL).parse_args([*BASE, "--refine-instruction", "--refine-fallback"])
+    assert old.rewrite_instruction is True and old.rewrite_fallback is True
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [
+        "warning: --refine-instruction is deprecated; use --rewrite-instruction",
+        "warning: --refine-fallback is deprecated; use --rewrite-fallback",
+    ]
+    new = build_edit_parser(E1_FULL).parse_args([*BASE, "--rewrite-instruction"])
+    assert new.rewrite_instruction is True and new.rewrite_fallback is False
+    assert capsys.readouterr().err == ""
+
+
+def test_rewrite_flags_exist_only_for_models_with_a_prompt_form() -> None:
+    with pytest.raises(SystemExit):
+        build_edit_parser(MODELS["e1.1"]).parse_args([*BASE, "--rewrite-instruction"])
+
+
+def test_device_preferences_say_where_they_came_from() -> None:
+    env = {"PREFERRED_DEVICE": "npu:1", "PREFERRED_DTYPE": "fp16"}
+    from_env = preferences_from(env)
+    assert (from_env.device, from_env.device_origin, from_env.dtype, from_env.dtype_origin) == (
+        "npu:1", "PREFERRED_DEVICE", "fp16", "PREFERRED_DTYPE"
+    )  # fmt: skip
+    flags = preferences_from(env, "cpu", "fp32")
+    assert (flags.device, flags.device_origin) == ("cpu", "--device")
+    assert (flags.dtype, flags.dtype_origin) == ("fp32", "--dtype")
+    assert preferences_from({}).device is None and preferences_from({}).dtype is None
+
+
+def test_model_sources_flags_win_over_environment_then_hub_ids() -> None:
+    env = {"HIDREAM_LLAMA_PATH": "/env/llama", "HIDREAM_E1_FULL_PATH": "/env/lora", "HF_HUB_OFFLINE": "yes"}
+    sources = resolve_model_sources(E1_FULL, llama_path="/flag/llama", env=env)
+    assert (sources.llama, sources.i1, sources.edit, sources.offline) == ("/flag/llama", I1_HUB_ID, "/env/lora", True)
+    plain = resolve_model_sources(MODELS["e1.1"], env={})
+    assert (plain.llama, plain.edit, plain.offline) == (LLAMA_HUB_ID, MODELS["e1.1"].edit_hub_id, False)
+    with pytest.raises(UserError, match="--tiny uses the built-in tiny checkpoints; drop --lora-path"):
+        resolve_model_sources(E1_FULL, edit_path="/x", tiny=True, env={})
+
+
+def test_editor_settings_from_flags_and_environment(tiny_env: dict[str, str]) -> None:
+    env = {**tiny_env, "PREFERRED_DEVICE": "cpu", "HIDREAM_ATTENTION": "math"}
+    args = build_edit_parser(MODELS["e1.1"]).parse_args([*BASE, "--tiny", "--dtype", "fp32", "--rng", "cpu"])
+    settings = editor_settings_from_args(args, MODELS["e1.1"], env)
+    assert (settings.device, settings.device_origin) == ("cpu", "PREFERRED_DEVICE")
+    assert (settings.dtype, settings.dtype_origin) == ("fp32", "--dtype")
+    assert settings.attention == "math" and settings.rng == "cpu" and settings.sources.tiny
+    args = build_edit_parser(MODELS["e1.1"]).parse_args([*BASE, "--tiny", "--attention", "sdpa"])
+    assert editor_settings_from_args(args, MODELS["e1.1"], env).attention == "sdpa"
+
+
+def test_tiny_dir_and_offline_switch(tmp_path: Path) -> None:
+    assert default_tiny_dir({"HIDREAM_TINY_DIR": str(tmp_path)}) == tmp_path
+    assert default_tiny_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "hidream-e1-npu" / "tiny"
+    values = ("1", "true", "ON", "0", "")
+    assert [hub_offline({"HF_HUB_OFFLINE": v}) for v in values] == [True, True, True, False, False]
