@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hidream_edit.webui import device_panel_markdown
 from npu_standin import REPO
 from PIL import Image
 
 from hidream_edit import cli
 from hidream_edit.editor import MAX_PROMPT_CHARS, EditRequest, resolve_request
 from hidream_edit.errors import UserError
+from hidream_edit.web.service import device_panel_markdown
 
 
 @pytest.fixture()
