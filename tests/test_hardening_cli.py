@@ -18,6 +18,7 @@ from PIL import Image
 from hidream_edit import cli
 from hidream_edit.editor import MAX_PROMPT_CHARS, EditRequest, resolve_request
 from hidream_edit.errors import UserError
+from hidream_edit.spec import MODELS
 from hidream_edit.web.service import device_panel_markdown
 
 
@@ -113,9 +114,10 @@ def test_overlong_prompts_are_refused_before_loading(
 @pytest.mark.parametrize("model", ["e1.1", "e1-full"])
 def test_resolve_request_caps_every_prompt_part(model: str) -> None:
     at_limit = "x" * MAX_PROMPT_CHARS
-    resolve_request(EditRequest(image="a.png", instruction=at_limit, negative=at_limit), model)
+    spec = MODELS[model]
+    resolve_request(EditRequest(image="a.png", instruction=at_limit, negative=at_limit), spec)
     form = f"Editing Instruction: {at_limit}. Target Image Description: {at_limit}"
-    resolve_request(EditRequest(image="a.png", instruction=form), model)
+    resolve_request(EditRequest(image="a.png", instruction=form), spec)
     too_long = at_limit + "x"
     cases = {
         "instruction": EditRequest(image="a.png", instruction=too_long),
@@ -131,7 +133,7 @@ def test_resolve_request_caps_every_prompt_part(model: str) -> None:
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "-inf", "soon", "1e9"])
 def test_vlm_timeout_is_validated(value: str, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = cli.build_edit_parser("e1-full")
+    parser = cli.build_edit_parser(MODELS["e1-full"])
     argv = ["--image", "a.png", "--instruction", "x", "--output", "o.png", f"--vlm-timeout={value}"]
     with pytest.raises(SystemExit) as exit_:
         parser.parse_args(argv)
@@ -140,7 +142,7 @@ def test_vlm_timeout_is_validated(value: str, capsys: pytest.CaptureFixture[str]
 
 
 def test_vlm_timeout_accepts_seconds_and_documents_the_total_budget() -> None:
-    parser = cli.build_edit_parser("e1-full")
+    parser = cli.build_edit_parser(MODELS["e1-full"])
     args = parser.parse_args(["--image", "a.png", "--instruction", "x", "--output", "o.png", "--vlm-timeout", "2.5"])
     assert args.vlm_timeout == 2.5
     assert parser.parse_args(["--image", "a", "--instruction", "x", "--output", "o.png"]).vlm_timeout == 60
