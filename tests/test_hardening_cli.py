@@ -128,7 +128,7 @@ def test_resolve_request_caps_every_prompt_part(model: str) -> None:
     }
     for name, request in cases.items():
         with pytest.raises(UserError, match=f"the {name} is {MAX_PROMPT_CHARS + 1} characters long"):
-            resolve_request(request, model)
+            resolve_request(request, spec)
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "-inf", "soon", "1e9"])
