@@ -119,7 +119,8 @@ def build_edit_parser(model: str) -> OneLineArgumentParser:
     if model == "e1-full":
         group = parser.add_argument_group("E1-Full prompt")
         group.add_argument("--keep-aspect", action="store_true",
-                           help="resize to cover 768x768 and centre-crop instead of stretching")  # fmt: skip
+                           help="keep the aspect ratio: resize the whole image to about 768x768 pixels "
+                                "(sides multiples of 16) instead of stretching it to 768x768")  # fmt: skip
         group.add_argument("--target-description", help="describe the edited image; builds E1-Full's prompt form")
         group.add_argument("--refine-instruction", action="store_true",
                            help="ask a vision-language model to write the E1-Full prompt")  # fmt: skip

@@ -672,7 +672,7 @@ def _settings_panel(web: WebEditor, prefix: str) -> list[gr.components.Component
         if web.model == "e1-full":
             target = gr.Textbox(label="Target image description (builds E1-Full's prompt form)",
                                 elem_id=f"{prefix}-target")  # fmt: skip
-            keep_aspect = gr.Checkbox(False, label="Keep aspect (crop instead of stretch)",
+            keep_aspect = gr.Checkbox(False, label="Keep aspect ratio (instead of stretching to a square)",
                                       elem_id=f"{prefix}-keep-aspect")  # fmt: skip
         else:
             target = gr.State(None)

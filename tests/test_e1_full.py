@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from device_utils import load_safetensors
 from hidream_edit import models
-from hidream_edit.cli import run_edit_cli
+from hidream_edit.cli import build_edit_parser, run_edit_cli
 from hidream_edit.editor import Editor, EditorSettings, EditRequest
 from hidream_edit.errors import ModelFilesError
 
@@ -92,6 +92,12 @@ def test_keep_aspect_and_output_back_at_source_size(e1_full_editor: Any) -> None
     kept = e1_full_editor.edit(EditRequest(image, PROMPT, steps=1, refine_strength=0.0, keep_aspect=True))
     assert stretched.image.size == kept.image.size == (200, 100)
     assert stretched.metadata["model_input_size"] == [768, 768] and kept.metadata["keep_aspect"] is True
+    assert kept.metadata["model_input_size"] == [1072, 528]  # 2:1 kept, about 768*768 pixels, 16-aligned
+
+
+def test_keep_aspect_help_says_what_it_does() -> None:
+    text = " ".join(build_edit_parser("e1-full").format_help().split())
+    assert "resize the whole image to about 768x768 pixels (sides multiples of 16) instead of stretching" in text
 
 
 def test_bad_lora_files_name_their_keys(tiny_checkpoints: Any, tmp_path: Path) -> None:
