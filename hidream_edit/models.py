@@ -242,32 +242,78 @@ class SameWeights:
         return None
 
 
+class WeightSwapError(RuntimeError):
+    """A refine-weight swap failed and could not be undone: the transformer would run on mixed weights."""
+
+
 class TensorSwap:
     """Keeps base values of some transformer tensors on the CPU and swaps them in for the refine steps.
 
     Swapping exchanges the `.data` of each tensor with the stored copy, so exactly one copy of each
     tensor is on the device and the other waits on the CPU; swapping twice restores everything.
+    A swap is all or nothing: when moving a tensor fails (out of memory, say) the tensors already
+    exchanged are exchanged back before the error propagates. Under sequential CPU offload the
+    parameters wait on the meta device and the offload hook's CPU copies are the ones exchanged.
     """
 
     def __init__(self, transformer: torch.nn.Module, base: dict[str, torch.Tensor]) -> None:
         self.transformer = transformer
         self.stash = base
         self.refining = False
+        self.broken = False
+
+    def _holder(self, key: str) -> torch.Tensor:
+        """The tensor that holds `key`'s values between forward passes."""
+        parameter = self.transformer.get_parameter(key)
+        if parameter.device.type != "meta":
+            return parameter
+        module_name, _, name = key.rpartition(".")
+        hook = getattr(self.transformer.get_submodule(module_name), "_hf_hook", None)
+        for part in getattr(hook, "hooks", (hook,)):
+            weights_map = getattr(part, "weights_map", None)
+            if weights_map is not None and name in weights_map:
+                return weights_map[name]
+        raise WeightSwapError(f"{key} is on the meta device and no offload hook holds its values")
+
+    def _exchange(self, key: str) -> None:
+        """Swap one tensor; if a copy fails, this tensor is left as it was."""
+        holder = self._holder(key)
+        live = holder.data
+        incoming = self.stash[key].to(device=live.device, dtype=live.dtype)
+        outgoing = live.to("cpu", copy=live.device.type == "cpu")
+        holder.data = incoming
+        self.stash[key] = outgoing
 
     def _swap(self) -> None:
+        done: list[str] = []
         with torch.no_grad():
-            for key, stored in self.stash.items():
-                tensor = self.transformer.get_parameter(key)
-                live = tensor.data
-                tensor.data = stored.to(device=live.device, dtype=live.dtype)
-                self.stash[key] = live.to("cpu", copy=live.device.type == "cpu")
+            try:
+                for key in list(self.stash):
+                    self._exchange(key)
+                    done.append(key)
+            except BaseException:
+                try:
+                    for key in reversed(done):
+                        self._exchange(key)
+                except BaseException as exc:
+                    self.broken = True
+                    raise WeightSwapError(
+                        f"a refine-weight swap failed and {len(done)} tensors could not be restored; reload the model"
+                    ) from exc
+                raise
+
+    def _refuse_if_broken(self) -> None:
+        if self.broken:
+            raise WeightSwapError("an earlier refine-weight swap failed and left mixed weights; reload the model")
 
     def use_refine(self) -> None:
+        self._refuse_if_broken()
         if not self.refining:
             self._swap()
             self.refining = True
 
     def use_edit(self) -> None:
+        self._refuse_if_broken()
         if self.refining:
             self._swap()
             self.refining = False
@@ -288,14 +334,14 @@ class AdaptersOff:
         self.name = "base" if swap else "edit"
 
     def use_refine(self) -> None:
-        self.transformer.disable_adapters()
         if self.swap:
-            self.swap.use_refine()
+            self.swap.use_refine()  # first: if it fails (rolled back), the adapters stay on
+        self.transformer.disable_adapters()
 
     def use_edit(self) -> None:
-        self.transformer.enable_adapters()
         if self.swap:
             self.swap.use_edit()
+        self.transformer.enable_adapters()
 
 
 def differing_base_tensors(transformer: torch.nn.Module, i1_dir: Path) -> dict[str, torch.Tensor]:

@@ -205,6 +205,8 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         refine_start = refine_start_step(len(timesteps), refine_strength)
         width = latents.shape[-1]
         step_seconds: list[float] = []
+        if refine_weights is not None:
+            refine_weights.use_edit()  # an earlier edit that failed while switching back may have left refine weights
         try:
             with self.progress_bar(total=len(timesteps)) as progress:
                 for i, t in enumerate(timesteps):
