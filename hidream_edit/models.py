@@ -370,15 +370,23 @@ def load_e1_full_transformer(i1_dir: Path, lora_file: Path, dtype: torch.dtype, 
         checkpoint = load_safetensors(lora_file)
     except CheckpointError as exc:
         raise ModelFilesError(str(exc)) from exc
-    model_keys = set(transformer.state_dict())
-    unexpected = sorted(set(checkpoint) - model_keys)
-    missing = sorted(k for k in model_keys if ".lora_" in k and k not in checkpoint)
-    if unexpected or missing:
-        raise ModelFilesError(
-            f"{lora_file} does not fit the E1-Full LoRA layout: unexpected {_describe_keys(unexpected) or 'none'}; "
-            f"missing {_describe_keys(missing) or 'none'}"
-        )
+    model_state = transformer.state_dict()
+    unexpected = sorted(set(checkpoint) - set(model_state))
+    if unexpected:
+        layout = "does not fit the E1-Full LoRA layout"
+        raise ModelFilesError(f"{lora_file} {layout}: unexpected {_describe_keys(unexpected)}")
     full_keys = [k for k in checkpoint if ".lora_" not in k]
+    lora_keys = [k for k in model_state if ".lora_" in k]
+    missing = sorted(k for k in lora_keys if k not in checkpoint)
+    if missing:
+        # PEFT starts lora_A random: a missing A (or B) is set to zero so its layer gets no LoRA change at all.
+        logger.warning(
+            "%s lacks %d of the %d LoRA tensors of the E1-Full adapter (%s); they are set to zero, "
+            "so those layers run without the LoRA",
+            lora_file, len(missing), len(lora_keys), _describe_keys(missing),
+        )  # fmt: skip
+        for key in missing:
+            checkpoint[key] = torch.zeros_like(model_state[key])
     swap = None
     if refine_weights == "base":
         params = dict(transformer.named_parameters())

@@ -106,10 +106,44 @@ def test_bad_lora_files_name_their_keys(tiny_checkpoints: Any, tmp_path: Path) -
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ModelFilesError, match="unexpected double_stream_blocks.0.block.attn1.to_zz"):
         models.load_e1_full_transformer(tiny_checkpoints.i1, tmp_path / "extra.safetensors", torch.float32, "edit")
-    missing = {k: v for k, v in state.items() if "single_stream" not in k}
-    save_file(missing, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ModelFilesError, match="missing single_stream_blocks.*and \\d+ more"):
-        models.load_e1_full_transformer(tiny_checkpoints.i1, tmp_path / "missing.safetensors", torch.float32, "edit")
+
+
+def lora_modules(state: dict[str, torch.Tensor], part: str) -> list[str]:
+    """Module paths (before `.lora_A`) whose name contains `part`."""
+    return sorted({k.split(".lora_A.")[0] for k in state if ".lora_A." in k and part in k})
+
+
+def test_missing_lora_tensors_are_zero_and_counted(
+    tiny_checkpoints: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upstream accepts a file lacking LoRA keys; a missing A or B must mean "no LoRA here", never PEFT's random A."""
+    state = load_safetensors(tiny_checkpoints.e1_full_lora)
+    no_b = lora_modules(state, ".to_k.")  # lora_A present, lora_B missing
+    no_a = lora_modules(state, ".to_v.")  # lora_B present, lora_A missing
+    assert no_b and no_a
+    dropped = {f"{m}.lora_B.default.weight" for m in no_b} | {f"{m}.lora_A.default.weight" for m in no_a}
+    assert dropped <= set(state)
+    save_file({k: v for k, v in state.items() if k not in dropped}, str(tmp_path / "partial.safetensors"))
+    caplog.set_level("WARNING", logger="hidream_edit")
+    partial, _ = models.load_e1_full_transformer(
+        tiny_checkpoints.i1, tmp_path / "partial.safetensors", torch.float32, "edit"
+    )
+    total = sum(".lora_" in k for k in partial.state_dict())
+    assert f"lacks {len(dropped)} of the {total} LoRA tensors" in caplog.text
+    assert "they are set to zero, so those layers run without the LoRA" in caplog.text
+    weights = partial.state_dict()
+    for module in no_b:
+        assert not weights[f"{module}.lora_B.default.weight"].any()
+        assert torch.equal(weights[f"{module}.lora_A.default.weight"], state[f"{module}.lora_A.default.weight"])
+    for module in no_a:
+        assert not weights[f"{module}.lora_A.default.weight"].any()
+    full, _ = models.load_e1_full_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_full_lora, torch.float32, "edit")
+    with_lora = transformer_output(full)
+    with torch.no_grad():  # the expected effect: exactly those layers without their LoRA change
+        for module in no_b + no_a:
+            full.get_parameter(f"{module}.lora_B.default.weight").zero_()
+    torch.testing.assert_close(transformer_output(partial), transformer_output(full))
+    assert (transformer_output(partial) - with_lora).abs().max() > 1e-4
 
 
 class ChatCompletions(BaseHTTPRequestHandler):
