@@ -408,6 +408,7 @@ class LoadedPipeline:
     memory_actions: list[str]
     sources: ModelSources
     lora_fused: bool = False
+    vae_dtype: str = ""
 
 
 def load_pipeline(
@@ -422,7 +423,7 @@ def load_pipeline(
     """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the offload mode."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from hidream_edit.pipeline import HiDreamImageEditingPipeline
+    from hidream_edit.pipeline import HiDreamImageEditingPipeline, dtype_name
 
     if refine_weights not in REFINE_WEIGHTS:
         raise UserError(f"unknown refine weights {refine_weights!r}; use one of: {', '.join(REFINE_WEIGHTS)}")
@@ -456,6 +457,10 @@ def load_pipeline(
         i1_dir, transformer=transformer, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype
     )
     pipe.set_progress_bar_config(disable=True)
+    if dtype == torch.float16:  # fp16 VAE decodes overflow into black images; the VAE is small in fp32
+        pipe.vae.to(dtype=torch.float32)
+        logger.info("VAE in fp32 (the model runs in fp16)")
+    vae_dtype = dtype_name(pipe.vae.dtype)
     attention = dm.configure_attention(pipe.transformer, attention)
     actions = dm.set_memory_efficient_mode(pipe, offload, vae_tiling=vae_tiling)
-    return LoadedPipeline(pipe, switch, attention, actions, sources, lora_fused=fuse_lora)
+    return LoadedPipeline(pipe, switch, attention, actions, sources, lora_fused=fuse_lora, vae_dtype=vae_dtype)

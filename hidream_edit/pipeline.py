@@ -20,6 +20,7 @@ from diffusers.schedulers import UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from hidream_edit.errors import NonFiniteError
 from hidream_edit.instructions import refine_prompt_from
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,12 @@ class EditOutput:
     timings: dict[str, Any] = field(default_factory=dict)
     non_finite: bool = False
     refine_start_step: int = 0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """fp16 / bf16 / fp32, as the --dtype flag spells them."""
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def refine_start_step(num_inference_steps: int, refine_strength: float) -> int:
@@ -225,6 +232,9 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
                         if guided:
                             prediction = combine_refine_guidance(prediction, guidance_scale)
                     latents = self.scheduler.step(prediction.to(latents.dtype), t, latents, return_dict=False)[0]
+                    if not bool(torch.isfinite(latents).all()):
+                        where = f"denoising step {i + 1} of {len(timesteps)}"
+                        raise NonFiniteError(where, dtype_name(latents.dtype))
                     step_seconds.append(time.perf_counter() - step_started)
                     if callback_on_step_end is not None:
                         returned = callback_on_step_end(self, i, t, {"latents": latents}) or {}
