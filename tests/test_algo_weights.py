@@ -186,6 +186,21 @@ def test_base_refine_weights_work_under_offload(
     torch.testing.assert_close(edit_latents(loaded, 0.5), reference["base"])
 
 
+def test_e1_full_base_refine_weights_work_under_sequential_offload(tiny_env: dict[str, str]) -> None:
+    """The LoRA layers are offloaded too; adapters switch off and the full tensors swap from the hooks' copies."""
+    e1_full = models.resolve_model_sources("e1-full", tiny=True, env=tiny_env)
+    prompt = "Editing Instruction: make it green. Target Image Description: a green square"
+    plain, offloaded = load_base(e1_full), load_base(e1_full)
+    cpu_offload(offloaded.pipe.transformer, torch.device("cpu"), offload_buffers=False)
+    results = []
+    for loaded in (plain, offloaded, offloaded):
+        image = Image.new("RGB", (64, 64), (30, 120, 200))
+        results.append(loaded.pipe(prompt, "blur", image, 5.0, 4.0, 2, torch.Generator().manual_seed(0), 0.5,
+                                   output_type="latent", refine_weights=loaded.refine_weights).images)  # fmt: skip
+    torch.testing.assert_close(results[1], results[0])
+    torch.testing.assert_close(results[2], results[0])
+
+
 def test_a_failed_switch_mid_edit_leaves_later_edits_exact(
     sources: models.ModelSources, reference: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
