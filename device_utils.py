@@ -36,6 +36,8 @@ logger = logging.getLogger("device_utils")
 DEVICE_TYPES = ("npu", "cuda", "cpu")
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTION_BACKENDS = ("sdpa", "math", "npu_fused")
+MATH_ATTENTION_BUDGET_BYTES = 1 << 30
+"""Memory for one query chunk of the explicit (math) attention: fp32 scores and their softmax."""
 MEMORY_MODES = ("none", "model", "sequential")
 DISTRIBUTED_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 CANN_FIX = "source the CANN set_env.sh (e.g. source /usr/local/Ascend/ascend-toolkit/set_env.sh)"
@@ -464,11 +466,29 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
 
 
-def math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Explicit softmax(QK^T / sqrt(d)) V in fp32: the portable fallback for any device."""
+def math_attention_chunk_rows(query_shape: torch.Size, key_length: int, budget_bytes: int) -> int:
+    """Query rows per chunk of `math_attention`: its fp32 scores and their softmax fit `budget_bytes`."""
+    bytes_per_row = 2 * 4 * key_length * math.prod(query_shape[:-2])
+    return max(1, min(query_shape[-2], budget_bytes // max(1, bytes_per_row)))
+
+
+def math_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, budget_bytes: int = MATH_ATTENTION_BUDGET_BYTES
+) -> torch.Tensor:
+    """Explicit softmax(QK^T / sqrt(d)) V in fp32: the portable fallback for any device.
+
+    Query rows are independent, so they are processed in chunks whose scores fit `budget_bytes`:
+    the full score matrix of a large image would need many GB; the result is the same.
+    """
     scale = 1.0 / math.sqrt(query.shape[-1])
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
-    return torch.matmul(scores.softmax(dim=-1), value.float()).to(query.dtype)
+    key_t = key.float().transpose(-1, -2)
+    value_f = value.float()
+    rows = math_attention_chunk_rows(query.shape, key.shape[-2], budget_bytes)
+    out = torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device=query.device)
+    for start in range(0, query.shape[-2], rows):
+        scores = torch.matmul(query[..., start : start + rows, :].float(), key_t).mul_(scale)
+        out[..., start : start + rows, :] = torch.matmul(scores.softmax(dim=-1), value_f)
+    return out
 
 
 def npu_fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
     if spec.prompt_form:
         group = parser.add_argument_group(f"{spec.title} prompt")
         group.add_argument("--keep-aspect", action="store_true",
-                           help="resize to cover 768x768 and centre-crop instead of stretching")  # fmt: skip
+                           help="keep the aspect ratio: resize the whole image to about 768x768 pixels "
+                                "(sides multiples of 16) instead of stretching it to 768x768")  # fmt: skip
         group.add_argument("--target-description", help="describe the edited image; builds E1-Full's prompt form")
         add_rewrite_arguments(parser, spec)
     add_edit_arguments(parser, spec)

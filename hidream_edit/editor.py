@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from device_utils import CheckpointError, DeviceError, DeviceManager
-from hidream_edit.errors import UserError
+from hidream_edit.errors import NonFiniteError, UserError
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
 from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, ModelSpec, is_e1_full_form
@@ -243,12 +243,9 @@ class Editor:
             )
         self.dm.synchronize()
         total_s = time.perf_counter() - started
-        image = resize_to(output.images[0], source.size)
         if output.non_finite:
-            logger.warning(
-                "the decoded image contains NaN/inf (black or broken output); fp16 VAE decodes can overflow: "
-                "try --dtype bf16 or --dtype fp32"
-            )
+            raise NonFiniteError("the VAE decode", self.loaded.vae_dtype)
+        image = resize_to(output.images[0], source.size)
         memory = self.dm.memory_stats(log=False)
         metadata = {
             "model": self.settings.model,
@@ -269,6 +266,7 @@ class Editor:
             "device": str(self.dm.device),
             "device_name": self.dm.device_name,
             "dtype": self.dm.dtype_name,
+            "vae_dtype": self.loaded.vae_dtype,
             "attention": self.loaded.attention,
             "offload": self.settings.offload,
             "vae_tiling": self.settings.vae_tiling,

@@ -112,15 +112,18 @@ def resize_for_e1_1(image: Image.Image, target_side: int = E1_1_TARGET_SIDE) -> 
 
 
 def resize_for_e1_full(image: Image.Image, side: int = E1_FULL_SIDE, keep_aspect: bool = False) -> Image.Image:
-    """Bring an image to the square size E1-Full was trained on.
+    """Bring an image to the working size of E1-Full.
 
-    The default stretches, as upstream does, so the whole picture is edited; `keep_aspect`
-    avoids distortion at the cost of cutting off the edges of the longer side.
+    The default stretches to `side` x `side`, as upstream does. `keep_aspect` resizes the whole
+    picture (nothing cropped) to about `side`**2 pixels with the source's aspect ratio and sides that
+    are multiples of 16; the few pixels of rounding are undone when the result is resized back.
     """
     if side <= 0:
         raise ValueError(f"side must be positive, got {side}")
     if keep_aspect:
-        return _cover_and_crop(image, (side, side))
+        size = _pick_area_size(image.width, image.height, side, "E1-Full")
+        logger.debug("E1-Full keep-aspect working size %dx%d", *size)
+        return image.resize(size, Image.Resampling.BICUBIC)
     return image.resize((side, side), Image.Resampling.BICUBIC)
 
 
@@ -257,7 +260,7 @@ def _floor_to_multiple(value: int) -> int:
     return value // _SIDE_MULTIPLE * _SIDE_MULTIPLE
 
 
-def _pick_area_size(width: int, height: int, target_side: int) -> tuple[int, int]:
+def _pick_area_size(width: int, height: int, target_side: int, model: str = "E1.1") -> tuple[int, int]:
     """Choose the largest 16-aligned size near the source aspect ratio with area <= target_side**2."""
     max_area = target_side * target_side
     scale = math.sqrt(max_area / (width * height))
@@ -272,7 +275,7 @@ def _pick_area_size(width: int, height: int, target_side: int) -> tuple[int, int
             best = (w, h)
     if best is None or best[0] == 0 or best[1] == 0:
         raise ImageInputError(
-            f"image of {width}x{height} is too elongated to resize for E1.1 "
+            f"image of {width}x{height} is too elongated to resize for {model} "
             f"(a side would be under {_SIDE_MULTIPLE} pixels)"
         )
     return best

@@ -107,11 +107,12 @@ class InstructionRewriteError(UserError):
 
 
 def refine_prompt_from(prompt: str) -> str | None:
-    """The refine stage's prompt: text after TARGET_MARKER, or None to reuse the main embeddings."""
-    _, found, after = prompt.partition(TARGET_MARKER)
-    if not found:
+    """The refine stage's prompt as upstream takes it: the text after TARGET_MARKER up to a second marker,
+    stripped, "" when nothing follows (an empty prompt is encoded); None without the marker."""
+    parts = prompt.split(TARGET_MARKER)
+    if len(parts) < 2:
         return None
-    return after.strip() or None
+    return parts[1].strip()
 
 
 def is_e1_full_form(text: str) -> bool:

@@ -191,32 +191,78 @@ class SameWeights:
         return None
 
 
+class WeightSwapError(RuntimeError):
+    """A refine-weight swap failed and could not be undone: the transformer would run on mixed weights."""
+
+
 class TensorSwap:
     """Keeps base values of some transformer tensors on the CPU and swaps them in for the refine steps.
 
     Swapping exchanges the `.data` of each tensor with the stored copy, so exactly one copy of each
     tensor is on the device and the other waits on the CPU; swapping twice restores everything.
+    A swap is all or nothing: when moving a tensor fails (out of memory, say) the tensors already
+    exchanged are exchanged back before the error propagates. Under sequential CPU offload the
+    parameters wait on the meta device and the offload hook's CPU copies are the ones exchanged.
     """
 
     def __init__(self, transformer: torch.nn.Module, base: dict[str, torch.Tensor]) -> None:
         self.transformer = transformer
         self.stash = base
         self.refining = False
+        self.broken = False
+
+    def _holder(self, key: str) -> torch.Tensor:
+        """The tensor that holds `key`'s values between forward passes."""
+        parameter = self.transformer.get_parameter(key)
+        if parameter.device.type != "meta":
+            return parameter
+        module_name, _, name = key.rpartition(".")
+        hook = getattr(self.transformer.get_submodule(module_name), "_hf_hook", None)
+        for part in getattr(hook, "hooks", (hook,)):
+            weights_map = getattr(part, "weights_map", None)
+            if weights_map is not None and name in weights_map:
+                return weights_map[name]
+        raise WeightSwapError(f"{key} is on the meta device and no offload hook holds its values")
+
+    def _exchange(self, key: str) -> None:
+        """Swap one tensor; if a copy fails, this tensor is left as it was."""
+        holder = self._holder(key)
+        live = holder.data
+        incoming = self.stash[key].to(device=live.device, dtype=live.dtype)
+        outgoing = live.to("cpu", copy=live.device.type == "cpu")
+        holder.data = incoming
+        self.stash[key] = outgoing
 
     def _swap(self) -> None:
+        done: list[str] = []
         with torch.no_grad():
-            for key, stored in self.stash.items():
-                tensor = self.transformer.get_parameter(key)
-                live = tensor.data
-                tensor.data = stored.to(device=live.device, dtype=live.dtype)
-                self.stash[key] = live.to("cpu", copy=live.device.type == "cpu")
+            try:
+                for key in list(self.stash):
+                    self._exchange(key)
+                    done.append(key)
+            except BaseException:
+                try:
+                    for key in reversed(done):
+                        self._exchange(key)
+                except BaseException as exc:
+                    self.broken = True
+                    raise WeightSwapError(
+                        f"a refine-weight swap failed and {len(done)} tensors could not be restored; reload the model"
+                    ) from exc
+                raise
+
+    def _refuse_if_broken(self) -> None:
+        if self.broken:
+            raise WeightSwapError("an earlier refine-weight swap failed and left mixed weights; reload the model")
 
     def use_refine(self) -> None:
+        self._refuse_if_broken()
         if not self.refining:
             self._swap()
             self.refining = True
 
     def use_edit(self) -> None:
+        self._refuse_if_broken()
         if self.refining:
             self._swap()
             self.refining = False
@@ -237,14 +283,14 @@ class AdaptersOff:
         self.name = "base" if swap else "edit"
 
     def use_refine(self) -> None:
-        self.transformer.disable_adapters()
         if self.swap:
-            self.swap.use_refine()
+            self.swap.use_refine()  # first: if it fails (rolled back), the adapters stay on
+        self.transformer.disable_adapters()
 
     def use_edit(self) -> None:
-        self.transformer.enable_adapters()
         if self.swap:
             self.swap.use_edit()
+        self.transformer.enable_adapters()
 
 
 def differing_base_tensors(transformer: torch.nn.Module, i1_dir: Path) -> dict[str, torch.Tensor]:
@@ -275,15 +321,23 @@ def load_e1_full_transformer(i1_dir: Path, lora_file: Path, dtype: torch.dtype, 
         checkpoint = load_safetensors(lora_file)
     except CheckpointError as exc:
         raise ModelFilesError(str(exc)) from exc
-    model_keys = set(transformer.state_dict())
-    unexpected = sorted(set(checkpoint) - model_keys)
-    missing = sorted(k for k in model_keys if ".lora_" in k and k not in checkpoint)
-    if unexpected or missing:
-        raise ModelFilesError(
-            f"{lora_file} does not fit the E1-Full LoRA layout: unexpected {_describe_keys(unexpected) or 'none'}; "
-            f"missing {_describe_keys(missing) or 'none'}"
-        )
+    model_state = transformer.state_dict()
+    unexpected = sorted(set(checkpoint) - set(model_state))
+    if unexpected:
+        layout = "does not fit the E1-Full LoRA layout"
+        raise ModelFilesError(f"{lora_file} {layout}: unexpected {_describe_keys(unexpected)}")
     full_keys = [k for k in checkpoint if ".lora_" not in k]
+    lora_keys = [k for k in model_state if ".lora_" in k]
+    missing = sorted(k for k in lora_keys if k not in checkpoint)
+    if missing:
+        # PEFT starts lora_A random: a missing A (or B) is set to zero so its layer gets no LoRA change at all.
+        logger.warning(
+            "%s lacks %d of the %d LoRA tensors of the E1-Full adapter (%s); they are set to zero, "
+            "so those layers run without the LoRA",
+            lora_file, len(missing), len(lora_keys), _describe_keys(missing),
+        )  # fmt: skip
+        for key in missing:
+            checkpoint[key] = torch.zeros_like(model_state[key])
     swap = None
     if refine_weights == "base":
         params = dict(transformer.named_parameters())
@@ -305,6 +359,7 @@ class LoadedPipeline:
     memory_actions: list[str]
     sources: ModelSources
     lora_fused: bool = False
+    vae_dtype: str = ""
 
 
 def load_pipeline(
@@ -319,7 +374,7 @@ def load_pipeline(
     """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the offload mode."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from hidream_edit.pipeline import HiDreamImageEditingPipeline
+    from hidream_edit.pipeline import HiDreamImageEditingPipeline, dtype_name
 
     spec = sources.spec
     if refine_weights not in REFINE_WEIGHTS:
@@ -352,6 +407,10 @@ def load_pipeline(
         i1_dir, transformer=transformer, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype
     )
     pipe.set_progress_bar_config(disable=True)
+    if dtype == torch.float16:  # fp16 VAE decodes overflow into black images; the VAE is small in fp32
+        pipe.vae.to(dtype=torch.float32)
+        logger.info("VAE in fp32 (the model runs in fp16)")
+    vae_dtype = dtype_name(pipe.vae.dtype)
     attention = install_attention(pipe.transformer, dm, attention)
     actions = dm.set_memory_efficient_mode(pipe, offload, vae_tiling=vae_tiling)
-    return LoadedPipeline(pipe, switch, attention, actions, sources, lora_fused=fuse_lora)
+    return LoadedPipeline(pipe, switch, attention, actions, sources, lora_fused=fuse_lora, vae_dtype=vae_dtype)

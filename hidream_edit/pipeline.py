@@ -20,6 +20,7 @@ from diffusers.schedulers import UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from hidream_edit.errors import NonFiniteError
 from hidream_edit.instructions import refine_prompt_from
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class EditOutput:
     refine_start_step: int = 0
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """fp16 / bf16 / fp32, as the --dtype flag spells them."""
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def refine_start_step(num_inference_steps: int, refine_strength: float) -> int:
     """Index of the first refine step; equal to num_inference_steps when there is no refine stage."""
     return int(num_inference_steps * (1.0 - refine_strength))
@@ -77,8 +84,10 @@ def edit_text_batch(cond: PromptEmbeddings, negative: PromptEmbeddings, clip_cfg
 
 
 def concat_image_latents(latents: torch.Tensor, image_latents: torch.Tensor) -> torch.Tensor:
-    """Three copies of the noisy latents, each with its image latents appended along the width axis."""
-    return torch.cat([torch.cat([latents] * 3, dim=0), image_latents.to(latents.dtype)], dim=-1)
+    """One copy of the noisy latents per image-latent branch (3 guided, 1 without guidance), each with
+    its image latents appended along the width axis."""
+    copies = torch.cat([latents] * image_latents.shape[0], dim=0)
+    return torch.cat([copies, image_latents.to(latents.dtype)], dim=-1)
 
 
 def crop_and_negate(model_output: torch.Tensor, width: int) -> torch.Tensor:
@@ -108,15 +117,19 @@ def combine_refine_guidance(prediction: torch.Tensor, guidance_scale: float) -> 
 class HiDreamImageEditingPipeline(HiDreamImagePipeline):
     """Instruction-based image editing with HiDream-E1.1 / E1-Full transformers."""
 
-    def _encode(self, prompt: str, negative_prompt: str, device: torch.device, max_sequence_length: int):
+    def _encode(
+        self, prompt: str, negative_prompt: str, device: torch.device, max_sequence_length: int, guided: bool
+    ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
+        """(prompt, negative) embeddings; without guidance the negative is neither encoded nor returned."""
         t5, neg_t5, llama, neg_llama, pooled, neg_pooled = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
             device=device,
-            do_classifier_free_guidance=True,
+            do_classifier_free_guidance=guided,
             max_sequence_length=max_sequence_length,
         )
-        return PromptEmbeddings(t5, llama, pooled), PromptEmbeddings(neg_t5, neg_llama, neg_pooled)
+        negative = PromptEmbeddings(neg_t5, neg_llama, neg_pooled) if guided else None
+        return PromptEmbeddings(t5, llama, pooled), negative
 
     def encode_image(self, image: Image.Image, device: torch.device) -> torch.Tensor:
         """Source image -> VAE latents (distribution mode, shifted and scaled)."""
@@ -159,7 +172,11 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         refine_weights: RefineWeights | None = None,
         max_sequence_length: int = 128,
     ) -> EditOutput:
-        """Edit `image` (sides multiples of 16) following `prompt`; see docs/ARCHITECTURE.md section 3."""
+        """Edit `image` (sides multiples of 16) following `prompt`; see docs/ARCHITECTURE.md section 3.
+
+        With guidance_scale <= 1 guidance is off, as upstream: one branch per step, conditioned on the
+        instruction and the image latents (edit stage) or on the refine prompt (refine stage).
+        """
         if not 0.0 <= refine_strength <= 1.0:
             raise ValueError(f"refine_strength must be in [0, 1], got {refine_strength}")
         if num_inference_steps < 1:
@@ -168,17 +185,21 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         timings: dict[str, Any] = {}
         started = time.perf_counter()
 
-        cond, negative = self._encode(prompt, negative_prompt, device, max_sequence_length)
+        guided = guidance_scale > 1.0
+        length = max_sequence_length
+        cond, negative = self._encode(prompt, negative_prompt, device, length, guided)
         refine_text = refine_prompt_from(prompt)
         if refine_text is not None:
-            refine_cond, refine_negative = self._encode(refine_text, negative_prompt, device, max_sequence_length)
+            refine_cond, refine_negative = self._encode(refine_text, negative_prompt, device, length, guided)
         else:
             refine_cond, refine_negative = cond, negative
-        edit_text = edit_text_batch(cond, negative, clip_cfg_norm)
-        refine_batch = PromptEmbeddings.batch([refine_negative, refine_cond])
-
         image_latents = self.encode_image(image, device)
-        image_latents = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents], dim=0)
+        if guided and negative is not None and refine_negative is not None:
+            edit_text = edit_text_batch(cond, negative, clip_cfg_norm)
+            refine_batch = PromptEmbeddings.batch([refine_negative, refine_cond])
+            image_latents = torch.cat([torch.zeros_like(image_latents), image_latents, image_latents], dim=0)
+        else:
+            edit_text, refine_batch = cond, refine_cond
         latents = randn_tensor(
             (1, self.transformer.config.in_channels, *image_latents.shape[-2:]),
             generator=generator,
@@ -191,6 +212,8 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         refine_start = refine_start_step(len(timesteps), refine_strength)
         width = latents.shape[-1]
         step_seconds: list[float] = []
+        if refine_weights is not None:
+            refine_weights.use_edit()  # an earlier edit that failed while switching back may have left refine weights
         try:
             with self.progress_bar(total=len(timesteps)) as progress:
                 for i, t in enumerate(timesteps):
@@ -200,11 +223,18 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
                     if i < refine_start:
                         model_input = concat_image_latents(latents, image_latents)
                         prediction = crop_and_negate(self._predict(model_input, t, edit_text), width)
-                        guided = combine_edit_guidance(prediction, guidance_scale, image_guidance_scale, clip_cfg_norm)
+                        if guided:
+                            prediction = combine_edit_guidance(
+                                prediction, guidance_scale, image_guidance_scale, clip_cfg_norm
+                            )
                     else:
-                        prediction = -self._predict(torch.cat([latents] * 2), t, refine_batch)
-                        guided = combine_refine_guidance(prediction, guidance_scale)
-                    latents = self.scheduler.step(guided.to(latents.dtype), t, latents, return_dict=False)[0]
+                        prediction = -self._predict(torch.cat([latents] * (2 if guided else 1)), t, refine_batch)
+                        if guided:
+                            prediction = combine_refine_guidance(prediction, guidance_scale)
+                    latents = self.scheduler.step(prediction.to(latents.dtype), t, latents, return_dict=False)[0]
+                    if not bool(torch.isfinite(latents).all()):
+                        where = f"denoising step {i + 1} of {len(timesteps)}"
+                        raise NonFiniteError(where, dtype_name(latents.dtype))
                     step_seconds.append(time.perf_counter() - step_started)
                     if callback_on_step_end is not None:
                         returned = callback_on_step_end(self, i, t, {"latents": latents}) or {}

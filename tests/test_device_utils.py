@@ -251,6 +251,52 @@ def test_sdpa_and_math_match_diffusers_processor(width: int, monkeypatch: pytest
     torch.testing.assert_close(math_out, sdpa_out, rtol=1e-4, atol=1e-4)
 
 
+def qkv(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((2, 3, 37, 16), (2, 3, 29, 16), (2, 3, 29, 16))  # [B, H, S, D]; 37 query rows, 29 keys
+    return tuple(torch.randn(*shape, generator=generator).mul(3.0).to(dtype) for shape in shapes)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("rows", [1, 5, 36])
+def test_math_attention_in_query_chunks_equals_unchunked_and_sdpa(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    query, key, value = qkv()
+    row_bytes = 2 * 4 * 29 * 2 * 3  # scores and softmax in fp32, per query row, over B*H
+    budget = rows * row_bytes + row_bytes // 2
+    assert device_utils.math_attention_chunk_rows(query.shape, 29, budget) == rows
+    whole = device_utils.math_attention(query, key, value, budget_bytes=1 << 40)
+    score_rows: list[int] = []
+    matmul = torch.matmul
+
+    def recording_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        result = matmul(a, b)
+        if result.shape[-1] == 29:  # a score matrix
+            score_rows.append(result.shape[-2])
+        return result
+
+    monkeypatch.setattr(torch, "matmul", recording_matmul)
+    chunked = device_utils.math_attention(query, key, value, budget_bytes=budget)
+    monkeypatch.undo()
+    assert max(score_rows) == rows and sum(score_rows) == 37 and len(score_rows) == -(-37 // rows)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked, device_utils.sdpa_attention(query, key, value), rtol=1e-5, atol=1e-5)
+
+
+def test_math_attention_chunk_rows_at_e1_1_size_fits_the_budget() -> None:
+    query_shape = torch.Size((3, 20, 8192 + 256, 128))
+    rows = device_utils.math_attention_chunk_rows(query_shape, 8192 + 256, device_utils.MATH_ATTENTION_BUDGET_BYTES)
+    assert 1 <= rows < 8192 + 256
+    assert 2 * 4 * rows * (8192 + 256) * 3 * 20 <= device_utils.MATH_ATTENTION_BUDGET_BYTES
+    assert device_utils.math_attention_chunk_rows(query_shape, 8192 + 256, 1) == 1  # never zero rows
+
+
+def test_math_attention_keeps_the_input_dtype() -> None:
+    query, key, value = qkv(torch.bfloat16)
+    out = device_utils.math_attention(query, key, value, budget_bytes=2 * 4 * 29 * 6 * 4)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 37, 16)
+    reference = device_utils.math_attention(query.float(), key.float(), value.float())
+    torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
+
+
 def test_attention_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     dm = DeviceManager()
     assert dm.resolve_attention_backend() == "sdpa"

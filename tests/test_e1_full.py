@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from device_utils import load_safetensors
 from hidream_edit import models
-from hidream_edit.cli import run_edit_cli
+from hidream_edit.cli import build_edit_parser, run_edit_cli
 from hidream_edit.config import resolve_model_sources
 from hidream_edit.editor import Editor, EditorSettings, EditRequest
 from hidream_edit.errors import ModelFilesError
@@ -94,6 +94,12 @@ def test_keep_aspect_and_output_back_at_source_size(e1_full_editor: Any) -> None
     kept = e1_full_editor.edit(EditRequest(image, PROMPT, steps=1, refine_strength=0.0, keep_aspect=True))
     assert stretched.image.size == kept.image.size == (200, 100)
     assert stretched.metadata["model_input_size"] == [768, 768] and kept.metadata["keep_aspect"] is True
+    assert kept.metadata["model_input_size"] == [1072, 528]  # 2:1 kept, about 768*768 pixels, 16-aligned
+
+
+def test_keep_aspect_help_says_what_it_does() -> None:
+    text = " ".join(build_edit_parser(MODELS["e1-full"]).format_help().split())
+    assert "resize the whole image to about 768x768 pixels (sides multiples of 16) instead of stretching" in text
 
 
 def test_bad_lora_files_name_their_keys(tiny_checkpoints: Any, tmp_path: Path) -> None:
@@ -102,10 +108,44 @@ def test_bad_lora_files_name_their_keys(tiny_checkpoints: Any, tmp_path: Path) -
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ModelFilesError, match="unexpected double_stream_blocks.0.block.attn1.to_zz"):
         models.load_e1_full_transformer(tiny_checkpoints.i1, tmp_path / "extra.safetensors", torch.float32, "edit")
-    missing = {k: v for k, v in state.items() if "single_stream" not in k}
-    save_file(missing, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ModelFilesError, match="missing single_stream_blocks.*and \\d+ more"):
-        models.load_e1_full_transformer(tiny_checkpoints.i1, tmp_path / "missing.safetensors", torch.float32, "edit")
+
+
+def lora_modules(state: dict[str, torch.Tensor], part: str) -> list[str]:
+    """Module paths (before `.lora_A`) whose name contains `part`."""
+    return sorted({k.split(".lora_A.")[0] for k in state if ".lora_A." in k and part in k})
+
+
+def test_missing_lora_tensors_are_zero_and_counted(
+    tiny_checkpoints: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upstream accepts a file lacking LoRA keys; a missing A or B must mean "no LoRA here", never PEFT's random A."""
+    state = load_safetensors(tiny_checkpoints.e1_full_lora)
+    no_b = lora_modules(state, ".to_k.")  # lora_A present, lora_B missing
+    no_a = lora_modules(state, ".to_v.")  # lora_B present, lora_A missing
+    assert no_b and no_a
+    dropped = {f"{m}.lora_B.default.weight" for m in no_b} | {f"{m}.lora_A.default.weight" for m in no_a}
+    assert dropped <= set(state)
+    save_file({k: v for k, v in state.items() if k not in dropped}, str(tmp_path / "partial.safetensors"))
+    caplog.set_level("WARNING", logger="hidream_edit")
+    partial, _ = models.load_e1_full_transformer(
+        tiny_checkpoints.i1, tmp_path / "partial.safetensors", torch.float32, "edit"
+    )
+    total = sum(".lora_" in k for k in partial.state_dict())
+    assert f"lacks {len(dropped)} of the {total} LoRA tensors" in caplog.text
+    assert "they are set to zero, so those layers run without the LoRA" in caplog.text
+    weights = partial.state_dict()
+    for module in no_b:
+        assert not weights[f"{module}.lora_B.default.weight"].any()
+        assert torch.equal(weights[f"{module}.lora_A.default.weight"], state[f"{module}.lora_A.default.weight"])
+    for module in no_a:
+        assert not weights[f"{module}.lora_A.default.weight"].any()
+    full, _ = models.load_e1_full_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_full_lora, torch.float32, "edit")
+    with_lora = transformer_output(full)
+    with torch.no_grad():  # the expected effect: exactly those layers without their LoRA change
+        for module in no_b + no_a:
+            full.get_parameter(f"{module}.lora_B.default.weight").zero_()
+    torch.testing.assert_close(transformer_output(partial), transformer_output(full))
+    assert (transformer_output(partial) - with_lora).abs().max() > 1e-4
 
 
 class ChatCompletions(BaseHTTPRequestHandler):

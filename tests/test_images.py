@@ -587,17 +587,32 @@ def test_e1_full_default_stretches_whole_image() -> None:
     assert _close(_pixel(result, (757, 384)), GREEN, 2)
 
 
-def test_e1_full_keep_aspect_crops_the_centre() -> None:
-    # 400x100 covered to 3072x768, centre 768 columns = source columns 150..250 (red | blue).
+def test_e1_full_keep_aspect_keeps_the_whole_picture_at_its_aspect() -> None:
+    # 400x100 (4:1) at about 768*768 pixels: 1536x384, all three stripes kept, none stretched.
     result = resize_for_e1_full(_three_stripes(400, 100), keep_aspect=True)
-    assert result.size == (E1_FULL_SIDE, E1_FULL_SIDE)
-    assert _close(_pixel(result, (10, 384)), RED, 2)
-    assert _close(_pixel(result, (757, 384)), BLUE, 2)
+    assert result.size == (1536, 384)
+    assert _close(_pixel(result, (10, 192)), GREEN, 2)
+    assert _close(_pixel(result, (576, 192)), RED, 2)
+    assert _close(_pixel(result, (960, 192)), BLUE, 2)
+    assert _close(_pixel(result, (1525, 192)), GREEN, 2)
+
+
+@pytest.mark.parametrize("size", [(1000, 750), (300, 1000), (4000, 1000), (77, 61), (768, 768), (2000, 1999)])
+def test_e1_full_keep_aspect_size_rule(size: tuple[int, int]) -> None:
+    width, height = resize_for_e1_full(Image.new("RGB", size), keep_aspect=True).size
+    assert width % 16 == 0 and height % 16 == 0
+    assert 0.9 * E1_FULL_SIDE**2 <= width * height <= E1_FULL_SIDE**2
+    assert abs(width / height - size[0] / size[1]) <= 0.05 * size[0] / size[1]
+
+
+def test_e1_full_keep_aspect_refuses_a_sliver_naming_e1_full() -> None:
+    with pytest.raises(ImageInputError, match="too elongated to resize for E1-Full"):
+        resize_for_e1_full(Image.new("RGB", (40000, 10)), keep_aspect=True)
 
 
 def test_e1_full_custom_side() -> None:
     assert resize_for_e1_full(Image.new("RGB", (30, 20)), side=64).size == (64, 64)
-    assert resize_for_e1_full(Image.new("RGB", (30, 20)), side=64, keep_aspect=True).size == (64, 64)
+    assert resize_for_e1_full(Image.new("RGB", (30, 20)), side=64, keep_aspect=True).size == (64, 48)
 
 
 def test_resize_to_uses_bicubic_and_exact_size() -> None:

@@ -186,12 +186,22 @@ def test_refine_prompt_from_takes_text_after_marker() -> None:
     assert refine_prompt_from("Target Image Description:\n  a cat  ") == "a cat"
 
 
-@pytest.mark.parametrize(
-    "prompt",
-    ["make it blue", "Editing Instruction: x. Target Image Description:   ", ""],
-)
-def test_refine_prompt_from_none_without_text(prompt: str) -> None:
+@pytest.mark.parametrize("prompt", ["make it blue", "target image description: a cat", ""])
+def test_refine_prompt_from_none_without_marker(prompt: str) -> None:
     assert refine_prompt_from(prompt) is None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("Editing Instruction: x. Target Image Description:   ", ""),
+        ("Editing Instruction: x. Target Image Description:", ""),
+        ("Target Image Description: a cat Target Image Description: a dog", "a cat"),
+        ("x Target Image Description:Target Image Description: a dog", ""),
+    ],
+)
+def test_refine_prompt_from_edge_cases_as_upstream(prompt: str, expected: str) -> None:
+    assert refine_prompt_from(prompt) == expected
 
 
 @pytest.mark.parametrize(
