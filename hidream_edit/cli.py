@@ -102,8 +102,7 @@ def _instruction_for(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str
 
 def prompt_metadata(args: argparse.Namespace, model: str, prompt: str) -> dict[str, Any]:
     """How the CLI built an E1-Full prompt, for the metadata JSON: the flags and the outcome, never the key."""
-    from hidream_edit.instructions import is_e1_full_form
-    from hidream_edit.spec import MODELS
+    from hidream_edit.spec import MODELS, is_e1_full_form
 
     if not MODELS[model].prompt_form:
         return {}

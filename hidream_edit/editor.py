@@ -239,7 +239,7 @@ class Editor:
                 refine_strength=request.refine_strength,
                 clip_cfg_norm=request.clip_cfg_norm,
                 callback_on_step_end=step_callback,
-                refine_weights=self.loaded.refine_weights,
+                refine_switch=self.loaded.refine_switch,
             )
         self.dm.synchronize()
         total_s = time.perf_counter() - started

@@ -29,11 +29,9 @@ from typing import Any
 from PIL import Image
 
 from hidream_edit.errors import UserError
+from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, is_e1_full_form
 
 logger = logging.getLogger(__name__)
-
-TARGET_MARKER = "Target Image Description:"
-INSTRUCTION_MARKER = "Editing Instruction:"
 
 MAX_IMAGE_SIDE = 1024
 """Long side of the image sent to the VLM; more detail rarely helps a description and costs tokens."""
@@ -104,22 +102,6 @@ class InstructionRewriteError(UserError):
 
     def __init__(self, message: str) -> None:
         super().__init__(_one_line(message))
-
-
-def refine_prompt_from(prompt: str) -> str | None:
-    """The refine stage's prompt as upstream takes it: the text after TARGET_MARKER up to a second marker,
-    stripped, "" when nothing follows (an empty prompt is encoded); None without the marker."""
-    parts = prompt.split(TARGET_MARKER)
-    if len(parts) < 2:
-        return None
-    return parts[1].strip()
-
-
-def is_e1_full_form(text: str) -> bool:
-    """Whether a prompt already reads "Editing Instruction: ... Target Image Description: ..."."""
-    instruction_at = text.find(INSTRUCTION_MARKER)
-    target_at = text.find(TARGET_MARKER)
-    return 0 <= instruction_at < target_at
 
 
 def format_e1_full_prompt(instruction: str, target_description: str) -> str:

@@ -354,7 +354,7 @@ class LoadedPipeline:
     """A placed editing pipeline and what loading did."""
 
     pipe: Any
-    refine_weights: Any
+    refine_switch: Any
     attention: str
     memory_actions: list[str]
     sources: ModelSources

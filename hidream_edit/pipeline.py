@@ -21,14 +21,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from hidream_edit.errors import NonFiniteError
-from hidream_edit.instructions import refine_prompt_from
+from hidream_edit.spec import refine_prompt_from
 
 logger = logging.getLogger(__name__)
 
 NORM_EPS = 1e-8
 
 
-class RefineWeights(Protocol):
+class RefineSwitch(Protocol):
     """Switches the transformer between the weights of the edit stage and those of the refine stage."""
 
     name: str
@@ -169,7 +169,7 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         clip_cfg_norm: bool = True,
         output_type: str = "pil",
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict] | None = None,
-        refine_weights: RefineWeights | None = None,
+        refine_switch: RefineSwitch | None = None,
         max_sequence_length: int = 128,
     ) -> EditOutput:
         """Edit `image` (sides multiples of 16) following `prompt`; see docs/ARCHITECTURE.md section 3.
@@ -212,14 +212,14 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         refine_start = refine_start_step(len(timesteps), refine_strength)
         width = latents.shape[-1]
         step_seconds: list[float] = []
-        if refine_weights is not None:
-            refine_weights.use_edit()  # an earlier edit that failed while switching back may have left refine weights
+        if refine_switch is not None:
+            refine_switch.use_edit()  # an earlier edit that failed while switching back may have left refine weights
         try:
             with self.progress_bar(total=len(timesteps)) as progress:
                 for i, t in enumerate(timesteps):
                     step_started = time.perf_counter()
-                    if i == refine_start and refine_weights is not None:
-                        refine_weights.use_refine()
+                    if i == refine_start and refine_switch is not None:
+                        refine_switch.use_refine()
                     if i < refine_start:
                         model_input = concat_image_latents(latents, image_latents)
                         prediction = crop_and_negate(self._predict(model_input, t, edit_text), width)
@@ -241,8 +241,8 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
                         latents = returned.get("latents", latents)
                     progress.update()
         finally:
-            if refine_weights is not None and refine_start < len(timesteps):
-                refine_weights.use_edit()
+            if refine_switch is not None and refine_start < len(timesteps):
+                refine_switch.use_edit()
         timings["step_s"] = step_seconds
 
         decode_started = time.perf_counter()

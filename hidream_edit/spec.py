@@ -145,3 +145,12 @@ def is_e1_full_form(text: str) -> bool:
     instruction_at = text.find(INSTRUCTION_MARKER)
     target_at = text.find(TARGET_MARKER)
     return 0 <= instruction_at < target_at
+
+
+def refine_prompt_from(prompt: str) -> str | None:
+    """The refine stage's prompt as upstream takes it: the text after TARGET_MARKER up to a second marker,
+    stripped, "" when nothing follows (an empty prompt is encoded); None without the marker."""
+    parts = prompt.split(TARGET_MARKER)
+    if len(parts) < 2:
+        return None
+    return parts[1].strip()

@@ -149,9 +149,9 @@ def load_base(sources: models.ModelSources) -> models.LoadedPipeline:
 
 def edit_latents(loaded: models.LoadedPipeline, refine: float, switch: Any = "loaded") -> torch.Tensor:
     image = Image.new("RGB", (64, 48), (30, 120, 200))
-    refine_weights = loaded.refine_weights if switch == "loaded" else switch
+    refine_switch = loaded.refine_switch if switch == "loaded" else switch
     output = loaded.pipe("make it green", "blurry", image, 3.0, 1.5, 2, torch.Generator().manual_seed(0), refine,
-                         output_type="latent", refine_weights=refine_weights)  # fmt: skip
+                         output_type="latent", refine_switch=refine_switch)  # fmt: skip
     return output.images
 
 
@@ -198,7 +198,7 @@ def test_e1_full_base_refine_weights_work_under_sequential_offload(tiny_env: dic
     for loaded in (plain, offloaded, offloaded):
         image = Image.new("RGB", (64, 64), (30, 120, 200))
         results.append(loaded.pipe(prompt, "blur", image, 5.0, 4.0, 2, torch.Generator().manual_seed(0), 0.5,
-                                   output_type="latent", refine_weights=loaded.refine_weights).images)  # fmt: skip
+                                   output_type="latent", refine_switch=loaded.refine_switch).images)  # fmt: skip
     torch.testing.assert_close(results[1], results[0])
     torch.testing.assert_close(results[2], results[0])
 
@@ -207,7 +207,7 @@ def test_a_failed_switch_mid_edit_leaves_later_edits_exact(
     sources: models.ModelSources, reference: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded = load_base(sources)
-    swap = loaded.refine_weights
+    swap = loaded.refine_switch
     exchange, calls = swap._exchange, [0]
 
     def failing_exchange(key: str) -> None:

@@ -194,7 +194,7 @@ def test_refine_weights_base_runs_refine_steps_on_i1_tensors(tiny_env: dict[str,
 
     sources = resolve_model_sources(MODELS["e1.1"], tiny=True, env=tiny_env)
     editor = Editor.load(EditorSettings(sources=sources, device="cpu", refine_weights="base"))
-    switch = editor.loaded.refine_weights
+    switch = editor.loaded.refine_switch
     transformer = editor.loaded.pipe.transformer
     probe = "x_embedder.proj.weight"
     i1 = load_safetensors(Path(sources.i1) / "transformer")[probe]
@@ -210,7 +210,7 @@ def test_refine_weights_base_runs_refine_steps_on_i1_tensors(tiny_env: dict[str,
     pipe = editor.loaded.pipe
     image = Image.open(source_png).resize((64, 48))
     pipe("x", "y", image, 3.0, 1.5, 4, torch.Generator().manual_seed(0), 0.5, callback_on_step_end=trace,
-         refine_weights=switch)  # fmt: skip
+         refine_switch=switch)  # fmt: skip
     assert live == ["e1.1", "e1.1", "i1", "i1"]
     assert torch.equal(transformer.get_parameter(probe).detach(), e1) and torch.equal(switch.stash[probe], i1)
 

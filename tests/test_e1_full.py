@@ -47,7 +47,7 @@ def test_lora_changes_output_and_base_refine_restores_i1(e1_full_editor: Any, ti
     edit_out = transformer_output(transformer)
     assert transformer.max_seq == 4608
     assert not torch.allclose(edit_out, transformer_output(bare), atol=1e-4)
-    switch = e1_full_editor.loaded.refine_weights
+    switch = e1_full_editor.loaded.refine_switch
     switch.use_refine()
     try:
         torch.testing.assert_close(transformer_output(transformer), transformer_output(bare))
@@ -71,9 +71,9 @@ def test_adapters_disabled_only_during_refine_steps(e1_full_editor: Any) -> None
 
     pipe = e1_full_editor.loaded.pipe
     image = Image.new("RGB", (64, 64), (10, 200, 30))
-    refine = e1_full_editor.loaded.refine_weights
+    refine = e1_full_editor.loaded.refine_switch
     pipe(PROMPT, "blur", image, 5.0, 4.0, 4, torch.Generator().manual_seed(0), 0.5, callback_on_step_end=trace,
-         refine_weights=refine)  # fmt: skip
+         refine_switch=refine)  # fmt: skip
     assert layers and states == [False, False, True, True]
     assert not any(layer.disable_adapters for layer in layers)
 

@@ -18,18 +18,15 @@ from PIL import Image
 
 from hidream_edit.errors import UserError
 from hidream_edit.instructions import (
-    INSTRUCTION_MARKER,
     SYSTEM_PROMPT,
-    TARGET_MARKER,
     InstructionRewriteError,
     RewrittenInstruction,
     VLMSettings,
     format_e1_full_prompt,
-    is_e1_full_form,
     parse_vlm_answer,
-    refine_prompt_from,
     rewrite_instruction,
 )
+from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, is_e1_full_form, refine_prompt_from
 
 GOOD_ANSWER = (
     "Source: A red car parked on a quiet street at noon.\n"
