@@ -22,11 +22,11 @@ from hidream_edit.config import (
     add_edit_arguments,
     add_model_arguments,
     add_rewrite_arguments,
+    cli_error_line,
     configure_logging,
     editor_settings_from_args,
     environment,
     model_spec,
-    source_flag,
     vlm_api_key,
 )
 from hidream_edit.editor import (
@@ -38,17 +38,10 @@ from hidream_edit.editor import (
     check_prompt_text,
     resolve_request,
 )
-from hidream_edit.errors import ModelFilesError, UserError
+from hidream_edit.errors import UserError
 from hidream_edit.spec import ModelSpec
 
 logger = logging.getLogger("hidream_edit")
-
-def user_error_line(exc: BaseException, spec: ModelSpec) -> str:
-    """The one line a CLI user sees for a library error, naming the flag that fixes it where there is one."""
-    if isinstance(exc, ModelFilesError) and exc.role is not None:
-        return f"{exc}; check {source_flag(spec, exc.role)} (or try --tiny)"
-    return str(exc)
-
 
 def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
     parser = OneLineArgumentParser(
@@ -182,7 +175,7 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
         result.metadata.update(prompt_metadata(args, model, instruction))
         image_path, _ = save_result(result, output, overwrite=args.overwrite)
     except USER_ERRORS as exc:
-        print(f"error: {user_error_line(exc, spec)}", file=sys.stderr)
+        print(f"error: {cli_error_line(exc, spec)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except EditCancelled as exc:
         print(f"cancelled: {exc}", file=sys.stderr)

@@ -46,6 +46,25 @@ RNG_PLACEMENTS = ("device", "cpu")
 SOURCE_FLAGS = {"llama": "--llama-path", "i1": "--i1-path"}
 
 
+# How a command-line user fixes a library error (UserError.fix), in flags; the web UI shows the message alone.
+CLI_FIXES = {
+    "output_exists": "choose another --output or pass --overwrite",
+    "output_name": "choose another --output",
+    "fused_lora_refine": "pass --refine-strength 0, or drop --fuse-lora",
+    "dtype_fp16": "rerun with --dtype bf16 where the device supports it, else --dtype fp32",
+    "dtype_bf16": "rerun with --dtype fp32",
+}
+
+
+def cli_error_line(exc: BaseException, spec: ModelSpec) -> str:
+    """The one line a command-line user sees for a library error, with the flag that fixes it if any."""
+    fix = getattr(exc, "fix", None)
+    role = getattr(exc, "role", None)
+    if role is not None:
+        return f"{exc}; check {source_flag(spec, role)} (or try --tiny)"
+    return f"{exc}; {CLI_FIXES[fix]}" if fix in CLI_FIXES else str(exc)
+
+
 def environment(env: Mapping[str, str] | None = None) -> Mapping[str, str]:
     """The process environment, or the mapping a caller (a test, an embedding app) passes instead."""
     return os.environ if env is None else env

@@ -153,7 +153,10 @@ def resolve_request(request: EditRequest, spec: ModelSpec, lora_fused: bool = Fa
     if not 0 <= resolved.seed < 2**63:
         raise UserError(f"seed must be between 0 and 2**63-1, got {resolved.seed}")
     if lora_fused and resolved.refine_strength > 0:
-        raise UserError("--fuse-lora needs --refine-strength 0 (the refine stage runs without the LoRA)")
+        raise UserError(
+            "a fused LoRA cannot run the refine stage (it runs without the LoRA); set the refine strength to 0",
+            fix="fused_lora_refine",
+        )
     return resolved
 
 
@@ -212,7 +215,7 @@ class Editor:
         if self.settings.spec.prompt_form and not is_e1_full_form(request.instruction):
             logger.warning(
                 "E1-Full expects 'Editing Instruction: ... Target Image Description: ...'; "
-                "using the bare instruction (see --target-description or --rewrite-instruction)"
+                "using the bare instruction (a target description or the instruction rewrite builds the form)"
             )
         source, model_input = self.prepare_image(request)
         generator = self.dm.create_generator(request.seed, on="cpu" if self.settings.rng == "cpu" else "device")
@@ -342,13 +345,13 @@ def check_output_path(output: str | Path, overwrite: bool) -> tuple[Path, Path]:
         raise UserError(f"{path.parent} is not a directory")
     for candidate in (path, json_path):
         if candidate.is_dir():
-            raise UserError(f"{candidate} is a directory; choose another --output")
+            raise UserError(f"{candidate} is a directory", fix="output_name")
         if candidate.exists() and not candidate.is_file():
-            raise UserError(f"{candidate} exists and is not a regular file; choose another --output")
+            raise UserError(f"{candidate} exists and is not a regular file", fix="output_name")
     if not overwrite:
         existing = [str(p) for p in (path, json_path) if os.path.lexists(p)]
         if existing:
-            raise UserError(f"{', '.join(existing)} already exists; choose another --output or pass --overwrite")
+            raise UserError(f"{', '.join(existing)} already exists", fix="output_exists")
     return path, json_path
 
 
@@ -452,10 +455,10 @@ def _link_new(temp: Path, target: Path) -> None:
     try:
         os.link(temp, target)
     except FileExistsError as exc:
-        raise UserError(f"{target} already exists; choose another --output or pass --overwrite") from exc
+        raise UserError(f"{target} already exists", fix="output_exists") from exc
     except OSError:  # a filesystem without hard links: check, then rename (not race-free)
         if os.path.lexists(target):
-            raise UserError(f"{target} already exists; choose another --output or pass --overwrite") from None
+            raise UserError(f"{target} already exists", fix="output_exists") from None
         os.replace(temp, target)
 
 

@@ -1,8 +1,17 @@
-"""Errors that mean "the user asked for something that cannot be done", shown as one line."""
+"""Errors that mean "the user asked for something that cannot be done", shown as one line.
+
+Messages are written in words, without flag names: the web UI shows them to people who have no flags.
+`fix` names the remedy symbolically; a front end that knows its flags turns it into a hint
+(config.CLI_FIXES for the command lines).
+"""
 
 
 class UserError(Exception):
     """A mistake in the user's input or environment; entry scripts print it as one line and exit 2."""
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class ModelFilesError(UserError):
@@ -13,7 +22,7 @@ class ModelFilesError(UserError):
     """
 
     def __init__(self, message: str, role: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, fix=f"source_{role}" if role else None)
         self.role = role
 
 
@@ -24,11 +33,11 @@ class ImageInputError(UserError):
 class NonFiniteError(UserError):
     """An edit produced NaN/inf (fp16 overflow, typically); nothing is saved and another dtype fixes it."""
 
-    FIXES = {
-        "fp16": "rerun with --dtype bf16 where the device supports it, else --dtype fp32",
-        "bf16": "rerun with --dtype fp32",
+    REMEDIES = {
+        "fp16": "bf16 (where the device supports it) or fp32 avoids the overflow",
+        "bf16": "fp32 avoids it",
     }
 
     def __init__(self, where: str, dtype: str) -> None:
-        fix = self.FIXES.get(dtype, "check the model files and the input image")
-        super().__init__(f"{where} produced NaN/inf in {dtype}; nothing was saved; {fix}")
+        remedy = self.REMEDIES.get(dtype, "check the model files and the input image")
+        super().__init__(f"{where} produced NaN/inf in {dtype}; nothing was saved; {remedy}", fix=f"dtype_{dtype}")

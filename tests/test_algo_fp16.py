@@ -16,6 +16,7 @@ from hidream_edit.editor import Editor, EditorSettings, EditRequest
 from hidream_edit.errors import NonFiniteError
 from hidream_edit.spec import MODELS
 
+FP16_REMEDY = "bf16 (where the device supports it) or fp32 avoids the overflow"
 FP16_FIX = "rerun with --dtype bf16 where the device supports it, else --dtype fp32"
 
 
@@ -59,7 +60,7 @@ def test_a_non_finite_step_stops_the_edit_naming_step_and_dtype(
     steps_seen: list[int] = []
     with pytest.raises(NonFiniteError) as error:
         fp16_editor.edit(request(steps=4), on_step=lambda done, total: steps_seen.append(done))
-    assert str(error.value) == f"denoising step 2 of 4 produced NaN/inf in fp16; nothing was saved; {FP16_FIX}"
+    assert str(error.value) == f"denoising step 2 of 4 produced NaN/inf in fp16; nothing was saved; {FP16_REMEDY}"
     assert len(calls) == 2 and steps_seen == [1]  # stopped at the bad step, before reporting it done
 
 
@@ -83,6 +84,8 @@ def test_cli_says_it_in_one_line_and_saves_nothing(
             "--steps", "2", "--dtype", "fp16"]  # fmt: skip
     assert run_edit_cli(argv, "e1.1", env=tiny_env) == 2
     err = capsys.readouterr().err
-    assert err.endswith(f"error: denoising step 1 of 2 produced NaN/inf in fp16; nothing was saved; {FP16_FIX}\n")
+    assert err.endswith(
+        f"error: denoising step 1 of 2 produced NaN/inf in fp16; nothing was saved; {FP16_REMEDY}; {FP16_FIX}\n"
+    )
     assert "Traceback" not in err and err.count("error:") == 1 and len(calls) == 1
     assert not output.exists() and not Path(f"{output}.json").exists() and sorted(tmp_path.iterdir()) == [source]

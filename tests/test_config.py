@@ -72,3 +72,18 @@ def test_tiny_dir_and_offline_switch(tmp_path: Path) -> None:
     assert default_tiny_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "hidream-e1-npu" / "tiny"
     values = ("1", "true", "ON", "0", "")
     assert [hub_offline({"HF_HUB_OFFLINE": v}) for v in values] == [True, True, True, False, False]
+
+
+def test_library_errors_name_no_flags_and_the_cli_adds_them() -> None:
+    from hidream_edit.config import cli_error_line
+    from hidream_edit.errors import ModelFilesError, NonFiniteError, UserError
+
+    exists = UserError("out.png already exists", fix="output_exists")
+    assert "--" not in str(exists)
+    assert cli_error_line(exists, E1_FULL) == "out.png already exists; choose another --output or pass --overwrite"
+    assert cli_error_line(ModelFilesError("edit weights: /x does not exist", role="edit"), E1_FULL) == (
+        "edit weights: /x does not exist; check --lora-path (or try --tiny)"
+    )
+    non_finite = NonFiniteError("the VAE decode", "bf16")
+    assert "--" not in str(non_finite) and cli_error_line(non_finite, E1_FULL).endswith("; rerun with --dtype fp32")
+    assert cli_error_line(UserError("plain"), E1_FULL) == "plain"
