@@ -35,6 +35,12 @@ logger = logging.getLogger("device_utils")
 
 DEVICE_TYPES = ("npu", "cuda", "cpu")
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """bf16 / fp16 / fp32 as the dtype flags spell them; other dtypes by torch's own name."""
+    return {value: name for name, value in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
 ATTENTION_BACKENDS = ("sdpa", "math", "npu_fused")
 MATH_ATTENTION_BUDGET_BYTES = 1 << 30
 """Memory for one query chunk of the explicit (math) attention: fp32 scores and their softmax."""
@@ -337,7 +343,7 @@ class DeviceManager:
 
     @property
     def dtype_name(self) -> str:
-        return {v: k for k, v in DTYPES.items()}[self.dtype]
+        return dtype_name(self.dtype)
 
     @property
     def device_name(self) -> str:

@@ -453,8 +453,7 @@ def check_device_choice(device: str | None = None, dtype: str | None = None) -> 
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    du = load_device_utils()
-    return {v: k for k, v in du.DTYPES.items()}[dtype]
+    return load_device_utils().dtype_name(dtype)
 
 
 def precision_errors(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
@@ -481,7 +480,7 @@ def check_precision(device: torch.device, chosen: torch.dtype) -> list[Check]:
     """fp32, fp16 and bf16 matmul + softmax on the device; only the chosen dtype failing is a FAIL."""
     du = load_device_utils()
     checks: list[Check] = []
-    for name in ("fp32", "fp16", "bf16"):
+    for name in reversed(list(du.DTYPES)):  # fp32 first: the reference the others are judged against
         dtype = du.DTYPES[name]
         is_chosen = dtype is chosen
         label = f"precision {name}"

@@ -374,7 +374,8 @@ def load_pipeline(
     """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the offload mode."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from hidream_edit.pipeline import HiDreamImageEditingPipeline, dtype_name
+    from device_utils import dtype_name
+    from hidream_edit.pipeline import HiDreamImageEditingPipeline
 
     spec = sources.spec
     if refine_weights not in REFINE_WEIGHTS:

@@ -20,6 +20,7 @@ from diffusers.schedulers import UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from device_utils import dtype_name
 from hidream_edit.errors import NonFiniteError
 from hidream_edit.spec import refine_prompt_from
 
@@ -64,12 +65,6 @@ class EditOutput:
     timings: dict[str, Any] = field(default_factory=dict)
     non_finite: bool = False
     refine_start_step: int = 0
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """fp16 / bf16 / fp32, as the --dtype flag spells them."""
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    return names.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def refine_start_step(num_inference_steps: int, refine_strength: float) -> int:
