@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from device_utils import CheckpointError, DeviceManager, load_safetensors
+from device_utils import CheckpointError, DeviceManager, dtype_name, load_safetensors
 from hidream_edit.attention import install_attention
 from hidream_edit.errors import ModelFilesError, UserError
 from hidream_edit.spec import LLAMA_ALLOW_PATTERNS, MODELS, REFINE_WEIGHTS, LoraLayout, ModelSpec
@@ -374,7 +374,6 @@ def load_pipeline(
     """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the offload mode."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from device_utils import dtype_name
     from hidream_edit.pipeline import HiDreamImageEditingPipeline
 
     spec = sources.spec
