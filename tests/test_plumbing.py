@@ -1,0 +1,294 @@
+"""Settings plumbing: each CLI flag reaches the loader, the device manager or the pipeline call.
+
+Most tests replace the two boundaries, `load_pipeline` and the pipeline call, with recorders and run
+the real CLI and Editor in between, so a flag dropped or crossed anywhere on the way is caught without
+a denoising run. Each test compares everything that reaches the boundaries with a run without the flag:
+the flag must change exactly what it is for. One test per model then loads the real tiny model with
+all the flags and checks what the loader really did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from device_utils import DeviceManager
+from hidream_edit import editor as editor_module
+from hidream_edit.cli import run_edit_cli
+from hidream_edit.editor import Editor, EditorSettings, EditRequest
+from hidream_edit.errors import UserError
+from hidream_edit.images import resize_for_e1_1, resize_for_e1_full
+from hidream_edit.models import LoadedPipeline, ModelSources, SameWeights
+from hidream_edit.pipeline import EditOutput, HiDreamImageEditingPipeline
+
+PATH_FLAGS = {"e1.1": ["--llama-path", "L", "--i1-path", "I", "--e1-path", "E"],
+              "e1-full": ["--llama-path", "L", "--i1-path", "I", "--lora-path", "F"]}  # fmt: skip
+
+
+@dataclass
+class Boundary:
+    """What crossed the recorded boundaries during one run."""
+
+    loads: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    generators: list[tuple[int, str]] = field(default_factory=list)
+
+
+class RecordingPipe:
+    """Takes the pipeline call's arguments and returns a blank image of the model input's size."""
+
+    def __init__(self, boundary: Boundary) -> None:
+        self.boundary = boundary
+
+    def __call__(self, **kwargs: Any) -> EditOutput:
+        self.boundary.calls.append(kwargs)
+        steps = kwargs["num_inference_steps"]
+        timings = {"encode_s": 0.0, "step_s": [0.0] * steps, "decode_s": 0.0}
+        return EditOutput([Image.new("RGB", kwargs["image"].size)], timings, False, steps)
+
+
+@pytest.fixture()
+def boundary(monkeypatch: pytest.MonkeyPatch) -> Boundary:
+    recorded = Boundary()
+
+    def load_pipeline(sources: ModelSources, dm: DeviceManager, **kwargs: Any) -> LoadedPipeline:
+        recorded.loads.append({"sources": sources, "device": str(dm.device), "dtype": dm.dtype, **kwargs})
+        attention = kwargs["attention"] or "sdpa"
+        return LoadedPipeline(RecordingPipe(recorded), SameWeights(), attention, ["recorded"], sources,
+                              lora_fused=kwargs["fuse_lora"])  # fmt: skip
+
+    real_create = DeviceManager.create_generator
+
+    def create_generator(self: DeviceManager, seed: int, on: str = "device") -> torch.Generator:
+        recorded.generators.append((seed, on))
+        return real_create(self, seed, on)
+
+    monkeypatch.setattr(editor_module, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(DeviceManager, "create_generator", create_generator)
+    for name in ("PREFERRED_DEVICE", "PREFERRED_DTYPE", "HIDREAM_ATTENTION", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return recorded
+
+
+def stripes() -> Image.Image:
+    """200x100: green outer quarters, red and blue in the middle (stretching and cropping differ)."""
+    image = Image.new("RGB", (200, 100), (0, 255, 0))
+    image.paste((255, 0, 0), (50, 0, 100, 100))
+    image.paste((0, 0, 255), (100, 0, 150, 100))
+    return image
+
+
+def run_cli(model: str, flags: list[str], tmp_path: Path, boundary: Boundary, name: str = "out.png") -> dict[str, Any]:
+    """Run the CLI with `flags`; return everything that reached the boundaries, plus the saved metadata."""
+    source = tmp_path / "source.png"
+    if not source.exists():
+        stripes().save(source)
+    output = tmp_path / name
+    argv = ["--image", str(source), "--instruction", "make it blue", "--output", str(output), *PATH_FLAGS[model],
+            *flags]  # fmt: skip
+    assert run_edit_cli(argv, model, env={}) == 0
+    (load,) = boundary.loads[-1:]
+    call = boundary.calls[-1]
+    view = {key: value for key, value in load.items() if key != "sources"}
+    skipped = ("image", "callback_on_step_end", "generator", "refine_weights")
+    view.update({key: value for key, value in call.items() if key not in skipped})
+    view["refine_switch"] = call["refine_weights"].name
+    view["image"] = np.asarray(call["image"]).tobytes()
+    view["image_size"] = call["image"].size
+    view["generator_seed"], view["generator_on"] = boundary.generators[-1]
+    view["generator"] = call["generator"].initial_seed()
+    view["metadata"] = json.loads(Path(f"{output}.json").read_text())
+    return view
+
+
+def changed(base: dict[str, Any], flagged: dict[str, Any]) -> dict[str, Any]:
+    """The boundary values a flag changed (the metadata is compared separately)."""
+    return {key: flagged[key] for key in base if key != "metadata" and base[key] != flagged[key]}
+
+
+FLAG_EFFECTS: list[tuple[str, list[str], dict[str, Any]]] = [
+    ("attention", ["--attention", "math"], {"attention": "math"}),
+    ("offload", ["--offload", "model"], {"offload": "model"}),
+    ("offload", ["--offload", "sequential"], {"offload": "sequential"}),
+    ("vae tiling", ["--vae-tiling"], {"vae_tiling": True}),
+    ("rng", ["--rng", "cpu"], {"generator_on": "cpu"}),
+    ("clip cfg norm", ["--no-clip-cfg-norm"], {"clip_cfg_norm": False}),
+    ("refine weights", ["--refine-weights", "base"], {"refine_weights": "base"}),
+    ("dtype", ["--dtype", "fp16"], {"dtype": torch.float16}),
+    ("seed", ["--seed", "9"], {"generator_seed": 9, "generator": 9}),
+    ("steps", ["--steps", "5"], {"num_inference_steps": 5}),
+    ("guidance", ["--guidance", "2.5"], {"guidance_scale": 2.5}),
+    ("image guidance", ["--image-guidance", "1.25"], {"image_guidance_scale": 1.25}),
+    ("refine strength", ["--refine-strength", "0.2"], {"refine_strength": 0.2}),
+    ("negative", ["--negative", "ugly"], {"negative_prompt": "ugly"}),
+]
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_defaults_reach_the_boundaries(model: str, boundary: Boundary, tmp_path: Path) -> None:
+    view = run_cli(model, [], tmp_path, boundary)
+    defaults = {"e1.1": ("low quality, blurry, distorted", 3.0, 1.5), "e1-full": ("low resolution, blur", 5.0, 4.0)}
+    assert (view["negative_prompt"], view["guidance_scale"], view["image_guidance_scale"]) == defaults[model]
+    assert (view["num_inference_steps"], view["refine_strength"], view["clip_cfg_norm"]) == (28, 0.3, True)
+    assert (view["attention"], view["offload"], view["vae_tiling"], view["refine_weights"]) == (None, "none", False,
+                                                                                                "edit")  # fmt: skip
+    assert (view["device"], view["dtype"], view["fuse_lora"]) == ("cpu", torch.float32, False)
+    assert (view["generator_seed"], view["generator_on"], view["generator"]) == (3, "device", 3)
+    assert view["prompt"] == "make it blue" and view["refine_switch"] == "edit"
+    source = stripes()
+    expected = resize_for_e1_1(source) if model == "e1.1" else resize_for_e1_full(source)
+    assert view["image"] == np.asarray(expected).tobytes() and view["image_size"] == expected.size
+    sources = boundary.loads[-1]["sources"]
+    edit = "E" if model == "e1.1" else "F"
+    assert (sources.model, sources.llama, sources.i1, sources.edit) == (model, "L", "I", edit)
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+@pytest.mark.parametrize("what,flags,effect", FLAG_EFFECTS, ids=[" ".join(f[1]) for f in FLAG_EFFECTS])
+def test_each_flag_changes_exactly_its_setting(
+    model: str, what: str, flags: list[str], effect: dict[str, Any], boundary: Boundary, tmp_path: Path
+) -> None:
+    base = run_cli(model, [], tmp_path, boundary, "base.png")
+    flagged = run_cli(model, flags, tmp_path, boundary, "flagged.png")
+    assert changed(base, flagged) == effect, what
+
+
+@pytest.mark.parametrize("what,flags,metadata", [
+    ("rng", ["--rng", "cpu"], {"rng": "cpu", "generator_device": "cpu"}),
+    ("clip cfg norm", ["--no-clip-cfg-norm"], {"clip_cfg_norm": False}),
+    ("offload", ["--offload", "model"], {"offload": "model"}),
+    ("attention", ["--attention", "math"], {"attention": "math"}),
+])  # fmt: skip
+def test_flags_are_recorded_in_the_metadata(what: str, flags: list[str], metadata: dict[str, Any],
+                                            boundary: Boundary, tmp_path: Path) -> None:  # fmt: skip
+    recorded = run_cli("e1.1", flags, tmp_path, boundary)["metadata"]
+    assert {key: recorded[key] for key in metadata} == metadata, what
+
+
+def test_keep_aspect_crops_instead_of_stretching(boundary: Boundary, tmp_path: Path) -> None:
+    base = run_cli("e1-full", [], tmp_path, boundary, "base.png")
+    kept = run_cli("e1-full", ["--keep-aspect"], tmp_path, boundary, "kept.png")
+    assert changed(base, kept) == {"image": np.asarray(resize_for_e1_full(stripes(), keep_aspect=True)).tobytes()}
+    assert kept["metadata"]["keep_aspect"] is True and kept["metadata"]["model_input_size"] == [768, 768]
+    # the crop keeps the red | blue middle; the stretch shows all four stripes
+    assert np.asarray(Image.frombytes("RGB", (768, 768), kept["image"]))[384, 10].tolist() == [255, 0, 0]
+    assert np.asarray(Image.frombytes("RGB", (768, 768), base["image"]))[384, 10].tolist() == [0, 255, 0]
+
+
+def test_fuse_lora_reaches_the_loader_without_a_refine_stage(boundary: Boundary, tmp_path: Path) -> None:
+    base = run_cli("e1-full", ["--refine-strength", "0"], tmp_path, boundary, "base.png")
+    fused = run_cli("e1-full", ["--fuse-lora", "--refine-strength", "0"], tmp_path, boundary, "fused.png")
+    assert changed(base, fused) == {"fuse_lora": True} and fused["metadata"]["lora_fused"] is True
+
+
+def test_fuse_lora_with_a_refine_stage_is_refused_before_loading(
+    boundary: Boundary, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "source.png"
+    stripes().save(source)
+    argv = ["--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"), *PATH_FLAGS["e1-full"],
+            "--fuse-lora"]  # fmt: skip
+    assert run_edit_cli(argv, "e1-full", env={}) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --fuse-lora needs --refine-strength 0 (the refine stage runs without the LoRA)\n"
+    assert boundary.loads == [] and not (tmp_path / "o.png").exists()
+
+
+# ---------------------------------------------------------------- inside the Editor
+
+
+def recording_editor(model: str, boundary: Boundary, **settings: Any) -> Editor:
+    sources = ModelSources(model, "L", "I", "E")
+    return Editor.load(EditorSettings(sources=sources, device="cpu", **settings))
+
+
+def test_editor_rng_cpu_draws_on_the_cpu(boundary: Boundary) -> None:
+    for rng in ("device", "cpu"):
+        result = recording_editor("e1.1", boundary, rng=rng).edit(EditRequest(stripes(), "x", seed=5, steps=1))
+        assert boundary.generators[-1] == (5, rng)
+        assert result.metadata["rng"] == rng and result.metadata["generator_device"] == "cpu"
+    with pytest.raises(UserError, match="unknown rng placement 'gpu'; use device or cpu"):
+        recording_editor("e1.1", boundary, rng="gpu")
+
+
+def test_editor_keep_aspect_sets_the_model_input(boundary: Boundary) -> None:
+    editor = recording_editor("e1-full", boundary)
+    for keep_aspect in (False, True):
+        result = editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.0, keep_aspect=keep_aspect))
+        expected = resize_for_e1_full(stripes(), keep_aspect=keep_aspect)
+        assert np.array_equal(np.asarray(boundary.calls[-1]["image"]), np.asarray(expected))
+        assert result.image.size == (200, 100) and result.metadata["keep_aspect"] is keep_aspect
+    e1_1 = recording_editor("e1.1", boundary)  # E1.1 has its own resize rule; keep_aspect does not apply
+    e1_1.edit(EditRequest(stripes(), "x", steps=1, keep_aspect=True))
+    assert np.array_equal(np.asarray(boundary.calls[-1]["image"]), np.asarray(resize_for_e1_1(stripes())))
+
+
+def test_editor_refuses_a_refine_stage_with_a_fused_lora(boundary: Boundary) -> None:
+    editor = recording_editor("e1-full", boundary, fuse_lora=True)
+    assert boundary.loads[-1]["fuse_lora"] is True
+    with pytest.raises(UserError, match="--fuse-lora needs --refine-strength 0"):
+        editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.3))
+    assert boundary.calls == []
+    editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.0))
+    assert boundary.calls[-1]["refine_strength"] == 0.0
+
+
+def test_editor_passes_loading_settings_to_the_loader(boundary: Boundary) -> None:
+    recording_editor("e1.1", boundary, dtype="fp16", attention="math", offload="model", refine_weights="base",
+                     vae_tiling=True)  # fmt: skip
+    load = boundary.loads[-1]
+    assert (load["dtype"], load["attention"], load["offload"]) == (torch.float16, "math", "model")
+    assert (load["refine_weights"], load["vae_tiling"], load["fuse_lora"]) == ("base", True, False)
+
+
+# ---------------------------------------------------------------- end to end through the real loader
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_flags_end_to_end_through_the_real_loader(
+    model: str, tiny_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real tiny model loaded with every loading flag; only the denoising call itself is recorded."""
+    loaded: list[Editor] = []
+    calls: list[dict[str, Any]] = []
+    real_load = Editor.load.__func__  # type: ignore[attr-defined]
+
+    def load(cls: type[Editor], settings: EditorSettings) -> Editor:
+        loaded.append(real_load(cls, settings))
+        return loaded[-1]
+
+    def call(self: HiDreamImageEditingPipeline, **kwargs: Any) -> EditOutput:
+        calls.append(kwargs)
+        return RecordingPipe(Boundary())(**kwargs)
+
+    monkeypatch.setattr(Editor, "load", classmethod(load))
+    monkeypatch.setattr(HiDreamImageEditingPipeline, "__call__", call)
+    source = tmp_path / "source.png"
+    stripes().save(source)
+    output = tmp_path / "out.png"
+    flags = ["--tiny", "--image", str(source), "--instruction", "x", "--output", str(output), "--attention", "math",
+             "--offload", "model", "--vae-tiling", "--rng", "cpu", "--no-clip-cfg-norm", "--refine-weights", "base",
+             "--steps", "1"]  # fmt: skip
+    if model == "e1-full":
+        flags += ["--keep-aspect"]
+    assert run_edit_cli(flags, model, env=tiny_env) == 0
+    (editor,) = loaded
+    pipe = editor.loaded.pipe
+    processors = [m.processor for m in pipe.transformer.modules() if type(m).__name__ == "HiDreamAttention"]
+    assert processors and {p.backend for p in processors} == {"math"}
+    assert pipe.vae.use_tiling is True and editor.loaded.refine_weights.name == "base"
+    metadata = json.loads(Path(f"{output}.json").read_text())
+    assert metadata["memory_actions"] == ["offload 'model' skipped: the device is the CPU, nothing to offload to",
+                                          "all components on cpu", "VAE tiling"]  # fmt: skip
+    assert (metadata["attention"], metadata["offload"], metadata["rng"]) == ("math", "model", "cpu")
+    (call_kwargs,) = calls
+    assert call_kwargs["clip_cfg_norm"] is False and call_kwargs["refine_weights"] is editor.loaded.refine_weights
+    expected = resize_for_e1_1(stripes()) if model == "e1.1" else resize_for_e1_full(stripes(), keep_aspect=True)
+    assert np.array_equal(np.asarray(call_kwargs["image"]), np.asarray(expected))
