@@ -24,8 +24,8 @@ from npu_standin import REPO, run_standin
 import device_utils
 
 LIBHCCL = "libhccl.so: cannot open shared object file: No such file or directory"
-# Settings other tests put into this process's environment (test_tiny sets HF_HUB_OFFLINE) that a user's
-# plain run of the doctor would not have.
+# Settings the test session puts into this process's environment (conftest sets HF_HUB_OFFLINE) that a
+# user's plain run of the doctor would not have.
 USER_SETTINGS = (
     "PREFERRED_DEVICE",
     "PREFERRED_DTYPE",
