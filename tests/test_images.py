@@ -416,8 +416,9 @@ def _candidates(width: int, height: int) -> list[tuple[int, int]]:
         # Short side exactly 2048 is halved, to 1025x1024: scale 0.99951: 1024.5 -> 1024, 1023.5 -> 1024.
         # (Unhalved, 2051x2048 would give scale 0.49963: 1024.7 -> 1024, 1023.3 -> 1023 -> 1008.)
         ((2051, 2048), (1024, 1024)),
-        # Short side 2047 is not halved: scale 0.49987: 1023.9 -> 1024, 1023.2 -> 1023 -> 1008.
-        ((2048, 2047), (1024, 1008)),
+        # Short side 2047 is not halved: scale 0.50012: 1024.2 -> 1024, 1023.7 -> 1024.
+        # (Halved, 1024x1023 would give scale 1.00049: 1024.50 -> 1024, 1023.49 -> 1023 -> 1008.)
+        ((2048, 2047), (1024, 1024)),
         # Small inputs are upscaled to about one megapixel.
         ((100, 80), (1136, 912)),
     ],
