@@ -1,6 +1,8 @@
 """Shared pytest fixtures, the CI guard plugin and the environment every test run starts from."""
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,14 @@ def e1_full_editor(tiny_env):
 
     sources = resolve_model_sources("e1-full", tiny=True, env=tiny_env)
     return Editor.load(EditorSettings(sources=sources, device="cpu", dtype="fp32", refine_weights="base"))
+
+
+@pytest.fixture()
+def closed_port() -> Iterator[int]:
+    """A local port that refuses connections for the whole test: bound by us, never listening.
+
+    Closing a probe socket and reusing its number would race with any other process taking the port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -150,12 +149,6 @@ def vlm() -> Iterator[FakeVLM]:
 @pytest.fixture
 def image() -> Image.Image:
     return Image.new("RGB", (64, 48), (200, 30, 30))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def decode_png(data_url: str) -> Image.Image:
@@ -322,16 +315,16 @@ def test_parse_vlm_answer_rejects_duplicate_part() -> None:
 def test_settings_hide_key_and_validate() -> None:
     settings = VLMSettings(url="http://x/v1", model="m", api_key="sk-secret")
     assert "sk-secret" not in repr(settings)
-    for bad in (
-        {"timeout_s": 0},
-        {"retries": -1},
-        {"backoff_s": -1.0},
-        {"url": " "},
-        {"model": ""},
+    for bad, message in (
+        ({"timeout_s": 0}, "timeout must be positive, got 0"),
+        ({"retries": -1}, "retries must be 0 or more, got -1"),
+        ({"backoff_s": -1.0}, "backoff must be 0 or more, got -1.0"),
+        ({"url": " "}, "the VLM URL is empty"),
+        ({"model": ""}, "the VLM model name is empty"),
     ):
         values: dict[str, Any] = {"url": "http://x/v1", "model": "m"}
         values.update(bad)
-        with pytest.raises(InstructionRefinementError):
+        with pytest.raises(InstructionRefinementError, match=message):
             VLMSettings(**values)
 
 
@@ -466,8 +459,8 @@ def test_timeout_is_retried_then_reported(vlm: FakeVLM, image: Image.Image) -> N
     assert len(vlm.requests) == 2
 
 
-def test_unreachable_endpoint_names_the_url(image: Image.Image) -> None:
-    url = f"http://127.0.0.1:{free_port()}/v1"
+def test_unreachable_endpoint_names_the_url(image: Image.Image, closed_port: int) -> None:
+    url = f"http://127.0.0.1:{closed_port}/v1"
     settings = VLMSettings(url=url, model="m", timeout_s=2.0, retries=1, backoff_s=0.01)
     with pytest.raises(InstructionRefinementError, match="cannot reach") as error:
         refine_instruction(image, "make the car blue", settings)

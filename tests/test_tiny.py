@@ -134,7 +134,7 @@ def test_ensure_reuses_a_complete_set_and_rebuilds_an_incomplete_one(tmp_path: P
 def test_build_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
     keep = tmp_path / "mine.txt"
     keep.write_text("not a checkpoint")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="exists and is not a tiny checkpoint set; refusing to replace it"):
         build_tiny_checkpoints(tmp_path, seed=0)
     assert keep.read_text() == "not a checkpoint"
     assert not (tmp_path / MARKER_NAME).exists()
