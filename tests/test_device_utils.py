@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,12 @@ def test_cpu_memory_stats_are_host_figures(caplog: pytest.LogCaptureFixture) -> 
     stats = DeviceManager().memory_stats()
     assert stats.allocated is None and stats.total is None
     assert 0 < stats.host_rss < stats.host_total
-    assert "host RSS" in caplog.text and "no device memory" in caplog.text
+    assert re.search(r"memory: cpu \(.+\): no device memory \(host only\); host RSS \d+\.\d\d GiB of \d+\.\d\d GiB",
+                     caplog.text)  # fmt: skip
+    gib = 2**30
+    device = device_utils.MemoryStats("npu:1", "x", 3 * gib, 4 * gib, 5 * gib, 50 * gib, 64 * gib, gib, 2 * gib)
+    assert device.summary() == ("npu:1 (x): allocated 3.00 GiB, reserved 4.00 GiB, peak 5.00 GiB, free 50.00 GiB of "
+                                "64.00 GiB; host RSS 1.00 GiB of 2.00 GiB")  # fmt: skip
 
 
 def test_cpu_cache_and_sync_calls_touch_no_device_module(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -335,3 +335,43 @@ def test_non_finite_output_is_reported(e1_1_editor: Any, output_type: str) -> No
     rig = make_rig(e1_1_editor, poison=True)
     output = run(rig, steps=1, refine=0.0, output_type=output_type)
     assert output.non_finite is True
+
+
+def test_noise_and_latents_follow_the_text_embeddings_dtype(rig: Rig) -> None:
+    """On an NPU the encoders run in bf16; the noise, and so every transformer input, must too."""
+    real_encode = rig.pipe._encode
+
+    def encode_bf16(*args: Any, **kwargs: Any) -> Any:
+        embeddings = real_encode(*args, **kwargs)
+        return tuple(type(e)(e.t5.bfloat16(), e.llama.bfloat16(), e.pooled.bfloat16()) for e in embeddings)
+
+    rig.pipe._encode = encode_bf16
+    run(rig, steps=2, refine=0.5, output_type="latent")
+    assert [f.hidden.dtype for f in rig.transformer.forwards] == [torch.bfloat16] * 2
+    assert rig.steps[0].sample.dtype == torch.bfloat16
+
+
+def test_too_few_steps_or_bad_refine_strength_are_refused(rig: Rig) -> None:
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
+        run(rig, steps=0)
+    for strength in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=f"refine_strength must be in \\[0, 1\\], got {strength}"):
+            run(rig, refine=strength)
+    assert rig.transformer.forwards == []
+    run(rig, steps=1, refine=1.0, output_type="latent")
+    assert len(rig.transformer.forwards) == 1
+
+
+def test_guidance_combines_each_image_of_a_batch_on_its_own() -> None:
+    """Two images per prompt: chunks of batch 2; each image's result equals guiding it alone."""
+    from hidream_edit.pipeline import combine_edit_guidance, combine_refine_guidance
+
+    generator = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randn(2, 4, 3, 5, generator=generator) for _ in range(3))
+    for clip in (True, False):
+        together = combine_edit_guidance(torch.cat([a, b, c]), GUIDANCE, IMAGE_GUIDANCE, clip)
+        alone = [combine_edit_guidance(torch.cat([a[i : i + 1], b[i : i + 1], c[i : i + 1]]), GUIDANCE, IMAGE_GUIDANCE,
+                                       clip) for i in range(2)]  # fmt: skip
+        torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=0)
+    refined = combine_refine_guidance(torch.cat([a, c]), GUIDANCE)
+    torch.testing.assert_close(refined, a + GUIDANCE * (c - a))

@@ -10,7 +10,7 @@ all the flags and checks what the loader really did.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ from PIL import Image
 from device_utils import DeviceManager
 from hidream_edit import editor as editor_module
 from hidream_edit.cli import run_edit_cli
-from hidream_edit.editor import Editor, EditorSettings, EditRequest
+from hidream_edit.editor import MAX_STEPS, Editor, EditorSettings, EditRequest, resolve_request
 from hidream_edit.errors import UserError
 from hidream_edit.images import resize_for_e1_1, resize_for_e1_full
-from hidream_edit.models import LoadedPipeline, ModelSources, SameWeights
+from hidream_edit.models import LoadedPipeline, ModelSources, SameWeights, resolve_model_sources
 from hidream_edit.pipeline import EditOutput, HiDreamImageEditingPipeline
 
 PATH_FLAGS = {"e1.1": ["--llama-path", "L", "--i1-path", "I", "--e1-path", "E"],
@@ -105,6 +105,8 @@ def run_cli(model: str, flags: list[str], tmp_path: Path, boundary: Boundary, na
     view["generator_seed"], view["generator_on"] = boundary.generators[-1]
     view["generator"] = call["generator"].initial_seed()
     view["metadata"] = json.loads(Path(f"{output}.json").read_text())
+    saved = Image.open(output)
+    assert saved.size == (200, 100) and saved.format == "PNG"  # the result, back at the source size
     return view
 
 
@@ -199,6 +201,64 @@ def test_fuse_lora_with_a_refine_stage_is_refused_before_loading(
     err = capsys.readouterr().err
     assert err == "error: --fuse-lora needs --refine-strength 0 (the refine stage runs without the LoRA)\n"
     assert boundary.loads == [] and not (tmp_path / "o.png").exists()
+
+
+def test_target_description_and_vlm_flags_shape_the_e1_full_prompt(
+    boundary: Boundary, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    view = run_cli("e1-full", ["--target-description", "a blue car"], tmp_path, boundary)
+    assert view["prompt"] == "Editing Instruction: make it blue. Target Image Description: a blue car"
+    capsys.readouterr()
+    source = tmp_path / "source.png"
+    for given in (["--vlm-url", "http://127.0.0.1:1/v1"], ["--vlm-model", "m"], []):
+        argv = ["--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"),
+                *PATH_FLAGS["e1-full"], "--refine-instruction", *given]  # fmt: skip
+        assert run_edit_cli(argv, "e1-full", env={}) == 2
+        assert capsys.readouterr().err == "error: --refine-instruction needs --vlm-url and --vlm-model\n"
+    assert len(boundary.loads) == 1
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_resolve_request_accepts_the_edges_and_refuses_just_beyond(model: str) -> None:
+    request = EditRequest(stripes(), "  x  ")
+    edges = {"steps": (1, MAX_STEPS), "guidance": (0.0, 50.0), "image_guidance": (0.0, 50.0),
+             "refine_strength": (0.0, 1.0), "seed": (0, 2**63 - 1)}  # fmt: skip
+    for name, (low, high) in edges.items():
+        for value in (low, high):
+            assert getattr(resolve_request(replace(request, **{name: value}), model), name) == value
+    beyond = {"steps": (0, MAX_STEPS + 1), "guidance": (-0.01, 50.01), "image_guidance": (-0.01, 50.01),
+              "refine_strength": (-0.01, 1.01), "seed": (-1, 2**63)}  # fmt: skip
+    messages = {"steps": "steps must be between 1 and 1000", "guidance": "guidance must be between 0 and 50",
+                "image_guidance": "image guidance must be between 0 and 50",
+                "refine_strength": "refine strength must be between 0 and 1",
+                "seed": "seed must be between 0"}  # fmt: skip
+    for name, values in beyond.items():
+        for value in values:
+            with pytest.raises(UserError, match=f"^{messages[name]}"):
+                resolve_request(replace(request, **{name: value}), model)
+    assert resolve_request(request, model).instruction == "x"
+    with pytest.raises(UserError, match="^the instruction is empty$"):
+        resolve_request(replace(request, instruction="   "), model)
+    assert resolve_request(replace(request, refine_strength=0.0), model, lora_fused=True).refine_strength == 0.0
+
+
+def test_model_sources_flags_win_over_environment_over_hub_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"HIDREAM_LLAMA_PATH": "/env/llama", "HIDREAM_I1_PATH": "/env/i1", "HIDREAM_E1_PATH": "/env/e1",
+           "HIDREAM_E1_FULL_PATH": "/env/lora"}  # fmt: skip
+    hub = resolve_model_sources("e1.1", env={})
+    assert (hub.llama, hub.i1, hub.edit) == ("meta-llama/Llama-3.1-8B-Instruct", "HiDream-ai/HiDream-I1-Full",
+                                             "HiDream-ai/HiDream-E1-1")  # fmt: skip
+    assert hub.offline is False
+    assert resolve_model_sources("e1-full", env={"HF_HUB_OFFLINE": "1"}).edit == "HiDream-ai/HiDream-E1-Full"
+    assert resolve_model_sources("e1-full", env={"HF_HUB_OFFLINE": "1"}).offline is True
+    from_env = resolve_model_sources("e1.1", env=env)
+    assert (from_env.llama, from_env.i1, from_env.edit) == ("/env/llama", "/env/i1", "/env/e1")
+    assert resolve_model_sources("e1-full", env=env).edit == "/env/lora"
+    flags = resolve_model_sources("e1-full", llama_path="/f/llama", i1_path="/f/i1", lora_path="/f/lora", env=env)
+    assert (flags.llama, flags.i1, flags.edit) == ("/f/llama", "/f/i1", "/f/lora")
+    for name, value in env.items():  # env=None reads the process environment
+        monkeypatch.setenv(name, value)
+    assert resolve_model_sources("e1.1").edit == "/env/e1" and resolve_model_sources("e1.1", env={}).edit != "/env/e1"
 
 
 # ---------------------------------------------------------------- inside the Editor
