@@ -110,6 +110,16 @@ def run_cli(model: str, flags: list[str], tmp_path: Path, boundary: Boundary, na
     return view
 
 
+BASE_VIEWS: dict[str, dict[str, Any]] = {}
+
+
+def base_view(model: str, tmp_path: Path, boundary: Boundary) -> dict[str, Any]:
+    """The run without flags, once per model (it is deterministic; the flag tests compare against it)."""
+    if model not in BASE_VIEWS:
+        BASE_VIEWS[model] = run_cli(model, [], tmp_path, boundary, "base.png")
+    return BASE_VIEWS[model]
+
+
 def changed(base: dict[str, Any], flagged: dict[str, Any]) -> dict[str, Any]:
     """The boundary values a flag changed (the metadata is compared separately)."""
     return {key: flagged[key] for key in base if key != "metadata" and base[key] != flagged[key]}
@@ -157,7 +167,7 @@ def test_defaults_reach_the_boundaries(model: str, boundary: Boundary, tmp_path:
 def test_each_flag_changes_exactly_its_setting(
     model: str, what: str, flags: list[str], effect: dict[str, Any], boundary: Boundary, tmp_path: Path
 ) -> None:
-    base = run_cli(model, [], tmp_path, boundary, "base.png")
+    base = base_view(model, tmp_path, boundary)
     flagged = run_cli(model, flags, tmp_path, boundary, "flagged.png")
     assert changed(base, flagged) == effect, what
 
@@ -175,7 +185,7 @@ def test_flags_are_recorded_in_the_metadata(what: str, flags: list[str], metadat
 
 
 def test_keep_aspect_crops_instead_of_stretching(boundary: Boundary, tmp_path: Path) -> None:
-    base = run_cli("e1-full", [], tmp_path, boundary, "base.png")
+    base = base_view("e1-full", tmp_path, boundary)
     kept = run_cli("e1-full", ["--keep-aspect"], tmp_path, boundary, "kept.png")
     assert changed(base, kept) == {"image": np.asarray(resize_for_e1_full(stripes(), keep_aspect=True)).tobytes()}
     assert kept["metadata"]["keep_aspect"] is True and kept["metadata"]["model_input_size"] == [768, 768]
@@ -261,6 +271,44 @@ def test_model_sources_flags_win_over_environment_over_hub_ids(monkeypatch: pyte
     assert resolve_model_sources("e1.1").edit == "/env/e1" and resolve_model_sources("e1.1", env={}).edit != "/env/e1"
 
 
+def test_summary_line_and_out_of_memory_hint() -> None:
+    from hidream_edit.cli import out_of_memory_hint, summary_line
+
+    metadata = {"timings": {"load_s": 12.34, "encode_s": 1.25, "step_s": [2.0, 4.0], "decode_s": 0.5},
+                "memory": {"peak": 3 * 2**30, "host_rss": 2**29}, "source_size": [640, 480], "device": "npu:1",
+                "dtype": "bf16"}  # fmt: skip
+    assert summary_line(metadata, Path("out.png")) == (
+        "saved out.png (640x480) on npu:1 bf16: load 12.3s, encode 1.2s, 2 steps 6.0s (3.00s/step), decode 0.5s; "
+        "peak device memory 3.00 GiB, host RSS 0.50 GiB"
+    )
+    cpu = dict(metadata, memory={"peak": None, "host_rss": 2**30}, timings=dict(metadata["timings"], step_s=[]))
+    assert "0 steps 0.0s (0.00s/step)" in summary_line(cpu, Path("o.png"))
+    assert "; no device memory, host RSS 1.00 GiB" in summary_line(cpu, Path("o.png"))
+    hint = out_of_memory_hint(RuntimeError("NPU out of memory. Tried to allocate 2.00 GiB\ntraceback lines"))
+    assert hint == ("out of device memory (NPU out of memory. Tried to allocate 2.00 GiB); try --offload model, "
+                    "then --offload sequential, and --vae-tiling")  # fmt: skip
+
+
+@pytest.mark.parametrize("verbose,level", [(False, "WARNING"), (True, "INFO")])
+def test_verbose_sets_our_log_level(verbose: bool, level: str, boundary: Boundary, tmp_path: Path) -> None:
+    import logging
+
+    run_cli("e1.1", ["--verbose"] if verbose else [], tmp_path, boundary)
+    for name in ("hidream_edit", "device_utils"):
+        assert logging.getLevelName(logging.getLogger(name).level) == level
+
+
+def test_overwrite_flag_reaches_the_saver(boundary: Boundary, tmp_path: Path) -> None:
+    (tmp_path / "taken.png").write_bytes(b"keep")
+    source = tmp_path / "source.png"
+    stripes().save(source)
+    argv = ["--image", str(source), "--instruction", "x", "--output", str(tmp_path / "taken.png"), *PATH_FLAGS["e1.1"]]
+    assert run_edit_cli(argv, "e1.1", env={}) == 2 and (tmp_path / "taken.png").read_bytes() == b"keep"
+    assert boundary.loads == []  # refused before loading
+    assert run_edit_cli([*argv, "--overwrite"], "e1.1", env={}) == 0
+    assert Image.open(tmp_path / "taken.png").size == (200, 100)
+
+
 # ---------------------------------------------------------------- inside the Editor
 
 
@@ -344,6 +392,7 @@ def test_flags_end_to_end_through_the_real_loader(
     processors = [m.processor for m in pipe.transformer.modules() if type(m).__name__ == "HiDreamAttention"]
     assert processors and {p.backend for p in processors} == {"math"}
     assert pipe.vae.use_tiling is True and editor.loaded.refine_weights.name == "base"
+    check_base_refine_weights(editor)
     metadata = json.loads(Path(f"{output}.json").read_text())
     assert metadata["memory_actions"] == ["offload 'model' skipped: the device is the CPU, nothing to offload to",
                                           "all components on cpu", "VAE tiling"]  # fmt: skip
@@ -352,3 +401,25 @@ def test_flags_end_to_end_through_the_real_loader(
     assert call_kwargs["clip_cfg_norm"] is False and call_kwargs["refine_weights"] is editor.loaded.refine_weights
     expected = resize_for_e1_1(stripes()) if model == "e1.1" else resize_for_e1_full(stripes(), keep_aspect=True)
     assert np.array_equal(np.asarray(call_kwargs["image"]), np.asarray(expected))
+
+
+def check_base_refine_weights(editor: Editor) -> None:
+    """--refine-weights base: the refine switch puts I1's values in, and the edit values back after."""
+    from device_utils import load_safetensors
+
+    switch = editor.loaded.refine_weights
+    transformer = editor.loaded.pipe.transformer
+    sources = editor.settings.sources
+    i1 = load_safetensors(Path(sources.i1) / "transformer")
+    if sources.model == "e1.1":
+        swapped, edit_values = switch.stash, load_safetensors(Path(sources.edit) / "transformer")
+    else:
+        swapped, edit_values = switch.swap.stash, load_safetensors(sources.edit)
+    keys = sorted(swapped)
+    assert keys and all(not torch.equal(i1[key], edit_values[key]) for key in keys)
+    switch.use_refine()
+    try:
+        assert all(torch.equal(transformer.get_parameter(key).detach(), i1[key]) for key in keys)
+    finally:
+        switch.use_edit()
+    assert all(torch.equal(transformer.get_parameter(key).detach(), edit_values[key]) for key in keys)
