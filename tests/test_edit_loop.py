@@ -375,3 +375,24 @@ def test_guidance_combines_each_image_of_a_batch_on_its_own() -> None:
         torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=0)
     refined = combine_refine_guidance(torch.cat([a, c]), GUIDANCE)
     torch.testing.assert_close(refined, a + GUIDANCE * (c - a))
+
+
+def test_flow_match_scheduler_gets_mu_from_the_transformers_max_seq(e1_1_editor: Any) -> None:
+    """FlowMatchEuler: mu from the linear shift of max_seq (4608, E1-Full's); UniPC: plain steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.hidream_image.pipeline_hidream_image import calculate_shift
+
+    rig = make_rig(e1_1_editor)
+    rig.transformer.max_seq = 4608
+    asked: list[dict[str, Any]] = []
+    euler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    real_set = euler.set_timesteps
+    euler.set_timesteps = lambda *args, **kwargs: asked.append(kwargs) or real_set(*args, **kwargs)
+    rig.pipe.scheduler = euler
+    run(rig, steps=3, refine=0.0, output_type="latent")
+    assert asked[-1]["mu"] == pytest.approx(0.5 + (4608 - 256) * (1.15 - 0.5) / (4096 - 256))
+    assert asked[-1]["mu"] == pytest.approx(calculate_shift(4608))
+    reference = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    reference.set_timesteps(3, mu=calculate_shift(4608))
+    seen = [forward.timesteps[0].item() for forward in rig.transformer.forwards]
+    assert seen == pytest.approx(reference.timesteps.tolist())

@@ -50,6 +50,8 @@ class RecordingPipe:
     def __call__(self, **kwargs: Any) -> EditOutput:
         self.boundary.calls.append(kwargs)
         steps = kwargs["num_inference_steps"]
+        for index in range(steps):  # as the pipeline does after each step
+            kwargs["callback_on_step_end"](self, index, torch.tensor(999 - index), {"latents": torch.zeros(1)})
         timings = {"encode_s": 0.0, "step_s": [0.0] * steps, "decode_s": 0.0}
         return EditOutput([Image.new("RGB", kwargs["image"].size)], timings, False, steps)
 
@@ -338,6 +340,52 @@ def test_editor_keep_aspect_sets_the_model_input(boundary: Boundary) -> None:
     assert np.array_equal(np.asarray(boundary.calls[-1]["image"]), np.asarray(resize_for_e1_1(stripes())))
 
 
+def test_editor_reports_progress_and_stops_between_steps(boundary: Boundary) -> None:
+    from hidream_edit.editor import EditCancelled
+
+    editor = recording_editor("e1.1", boundary)
+    progress: list[tuple[int, int]] = []
+    editor.edit(EditRequest(stripes(), "x", steps=3), on_step=lambda done, total: progress.append((done, total)))
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    asked: list[int] = []
+    with pytest.raises(EditCancelled, match="^stopped after step 2 of 3$"):
+        editor.edit(EditRequest(stripes(), "x", steps=3), should_stop=lambda: asked.append(1) or len(asked) == 2)
+    assert len(asked) == 2 and editor.edit(EditRequest(stripes(), "x", steps=2)).metadata["steps"] == 2
+
+
+def test_refine_instruction_flags_reach_the_vlm_client(
+    boundary: Boundary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hidream_edit import instructions
+
+    asked: list[tuple[Any, ...]] = []
+
+    def refine(image: Image.Image, instruction: str, settings: Any) -> Any:
+        asked.append((image.size, instruction, settings))
+        if settings.model == "broken":
+            raise instructions.InstructionRefinementError("the VLM said no")
+        return instructions.RefinedInstruction("a", "b", "c", "Editing Instruction: b. Target Image Description: c")
+
+    monkeypatch.setattr(instructions, "refine_instruction", refine)
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")  # the CLI reads the key from the env it is given
+    source = tmp_path / "source.png"
+    stripes().save(source)
+
+    def argv(vlm_model: str, output: str, *extra: str) -> list[str]:
+        return ["--image", str(source), "--instruction", "make it blue", *PATH_FLAGS["e1-full"], "--output",
+                str(tmp_path / output), "--refine-instruction", "--vlm-url", "http://vlm/v1", "--vlm-model", vlm_model,
+                "--vlm-timeout", "7.5", *extra]  # fmt: skip
+
+    assert run_edit_cli(argv("m", "a.png"), "e1-full", env={"OPENAI_API_KEY": "k"}) == 0
+    size, instruction, settings = asked[-1]
+    assert (size, instruction) == ((200, 100), "make it blue")
+    assert (settings.url, settings.model, settings.api_key, settings.timeout_s) == ("http://vlm/v1", "m", "k", 7.5)
+    assert boundary.calls[-1]["prompt"] == "Editing Instruction: b. Target Image Description: c"
+    assert run_edit_cli(argv("broken", "b.png"), "e1-full", env={}) == 2 and len(boundary.calls) == 1
+    assert run_edit_cli(argv("broken", "c.png", "--refine-fallback"), "e1-full", env={}) == 0
+    assert boundary.calls[-1]["prompt"] == "make it blue" and asked[-1][2].api_key is None
+
+
 def test_editor_refuses_a_refine_stage_with_a_fused_lora(boundary: Boundary) -> None:
     editor = recording_editor("e1-full", boundary, fuse_lora=True)
     assert boundary.loads[-1]["fuse_lora"] is True
@@ -357,6 +405,14 @@ def test_editor_passes_loading_settings_to_the_loader(boundary: Boundary) -> Non
 
 
 # ---------------------------------------------------------------- end to end through the real loader
+
+
+def test_fuse_lora_merges_the_adapter_at_load(tiny_env: dict[str, str]) -> None:
+    sources = resolve_model_sources("e1-full", tiny=True, env=tiny_env)
+    for fuse in (False, True):
+        editor = Editor.load(EditorSettings(sources=sources, device="cpu", fuse_lora=fuse))
+        layers = [m for m in editor.loaded.pipe.transformer.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+        assert layers and {layer.merged for layer in layers} == {fuse} and editor.loaded.lora_fused is fuse
 
 
 @pytest.mark.parametrize("model", ["e1.1", "e1-full"])
