@@ -396,3 +396,15 @@ def test_flow_match_scheduler_gets_mu_from_the_transformers_max_seq(e1_1_editor:
     reference.set_timesteps(3, mu=calculate_shift(4608))
     seen = [forward.timesteps[0].item() for forward in rig.transformer.forwards]
     assert seen == pytest.approx(reference.timesteps.tolist())
+
+
+def test_pipeline_defaults_are_e1_full_upstream_values(e1_1_editor: Any) -> None:
+    """Called without settings: guidance 5.0, image guidance 4.0, 28 steps, no refine stage, clip-norm on."""
+    defaults, explicit = make_rig(e1_1_editor), make_rig(e1_1_editor)
+    image, generator = source_image(), torch.Generator().manual_seed(SEED)
+    defaults.pipe(PROMPT, NEGATIVE, image, generator=generator, output_type="latent", refine_weights=defaults.switch)
+    explicit.pipe(PROMPT, NEGATIVE, image, 5.0, 4.0, 28, torch.Generator().manual_seed(SEED), 0.0, True, "latent",
+                  refine_weights=explicit.switch)  # fmt: skip
+    assert len(defaults.steps) == 28 and defaults.switch.calls == []
+    for mine, theirs in zip(defaults.steps, explicit.steps, strict=True):
+        assert torch.equal(mine.model_output, theirs.model_output)

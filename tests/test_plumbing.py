@@ -254,6 +254,23 @@ def test_resolve_request_accepts_the_edges_and_refuses_just_beyond(model: str) -
     assert resolve_request(replace(request, refine_strength=0.0), model, lora_fused=True).refine_strength == 0.0
 
 
+def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from device_utils import load_safetensors
+    from hidream_edit.errors import ModelFilesError
+    from hidream_edit.models import load_e1_1_transformer
+
+    state = load_safetensors(tiny_checkpoints.e1_1 / "transformer")
+    dropped = sorted(state)[:5]
+    kept = {key: value for key, value in state.items() if key not in dropped} | {"extra.weight": torch.zeros(1)}
+    (tmp_path / "transformer").mkdir()
+    save_file(kept, str(tmp_path / "transformer" / "model.safetensors"))
+    with pytest.raises(ModelFilesError) as error:
+        load_e1_1_transformer(tiny_checkpoints.i1, tmp_path, torch.float32)
+    assert str(error.value).endswith(f"missing {', '.join(dropped[:3])} (and 2 more); unexpected extra.weight")
+
+
 def test_model_sources_flags_win_over_environment_over_hub_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"HIDREAM_LLAMA_PATH": "/env/llama", "HIDREAM_I1_PATH": "/env/i1", "HIDREAM_E1_PATH": "/env/e1",
            "HIDREAM_E1_FULL_PATH": "/env/lora"}  # fmt: skip
@@ -295,9 +312,15 @@ def test_summary_line_and_out_of_memory_hint() -> None:
 def test_verbose_sets_our_log_level(verbose: bool, level: str, boundary: Boundary, tmp_path: Path) -> None:
     import logging
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     run_cli("e1.1", ["--verbose"] if verbose else [], tmp_path, boundary)
     for name in ("hidream_edit", "device_utils"):
         assert logging.getLevelName(logging.getLogger(name).level) == level
+    # the libraries stay quiet either way: their warnings and bars would break the one-line contract
+    assert diffusers_logging.get_verbosity() == transformers_logging.get_verbosity() == logging.ERROR
+    assert not diffusers_logging.is_progress_bar_enabled() and not transformers_logging.is_progress_bar_enabled()
 
 
 def test_overwrite_flag_reaches_the_saver(boundary: Boundary, tmp_path: Path) -> None:
@@ -448,6 +471,9 @@ def test_flags_end_to_end_through_the_real_loader(
     processors = [m.processor for m in pipe.transformer.modules() if type(m).__name__ == "HiDreamAttention"]
     assert processors and {p.backend for p in processors} == {"math"}
     assert pipe.vae.use_tiling is True and editor.loaded.refine_weights.name == "base"
+    assert type(pipe.text_encoder_4).__name__ == "LlamaForCausalLM" and pipe.text_encoder_4.dtype == torch.float32
+    assert pipe.tokenizer_4 is not None and pipe.tokenizer_4.name_or_path == editor.settings.sources.llama
+    assert pipe._progress_bar_config == {"disable": True}  # the front ends draw their own progress
     check_base_refine_weights(editor)
     metadata = json.loads(Path(f"{output}.json").read_text())
     assert metadata["memory_actions"] == ["offload 'model' skipped: the device is the CPU, nothing to offload to",
