@@ -421,11 +421,15 @@ def check_cuda_devices() -> Check:
     du = load_device_utils()
     ok, reason = du.cuda_status()
     if not ok:
-        return Check("CUDA devices", PASS, f"none ({reason}); optional")
+        return Check("CUDA devices", WARN, f"none: {reason}", "none needed on an NPU or CPU machine")
     import torch
 
-    count = du.device_count("cuda")
-    names = sorted({str(torch.cuda.get_device_name(i)) for i in range(count)})
+    try:
+        count = du.device_count("cuda")
+        names = sorted({str(torch.cuda.get_device_name(i)) for i in range(count)})
+    except RuntimeError as exc:
+        return Check("CUDA devices", FAIL, f"CUDA is available but cannot be queried: {first_line(exc)}",
+                     "check the NVIDIA driver with `nvidia-smi` and CUDA_VISIBLE_DEVICES")  # fmt: skip
     return Check("CUDA devices", PASS, f"{count} visible: {', '.join(names)}")
 
 

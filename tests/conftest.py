@@ -1,8 +1,26 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, the CI guard plugin and the environment every test run starts from."""
 
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ("ci_required",)
+
+# Every run, whole suite or one file, starts from the same environment: the hub is offline (everything
+# is local; an accidental download fails fast instead of waiting on the network) and the user's device
+# and model settings are not inherited. Set here, before any test module imports huggingface_hub.
+TEST_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+USER_SETTINGS = ("PREFERRED_DEVICE", "PREFERRED_DTYPE", "LOCAL_RANK", "HIDREAM_ATTENTION", "HIDREAM_LLAMA_PATH",
+                 "HIDREAM_I1_PATH", "HIDREAM_E1_PATH", "HIDREAM_E1_FULL_PATH")  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.update(TEST_ENVIRONMENT)
+    for name in USER_SETTINGS:
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +58,14 @@ def e1_full_editor(tiny_env):
 
     sources = resolve_model_sources(MODELS["e1-full"], tiny=True, env=tiny_env)
     return Editor.load(EditorSettings(sources=sources, device="cpu", dtype="fp32", refine_weights="base"))
+
+
+@pytest.fixture()
+def closed_port() -> Iterator[int]:
+    """A local port that refuses connections for the whole test: bound by us, never listening.
+
+    Closing a probe socket and reusing its number would race with any other process taking the port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,8 +81,9 @@ def test_generators_reproduce_and_cpu_generator_matches_device() -> None:
     a = torch.randn(4, generator=dm.create_generator(7))
     b = torch.randn(4, generator=dm.create_generator(7, on="cpu"))
     c = torch.randn(4, generator=dm.create_generator(8))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(DeviceError):
+    assert torch.equal(a, torch.randn(4, generator=torch.Generator().manual_seed(7))) and torch.equal(a, b)
+    assert torch.equal(c, torch.randn(4, generator=torch.Generator().manual_seed(8)))
+    with pytest.raises(DeviceError, match="unknown generator placement 'gpu'"):
         dm.create_generator(1, on="gpu")
 
 
@@ -90,10 +92,25 @@ def test_cpu_memory_stats_are_host_figures(caplog: pytest.LogCaptureFixture) -> 
     stats = DeviceManager().memory_stats()
     assert stats.allocated is None and stats.total is None
     assert 0 < stats.host_rss < stats.host_total
-    assert "host RSS" in caplog.text and "no device memory" in caplog.text
-    DeviceManager().empty_cache()
-    DeviceManager().synchronize()
-    DeviceManager().reset_peak_memory_stats()
+    assert re.search(r"memory: cpu \(.+\): no device memory \(host only\); host RSS \d+\.\d\d GiB of \d+\.\d\d GiB",
+                     caplog.text)  # fmt: skip
+    gib = 2**30
+    device = device_utils.MemoryStats("npu:1", "x", 3 * gib, 4 * gib, 5 * gib, 50 * gib, 64 * gib, gib, 2 * gib)
+    assert device.summary() == ("npu:1 (x): allocated 3.00 GiB, reserved 4.00 GiB, peak 5.00 GiB, free 50.00 GiB of "
+                                "64.00 GiB; host RSS 1.00 GiB of 2.00 GiB")  # fmt: skip
+
+
+def test_cpu_cache_and_sync_calls_touch_no_device_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU these are no-ops (torch.cpu has no such calls); empty_cache still collects garbage."""
+    calls: list[str] = []
+    recorder = type("Recorder", (), {"__getattr__": lambda self, name: lambda *a: calls.append(name)})()
+    monkeypatch.setattr(DeviceManager, "device_module", property(lambda self: recorder))
+    monkeypatch.setattr(device_utils.gc, "collect", lambda: calls.append("gc.collect") or 0)
+    dm = DeviceManager()
+    dm.empty_cache()
+    dm.synchronize()
+    dm.reset_peak_memory_stats()
+    assert calls == ["gc.collect"]
 
 
 class RecordingPipe:
@@ -466,19 +483,65 @@ def test_npu_dtype_requests_it_cannot_run() -> None:
     assert "PREFERRED_DTYPE=fp16, but a test op in fp16 fails or gives NaN on npu:0" in out
 
 
-def test_npu_memory_and_cache_calls_use_the_device_module() -> None:
+@pytest.mark.parametrize("spec,env", [("npu:1", {}), (None, {"LOCAL_RANK": "1"})])
+def test_npu_memory_and_cache_calls_use_the_chosen_card(spec: str | None, env: dict[str, str]) -> None:
+    """The stand-in keeps figures per card (card 1 differs from card 0 in each), so reading card 0 is caught."""
     code = PRELUDE + (
-        "dm = device_utils.DeviceManager('npu:1')\n"
+        f"dm = device_utils.DeviceManager({spec!r})\n"
+        "npu.set_device(0)  # the current device must not matter: every call names the chosen card\n"
         "s = dm.memory_stats()\n"
         "dm.empty_cache(); dm.synchronize(); dm.reset_peak_memory_stats()\n"
         "print(json.dumps([s.as_dict(), [c for c in npu.calls]]))"
     )
-    stats, calls = json.loads(run_standin(code).stdout)
-    assert stats["allocated"] == 3 * 2**30 and stats["reserved"] == 4 * 2**30 and stats["peak"] == 5 * 2**30
-    assert (stats["free"], stats["total"]) == (50 * 2**30, 64 * 2**30)
-    assert stats["device_name"] == "Ascend910B-standin-1" and stats["host_rss"] > 0
-    assert [c[0] for c in calls] == ["set_device", "empty_cache", "synchronize", "reset_peak_memory_stats"]
-    assert calls[-1][1] == [1]
+    result = run_standin(code, env=env)
+    assert result.returncode == 0, result.stderr
+    stats, calls = json.loads(result.stdout)
+    assert stats["allocated"] == 13 * 2**30 and stats["reserved"] == 14 * 2**30 and stats["peak"] == 15 * 2**30
+    assert (stats["free"], stats["total"]) == (40 * 2**30, 64 * 2**30)
+    assert stats["device"] == "npu:1" and stats["device_name"] == "Ascend910B-standin-1" and stats["host_rss"] > 0
+    assert calls == [["set_device", [1]], ["set_device", [0]], ["empty_cache", []], ["synchronize", [1]],
+                     ["reset_peak_memory_stats", [1]]]  # fmt: skip
+
+
+def test_standin_memory_getters_follow_the_device_index() -> None:
+    code = (
+        "print(npu.memory_allocated(0), npu.memory_allocated('npu:1'), npu.memory_allocated())\n"
+        "npu.set_device(1)\n"
+        "print(npu.memory_allocated(), npu.mem_get_info()[0], npu.get_device_name())\n"
+        "try:\n    npu.memory_allocated(2)\nexcept RuntimeError as e:\n    print('refused', e)\n"
+    )
+    lines = ok(run_standin(code))
+    gib = 2**30
+    assert lines[:6] == [str(3 * gib), str(13 * gib), str(3 * gib), str(13 * gib), str(40 * gib),
+                         "Ascend910B-standin-1"]  # fmt: skip
+    assert lines[6:8] == ["refused", "Invalid"]
+
+
+def test_standin_fusion_attention_has_the_real_signature() -> None:
+    """torch_npu 2.13.0: (query, key, value, head_num, input_layout, pse=None, ..., scale=1., keep_prob=1., ...)."""
+    code = (
+        "import torch\n"
+        "fa = sys.modules['torch_npu'].npu_fusion_attention\n"
+        "q = torch.randn(1, 2, 4, 8)\n"
+        "out = fa(q, q, q, 2, 'BNSD', scale=0.5, keep_prob=1.0)[0]\n"
+        "ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.5)\n"
+        "print(bool(torch.allclose(out, ref, atol=1e-6)))\n"
+        "for call in (lambda: fa(q, q, q, 2, 'BNSD', 0.5), lambda: fa(q, q, q, 2, 'BNSD', scales=0.5),\n"
+        "             lambda: fa(q, q, q, 2, 'BSND', scale=0.5), lambda: fa(q, q, q, 2, 'NSD', scale=0.5)):\n"
+        "    try:\n        call()\n        print('accepted')\n"
+        "    except (TypeError, ValueError, RuntimeError) as e:\n        print(type(e).__name__)\n"
+    )
+    assert ok(run_standin(code)) == ["True", "TypeError", "TypeError", "RuntimeError", "ValueError"]
+
+
+def test_standin_device_moves_compute_on_cpu_and_broken_dtypes_give_nan() -> None:
+    code = (
+        "import torch\n"
+        "x = torch.ones(2)\n"
+        "print(x.to('npu:1', torch.float16).tolist(), x.to('npu', torch.bfloat16).isnan().all().item())\n"
+        "print(x.to(torch.bfloat16).tolist())\n"
+    )
+    assert ok(run_standin(code, {"dtype_ok": ["fp16", "fp32"]})) == ["[1.0,", "1.0]", "True", "[1.0,", "1.0]"]
 
 
 def test_npu_generator_falls_back_with_one_warning() -> None:

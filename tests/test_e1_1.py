@@ -106,11 +106,27 @@ def test_cli_refuses_to_overwrite(tiny_env: dict[str, str], source_png: Path, tm
     assert "already exists" in capsys.readouterr().err and output.read_bytes() == b"keep me"
 
 
-def test_same_seed_reproduces_other_seed_differs(e1_1_editor: Any, source_png: Path) -> None:
-    first, again, other = (edit(e1_1_editor, source_png, seed=s) for s in (11, 11, 12))
+def reference_edit(editor: Any, source: Path, seed: int, steps: int, refine_strength: float) -> np.ndarray:
+    """The pipeline called directly with E1.1's defaults and a CPU generator: what Editor.edit must give."""
+    from hidream_edit.images import resize_for_e1_1, resize_to
+
+    image = Image.open(source).convert("RGB")
+    with torch.inference_mode():
+        output = editor.loaded.pipe(
+            prompt="make it green", negative_prompt="low quality, blurry, distorted", image=resize_for_e1_1(image),
+            guidance_scale=3.0, image_guidance_scale=1.5, num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed), refine_strength=refine_strength, clip_cfg_norm=True,
+            refine_switch=editor.loaded.refine_switch,
+        )  # fmt: skip
+    return np.asarray(resize_to(output.images[0], image.size), dtype=np.int16)
+
+
+def test_same_seed_reproduces_other_seed_is_that_seeds_edit(e1_1_editor: Any, source_png: Path) -> None:
+    first, again, other = (edit(e1_1_editor, source_png, seed=s, steps=1) for s in (11, 11, 12))
     assert np.array_equal(as_array(first), as_array(again))
+    assert np.array_equal(as_array(other), reference_edit(e1_1_editor, source_png, 12, 1, 0.3))
     assert not np.array_equal(as_array(first), as_array(other))
-    assert first.image.size == (120, 90) and first.metadata["model_input_size"][0] % 16 == 0
+    assert first.image.size == (120, 90) and first.metadata["model_input_size"] == [1168, 880]
 
 
 def test_sdpa_and_math_attention_agree(e1_1_editor: Any, source_png: Path) -> None:
@@ -124,11 +140,11 @@ def test_sdpa_and_math_attention_agree(e1_1_editor: Any, source_png: Path) -> No
     assert np.abs(as_array(sdpa) - as_array(math)).max() <= 2
 
 
-def test_refine_strength_changes_the_result(e1_1_editor: Any, source_png: Path) -> None:
-    none = edit(e1_1_editor, source_png, steps=3, refine_strength=0.0)
-    some = edit(e1_1_editor, source_png, steps=3, refine_strength=0.3)
-    assert none.metadata["refine_start_step"] == 3 and some.metadata["refine_start_step"] == 2
-    assert not np.array_equal(as_array(none), as_array(some))
+def test_refine_strength_reaches_the_pipeline(e1_1_editor: Any, source_png: Path) -> None:
+    """0.5 of 3 steps starts the refine stage at step 1 (the default 0.3 would at 2, none at 3)."""
+    some = edit(e1_1_editor, source_png, steps=3, refine_strength=0.5)
+    assert some.metadata["refine_start_step"] == 1
+    assert np.array_equal(as_array(some), reference_edit(e1_1_editor, source_png, 3, 3, 0.5))
 
 
 def test_cancel_between_steps(e1_1_editor: Any, source_png: Path) -> None:

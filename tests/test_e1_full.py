@@ -21,7 +21,7 @@ from hidream_edit.cli import build_edit_parser, run_edit_cli
 from hidream_edit.config import resolve_model_sources
 from hidream_edit.editor import Editor, EditorSettings, EditRequest
 from hidream_edit.errors import ModelFilesError
-from hidream_edit.spec import MODELS
+from hidream_edit.spec import E1_FULL_LORA, MODELS
 
 PROMPT = "Editing Instruction: make it green. Target Image Description: a green square"
 
@@ -47,6 +47,10 @@ def test_lora_changes_output_and_base_refine_restores_i1(e1_full_editor: Any, ti
     edit_out = transformer_output(transformer)
     assert transformer.max_seq == 4608
     assert not torch.allclose(edit_out, transformer_output(bare), atol=1e-4)
+    reference = HiDreamImageTransformer2DModel.from_pretrained(tiny_checkpoints.i1, subfolder="transformer").eval()
+    reference.add_adapter(models.lora_config(E1_FULL_LORA))
+    reference.load_state_dict(load_safetensors(tiny_checkpoints.e1_full_lora), strict=False)
+    torch.testing.assert_close(edit_out, transformer_output(reference))  # I1 + the file's LoRA and full tensors
     switch = e1_full_editor.loaded.refine_switch
     switch.use_refine()
     try:
@@ -88,11 +92,21 @@ def test_fused_and_unfused_agree_without_refine(e1_full_editor: Any, tiny_env: d
     assert fused.edit(request).metadata["lora_fused"] is True
 
 
-def test_keep_aspect_and_output_back_at_source_size(e1_full_editor: Any) -> None:
-    image = Image.new("RGB", (200, 100), (0, 0, 255))
+def test_keep_aspect_and_output_back_at_source_size(e1_full_editor: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hidream_edit.images import resize_for_e1_full
+
+    image = Image.new("RGB", (200, 100), (0, 255, 0))  # green outer quarters, red | blue middle
+    image.paste((255, 0, 0), (50, 0, 100, 100))
+    image.paste((0, 0, 255), (100, 0, 150, 100))
+    inputs: list[Image.Image] = []
+    pipe = e1_full_editor.loaded.pipe
+    recording = lambda **kwargs: inputs.append(kwargs["image"]) or pipe(**kwargs)  # noqa: E731
+    monkeypatch.setattr(e1_full_editor.loaded, "pipe", recording)
     stretched = e1_full_editor.edit(EditRequest(image, PROMPT, steps=1, refine_strength=0.0))
     kept = e1_full_editor.edit(EditRequest(image, PROMPT, steps=1, refine_strength=0.0, keep_aspect=True))
     assert stretched.image.size == kept.image.size == (200, 100)
+    assert np.array_equal(np.asarray(inputs[0]), np.asarray(resize_for_e1_full(image)))
+    assert np.array_equal(np.asarray(inputs[1]), np.asarray(resize_for_e1_full(image, keep_aspect=True)))
     assert stretched.metadata["model_input_size"] == [768, 768] and kept.metadata["keep_aspect"] is True
     assert kept.metadata["model_input_size"] == [1072, 528]  # 2:1 kept, about 768*768 pixels, 16-aligned
 
@@ -193,15 +207,15 @@ def test_cli_refines_the_instruction_with_a_vlm(vlm_url: str, tiny_env: dict[str
 
 
 def test_cli_rewrite_failure_is_one_line_unless_fallback(
-    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], closed_port: int
 ) -> None:
     source = tmp_path / "in.png"
     Image.new("RGB", (80, 60)).save(source)
     argv = ["--tiny", "--image", str(source), "--instruction", "make it green", "--steps", "1", "--rewrite-instruction",
-            "--vlm-url", "http://127.0.0.1:9/v1", "--vlm-model", "m", "--vlm-timeout", "1"]  # fmt: skip
+            "--vlm-url", f"http://127.0.0.1:{closed_port}/v1", "--vlm-model", "m", "--vlm-timeout", "1"]  # fmt: skip
     assert run_edit_cli([*argv, "--output", str(tmp_path / "a.png")], "e1-full", env=tiny_env) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "127.0.0.1:9" in err and not (tmp_path / "a.png").exists()
+    assert err.count("\n") == 1 and f"127.0.0.1:{closed_port}" in err and not (tmp_path / "a.png").exists()
     argv += ["--rewrite-fallback", "--output", str(tmp_path / "b.png")]
     assert run_edit_cli(argv, "e1-full", env=tiny_env) == 0
     assert json.loads((tmp_path / "b.png.json").read_text())["instruction"] == "make it green"

@@ -422,7 +422,7 @@ def test_unnamed_stream_gets_a_placeholder_name() -> None:
 
 
 def test_non_positive_max_pixels_is_a_programming_error() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_pixels must be positive, got 0"):
         open_image(Image.new("RGB", (1, 1)), max_pixels=0)
 
 
@@ -454,6 +454,12 @@ def _candidates(width: int, height: int) -> list[tuple[int, int]]:
         ((500, 3000), (416, 2496)),
         # Halved twice (4100 -> 2050 -> 1025), then 1025 * 1024 / 1025 = 1024.
         ((4100, 4100), (1024, 1024)),
+        # Short side exactly 2048 is halved, to 1025x1024: scale 0.99951: 1024.5 -> 1024, 1023.5 -> 1024.
+        # (Unhalved, 2051x2048 would give scale 0.49963: 1024.7 -> 1024, 1023.3 -> 1023 -> 1008.)
+        ((2051, 2048), (1024, 1024)),
+        # Short side 2047 is not halved: scale 0.50012: 1024.2 -> 1024, 1023.7 -> 1024.
+        # (Halved, 1024x1023 would give scale 1.00049: 1024.50 -> 1024, 1023.49 -> 1023 -> 1008.)
+        ((2048, 2047), (1024, 1024)),
         # Small inputs are upscaled to about one megapixel.
         ((100, 80), (1136, 912)),
     ],
@@ -497,8 +503,13 @@ def test_e1_1_target_size_rejects_absurd_aspect_ratio() -> None:
 
 
 def test_e1_1_target_size_rejects_non_positive_sizes() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="image size must be positive, got 0x100"):
         e1_1_target_size(0, 100)
+    with pytest.raises(ValueError, match="image size must be positive, got 100x-1"):
+        e1_1_target_size(100, -1)
+    with pytest.raises(ValueError, match="target_side must be at least 16, got 15"):
+        e1_1_target_size(100, 100, target_side=15)
+    assert e1_1_target_size(100, 100, target_side=16) == (16, 16)
 
 
 # --- E1.1 resize -----------------------------------------------------------------------------
@@ -552,7 +563,15 @@ def test_resize_for_e1_1_output_matches_target_size(size: tuple[int, int]) -> No
     assert _close(_pixel(result, (result.width // 2, result.height // 2)), (30, 60, 90), 1)
 
 
-def test_resize_for_e1_1_halves_large_inputs_with_box_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("size", "halvings"),
+    [((4200, 2100), [(2100, 1050)]), ((2051, 2048), [(1025, 1024)]), ((4096, 4096), [(2048, 2048), (1024, 1024)]),
+     ((2048, 2047), []), ((4095, 4095), [(2047, 2047)])],
+)  # fmt: skip
+def test_resize_for_e1_1_halves_large_inputs_with_box_filter(
+    size: tuple[int, int], halvings: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Halve while the short side is at least twice the target: exactly 2048 is halved, 2047 is not."""
     calls: list[tuple[tuple[int, int], int]] = []
     original_resize = Image.Image.resize
 
@@ -561,10 +580,10 @@ def test_resize_for_e1_1_halves_large_inputs_with_box_filter(monkeypatch: pytest
         return original_resize(self, size, resample, **kw)
 
     monkeypatch.setattr(Image.Image, "resize", recording_resize)
-    result = resize_for_e1_1(Image.new("RGB", (4200, 2100)))
-    assert calls[0] == ((2100, 1050), Image.Resampling.BOX)
-    assert all(resample != Image.Resampling.BOX for _, resample in calls[1:])
-    assert result.size == e1_1_target_size(4200, 2100)
+    result = resize_for_e1_1(Image.new("RGB", size))
+    assert calls[: len(halvings)] == [(halved, Image.Resampling.BOX) for halved in halvings]
+    assert all(resample != Image.Resampling.BOX for _, resample in calls[len(halvings) :])
+    assert result.size == e1_1_target_size(*size)
 
 
 # --- E1-Full and resize_to -------------------------------------------------------------------
@@ -613,6 +632,9 @@ def test_e1_full_keep_aspect_refuses_a_sliver_naming_e1_full() -> None:
 def test_e1_full_custom_side() -> None:
     assert resize_for_e1_full(Image.new("RGB", (30, 20)), side=64).size == (64, 64)
     assert resize_for_e1_full(Image.new("RGB", (30, 20)), side=64, keep_aspect=True).size == (64, 48)
+    assert resize_for_e1_full(Image.new("RGB", (30, 20)), side=1).size == (1, 1)
+    with pytest.raises(ValueError, match="side must be positive, got 0"):
+        resize_for_e1_full(Image.new("RGB", (30, 20)), side=0)
 
 
 def test_resize_to_uses_bicubic_and_exact_size() -> None:
@@ -624,7 +646,7 @@ def test_resize_to_uses_bicubic_and_exact_size() -> None:
 
 
 def test_resize_to_rejects_empty_size() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="size must be positive, got 0x4"):
         resize_to(Image.new("RGB", (4, 4)), (0, 4))
 
 

@@ -153,12 +153,6 @@ def image() -> Image.Image:
     return Image.new("RGB", (64, 48), (200, 30, 30))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def decode_png(data_url: str) -> Image.Image:
     prefix = "data:image/png;base64,"
     assert data_url.startswith(prefix)
@@ -333,20 +327,21 @@ def test_parse_vlm_answer_rejects_duplicate_part() -> None:
 def test_settings_hide_key_and_validate() -> None:
     settings = VLMSettings(url="http://x/v1", model="m", api_key="sk-secret")
     assert "sk-secret" not in repr(settings)
-    for bad in (
-        {"timeout_s": 0},
-        {"timeout_s": float("inf")},
-        {"timeout_s": float("nan")},
-        {"timeout_s": -1.0},
-        {"timeout_s": 1e9},
-        {"retries": -1},
-        {"backoff_s": -1.0},
-        {"url": " "},
-        {"model": ""},
+    timeout = "the VLM timeout must be more than 0 and at most"
+    for bad, message in (
+        ({"timeout_s": 0}, timeout),
+        ({"timeout_s": float("inf")}, timeout),
+        ({"timeout_s": float("nan")}, timeout),
+        ({"timeout_s": -1.0}, timeout),
+        ({"timeout_s": 1e9}, timeout),
+        ({"retries": -1}, "retries must be 0 or more, got -1"),
+        ({"backoff_s": -1.0}, "backoff must be 0 or more, got -1.0"),
+        ({"url": " "}, "the VLM URL is empty"),
+        ({"model": ""}, "the VLM model name is empty"),
     ):
         values: dict[str, Any] = {"url": "http://x/v1", "model": "m"}
         values.update(bad)
-        with pytest.raises(InstructionRewriteError):
+        with pytest.raises(InstructionRewriteError, match=message):
             VLMSettings(**values)
 
 
@@ -583,8 +578,8 @@ def test_answer_parts_lose_control_characters() -> None:
     assert parse_vlm_answer(answer) == ("a red car", "make it blue", "a blue car")
 
 
-def test_unreachable_endpoint_names_the_url(image: Image.Image) -> None:
-    url = f"http://127.0.0.1:{free_port()}/v1"
+def test_unreachable_endpoint_names_the_url(image: Image.Image, closed_port: int) -> None:
+    url = f"http://127.0.0.1:{closed_port}/v1"
     settings = VLMSettings(url=url, model="m", timeout_s=2.0, retries=1, backoff_s=0.01)
     with pytest.raises(InstructionRewriteError, match="cannot reach") as error:
         rewrite_instruction(image, "make the car blue", settings)

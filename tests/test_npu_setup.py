@@ -24,8 +24,8 @@ from npu_standin import REPO, run_standin
 import device_utils
 
 LIBHCCL = "libhccl.so: cannot open shared object file: No such file or directory"
-# Settings other tests put into this process's environment (test_tiny sets HF_HUB_OFFLINE) that a user's
-# plain run of the doctor would not have.
+# Settings the test session puts into this process's environment (conftest sets HF_HUB_OFFLINE) that a
+# user's plain run of the doctor would not have.
 USER_SETTINGS = (
     "PREFERRED_DEVICE",
     "PREFERRED_DTYPE",
@@ -287,10 +287,26 @@ def test_torch_autoload_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_devices_on_this_cpu_machine() -> None:
     npu = doctor.check_npu_devices()
     assert npu.status == "WARN" and "torch_npu is not installed" in npu.detail
-    assert doctor.check_cuda_devices().status == "PASS"
+    cuda = doctor.check_cuda_devices()
+    assert (cuda.status, cuda.detail) == ("WARN", "none: no CUDA device is visible to this torch build")
     choice, dm = doctor.check_device_choice()
     assert choice.status == "PASS" and choice.detail.startswith("cpu (") and "fp32" in choice.detail
     assert dm.device == torch.device("cpu")
+
+
+def test_cuda_devices_present_are_listed_and_a_broken_query_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks = standin_checks("dump(doctor.check_cuda_devices())\n", {"available": False, "cuda_count": 2})
+    assert checks["CUDA devices"]["status"] == "PASS"
+    assert checks["CUDA devices"]["detail"] == "2 visible: CUDA-standin-0, CUDA-standin-1"
+
+    def broken(*args: object) -> int:
+        raise RuntimeError("CUDA driver initialization failed\nmore")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", broken)
+    check = doctor.check_cuda_devices()
+    assert check.status == "FAIL" and check.detail.endswith("cannot be queried: CUDA driver initialization failed")
+    assert "nvidia-smi" in check.fix
 
 
 def test_device_choice_errors_are_fail() -> None:

@@ -111,6 +111,14 @@ class TransformerSpy:
         del self.transformer.forward
 
 
+@torch.no_grad()
+def t5_of(pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, negative "blurry") T5 embeddings from diffusers' encode_prompt, for one batch entry each."""
+    t5, negative_t5, *_ = pipe.encode_prompt(prompt=prompt, negative_prompt="blurry", device=torch.device("cpu"),
+                                             do_classifier_free_guidance=True, max_sequence_length=128)  # fmt: skip
+    return t5[0], negative_t5[0]
+
+
 def small_image() -> Image.Image:
     return Image.new("RGB", (64, 48), (200, 40, 40))
 
@@ -127,9 +135,10 @@ def test_stages_batches_widths_and_refine_prompt(e1_1_editor: Any) -> None:
     assert [c["batch"] for c in spy.calls] == [3, 3, 2, 2]
     assert [c["width"] for c in spy.calls] == [2 * latent_width] * 2 + [latent_width] * 2
     assert output.refine_start_step == 2 and len(output.timings["step_s"]) == 4
-    edit_cond, refine_cond = spy.calls[0]["t5"][0], spy.calls[2]["t5"][1]
-    assert not torch.equal(edit_cond, refine_cond)  # the refine stage encodes the target description only
-    assert torch.equal(spy.calls[0]["t5"][1], spy.calls[2]["t5"][0])  # same negative prompt in both stages
+    edit_cond, negative = t5_of(pipe, "Editing Instruction: make it blue. Target Image Description: a blue square")
+    refine_cond, _ = t5_of(pipe, "a blue square")  # the refine stage encodes the target description only
+    assert torch.equal(spy.calls[0]["t5"][0], edit_cond) and torch.equal(spy.calls[2]["t5"][1], refine_cond)
+    assert torch.equal(spy.calls[0]["t5"][1], negative) and torch.equal(spy.calls[2]["t5"][0], negative)
     assert output.images[0].size == (64, 48) and not output.non_finite
 
 
@@ -145,7 +154,8 @@ def test_clip_cfg_norm_off_changes_first_branch_text(e1_1_editor: Any) -> None:
     with TransformerSpy(pipe.transformer) as spy:
         run(pipe, "make it blue", steps=1, refine=0.0, clip_cfg_norm=False)
     text = spy.calls[0]["t5"]
-    assert torch.equal(text[0], text[1]) and not torch.equal(text[0], text[2])
+    cond, negative = t5_of(pipe, "make it blue")
+    assert torch.equal(text[0], negative) and torch.equal(text[1], negative) and torch.equal(text[2], cond)
 
 
 def test_scheduler_kinds(e1_1_editor: Any, monkeypatch: pytest.MonkeyPatch) -> None:

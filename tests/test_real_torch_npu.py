@@ -29,7 +29,7 @@ from npu_standin import REPO
 TORCH_NPU_VERSION = "2.13.0"
 PTH_NAME = "hidream-project-venv.pth"
 # Variables a user would not have but the pytest process may (device_utils sets the autoload one on
-# import, test_tiny sets HF_HUB_OFFLINE).
+# import, conftest sets HF_HUB_OFFLINE).
 SCRUBBED = (
     "PREFERRED_DEVICE",
     "PREFERRED_DTYPE",

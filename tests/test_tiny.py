@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,10 +22,6 @@ from hidream_edit.tiny import (
     ensure_tiny_checkpoints,
     is_complete,
 )
-
-# Everything is local; make any accidental hub access fail fast instead of waiting on the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 
@@ -140,7 +135,7 @@ def test_ensure_reuses_a_complete_set_and_rebuilds_an_incomplete_one(tmp_path: P
 def test_build_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
     keep = tmp_path / "mine.txt"
     keep.write_text("not a checkpoint")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="exists and is not a tiny checkpoint set; refusing to replace it"):
         build_tiny_checkpoints(tmp_path, seed=0)
     assert keep.read_text() == "not a checkpoint"
     assert not (tmp_path / MARKER_NAME).exists()

@@ -1,0 +1,510 @@
+"""Settings plumbing: each CLI flag reaches the loader, the device manager or the pipeline call.
+
+Most tests replace the two boundaries, `load_pipeline` and the pipeline call, with recorders and run
+the real CLI and Editor in between, so a flag dropped or crossed anywhere on the way is caught without
+a denoising run. Each test compares everything that reaches the boundaries with a run without the flag:
+the flag must change exactly what it is for. One test per model then loads the real tiny model with
+all the flags and checks what the loader really did.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from device_utils import DeviceManager
+from hidream_edit import editor as editor_module
+from hidream_edit.cli import run_edit_cli
+from hidream_edit.config import resolve_model_sources
+from hidream_edit.editor import MAX_STEPS, Editor, EditorSettings, EditRequest, resolve_request
+from hidream_edit.errors import UserError
+from hidream_edit.images import resize_for_e1_1, resize_for_e1_full
+from hidream_edit.models import LoadedPipeline, ModelSources, SameWeights
+from hidream_edit.pipeline import EditOutput, HiDreamImageEditingPipeline
+from hidream_edit.spec import MODELS
+
+PATH_FLAGS = {"e1.1": ["--llama-path", "L", "--i1-path", "I", "--e1-path", "E"],
+              "e1-full": ["--llama-path", "L", "--i1-path", "I", "--lora-path", "F"]}  # fmt: skip
+
+
+@dataclass
+class Boundary:
+    """What crossed the recorded boundaries during one run."""
+
+    loads: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    generators: list[tuple[int, str]] = field(default_factory=list)
+
+
+class RecordingPipe:
+    """Takes the pipeline call's arguments and returns a blank image of the model input's size."""
+
+    def __init__(self, boundary: Boundary) -> None:
+        self.boundary = boundary
+
+    def __call__(self, **kwargs: Any) -> EditOutput:
+        self.boundary.calls.append(kwargs)
+        steps = kwargs["num_inference_steps"]
+        for index in range(steps):  # as the pipeline does after each step
+            kwargs["callback_on_step_end"](self, index, torch.tensor(999 - index), {"latents": torch.zeros(1)})
+        timings = {"encode_s": 0.0, "step_s": [0.0] * steps, "decode_s": 0.0}
+        return EditOutput([Image.new("RGB", kwargs["image"].size)], timings, False, steps)
+
+
+@pytest.fixture()
+def boundary(monkeypatch: pytest.MonkeyPatch) -> Boundary:
+    recorded = Boundary()
+
+    def load_pipeline(sources: ModelSources, dm: DeviceManager, **kwargs: Any) -> LoadedPipeline:
+        recorded.loads.append({"sources": sources, "device": str(dm.device), "dtype": dm.dtype, **kwargs})
+        attention = kwargs["attention"] or "sdpa"
+        return LoadedPipeline(RecordingPipe(recorded), SameWeights(), attention, ["recorded"], sources,
+                              lora_fused=kwargs["fuse_lora"])  # fmt: skip
+
+    real_create = DeviceManager.create_generator
+
+    def create_generator(self: DeviceManager, seed: int, on: str = "device") -> torch.Generator:
+        recorded.generators.append((seed, on))
+        return real_create(self, seed, on)
+
+    monkeypatch.setattr(editor_module, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(DeviceManager, "create_generator", create_generator)
+    for name in ("PREFERRED_DEVICE", "PREFERRED_DTYPE", "HIDREAM_ATTENTION", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return recorded
+
+
+def stripes() -> Image.Image:
+    """200x100: green outer quarters, red and blue in the middle (stretching and cropping differ)."""
+    image = Image.new("RGB", (200, 100), (0, 255, 0))
+    image.paste((255, 0, 0), (50, 0, 100, 100))
+    image.paste((0, 0, 255), (100, 0, 150, 100))
+    return image
+
+
+def run_cli(model: str, flags: list[str], tmp_path: Path, boundary: Boundary, name: str = "out.png") -> dict[str, Any]:
+    """Run the CLI with `flags`; return everything that reached the boundaries, plus the saved metadata."""
+    source = tmp_path / "source.png"
+    if not source.exists():
+        stripes().save(source)
+    output = tmp_path / name
+    argv = ["--image", str(source), "--instruction", "make it blue", "--output", str(output), *PATH_FLAGS[model],
+            *flags]  # fmt: skip
+    assert run_edit_cli(argv, model, env={}) == 0
+    (load,) = boundary.loads[-1:]
+    call = boundary.calls[-1]
+    view = {key: value for key, value in load.items() if key != "sources"}
+    skipped = ("image", "callback_on_step_end", "generator", "refine_switch")
+    view.update({key: value for key, value in call.items() if key not in skipped})
+    view["refine_switch"] = call["refine_switch"].name
+    view["image"] = np.asarray(call["image"]).tobytes()
+    view["image_size"] = call["image"].size
+    view["generator_seed"], view["generator_on"] = boundary.generators[-1]
+    view["generator"] = call["generator"].initial_seed()
+    view["metadata"] = json.loads(Path(f"{output}.json").read_text())
+    saved = Image.open(output)
+    assert saved.size == (200, 100) and saved.format == "PNG"  # the result, back at the source size
+    return view
+
+
+BASE_VIEWS: dict[str, dict[str, Any]] = {}
+
+
+def base_view(model: str, tmp_path: Path, boundary: Boundary) -> dict[str, Any]:
+    """The run without flags, once per model (it is deterministic; the flag tests compare against it)."""
+    if model not in BASE_VIEWS:
+        BASE_VIEWS[model] = run_cli(model, [], tmp_path, boundary, "base.png")
+    return BASE_VIEWS[model]
+
+
+def changed(base: dict[str, Any], flagged: dict[str, Any]) -> dict[str, Any]:
+    """The boundary values a flag changed (the metadata is compared separately)."""
+    return {key: flagged[key] for key in base if key != "metadata" and base[key] != flagged[key]}
+
+
+FLAG_EFFECTS: list[tuple[str, list[str], dict[str, Any]]] = [
+    ("attention", ["--attention", "math"], {"attention": "math"}),
+    ("offload", ["--offload", "model"], {"offload": "model"}),
+    ("offload", ["--offload", "sequential"], {"offload": "sequential"}),
+    ("vae tiling", ["--vae-tiling"], {"vae_tiling": True}),
+    ("rng", ["--rng", "cpu"], {"generator_on": "cpu"}),
+    ("clip cfg norm", ["--no-clip-cfg-norm"], {"clip_cfg_norm": False}),
+    ("refine weights", ["--refine-weights", "base"], {"refine_weights": "base"}),
+    ("dtype", ["--dtype", "fp16"], {"dtype": torch.float16}),
+    ("seed", ["--seed", "9"], {"generator_seed": 9, "generator": 9}),
+    ("steps", ["--steps", "5"], {"num_inference_steps": 5}),
+    ("guidance", ["--guidance", "2.5"], {"guidance_scale": 2.5}),
+    ("image guidance", ["--image-guidance", "1.25"], {"image_guidance_scale": 1.25}),
+    ("refine strength", ["--refine-strength", "0.2"], {"refine_strength": 0.2}),
+    ("negative", ["--negative", "ugly"], {"negative_prompt": "ugly"}),
+]
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_defaults_reach_the_boundaries(model: str, boundary: Boundary, tmp_path: Path) -> None:
+    view = run_cli(model, [], tmp_path, boundary)
+    defaults = {"e1.1": ("low quality, blurry, distorted", 3.0, 1.5), "e1-full": ("low resolution, blur", 5.0, 4.0)}
+    assert (view["negative_prompt"], view["guidance_scale"], view["image_guidance_scale"]) == defaults[model]
+    assert (view["num_inference_steps"], view["refine_strength"], view["clip_cfg_norm"]) == (28, 0.3, True)
+    assert (view["attention"], view["offload"], view["vae_tiling"], view["refine_weights"]) == (None, "none", False,
+                                                                                                "edit")  # fmt: skip
+    assert (view["device"], view["dtype"], view["fuse_lora"]) == ("cpu", torch.float32, False)
+    assert (view["generator_seed"], view["generator_on"], view["generator"]) == (3, "device", 3)
+    assert view["prompt"] == "make it blue" and view["refine_switch"] == "edit"
+    source = stripes()
+    expected = resize_for_e1_1(source) if model == "e1.1" else resize_for_e1_full(source)
+    assert view["image"] == np.asarray(expected).tobytes() and view["image_size"] == expected.size
+    sources = boundary.loads[-1]["sources"]
+    edit = "E" if model == "e1.1" else "F"
+    assert (sources.model, sources.llama, sources.i1, sources.edit) == (model, "L", "I", edit)
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+@pytest.mark.parametrize("what,flags,effect", FLAG_EFFECTS, ids=[" ".join(f[1]) for f in FLAG_EFFECTS])
+def test_each_flag_changes_exactly_its_setting(
+    model: str, what: str, flags: list[str], effect: dict[str, Any], boundary: Boundary, tmp_path: Path
+) -> None:
+    base = base_view(model, tmp_path, boundary)
+    flagged = run_cli(model, flags, tmp_path, boundary, "flagged.png")
+    assert changed(base, flagged) == effect, what
+
+
+@pytest.mark.parametrize("what,flags,metadata", [
+    ("rng", ["--rng", "cpu"], {"rng": "cpu", "generator_device": "cpu"}),
+    ("clip cfg norm", ["--no-clip-cfg-norm"], {"clip_cfg_norm": False}),
+    ("offload", ["--offload", "model"], {"offload": "model"}),
+    ("attention", ["--attention", "math"], {"attention": "math"}),
+])  # fmt: skip
+def test_flags_are_recorded_in_the_metadata(what: str, flags: list[str], metadata: dict[str, Any],
+                                            boundary: Boundary, tmp_path: Path) -> None:  # fmt: skip
+    recorded = run_cli("e1.1", flags, tmp_path, boundary)["metadata"]
+    assert {key: recorded[key] for key in metadata} == metadata, what
+
+
+def test_keep_aspect_crops_instead_of_stretching(boundary: Boundary, tmp_path: Path) -> None:
+    base = base_view("e1-full", tmp_path, boundary)
+    kept = run_cli("e1-full", ["--keep-aspect"], tmp_path, boundary, "kept.png")
+    assert changed(base, kept) == {"image": np.asarray(resize_for_e1_full(stripes(), keep_aspect=True)).tobytes()}
+    assert kept["metadata"]["keep_aspect"] is True and kept["metadata"]["model_input_size"] == [768, 768]
+    # the crop keeps the red | blue middle; the stretch shows all four stripes
+    assert np.asarray(Image.frombytes("RGB", (768, 768), kept["image"]))[384, 10].tolist() == [255, 0, 0]
+    assert np.asarray(Image.frombytes("RGB", (768, 768), base["image"]))[384, 10].tolist() == [0, 255, 0]
+
+
+def test_fuse_lora_reaches_the_loader_without_a_refine_stage(boundary: Boundary, tmp_path: Path) -> None:
+    base = run_cli("e1-full", ["--refine-strength", "0"], tmp_path, boundary, "base.png")
+    fused = run_cli("e1-full", ["--fuse-lora", "--refine-strength", "0"], tmp_path, boundary, "fused.png")
+    assert changed(base, fused) == {"fuse_lora": True} and fused["metadata"]["lora_fused"] is True
+
+
+def test_fuse_lora_with_a_refine_stage_is_refused_before_loading(
+    boundary: Boundary, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "source.png"
+    stripes().save(source)
+    argv = ["--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"), *PATH_FLAGS["e1-full"],
+            "--fuse-lora"]  # fmt: skip
+    assert run_edit_cli(argv, "e1-full", env={}) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --fuse-lora needs --refine-strength 0 (the refine stage runs without the LoRA)\n"
+    assert boundary.loads == [] and not (tmp_path / "o.png").exists()
+
+
+def test_target_description_and_vlm_flags_shape_the_e1_full_prompt(
+    boundary: Boundary, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    view = run_cli("e1-full", ["--target-description", "a blue car"], tmp_path, boundary)
+    assert view["prompt"] == "Editing Instruction: make it blue. Target Image Description: a blue car"
+    capsys.readouterr()
+    source = tmp_path / "source.png"
+    for given in (["--vlm-url", "http://127.0.0.1:1/v1"], ["--vlm-model", "m"], []):
+        argv = ["--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"),
+                *PATH_FLAGS["e1-full"], "--rewrite-instruction", *given]  # fmt: skip
+        assert run_edit_cli(argv, "e1-full", env={}) == 2
+        assert capsys.readouterr().err == "error: --rewrite-instruction needs --vlm-url and --vlm-model\n"
+    assert len(boundary.loads) == 1
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_resolve_request_accepts_the_edges_and_refuses_just_beyond(model: str) -> None:
+    request = EditRequest(stripes(), "  x  ")
+    edges = {"steps": (1, MAX_STEPS), "guidance": (0.0, 50.0), "image_guidance": (0.0, 50.0),
+             "refine_strength": (0.0, 1.0), "seed": (0, 2**63 - 1)}  # fmt: skip
+    for name, (low, high) in edges.items():
+        for value in (low, high):
+            assert getattr(resolve_request(replace(request, **{name: value}), model), name) == value
+    beyond = {"steps": (0, MAX_STEPS + 1), "guidance": (-0.01, 50.01), "image_guidance": (-0.01, 50.01),
+              "refine_strength": (-0.01, 1.01), "seed": (-1, 2**63)}  # fmt: skip
+    messages = {"steps": "steps must be between 1 and 1000", "guidance": "guidance must be between 0 and 50",
+                "image_guidance": "image guidance must be between 0 and 50",
+                "refine_strength": "refine strength must be between 0 and 1",
+                "seed": "seed must be between 0"}  # fmt: skip
+    for name, values in beyond.items():
+        for value in values:
+            with pytest.raises(UserError, match=f"^{messages[name]}"):
+                resolve_request(replace(request, **{name: value}), model)
+    assert resolve_request(request, model).instruction == "x"
+    with pytest.raises(UserError, match="^the instruction is empty$"):
+        resolve_request(replace(request, instruction="   "), model)
+    assert resolve_request(replace(request, refine_strength=0.0), model, lora_fused=True).refine_strength == 0.0
+
+
+def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from device_utils import load_safetensors
+    from hidream_edit.errors import ModelFilesError
+    from hidream_edit.models import load_e1_1_transformer
+
+    state = load_safetensors(tiny_checkpoints.e1_1 / "transformer")
+    dropped = sorted(state)[:5]
+    kept = {key: value for key, value in state.items() if key not in dropped} | {"extra.weight": torch.zeros(1)}
+    (tmp_path / "transformer").mkdir()
+    save_file(kept, str(tmp_path / "transformer" / "model.safetensors"))
+    with pytest.raises(ModelFilesError) as error:
+        load_e1_1_transformer(tiny_checkpoints.i1, tmp_path, torch.float32)
+    assert str(error.value).endswith(f"missing {', '.join(dropped[:3])} (and 2 more); unexpected extra.weight")
+
+
+def test_model_sources_flags_win_over_environment_over_hub_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"HIDREAM_LLAMA_PATH": "/env/llama", "HIDREAM_I1_PATH": "/env/i1", "HIDREAM_E1_PATH": "/env/e1",
+           "HIDREAM_E1_FULL_PATH": "/env/lora"}  # fmt: skip
+    hub = resolve_model_sources(MODELS["e1.1"], env={})
+    assert (hub.llama, hub.i1, hub.edit) == ("meta-llama/Llama-3.1-8B-Instruct", "HiDream-ai/HiDream-I1-Full",
+                                             "HiDream-ai/HiDream-E1-1")  # fmt: skip
+    assert hub.offline is False
+    assert resolve_model_sources(MODELS["e1-full"], env={"HF_HUB_OFFLINE": "1"}).edit == "HiDream-ai/HiDream-E1-Full"
+    assert resolve_model_sources(MODELS["e1-full"], env={"HF_HUB_OFFLINE": "1"}).offline is True
+    from_env = resolve_model_sources(MODELS["e1.1"], env=env)
+    assert (from_env.llama, from_env.i1, from_env.edit) == ("/env/llama", "/env/i1", "/env/e1")
+    assert resolve_model_sources(MODELS["e1-full"], env=env).edit == "/env/lora"
+    e1_full, e1_1 = MODELS["e1-full"], MODELS["e1.1"]
+    flags = resolve_model_sources(e1_full, llama_path="/f/llama", i1_path="/f/i1", edit_path="/f/lora", env=env)
+    assert (flags.llama, flags.i1, flags.edit) == ("/f/llama", "/f/i1", "/f/lora")
+    for name, value in env.items():  # env=None reads the process environment
+        monkeypatch.setenv(name, value)
+    assert resolve_model_sources(e1_1).edit == "/env/e1" and resolve_model_sources(e1_1, env={}).edit != "/env/e1"
+
+
+def test_summary_line_and_out_of_memory_hint() -> None:
+    from hidream_edit.cli import out_of_memory_hint, summary_line
+
+    metadata = {"timings": {"load_s": 12.34, "encode_s": 1.25, "step_s": [2.0, 4.0], "decode_s": 0.5},
+                "memory": {"peak": 3 * 2**30, "host_rss": 2**29}, "source_size": [640, 480], "device": "npu:1",
+                "dtype": "bf16"}  # fmt: skip
+    assert summary_line(metadata, Path("out.png")) == (
+        "saved out.png (640x480) on npu:1 bf16: load 12.3s, encode 1.2s, 2 steps 6.0s (3.00s/step), decode 0.5s; "
+        "peak device memory 3.00 GiB, host RSS 0.50 GiB"
+    )
+    cpu = dict(metadata, memory={"peak": None, "host_rss": 2**30}, timings=dict(metadata["timings"], step_s=[]))
+    assert "0 steps 0.0s (0.00s/step)" in summary_line(cpu, Path("o.png"))
+    assert "; no device memory, host RSS 1.00 GiB" in summary_line(cpu, Path("o.png"))
+    hint = out_of_memory_hint(RuntimeError("NPU out of memory. Tried to allocate 2.00 GiB\ntraceback lines"))
+    assert hint == ("out of device memory (NPU out of memory. Tried to allocate 2.00 GiB); try --offload model, "
+                    "then --offload sequential, and --vae-tiling")  # fmt: skip
+
+
+@pytest.mark.parametrize("verbose,level", [(False, "WARNING"), (True, "INFO")])
+def test_verbose_sets_our_log_level(verbose: bool, level: str, boundary: Boundary, tmp_path: Path) -> None:
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    run_cli("e1.1", ["--verbose"] if verbose else [], tmp_path, boundary)
+    for name in ("hidream_edit", "device_utils"):
+        assert logging.getLevelName(logging.getLogger(name).level) == level
+    # the libraries stay quiet either way: their warnings and bars would break the one-line contract
+    assert diffusers_logging.get_verbosity() == transformers_logging.get_verbosity() == logging.ERROR
+    assert not diffusers_logging.is_progress_bar_enabled() and not transformers_logging.is_progress_bar_enabled()
+
+
+def test_overwrite_flag_reaches_the_saver(boundary: Boundary, tmp_path: Path) -> None:
+    (tmp_path / "taken.png").write_bytes(b"keep")
+    source = tmp_path / "source.png"
+    stripes().save(source)
+    argv = ["--image", str(source), "--instruction", "x", "--output", str(tmp_path / "taken.png"), *PATH_FLAGS["e1.1"]]
+    assert run_edit_cli(argv, "e1.1", env={}) == 2 and (tmp_path / "taken.png").read_bytes() == b"keep"
+    assert boundary.loads == []  # refused before loading
+    assert run_edit_cli([*argv, "--overwrite"], "e1.1", env={}) == 0
+    assert Image.open(tmp_path / "taken.png").size == (200, 100)
+
+
+# ---------------------------------------------------------------- inside the Editor
+
+
+def recording_editor(model: str, boundary: Boundary, **settings: Any) -> Editor:
+    sources = ModelSources(model, "L", "I", "E")
+    return Editor.load(EditorSettings(sources=sources, device="cpu", **settings))
+
+
+def test_editor_rng_cpu_draws_on_the_cpu(boundary: Boundary) -> None:
+    for rng in ("device", "cpu"):
+        result = recording_editor("e1.1", boundary, rng=rng).edit(EditRequest(stripes(), "x", seed=5, steps=1))
+        assert boundary.generators[-1] == (5, rng)
+        assert result.metadata["rng"] == rng and result.metadata["generator_device"] == "cpu"
+    with pytest.raises(UserError, match="unknown rng placement 'gpu'; use device or cpu"):
+        recording_editor("e1.1", boundary, rng="gpu")
+
+
+def test_editor_keep_aspect_sets_the_model_input(boundary: Boundary) -> None:
+    editor = recording_editor("e1-full", boundary)
+    for keep_aspect in (False, True):
+        result = editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.0, keep_aspect=keep_aspect))
+        expected = resize_for_e1_full(stripes(), keep_aspect=keep_aspect)
+        assert np.array_equal(np.asarray(boundary.calls[-1]["image"]), np.asarray(expected))
+        assert result.image.size == (200, 100) and result.metadata["keep_aspect"] is keep_aspect
+    e1_1 = recording_editor("e1.1", boundary)  # E1.1 has its own resize rule; keep_aspect does not apply
+    e1_1.edit(EditRequest(stripes(), "x", steps=1, keep_aspect=True))
+    assert np.array_equal(np.asarray(boundary.calls[-1]["image"]), np.asarray(resize_for_e1_1(stripes())))
+
+
+def test_editor_reports_progress_and_stops_between_steps(boundary: Boundary) -> None:
+    from hidream_edit.editor import EditCancelled
+
+    editor = recording_editor("e1.1", boundary)
+    progress: list[tuple[int, int]] = []
+    editor.edit(EditRequest(stripes(), "x", steps=3), on_step=lambda done, total: progress.append((done, total)))
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    asked: list[int] = []
+    with pytest.raises(EditCancelled, match="^stopped after step 2 of 3$"):
+        editor.edit(EditRequest(stripes(), "x", steps=3), should_stop=lambda: asked.append(1) or len(asked) == 2)
+    assert len(asked) == 2 and editor.edit(EditRequest(stripes(), "x", steps=2)).metadata["steps"] == 2
+
+
+def test_rewrite_instruction_flags_reach_the_vlm_client(
+    boundary: Boundary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hidream_edit import instructions
+
+    asked: list[tuple[Any, ...]] = []
+
+    def refine(image: Image.Image, instruction: str, settings: Any) -> Any:
+        asked.append((image.size, instruction, settings))
+        if settings.model == "broken":
+            raise instructions.InstructionRewriteError("the VLM said no")
+        return instructions.RefinedInstruction("a", "b", "c", "Editing Instruction: b. Target Image Description: c")
+
+    monkeypatch.setattr(instructions, "rewrite_instruction", refine)
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")  # the CLI reads the key from the env it is given
+    source = tmp_path / "source.png"
+    stripes().save(source)
+
+    def argv(vlm_model: str, output: str, *extra: str) -> list[str]:
+        return ["--image", str(source), "--instruction", "make it blue", *PATH_FLAGS["e1-full"], "--output",
+                str(tmp_path / output), "--rewrite-instruction", "--vlm-url", "http://vlm/v1", "--vlm-model", vlm_model,
+                "--vlm-timeout", "7.5", *extra]  # fmt: skip
+
+    assert run_edit_cli(argv("m", "a.png"), "e1-full", env={"OPENAI_API_KEY": "k"}) == 0
+    size, instruction, settings = asked[-1]
+    assert (size, instruction) == ((200, 100), "make it blue")
+    assert (settings.url, settings.model, settings.api_key, settings.timeout_s) == ("http://vlm/v1", "m", "k", 7.5)
+    assert boundary.calls[-1]["prompt"] == "Editing Instruction: b. Target Image Description: c"
+    assert run_edit_cli(argv("broken", "b.png"), "e1-full", env={}) == 2 and len(boundary.calls) == 1
+    assert run_edit_cli(argv("broken", "c.png", "--rewrite-fallback"), "e1-full", env={}) == 0
+    assert boundary.calls[-1]["prompt"] == "make it blue" and asked[-1][2].api_key is None
+
+
+def test_editor_refuses_a_refine_stage_with_a_fused_lora(boundary: Boundary) -> None:
+    editor = recording_editor("e1-full", boundary, fuse_lora=True)
+    assert boundary.loads[-1]["fuse_lora"] is True
+    with pytest.raises(UserError, match="--fuse-lora needs --refine-strength 0"):
+        editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.3))
+    assert boundary.calls == []
+    editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.0))
+    assert boundary.calls[-1]["refine_strength"] == 0.0
+
+
+def test_editor_passes_loading_settings_to_the_loader(boundary: Boundary) -> None:
+    recording_editor("e1.1", boundary, dtype="fp16", attention="math", offload="model", refine_weights="base",
+                     vae_tiling=True)  # fmt: skip
+    load = boundary.loads[-1]
+    assert (load["dtype"], load["attention"], load["offload"]) == (torch.float16, "math", "model")
+    assert (load["refine_weights"], load["vae_tiling"], load["fuse_lora"]) == ("base", True, False)
+
+
+# ---------------------------------------------------------------- end to end through the real loader
+
+
+def test_fuse_lora_merges_the_adapter_at_load(tiny_env: dict[str, str]) -> None:
+    sources = resolve_model_sources(MODELS["e1-full"], tiny=True, env=tiny_env)
+    for fuse in (False, True):
+        editor = Editor.load(EditorSettings(sources=sources, device="cpu", fuse_lora=fuse))
+        layers = [m for m in editor.loaded.pipe.transformer.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+        assert layers and {layer.merged for layer in layers} == {fuse} and editor.loaded.lora_fused is fuse
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_flags_end_to_end_through_the_real_loader(
+    model: str, tiny_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real tiny model loaded with every loading flag; only the denoising call itself is recorded."""
+    loaded: list[Editor] = []
+    calls: list[dict[str, Any]] = []
+    real_load = Editor.load.__func__  # type: ignore[attr-defined]
+
+    def load(cls: type[Editor], settings: EditorSettings) -> Editor:
+        loaded.append(real_load(cls, settings))
+        return loaded[-1]
+
+    def call(self: HiDreamImageEditingPipeline, **kwargs: Any) -> EditOutput:
+        calls.append(kwargs)
+        return RecordingPipe(Boundary())(**kwargs)
+
+    monkeypatch.setattr(Editor, "load", classmethod(load))
+    monkeypatch.setattr(HiDreamImageEditingPipeline, "__call__", call)
+    source = tmp_path / "source.png"
+    stripes().save(source)
+    output = tmp_path / "out.png"
+    flags = ["--tiny", "--image", str(source), "--instruction", "x", "--output", str(output), "--attention", "math",
+             "--offload", "model", "--vae-tiling", "--rng", "cpu", "--no-clip-cfg-norm", "--refine-weights", "base",
+             "--steps", "1"]  # fmt: skip
+    if model == "e1-full":
+        flags += ["--keep-aspect"]
+    assert run_edit_cli(flags, model, env=tiny_env) == 0
+    (editor,) = loaded
+    pipe = editor.loaded.pipe
+    processors = [m.processor for m in pipe.transformer.modules() if type(m).__name__ == "HiDreamAttention"]
+    assert processors and {p.backend for p in processors} == {"math"}
+    assert pipe.vae.use_tiling is True and editor.loaded.refine_switch.name == "base"
+    assert type(pipe.text_encoder_4).__name__ == "LlamaForCausalLM" and pipe.text_encoder_4.dtype == torch.float32
+    assert pipe.tokenizer_4 is not None and pipe.tokenizer_4.name_or_path == editor.settings.sources.llama
+    assert pipe._progress_bar_config == {"disable": True}  # the front ends draw their own progress
+    check_base_refine_weights(editor)
+    metadata = json.loads(Path(f"{output}.json").read_text())
+    assert metadata["memory_actions"] == ["offload 'model' skipped: the device is the CPU, nothing to offload to",
+                                          "all components on cpu", "VAE tiling"]  # fmt: skip
+    assert (metadata["attention"], metadata["offload"], metadata["rng"]) == ("math", "model", "cpu")
+    (call_kwargs,) = calls
+    assert call_kwargs["clip_cfg_norm"] is False and call_kwargs["refine_switch"] is editor.loaded.refine_switch
+    expected = resize_for_e1_1(stripes()) if model == "e1.1" else resize_for_e1_full(stripes(), keep_aspect=True)
+    assert np.array_equal(np.asarray(call_kwargs["image"]), np.asarray(expected))
+
+
+def check_base_refine_weights(editor: Editor) -> None:
+    """--refine-weights base: the refine switch puts I1's values in, and the edit values back after."""
+    from device_utils import load_safetensors
+
+    switch = editor.loaded.refine_switch
+    transformer = editor.loaded.pipe.transformer
+    sources = editor.settings.sources
+    i1 = load_safetensors(Path(sources.i1) / "transformer")
+    if sources.model == "e1.1":
+        swapped, edit_values = switch.stash, load_safetensors(Path(sources.edit) / "transformer")
+    else:
+        swapped, edit_values = switch.swap.stash, load_safetensors(sources.edit)
+    keys = sorted(swapped)
+    assert keys and all(not torch.equal(i1[key], edit_values[key]) for key in keys)
+    switch.use_refine()
+    try:
+        assert all(torch.equal(transformer.get_parameter(key).detach(), i1[key]) for key in keys)
+    finally:
+        switch.use_edit()
+    assert all(torch.equal(transformer.get_parameter(key).detach(), edit_values[key]) for key in keys)
