@@ -248,7 +248,10 @@ class DeviceManager:
         dtype_origin: str = "preferred_dtype",
     ) -> None:
         spec = (preferred_device or "").strip() or "auto"
-        device_type, explicit_index = parse_device_spec(spec)
+        try:
+            device_type, explicit_index = parse_device_spec(spec)
+        except DeviceError as exc:
+            raise DeviceError(f"{device_origin}={spec}: {exc}") from None
         if device_type == "auto":
             device_type = self._detect()
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,10 +15,14 @@ from npu_standin import REPO, run_standin
 from safetensors.torch import save_file
 
 import device_utils
-from device_utils import CheckpointError, DeviceError, DeviceManager, load_safetensors
+from device_utils import CheckpointError, DeviceError, DeviceManager, load_safetensors, preferences_from
 from hidream_edit.attention import install_attention
 
-PRELUDE = "import device_utils\n"
+# Stand-in subprocesses read PREFERRED_DEVICE / PREFERRED_DTYPE the way the entry scripts do.
+PRELUDE = (
+    "import os\nimport device_utils\n"
+    "def from_env():\n    return device_utils.DeviceManager(**device_utils.preferences_from(os.environ).arguments())\n"
+)
 LIBHCCL = "libhccl.so: cannot open shared object file: No such file or directory"
 
 
@@ -46,14 +51,17 @@ def test_cpu_defaults() -> None:
 def test_cpu_dtype_choices(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     assert DeviceManager("cpu", name).dtype is dtype
     monkeypatch.setenv("PREFERRED_DTYPE", name)
-    assert DeviceManager().dtype is dtype
+    assert DeviceManager(**preferences_from(os.environ).arguments()).dtype is dtype
 
 
-@pytest.mark.parametrize("spec", ["gpu", "npu:x", "cpu:1", "npu:-1", "cuda::0", ""])
-def test_invalid_device_values_list_accepted(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PREFERRED_DEVICE", spec or "  ")
-    with pytest.raises(DeviceError, match="auto, npu, npu:N, cuda, cuda:N, cpu"):
-        DeviceManager()
+@pytest.mark.parametrize("spec", ["gpu", "npu:x", "cpu:1", "npu:-1", "cuda::0"])
+def test_invalid_device_values_list_accepted(spec: str) -> None:
+    with pytest.raises(DeviceError, match=f"PREFERRED_DEVICE={spec}.*auto, npu, npu:N, cuda, cuda:N, cpu"):
+        DeviceManager(**preferences_from({"PREFERRED_DEVICE": spec}).arguments())
+
+
+def test_a_blank_device_request_means_auto() -> None:
+    assert DeviceManager("  ").device == torch.device("cpu")
 
 
 def test_invalid_dtype_is_an_error() -> None:
@@ -317,8 +325,8 @@ def test_math_attention_keeps_the_input_dtype() -> None:
 def test_attention_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     dm = DeviceManager()
     assert dm.resolve_attention_backend() == "sdpa"
-    monkeypatch.setenv("HIDREAM_ATTENTION", "math")
-    assert install_attention(small_transformer(), dm) == "math"
+    assert install_attention(small_transformer(), dm) == "sdpa"
+    assert install_attention(small_transformer(), dm, "math") == "math"
     with pytest.raises(DeviceError, match="needs an NPU"):
         dm.resolve_attention_backend("npu_fused")
     with pytest.raises(DeviceError, match="sdpa, math, npu_fused"):
@@ -361,23 +369,23 @@ def test_cli_report_and_impossible_device() -> None:
 
 
 def test_detection_prefers_npu_and_selects_it() -> None:
-    code = PRELUDE + "dm = device_utils.DeviceManager()\nprint(dm.device, dm.dtype_name, dm.distributed_backend)"
+    code = PRELUDE + "dm = from_env()\nprint(dm.device, dm.dtype_name, dm.distributed_backend)"
     out = ok(run_standin(code, {"cuda_count": 1}))
     assert out == ["npu:0", "bf16", "hccl"]
 
 
 def test_detection_order_falls_back_to_cuda_then_cpu() -> None:
-    code = PRELUDE + "print(device_utils.DeviceManager().device)"
+    code = PRELUDE + "print(from_env().device)"
     assert ok(run_standin(code, {"available": False, "cuda_count": 2})) == ["cuda:0"]
     assert ok(run_standin(code, {"available": False})) == ["cpu"]
 
 
 def test_cann_missing_auto_warns_once_and_named_request_fails() -> None:
-    code = PRELUDE + "device_utils.DeviceManager(); print(device_utils.DeviceManager().device)"
+    code = PRELUDE + "from_env(); print(from_env().device)"
     result = run_standin(code, {"import_error": LIBHCCL})
     assert ok(result) == ["cpu"]
     assert result.stderr.count("libhccl.so not found") == 1 and "set_env.sh" in result.stderr
-    code = PRELUDE + ("try:\n    device_utils.DeviceManager()\nexcept device_utils.DeviceError as e:\n    print(e)")
+    code = PRELUDE + ("try:\n    from_env()\nexcept device_utils.DeviceError as e:\n    print(e)")
     env = {"PREFERRED_DEVICE": "npu"}
     message = run_standin(code, {"import_error": LIBHCCL}, env).stdout.strip()
     assert message == (
@@ -437,7 +445,7 @@ def test_host_rss_is_labelled_as_the_peak_without_psutil(monkeypatch: pytest.Mon
     ],
 )
 def test_device_index_rules(env: dict[str, str], expected: str) -> None:
-    code = PRELUDE + "dm = device_utils.DeviceManager(); print(dm.device, npu.calls[-1][1][0])"
+    code = PRELUDE + "dm = from_env(); print(dm.device, npu.calls[-1][1][0])"
     assert ok(run_standin(code, env=env)) == [expected, expected[-1]]
 
 
@@ -451,7 +459,7 @@ def test_device_index_rules(env: dict[str, str], expected: str) -> None:
     ],
 )
 def test_device_index_errors(env: dict[str, str], message: str) -> None:
-    code = PRELUDE + "try:\n    device_utils.DeviceManager()\nexcept device_utils.DeviceError as e:\n    print(e)"
+    code = PRELUDE + "try:\n    from_env()\nexcept device_utils.DeviceError as e:\n    print(e)"
     assert message in run_standin(code, env=env).stdout
 
 
@@ -471,12 +479,12 @@ def test_npu_without_visible_devices() -> None:
     ],
 )
 def test_npu_dtype_choice(config: dict[str, object], env: dict[str, str], expected: str) -> None:
-    code = PRELUDE + "print(device_utils.DeviceManager().dtype_name)"
+    code = PRELUDE + "print(from_env().dtype_name)"
     assert ok(run_standin(code, config, env)) == [expected]
 
 
 def test_npu_dtype_requests_it_cannot_run() -> None:
-    code = PRELUDE + "try:\n    device_utils.DeviceManager()\nexcept device_utils.DeviceError as e:\n    print(e)"
+    code = PRELUDE + "try:\n    from_env()\nexcept device_utils.DeviceError as e:\n    print(e)"
     out = run_standin(code, {"bf16": False}, {"PREFERRED_DTYPE": "bf16"}).stdout
     assert "PREFERRED_DTYPE=bf16, but npu:0 does not support bf16" in out
     out = run_standin(code, {"dtype_ok": ["fp32"]}, {"PREFERRED_DTYPE": "fp16"}).stdout
@@ -546,7 +554,7 @@ def test_standin_device_moves_compute_on_cpu_and_broken_dtypes_give_nan() -> Non
 
 def test_npu_generator_falls_back_with_one_warning() -> None:
     code = PRELUDE + (
-        "dm = device_utils.DeviceManager()\n"
+        "dm = from_env()\n"
         "g1 = dm.create_generator(3); g2 = dm.create_generator(4)\n"
         "print(g1.device, dm.create_generator(3, on='cpu').device)"
     )
@@ -570,7 +578,7 @@ def test_npu_fused_attention_runs_the_fused_kernel() -> None:
         "import torch\n"
         "from test_device_utils import small_transformer, transformer_inputs\n"
         "from hidream_edit.attention import install_attention\n"
-        "dm = device_utils.DeviceManager()\n"
+        "dm = from_env()\n"
         "t = small_transformer(); inputs = transformer_inputs(16)\n"
         "with torch.no_grad():\n"
         "    ref = t(**inputs).sample\n"
