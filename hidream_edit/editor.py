@@ -11,10 +11,11 @@ import logging
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -25,11 +26,17 @@ from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
 from hidream_edit.spec import ModelSpec, is_e1_full_form
 
+if TYPE_CHECKING:  # the pipeline module imports diffusers, which must wait until torch_npu is settled
+    from hidream_edit.pipeline import PromptEmbeddings
+
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                  ".tiff": "TIFF"}  # fmt: skip
 MAX_STEPS = 1000
+# Recent prompts whose embeddings an Editor keeps on the device; with the real Llama one entry (prompt
+# and negative) is about 70 MB in bf16, so a few entries cost little and a one-instruction batch encodes once.
+PROMPT_CACHE_ENTRIES = 4
 
 
 class EditCancelled(Exception):
@@ -49,6 +56,7 @@ class EditorSettings:
     refine_weights: str = "edit"
     fuse_lora: bool = False
     vae_tiling: bool = False
+    prompt_cache_entries: int = PROMPT_CACHE_ENTRIES
 
     @property
     def model(self) -> str:
@@ -116,6 +124,38 @@ def resolve_request(request: EditRequest, spec: ModelSpec, lora_fused: bool = Fa
     return resolved
 
 
+class PromptEmbeddingCache:
+    """The embeddings of the most recently used (prompt, negative) pairs of one model, oldest dropped first."""
+
+    def __init__(self, model: str, max_entries: int) -> None:
+        self.model = model
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[str, str, str, int], tuple[PromptEmbeddings, PromptEmbeddings]]
+        self._entries = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: tuple[str, str, int]) -> tuple[PromptEmbeddings, PromptEmbeddings] | None:
+        full_key = (self.model, *key)
+        found = self._entries.get(full_key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(full_key)
+        return found
+
+    def store(self, key: tuple[str, str, int], value: tuple[PromptEmbeddings, PromptEmbeddings]) -> None:
+        if self.max_entries <= 0:
+            return
+        self._entries[(self.model, *key)] = value
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
 class Editor:
     """Holds one loaded pipeline; `edit` runs under torch.inference_mode()."""
 
@@ -126,14 +166,16 @@ class Editor:
         self.load_s = load_s
         self.defaults = settings.spec.defaults
         self.last_metadata: dict[str, Any] | None = None
+        self.prompt_cache = PromptEmbeddingCache(settings.model, settings.prompt_cache_entries)
+        loaded.pipe.prompt_cache = self.prompt_cache if settings.prompt_cache_entries > 0 else None
 
     @classmethod
-    def load(cls, settings: EditorSettings) -> Editor:
-        """Choose the device and load the model; raises UserError/DeviceError on bad settings."""
+    def load(cls, settings: EditorSettings, dm: DeviceManager | None = None) -> Editor:
+        """Choose the device (or use `dm`) and load the model; raises UserError/DeviceError on bad settings."""
         if settings.rng not in ("device", "cpu"):
             raise UserError(f"unknown rng placement {settings.rng!r}; use device or cpu")
         started = time.perf_counter()
-        dm = DeviceManager(settings.device, settings.dtype)
+        dm = dm or DeviceManager(settings.device, settings.dtype)
         loaded = load_pipeline(
             settings.sources,
             dm,

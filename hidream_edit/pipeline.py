@@ -105,10 +105,25 @@ def combine_refine_guidance(prediction: torch.Tensor, guidance_scale: float) -> 
     return uncond + guidance_scale * (cond - uncond)
 
 
+class PromptCache(Protocol):
+    """Keeps recent (prompt, negative) embeddings so a repeated prompt skips the four text encoders."""
+
+    def lookup(self, key: tuple[str, str, int]) -> tuple[PromptEmbeddings, PromptEmbeddings] | None: ...
+
+    def store(self, key: tuple[str, str, int], value: tuple[PromptEmbeddings, PromptEmbeddings]) -> None: ...
+
+
 class HiDreamImageEditingPipeline(HiDreamImagePipeline):
     """Instruction-based image editing with HiDream-E1.1 / E1-Full transformers."""
 
+    # Set by the Editor; None encodes every prompt every time.
+    prompt_cache: PromptCache | None = None
+
     def _encode(self, prompt: str, negative_prompt: str, device: torch.device, max_sequence_length: int):
+        key = (prompt, negative_prompt, max_sequence_length)
+        cached = self.prompt_cache.lookup(key) if self.prompt_cache is not None else None
+        if cached is not None:
+            return cached
         t5, neg_t5, llama, neg_llama, pooled, neg_pooled = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -116,7 +131,10 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
             do_classifier_free_guidance=True,
             max_sequence_length=max_sequence_length,
         )
-        return PromptEmbeddings(t5, llama, pooled), PromptEmbeddings(neg_t5, neg_llama, neg_pooled)
+        encoded = PromptEmbeddings(t5, llama, pooled), PromptEmbeddings(neg_t5, neg_llama, neg_pooled)
+        if self.prompt_cache is not None:
+            self.prompt_cache.store(key, encoded)
+        return encoded
 
     def encode_image(self, image: Image.Image, device: torch.device) -> torch.Tensor:
         """Source image -> VAE latents (distribution mode, shifted and scaled)."""
