@@ -33,7 +33,7 @@ def rendezvous_url(env: DistributedEnvironment) -> str:
 
 @dataclass
 class RankGroup:
-    """This process's place in the group plus the store the ranks share; keys are per torchrun attempt."""
+    """This process's place in the group plus the store the ranks share (keys already per attempt)."""
 
     env: DistributedEnvironment
     store: dist.Store
@@ -49,7 +49,7 @@ class RankGroup:
         return self.env.world_size
 
     def _key(self, name: str) -> str:
-        return f"hidream_edit/attempt{self.env.attempt}/{name}"
+        return f"batch/{name}"
 
     def take_number(self, counter: str) -> int:
         """The next number (0, 1, 2, ...) of a counter all ranks share; no two calls get the same one."""
@@ -84,12 +84,15 @@ def join_process_group(env: DistributedEnvironment, backend: str, timeout_s: flo
     """Rendezvous at MASTER_ADDR:MASTER_PORT and join the default process group with `backend`.
 
     Under torchrun the store is the agent's (TORCHELASTIC_USE_AGENT_STORE, read by torch); otherwise
-    rank 0 hosts it. Waits at most `timeout_s` for the other ranks, then fails with one line.
+    rank 0 hosts it. The agent's store outlives a restart (--max-restarts), so everything, the process
+    group's own keys included, goes under a prefix per attempt: a restarted group never reads the
+    addresses or counters of the attempt before. Waits at most `timeout_s`, then fails with one line.
     """
     timeout = timedelta(seconds=timeout_s)
     where = f"{env.master_addr}:{env.master_port}"
     try:
-        store, rank, world_size = next(dist.rendezvous(rendezvous_url(env), timeout=timeout))
+        shared, rank, world_size = next(dist.rendezvous(rendezvous_url(env), timeout=timeout))
+        store = dist.PrefixStore(f"hidream_edit/attempt{env.attempt}/", shared)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     except (RuntimeError, ValueError) as exc:  # DistStoreError and DistNetworkError are RuntimeErrors
         raise UserError(

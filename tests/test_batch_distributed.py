@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
@@ -22,6 +23,7 @@ import pytest
 import torch.multiprocessing as torch_mp
 from npu_standin import REPO
 from PIL import Image
+from torch.distributed import TCPStore
 
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.errors import UserError
@@ -37,14 +39,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _claim_all(rank: int, port: int, count: int, result_file: str) -> None:
+def _claim_all(rank: int, port: int, count: int, result_file: str, attempt: int = 0) -> None:
     import torch
 
     from hidream_edit.batch import SharedQueue, claimed
     from hidream_edit.distributed import join_process_group
 
     torch.set_num_threads(1)
-    group = join_process_group(DistributedEnvironment(2, rank, rank, "127.0.0.1", port), "gloo", 60.0)
+    group = join_process_group(DistributedEnvironment(2, rank, rank, "127.0.0.1", port, attempt), "gloo", 60.0)
     try:
         mine = list(claimed(SharedQueue(group), count))
         group.add("finished", len(mine))
@@ -63,6 +65,21 @@ def test_ranks_share_one_counter_so_each_item_goes_to_exactly_one_rank(tmp_path:
     claims = result["claims"]
     assert len(claims) == 2 and sorted(claims[0] + claims[1]) == list(range(40))
     assert all(numbers == sorted(numbers) for numbers in claims) and result["finished"] == 40
+
+
+def test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun --max-restarts: the agent's store (one TCPStore for all attempts) outlives the workers."""
+    port = free_port()
+    agent_store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # the workers connect to it as clients
+    for attempt in (0, 1):
+        result_file = tmp_path / f"attempt{attempt}.json"
+        torch_mp.spawn(_claim_all, args=(port, 10, str(result_file), attempt), nprocs=2, join=True)
+        claims = json.loads(result_file.read_text())["claims"]
+        assert sorted(claims[0] + claims[1]) == list(range(10)), attempt
+    del agent_store
 
 
 def _join_alone(queue: multiprocessing.Queue, port: int) -> None:
