@@ -46,12 +46,6 @@ NUMBER_KEYS = ("guidance", "image_guidance", "refine_strength")
 REQUIRED_KEYS = ("image", "instruction")
 COMMON_KEYS = ("image", "instruction", "output", "negative", *INTEGER_KEYS, *NUMBER_KEYS)
 
-# What decides an output's pixels, besides the placement and kernels: compared for resume.
-RESUME_FIELDS = (
-    "model", "model_sources", "instruction", "negative", "steps", "guidance", "image_guidance", "refine_strength",
-    "clip_cfg_norm", "seed", "rng", "keep_aspect", "refine_weights", "lora_fused", "dtype", "source_sha256",
-)  # fmt: skip
-
 
 class BatchError(UserError):
     """Everything wrong with a batch, found before loading; each problem is one line."""
@@ -274,7 +268,7 @@ class RunContext:
 
 
 def expected_metadata(item: BatchItem, context: RunContext, source_sha256: str) -> dict[str, Any]:
-    """The metadata fields an output of `item` made in this run would carry (RESUME_FIELDS)."""
+    """What decides an output's pixels (not placement or kernels): the metadata fields resume compares."""
     r = item.request
     return {
         "model": context.model,
@@ -597,6 +591,9 @@ def run_batch(
             group.close()
     summary = summarize(records, len(items), time.perf_counter() - started, dist_env.world_size, source, settings.model)
     path = output_dir / SUMMARY_NAME
-    write_summary(path, summary)
+    try:
+        write_summary(path, summary)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
     print(summary_line(summary, path))
     return 1 if summary["counts"][FAILED] else 0
