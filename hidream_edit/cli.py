@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ from device_utils import host_rss_label
 from hidream_edit.config import (
     EXIT_USER_ERROR,
     OneLineArgumentParser,
+    add_batch_arguments,
     add_edit_arguments,
     add_model_arguments,
     add_rewrite_arguments,
     cli_error_line,
     configure_logging,
+    distributed_environment,
     editor_settings_from_args,
     environment,
     model_spec,
@@ -46,11 +49,12 @@ logger = logging.getLogger("hidream_edit")
 def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
     parser = OneLineArgumentParser(
         description=f"Edit an image with {spec.title} following a text instruction, on Ascend NPU, CUDA or CPU.",
-        epilog="Example: %(prog)s --tiny --image in.png --instruction 'make the sky blue' --output out.png",
+        epilog="Examples: %(prog)s --tiny --image in.png --instruction 'make the sky blue' --output out.png; "
+        "%(prog)s --tiny --manifest edits.jsonl --output-dir results (also under torchrun --nproc-per-node N)",
     )
-    parser.add_argument("--image", required=True, help="input image")
-    parser.add_argument("--instruction", required=True, help="what to change, in words")
-    parser.add_argument("--output", required=True, help="output image; its extension picks the format")
+    parser.add_argument("--image", help="input image (one edit; or use --input-dir / --manifest)")
+    parser.add_argument("--instruction", help="what to change, in words (with --input-dir: for every image)")
+    parser.add_argument("--output", help="output image; its extension picks the format")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--verbose", action="store_true", help="log details (INFO)")
     if spec.prompt_form:
@@ -60,9 +64,43 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
                                 "(sides multiples of 16) instead of stretching it to 768x768")  # fmt: skip
         group.add_argument("--target-description", help="describe the edited image; builds E1-Full's prompt form")
         add_rewrite_arguments(parser, spec)
+    add_batch_arguments(parser)
     add_edit_arguments(parser, spec)
     add_model_arguments(parser, spec)
     return parser
+
+
+def edit_mode(args: argparse.Namespace, parser: argparse.ArgumentParser, spec: ModelSpec) -> str:
+    """The run's form from the flags given: single, folder or manifest; a wrong mix is one line, exit 2."""
+    given = {flag for flag in ("image", "instruction", "output") if getattr(args, flag) is not None}
+    if args.input_dir is not None and args.manifest is not None:
+        parser.error("use --input-dir or --manifest, not both")
+    if args.input_dir is None and args.manifest is None:
+        if args.output_dir is not None or args.recursive:
+            parser.error("--output-dir and --recursive are for batches (--input-dir or --manifest)")
+        missing = [f"--{flag}" for flag in ("image", "instruction", "output") if flag not in given]
+        if missing:
+            parser.error(
+                f"missing {', '.join(missing)}: give --image, --instruction and --output for one edit, "
+                "or --input-dir (with --instruction) or --manifest, with --output-dir, for a batch"
+            )
+        return "single"
+    for flag in ("image", "output"):
+        if flag in given:
+            parser.error(f"--{flag} is for one edit; a batch reads --input-dir or --manifest and writes --output-dir")
+    if args.output_dir is None:
+        parser.error("a batch needs --output-dir")
+    if spec.prompt_form and args.rewrite_instruction:
+        parser.error("--rewrite-instruction works on one image; for a batch put the prompts into a --manifest")
+    if args.input_dir is not None:
+        if args.instruction is None:
+            parser.error("--input-dir needs --instruction (the one edit applied to every image)")
+        return "folder"
+    if args.instruction is not None or args.recursive:
+        parser.error("--instruction and --recursive are not used with --manifest (each line has its own edit)")
+    if spec.prompt_form and args.target_description is not None:
+        parser.error("--target-description is not used with --manifest; give each line a 'target_description'")
+    return "manifest"
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -146,8 +184,12 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
 
     env = environment(env)
     spec = model_spec(model)
-    args = build_edit_parser(spec).parse_args(argv)
+    parser = build_edit_parser(spec)
+    args = parser.parse_args(argv)
+    mode = edit_mode(args, parser, spec)
     configure_logging(args.verbose)
+    if mode != "single":
+        return run_batch_cli(args, spec, mode, env)
     output = Path(args.output).expanduser()
     try:
         _check_output(output, args.overwrite)
@@ -191,3 +233,54 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     print(summary_line(result.metadata, image_path))
     logger.info("total %.1f s", time.perf_counter() - started)
     return 0
+
+
+def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Mapping[str, str]) -> int:
+    """A folder or manifest batch: check everything, then edit (this rank's share under torchrun).
+
+    Exit 0 every item ok or skipped, 1 some failed, 2 a mistake found before loading, 130 interrupted.
+    """
+    from hidream_edit.batch import BatchError, e1_full_prompt, folder_items, manifest_items, run_batch
+
+    rank = 0
+    try:
+        dist_env = distributed_environment(env)
+        rank = dist_env.rank
+        settings = editor_settings_from_args(args, spec, env)
+        output_dir = Path(args.output_dir).expanduser()
+        template = EditRequest(
+            image="",
+            instruction=args.instruction or "",
+            negative=args.negative,
+            steps=args.steps,
+            guidance=args.guidance,
+            image_guidance=args.image_guidance,
+            refine_strength=args.refine_strength,
+            clip_cfg_norm=args.clip_cfg_norm,
+            seed=args.seed,
+            keep_aspect=getattr(args, "keep_aspect", False),
+        )
+        if mode == "folder":
+            if spec.prompt_form:
+                template = replace(template, instruction=e1_full_prompt(args.instruction, args.target_description))
+            input_dir = Path(args.input_dir).expanduser()
+            items = folder_items(input_dir, output_dir, args.recursive, template, spec, settings.fuse_lora)
+            source = {"input_dir": str(input_dir), "recursive": args.recursive}
+        else:
+            manifest = Path(args.manifest).expanduser()
+            items = manifest_items(manifest, output_dir, template, spec, settings.fuse_lora)
+            source = {"manifest": str(manifest)}
+        return run_batch(items, settings, output_dir, args.overwrite, source, dist_env, args.dist_timeout)
+    except BatchError as exc:
+        if rank == 0:
+            for line in exc.lines():
+                print(f"error: {line}", file=sys.stderr)
+        else:
+            print(f"error: rank {rank}: the batch is invalid (rank 0 lists the problems)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except USER_ERRORS as exc:
+        print(f"error: {cli_error_line(exc, spec)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, rerun the same command to do the rest", file=sys.stderr)
+        return 130

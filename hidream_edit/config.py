@@ -39,6 +39,15 @@ ENV_HUB_OFFLINE = "HF_HUB_OFFLINE"
 ENV_VLM_KEY = "OPENAI_API_KEY"
 ENV_WEB_AUTH = "HIDREAM_GRADIO_AUTH"
 ENV_CACHE_HOME = "XDG_CACHE_HOME"
+# torchrun's contract with its workers (https://pytorch.org/docs/stable/elastic/run.html).
+ENV_WORLD_SIZE = "WORLD_SIZE"
+ENV_RANK = "RANK"
+ENV_LOCAL_RANK = "LOCAL_RANK"
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
+ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+
+DEFAULT_DIST_TIMEOUT_S = 1800.0
 
 
 RNG_PLACEMENTS = ("device", "cpu")
@@ -330,4 +339,67 @@ def editor_settings_from_args(
         refine_weights=args.refine_weights,
         fuse_lora=getattr(args, "fuse_lora", False),
         vae_tiling=args.vae_tiling,
+    )
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Batch input and output: a folder with one instruction, or a JSON Lines manifest; resumable."""
+    group = parser.add_argument_group("batch (instead of --image/--output)")
+    group.add_argument("--input-dir", help="edit every image in this folder with --instruction")
+    group.add_argument("--recursive", action="store_true", help="with --input-dir: include sub-folders")
+    group.add_argument("--manifest", help="JSON Lines file, one edit per line (image, instruction, output, ...)")
+    group.add_argument("--output-dir", help="where batch outputs, their metadata and summary.json go")
+    group.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,
+                       help="under torchrun: seconds to wait for the other ranks "
+                            f"(default {DEFAULT_DIST_TIMEOUT_S:g})")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DistributedEnvironment:
+    """What torchrun told this process: its rank among `world_size` and where the rendezvous store is.
+
+    `attempt` is torchrun's restart count, so a restarted group does not read the previous attempt's keys.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    attempt: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if value is None or not value.strip():
+        return default
+    if not value.strip().isdigit():
+        raise UserError(f"{name}={value!r} is not a non-negative integer")
+    return int(value)
+
+
+def distributed_environment(env: Mapping[str, str] | None = None) -> DistributedEnvironment:
+    """WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT as torchrun sets them; one process when unset."""
+    env = environment(env)
+    world_size = _non_negative_int(env, ENV_WORLD_SIZE, 1)
+    if world_size <= 1:
+        return DistributedEnvironment()
+    rank = _non_negative_int(env, ENV_RANK, -1)
+    if not 0 <= rank < world_size:
+        raise UserError(f"WORLD_SIZE={world_size} needs RANK between 0 and {world_size - 1} (start with torchrun)")
+    master_addr = (env.get(ENV_MASTER_ADDR) or "").strip()
+    port = _non_negative_int(env, ENV_MASTER_PORT, 0)
+    if not master_addr or not 0 < port < 2**16:
+        raise UserError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT (start with torchrun)")
+    return DistributedEnvironment(
+        world_size=world_size,
+        rank=rank,
+        local_rank=_non_negative_int(env, ENV_LOCAL_RANK, 0),
+        master_addr=master_addr,
+        master_port=port,
+        attempt=_non_negative_int(env, ENV_RESTART_COUNT, 0),
     )

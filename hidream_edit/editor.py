@@ -19,10 +19,11 @@ import signal
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -32,6 +33,9 @@ from hidream_edit.errors import NonFiniteError, UserError
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
 from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, ModelSpec, is_e1_full_form
+
+if TYPE_CHECKING:  # the pipeline module imports diffusers, which must wait until torch_npu is settled
+    from hidream_edit.pipeline import EncodedPrompts, PromptKey
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,10 @@ MAX_PROMPT_CHARS = 2000
 
 # Errors every front end shows as one line (CLIs: exit 2): the user's mistake, not a bug.
 USER_ERRORS = (UserError, DeviceError, CheckpointError)
+
+# Recent prompts whose embeddings an Editor keeps on the device; with the real Llama one entry (prompt
+# and negative) is about 70 MB in bf16, so a few entries cost little and a one-instruction batch encodes once.
+PROMPT_CACHE_ENTRIES = 4
 
 
 class EditCancelled(Exception):
@@ -65,6 +73,7 @@ class EditorSettings:
     refine_weights: str = "edit"
     fuse_lora: bool = False
     vae_tiling: bool = False
+    prompt_cache_entries: int = PROMPT_CACHE_ENTRIES
 
     @property
     def model(self) -> str:
@@ -160,6 +169,38 @@ def resolve_request(request: EditRequest, spec: ModelSpec, lora_fused: bool = Fa
     return resolved
 
 
+class PromptEmbeddingCache:
+    """The embeddings of the most recently used (prompt, negative) pairs of one model, oldest dropped first."""
+
+    def __init__(self, model: str, max_entries: int) -> None:
+        self.model = model
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[str, str, str, int, bool], EncodedPrompts]
+        self._entries = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: PromptKey) -> EncodedPrompts | None:
+        full_key = (self.model, *key)
+        found = self._entries.get(full_key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(full_key)
+        return found
+
+    def store(self, key: PromptKey, value: EncodedPrompts) -> None:
+        if self.max_entries <= 0:
+            return
+        self._entries[(self.model, *key)] = value
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
 class Editor:
     """Holds one loaded pipeline; `edit` runs under torch.inference_mode()."""
 
@@ -170,14 +211,16 @@ class Editor:
         self.load_s = load_s
         self.defaults = settings.spec.defaults
         self.last_metadata: dict[str, Any] | None = None
+        self.prompt_cache = PromptEmbeddingCache(settings.model, settings.prompt_cache_entries)
+        loaded.pipe.prompt_cache = self.prompt_cache if settings.prompt_cache_entries > 0 else None
 
     @classmethod
-    def load(cls, settings: EditorSettings) -> Editor:
-        """Choose the device and load the model; raises UserError/DeviceError on bad settings."""
+    def load(cls, settings: EditorSettings, dm: DeviceManager | None = None) -> Editor:
+        """Choose the device (or use `dm`) and load the model; raises UserError/DeviceError on bad settings."""
         if settings.rng not in ("device", "cpu"):
             raise UserError(f"unknown rng placement {settings.rng!r}; use device or cpu")
         started = time.perf_counter()
-        dm = DeviceManager(
+        dm = dm or DeviceManager(
             settings.device, settings.dtype, device_origin=settings.device_origin, dtype_origin=settings.dtype_origin
         )
         loaded = load_pipeline(

@@ -109,13 +109,33 @@ def combine_refine_guidance(prediction: torch.Tensor, guidance_scale: float) -> 
     return uncond + guidance_scale * (cond - uncond)
 
 
+# (prompt, negative, max sequence length, guided) -> (prompt embeddings, negative embeddings or None)
+PromptKey = tuple[str, str, int, bool]
+EncodedPrompts = tuple[PromptEmbeddings, PromptEmbeddings | None]
+
+
+class PromptCache(Protocol):
+    """Keeps recent (prompt, negative) embeddings so a repeated prompt skips the four text encoders."""
+
+    def lookup(self, key: PromptKey) -> EncodedPrompts | None: ...
+
+    def store(self, key: PromptKey, value: EncodedPrompts) -> None: ...
+
+
 class HiDreamImageEditingPipeline(HiDreamImagePipeline):
     """Instruction-based image editing with HiDream-E1.1 / E1-Full transformers."""
+
+    # Set by the Editor; None encodes every prompt every time.
+    prompt_cache: PromptCache | None = None
 
     def _encode(
         self, prompt: str, negative_prompt: str, device: torch.device, max_sequence_length: int, guided: bool
     ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
         """(prompt, negative) embeddings; without guidance the negative is neither encoded nor returned."""
+        key = (prompt, negative_prompt, max_sequence_length, guided)
+        cached = self.prompt_cache.lookup(key) if self.prompt_cache is not None else None
+        if cached is not None:
+            return cached
         t5, neg_t5, llama, neg_llama, pooled, neg_pooled = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -124,7 +144,10 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
             max_sequence_length=max_sequence_length,
         )
         negative = PromptEmbeddings(neg_t5, neg_llama, neg_pooled) if guided else None
-        return PromptEmbeddings(t5, llama, pooled), negative
+        encoded = PromptEmbeddings(t5, llama, pooled), negative
+        if self.prompt_cache is not None:
+            self.prompt_cache.store(key, encoded)
+        return encoded
 
     def encode_image(self, image: Image.Image, device: torch.device) -> torch.Tensor:
         """Source image -> VAE latents (distribution mode, shifted and scaled)."""

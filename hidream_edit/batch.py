@@ -1,0 +1,599 @@
+"""Batch editing: many images from a folder or a JSON Lines manifest, resumable, shared across ranks.
+
+The whole batch is read and checked before any model loads, so a bad manifest line stops the run with
+its line number (exit 2) instead of an hour in. Then one Editor edits the items one by one; an image
+that fails is recorded as failed and the batch goes on. An output whose metadata JSON says it was made
+with the same request (settings, weights, dtype and the source file's SHA-256) is skipped, so rerunning
+a killed batch finishes only what is missing; a different existing file is never replaced without
+--overwrite. Under torchrun every rank takes the next item number from a counter in the rendezvous
+store, so a fast rank simply takes more items and a slow one holds nobody back; rank 0 merges every
+rank's records into summary.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from hidream_edit.config import DistributedEnvironment
+from hidream_edit.editor import IMAGE_FORMATS, EditCancelled, EditRequest, image_format_for, resolve_request
+from hidream_edit.errors import UserError
+from hidream_edit.spec import ModelSpec, is_e1_full_form
+
+if TYPE_CHECKING:
+    from device_utils import DeviceManager
+    from hidream_edit.distributed import RankGroup
+    from hidream_edit.editor import Editor, EditorSettings
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"
+MAX_LISTED_PROBLEMS = 20
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+
+# Manifest keys and the JSON types each accepts; "target_description" only for models with a prompt form.
+TEXT_KEYS = ("image", "instruction", "output", "negative", "target_description")
+INTEGER_KEYS = ("seed", "steps")
+NUMBER_KEYS = ("guidance", "image_guidance", "refine_strength")
+REQUIRED_KEYS = ("image", "instruction")
+COMMON_KEYS = ("image", "instruction", "output", "negative", *INTEGER_KEYS, *NUMBER_KEYS)
+
+
+class BatchError(UserError):
+    """Everything wrong with a batch, found before loading; each problem is one line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"{problems[0]}{more}")
+
+    def lines(self) -> list[str]:
+        shown = self.problems[:MAX_LISTED_PROBLEMS]
+        hidden = len(self.problems) - len(shown)
+        return shown + ([f"... and {hidden} more problems"] if hidden else [])
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One edit of the batch: a resolved request (its image is the source path) and where it goes."""
+
+    index: int
+    label: str  # "manifest.jsonl line 3" or the image's path below --input-dir, for messages
+    request: EditRequest
+    output: Path
+
+    @property
+    def image(self) -> Path:
+        return Path(str(self.request.image))
+
+
+@dataclass
+class ItemRecord:
+    """What happened to one item in this run."""
+
+    index: int
+    label: str
+    image: str
+    output: str
+    status: str
+    seconds: float = 0.0
+    error: str | None = None
+    rank: int = 0
+
+
+def supported_extensions() -> str:
+    return ", ".join(sorted(ext.lstrip(".") for ext in IMAGE_FORMATS))
+
+
+def e1_full_prompt(instruction: str, target_description: str | None) -> str:
+    """E1-Full's prompt form from an instruction and a description (as given if already in form)."""
+    from hidream_edit.instructions import format_e1_full_prompt
+
+    if target_description is None or is_e1_full_form(instruction):
+        return instruction
+    return format_e1_full_prompt(instruction, target_description)
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} exists and is not a folder")
+
+
+def folder_items(
+    input_dir: Path, output_dir: Path, recursive: bool, template: EditRequest, spec: ModelSpec, fuse_lora: bool
+) -> list[BatchItem]:
+    """Every supported image in `input_dir` (sorted by path; sub-folders with `recursive`), one request.
+
+    Outputs keep each image's path below the input folder. Hidden files and anything inside the output
+    folder are left out, so outputs written into a sub-folder are never read back as inputs.
+    """
+    if not input_dir.is_dir():
+        raise UserError(f"--input-dir {input_dir} is not a folder")
+    _check_output_dir(output_dir)
+    if output_dir.resolve() == input_dir.resolve():
+        raise UserError("--output-dir must differ from --input-dir (outputs keep the input file names)")
+    request = resolve_request(template, spec, fuse_lora)
+    output_root = output_dir.resolve()
+    candidates = input_dir.rglob("*") if recursive else input_dir.iterdir()
+    sources = []
+    for path in candidates:
+        relative = path.relative_to(input_dir)
+        if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() not in IMAGE_FORMATS:
+            continue
+        if not path.is_file() or path.resolve().is_relative_to(output_root):
+            continue
+        sources.append(relative)
+    if not sources:
+        hint = "" if recursive else " (sub-folders need --recursive)"
+        raise UserError(f"no images ({supported_extensions()}) in {input_dir}{hint}")
+    sources.sort(key=lambda relative: relative.as_posix())
+    return [
+        BatchItem(index, relative.as_posix(), replace(request, image=input_dir / relative), output_dir / relative)
+        for index, relative in enumerate(sources)
+    ]
+
+
+def _check_line_keys(data: Any, spec: ModelSpec) -> dict[str, Any]:
+    """A parsed manifest line's keys and value types; raises UserError naming the first problem."""
+    if not isinstance(data, dict):
+        raise UserError(f"expected a JSON object, got {type(data).__name__}")
+    known = [key for key in (*TEXT_KEYS, *INTEGER_KEYS, *NUMBER_KEYS) if spec.prompt_form or key in COMMON_KEYS]
+    for key in data:
+        if key == "target_description" and not spec.prompt_form:
+            raise UserError(f"unknown key 'target_description' (E1-Full's prompt form; {spec.title} has none)")
+        if key not in known:
+            raise UserError(f"unknown key {key!r}; use {', '.join(known)}")
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise UserError(f"missing {' and '.join(repr(key) for key in missing)}")
+    for key, value in data.items():
+        if key in TEXT_KEYS and not isinstance(value, str):
+            raise UserError(f"{key!r} must be a string, got {json.dumps(value)}")
+        if key in INTEGER_KEYS and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UserError(f"{key!r} must be an integer, got {json.dumps(value)}")
+        if key in NUMBER_KEYS and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise UserError(f"{key!r} must be a number, got {json.dumps(value)}")
+    return data
+
+
+def _output_path(output_dir: Path, name: str) -> Path:
+    relative = Path(name)
+    if not name.strip() or relative.is_absolute() or ".." in relative.parts:
+        raise UserError(f"output {name!r} must be a relative path inside --output-dir")
+    image_format_for(relative)
+    return output_dir / relative
+
+
+def _manifest_item(
+    line: bytes, label: str, base: Path, output_dir: Path, template: EditRequest, spec: ModelSpec, fuse_lora: bool
+) -> BatchItem | None:
+    """One manifest line as an item (index set later), None for a blank line; UserError if it is wrong."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text") from None
+    if not text.strip():
+        return None
+    try:
+        data = _check_line_keys(json.loads(text), spec)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    image = base / Path(data["image"]).expanduser()
+    if not image.is_file():
+        raise UserError(f"image {data['image']!r} not found ({image})")
+    output = _output_path(output_dir, data.get("output", image.name))
+    fields = {key: data[key] for key in (*INTEGER_KEYS, *NUMBER_KEYS, "negative") if key in data}
+    prompt = e1_full_prompt(data["instruction"], data.get("target_description"))
+    request = resolve_request(replace(template, image=image, instruction=prompt, **fields), spec, fuse_lora)
+    return BatchItem(0, label, request, output)
+
+
+def manifest_items(
+    manifest: Path, output_dir: Path, template: EditRequest, spec: ModelSpec, fuse_lora: bool
+) -> list[BatchItem]:
+    """Read and check a whole JSON Lines manifest; raise BatchError listing every problem by line.
+
+    Keys a line leaves out take the command line's values (its flags or the model's defaults). Image
+    paths are relative to the manifest's folder, outputs relative to `output_dir`; an output defaults
+    to the image's file name. Only existence is checked here; unreadable pixels fail that item later.
+    """
+    try:
+        raw = manifest.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"--manifest {manifest}: file not found") from None
+    except OSError as exc:
+        raise UserError(f"--manifest {manifest}: cannot read ({exc.strerror or exc})") from exc
+    _check_output_dir(output_dir)
+    problems: list[str] = []
+    items: list[BatchItem] = []
+    output_lines: dict[str, str] = {}
+    for number, line in enumerate(raw.splitlines(), 1):
+        label = f"{manifest.name} line {number}"
+        try:
+            item = _manifest_item(line, label, manifest.parent, output_dir, template, spec, fuse_lora)
+        except UserError as exc:
+            problems.append(f"{label}: {exc}")
+            continue
+        if item is None:
+            continue
+        key = os.path.normcase(os.path.normpath(item.output))
+        if key in output_lines:
+            problems.append(f"{label}: output {item.output} is also the output of {output_lines[key]}")
+            continue
+        output_lines[key] = label
+        items.append(replace(item, index=len(items)))
+    inputs = {item.image.resolve(): item.label for item in items}
+    for item in items:
+        if item.output.resolve() in inputs:
+            problems.append(f"{item.label}: output {item.output} is the input image of {inputs[item.output.resolve()]}")
+    if not items and not problems:
+        problems.append(f"{manifest}: no edits (the manifest is empty)")
+    if problems:
+        raise BatchError(problems)
+    return items
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What, besides each request, decides the pixels of this run's outputs."""
+
+    model: str
+    model_sources: dict[str, Any]
+    rng: str
+    refine_weights: str
+    lora_fused: bool
+    dtype: str
+
+    @classmethod
+    def of(cls, settings: EditorSettings, dtype: str) -> RunContext:
+        return cls(
+            settings.model, settings.sources.as_dict(), settings.rng, settings.refine_weights, settings.fuse_lora, dtype
+        )
+
+
+def expected_metadata(item: BatchItem, context: RunContext, source_sha256: str) -> dict[str, Any]:
+    """What decides an output's pixels (not placement or kernels): the metadata fields resume compares."""
+    r = item.request
+    return {
+        "model": context.model,
+        "model_sources": context.model_sources,
+        "instruction": r.instruction,
+        "negative": r.negative,
+        "steps": r.steps,
+        "guidance": r.guidance,
+        "image_guidance": r.image_guidance,
+        "refine_strength": r.refine_strength,
+        "clip_cfg_norm": r.clip_cfg_norm,
+        "seed": r.seed,
+        "rng": context.rng,
+        "keep_aspect": r.keep_aspect,
+        "refine_weights": context.refine_weights,
+        "lora_fused": context.lora_fused,
+        "dtype": context.dtype,
+        "source_sha256": source_sha256,
+    }
+
+
+@dataclass(frozen=True)
+class OutputState:
+    """Whether an item's output is absent, already made with the same request, or something else."""
+
+    kind: str  # "absent" | "done" | "different"
+    reason: str = ""
+
+
+def metadata_path(output: Path) -> Path:
+    return output.with_suffix(output.suffix + ".json")
+
+
+def output_state(item: BatchItem, context: RunContext) -> OutputState:
+    """Compare an existing output's metadata JSON with what this run would write for the item."""
+    image_there, json_there = item.output.exists(), metadata_path(item.output).exists()
+    if not image_there and not json_there:
+        return OutputState("absent")
+    if not json_there:
+        return OutputState("different", "it has no metadata JSON")
+    if not image_there:
+        return OutputState("different", f"only its metadata {metadata_path(item.output).name} is there")
+    try:
+        saved = json.loads(metadata_path(item.output).read_text())
+    except (OSError, ValueError):
+        return OutputState("different", "its metadata JSON is unreadable")
+    if not isinstance(saved, dict):
+        return OutputState("different", "its metadata JSON is not an object")
+    try:
+        expected = expected_metadata(item, context, file_sha256(item.image))
+    except OSError as exc:
+        return OutputState("different", f"the source cannot be read ({exc.strerror or exc})")
+    for key, value in expected.items():
+        if saved.get(key) != value:
+            return OutputState("different", f"{key} was {json.dumps(saved.get(key))}, now {json.dumps(value)}")
+    return OutputState("done")
+
+
+def check_outputs(items: list[BatchItem], context: RunContext, overwrite: bool) -> list[OutputState]:
+    """The state of every item's output; without `overwrite`, any different existing output is an error."""
+    states = [output_state(item, context) for item in items]
+    if not overwrite:
+        conflicts = [
+            f"{item.output} exists and was not made by this request ({state.reason}); "
+            "pass --overwrite to replace it or choose another --output-dir"
+            for item, state in zip(items, states, strict=True)
+            if state.kind == "different"
+        ]
+        if conflicts:
+            raise BatchError(conflicts)
+    return states
+
+
+class ItemQueue(Protocol):
+    """Hands out item numbers; under torchrun shared by all ranks, so every number goes to one rank."""
+
+    def claim(self) -> int: ...
+
+
+class LocalQueue:
+    """One process: items in order."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def claim(self) -> int:
+        self._next += 1
+        return self._next - 1
+
+
+class SharedQueue:
+    """Ranks of a group: each claim takes the next number of a counter in the rendezvous store."""
+
+    def __init__(self, group: RankGroup) -> None:
+        self.group = group
+
+    def claim(self) -> int:
+        return self.group.take_number("next_item")
+
+
+def claimed(queue: ItemQueue, count: int) -> Iterator[int]:
+    while (index := queue.claim()) < count:
+        yield index
+
+
+def item_error_line(exc: BaseException) -> str:
+    """One line for an item that failed while editing."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    lines = str(exc).strip().splitlines()
+    first = lines[0][:200] if lines else ""
+    if isinstance(exc, RuntimeError) and "out of memory" in first.lower():
+        return f"out of device memory ({first}); try --offload model or a smaller input"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class RepeatedMessageFilter(logging.Filter):
+    """Lets each distinct log message through once, so a per-edit warning is not repeated per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@dataclass
+class BatchProgress:
+    """A progress bar over images (with the current step) on the rank that shows progress."""
+
+    total: int
+    enabled: bool
+    bar: Any = None
+    _shown: int = field(default=0, init=False)
+
+    def __enter__(self) -> BatchProgress:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="images", unit="image", file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def step(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"step {done}/{total}")
+
+    def finished(self, record: ItemRecord, finished_everywhere: int | None = None) -> None:
+        if record.status == FAILED:
+            message = f"failed: {record.label}: {record.error}"
+            if self.bar is not None:
+                self.bar.write(message, file=sys.stderr)
+            else:
+                logger.warning("%s", message)
+        if self.bar is not None:
+            target = finished_everywhere if finished_everywhere is not None else self._shown + 1
+            self.bar.update(max(0, target - self._shown))
+            self._shown = max(self._shown, target)
+
+
+def edit_item(editor: Editor, item: BatchItem, overwrite: bool, progress: BatchProgress) -> None:
+    """Edit and save one item; raises on failure (the caller records it)."""
+    from hidream_edit.editor import save_result
+
+    source_sha256 = file_sha256(item.image)
+    result = editor.edit(item.request, on_step=progress.step)
+    if result.metadata.get("non_finite_output"):
+        raise UserError("the output contains NaN/inf (not saved); try --dtype bf16 or --dtype fp32")
+    result.metadata["source_image"] = str(item.image)
+    result.metadata["source_sha256"] = source_sha256
+    item.output.parent.mkdir(parents=True, exist_ok=True)
+    save_result(result, item.output, overwrite=overwrite)
+
+
+def run_items(
+    items: list[BatchItem],
+    states: list[OutputState],
+    load_editor: Callable[[], Editor],
+    queue: ItemQueue,
+    overwrite: bool,
+    progress: BatchProgress,
+    rank: int = 0,
+    on_finished: Callable[[], int | None] | None = None,
+) -> list[ItemRecord]:
+    """Edit the items this process claims; a failing item is recorded and the loop goes on.
+
+    The model is loaded before the first claim, unless every output is already done, so a rank that
+    loads slowly does not sit on an item another rank could edit.
+    """
+    editor = load_editor() if any(state.kind != "done" for state in states) else None
+    records: list[ItemRecord] = []
+    once = RepeatedMessageFilter()
+    editor_logger = logging.getLogger("hidream_edit.editor")
+    editor_logger.addFilter(once)
+    try:
+        for index in claimed(queue, len(items)):
+            records.append(_run_item(items[index], states[index], editor, overwrite, progress, rank))
+            progress.finished(records[-1], on_finished() if on_finished is not None else None)
+    finally:
+        editor_logger.removeFilter(once)
+    return records
+
+
+def _run_item(
+    item: BatchItem, state: OutputState, editor: Editor | None, overwrite: bool, progress: BatchProgress, rank: int
+) -> ItemRecord:
+    """Skip, or edit and save, one claimed item; any failure of the edit becomes the record's error."""
+    record = ItemRecord(item.index, item.label, str(item.image), str(item.output), OK, rank=rank)
+    started = time.perf_counter()
+    if state.kind == "done":
+        record.status = SKIPPED
+    elif editor is not None:  # loaded whenever some state is not "done"
+        try:
+            edit_item(editor, item, overwrite and state.kind == "different", progress)
+        except (EditCancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # one bad image must not end the batch; the record keeps why
+            record.status, record.error = FAILED, item_error_line(exc)
+            logger.debug("item %s failed", item.label, exc_info=True)
+            if isinstance(exc, RuntimeError):
+                editor.dm.empty_cache()
+    record.seconds = round(time.perf_counter() - started, 3)
+    logger.info("%s %s (%.1f s)", record.status, item.label, record.seconds)
+    return record
+
+
+def summarize(
+    records: list[ItemRecord], total: int, seconds: float, world_size: int, source: dict[str, Any], model: str
+) -> dict[str, Any]:
+    """summary.json's content: counts, throughput and one entry per item in batch order."""
+    records = sorted(records, key=lambda record: record.index)
+    counts = {status: sum(1 for r in records if r.status == status) for status in (OK, FAILED, SKIPPED)}
+    return {
+        "model": model,
+        **source,
+        "world_size": world_size,
+        "items_total": total,
+        "items_reported": len(records),
+        "counts": counts,
+        "seconds": round(seconds, 3),
+        "images_per_minute": round(counts[OK] * 60.0 / seconds, 3) if seconds > 0 else 0.0,
+        "items": [asdict(record) for record in records],
+    }
+
+
+def summary_line(summary: dict[str, Any], path: Path) -> str:
+    counts = summary["counts"]
+    ranks = f" on {summary['world_size']} ranks" if summary["world_size"] > 1 else ""
+    return (
+        f"batch: {counts[OK]} done, {counts[FAILED]} failed, {counts[SKIPPED]} skipped of {summary['items_total']}"
+        f"{ranks} in {summary['seconds']:.1f} s ({summary['images_per_minute']:.2f} images/min); summary {path}"
+    )
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Replace summary.json atomically (it describes the latest run); permissions follow the umask."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w") as stream:
+            json.dump(summary, stream, indent=2)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def run_batch(
+    items: list[BatchItem],
+    settings: EditorSettings,
+    output_dir: Path,
+    overwrite: bool,
+    source: dict[str, Any],
+    dist_env: DistributedEnvironment | None = None,
+    dist_timeout_s: float = 1800.0,
+    dm: DeviceManager | None = None,
+) -> int:
+    """Check outputs, join the group (under torchrun), edit this rank's share, write the summary.
+
+    Returns the exit code: 0 when every item is ok or skipped, 1 when some failed. Ranks other than 0
+    return 0 once their records are handed over, so torchrun does not stop rank 0 while it merges.
+    """
+    from device_utils import DeviceManager
+    from hidream_edit.editor import Editor
+
+    dist_env = dist_env or DistributedEnvironment()
+    started = time.perf_counter()
+    dm = dm or DeviceManager(settings.device, settings.dtype)
+    states = check_outputs(items, RunContext.of(settings, dm.dtype_name), overwrite)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from exc
+    group = None
+    if dist_env.enabled:
+        from hidream_edit.distributed import join_process_group
+
+        group = join_process_group(dist_env, dm.distributed_backend, dist_timeout_s)
+    try:
+        queue: ItemQueue = SharedQueue(group) if group is not None else LocalQueue()
+        on_finished = (lambda: group.add("finished", 1)) if group is not None else None
+        with BatchProgress(len(items), enabled=dist_env.rank == 0) as progress:
+            records = run_items(
+                items, states, lambda: Editor.load(settings, dm), queue, overwrite, progress, dist_env.rank, on_finished
+            )
+        if group is not None:
+            group.publish("records", json.dumps([asdict(record) for record in records]))
+            if dist_env.rank != 0:
+                logger.info("rank %d: %d items handed to rank 0", dist_env.rank, len(records))
+                return 0
+            records = [ItemRecord(**entry) for text in group.collect("records") for entry in json.loads(text)]
+    finally:
+        if group is not None:
+            group.close()
+    summary = summarize(records, len(items), time.perf_counter() - started, dist_env.world_size, source, settings.model)
+    path = output_dir / SUMMARY_NAME
+    try:
+        write_summary(path, summary)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    print(summary_line(summary, path))
+    return 1 if summary["counts"][FAILED] else 0

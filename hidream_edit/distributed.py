@@ -1,0 +1,103 @@
+"""Joining torchrun's process group and the little coordination a batch needs across ranks.
+
+The group is joined with the device's backend (hccl on Ascend, nccl on CUDA, gloo on CPU). Handing out
+items and collecting per-rank results go through the rendezvous store (a TCPStore on the master that
+torchrun or rank 0 hosts), not through device collectives: a counter there is atomic for every rank on
+every node, and small text results need no device buffers. No model facts here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from hidream_edit.config import DistributedEnvironment
+from hidream_edit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def rendezvous_url(env: DistributedEnvironment) -> str:
+    """tcp://MASTER_ADDR:MASTER_PORT with this process's rank and the world size (IPv6 in brackets)."""
+    host = f"[{env.master_addr}]" if env.master_addr and ":" in env.master_addr else env.master_addr
+    return f"tcp://{host}:{env.master_port}?rank={env.rank}&world_size={env.world_size}"
+
+
+@dataclass
+class RankGroup:
+    """This process's place in the group plus the store the ranks share (keys already per attempt)."""
+
+    env: DistributedEnvironment
+    store: dist.Store
+    timeout: timedelta
+    backend: str
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def _key(self, name: str) -> str:
+        return f"batch/{name}"
+
+    def take_number(self, counter: str) -> int:
+        """The next number (0, 1, 2, ...) of a counter all ranks share; no two calls get the same one."""
+        return int(self.store.add(self._key(counter), 1)) - 1
+
+    def add(self, counter: str, amount: int) -> int:
+        """Add to a shared counter and return its new value (amount 0 reads it)."""
+        return int(self.store.add(self._key(counter), amount))
+
+    def publish(self, name: str, text: str) -> None:
+        """Leave this rank's text under `name` for rank 0 to collect."""
+        self.store.set(self._key(f"{name}/{self.rank}"), text)
+
+    def collect(self, name: str) -> list[str]:
+        """Every rank's text under `name`, in rank order; waits up to the group timeout for each."""
+        keys = [self._key(f"{name}/{rank}") for rank in range(self.world_size)]
+        try:
+            self.store.wait(keys, self.timeout)
+        except RuntimeError as exc:
+            raise UserError(
+                f"rank 0 waited {self.timeout.total_seconds():g} s for the other ranks' results "
+                f"({_first_line(exc)}); see --dist-timeout"
+            ) from exc
+        return [self.store.get(key).decode() for key in keys]
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def join_process_group(env: DistributedEnvironment, backend: str, timeout_s: float) -> RankGroup:
+    """Rendezvous at MASTER_ADDR:MASTER_PORT and join the default process group with `backend`.
+
+    Under torchrun the store is the agent's (TORCHELASTIC_USE_AGENT_STORE, read by torch); otherwise
+    rank 0 hosts it. The agent's store outlives a restart (--max-restarts), so everything, the process
+    group's own keys included, goes under a prefix per attempt: a restarted group never reads the
+    addresses or counters of the attempt before. Waits at most `timeout_s`, then fails with one line.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    where = f"{env.master_addr}:{env.master_port}"
+    try:
+        shared, rank, world_size = next(dist.rendezvous(rendezvous_url(env), timeout=timeout))
+        store = dist.PrefixStore(f"hidream_edit/attempt{env.attempt}/", shared)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    except (RuntimeError, ValueError) as exc:  # DistStoreError and DistNetworkError are RuntimeErrors
+        raise UserError(
+            f"rank {env.rank} of {env.world_size} cannot join the {backend} process group at {where}: "
+            f"{_first_line(exc)}"
+        ) from exc
+    logger.info("rank %d of %d joined the %s process group at %s", rank, world_size, backend, where)
+    return RankGroup(env, store, timeout, backend)
