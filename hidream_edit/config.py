@@ -59,7 +59,7 @@ SOURCE_FLAGS = {"llama": "--llama-path", "i1": "--i1-path"}
 CLI_FIXES = {
     "output_exists": "choose another --output or pass --overwrite",
     "output_name": "choose another --output",
-    "fused_lora_refine": "pass --refine-strength 0, or drop --fuse-lora",
+    "fused_lora_refine": "--refine-strength 0, or drop --fuse-lora",
     "dtype_fp16": "rerun with --dtype bf16 where the device supports it, else --dtype fp32",
     "dtype_bf16": "rerun with --dtype fp32",
 }

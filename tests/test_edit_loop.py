@@ -19,6 +19,7 @@ import torch
 from diffusers import UniPCMultistepScheduler
 from PIL import Image
 
+from hidream_edit.errors import NonFiniteError
 from hidream_edit.pipeline import HiDreamImageEditingPipeline
 
 GUIDANCE = 3.0
@@ -267,7 +268,7 @@ def test_clip_norm_guidance_loop_exactly(rig: Rig) -> None:
     ratio = clip_norm_ratio(b, c)
     assert (ratio > 1.05).any() and (ratio < 0.95).any()
     assert torch.equal(output.images, rig.steps[-1].result) and output.refine_start_step == 2
-    assert not output.non_finite and rig.switch.calls == ["refine", "edit"]
+    assert not output.non_finite and rig.switch.calls == ["edit", "refine", "edit"]  # edit weights made sure first
 
 
 def test_plain_two_scale_guidance_loop_exactly(rig: Rig) -> None:
@@ -281,10 +282,10 @@ def test_plain_two_scale_guidance_loop_exactly(rig: Rig) -> None:
 @pytest.mark.parametrize(
     "steps,refine,active,calls",
     [
-        (4, 0.5, [False, False, True, True], ["refine", "edit"]),
-        (4, 0.3, [False, False, True, True], ["refine", "edit"]),  # int(4 * 0.7) = 2
-        (3, 0.0, [False, False, False], []),
-        (2, 1.0, [True, True], ["refine", "edit"]),
+        (4, 0.5, [False, False, True, True], ["edit", "refine", "edit"]),
+        (4, 0.3, [False, False, True, True], ["edit", "refine", "edit"]),  # int(4 * 0.7) = 2
+        (3, 0.0, [False, False, False], ["edit"]),
+        (2, 1.0, [True, True], ["edit", "refine", "edit"]),
     ],
 )
 def test_refine_weights_are_active_exactly_during_refine_forwards(
@@ -306,7 +307,7 @@ def test_edit_weights_are_restored_when_a_refine_step_fails(rig: Rig) -> None:
     with pytest.raises(KeyboardInterrupt):
         run(rig, steps=4, refine=0.5, callback_on_step_end=stop)
     assert [f.refining for f in rig.transformer.forwards] == [False, False, True]
-    assert rig.switch.calls == ["refine", "edit"] and rig.transformer.refining is False
+    assert rig.switch.calls == ["edit", "refine", "edit"] and rig.transformer.refining is False
 
 
 def test_decode_unscales_and_unshifts_the_final_latents(rig: Rig) -> None:
@@ -333,8 +334,8 @@ def test_decode_unscales_and_unshifts_the_final_latents(rig: Rig) -> None:
 @pytest.mark.parametrize("output_type", ["latent", "pil"])
 def test_non_finite_output_is_reported(e1_1_editor: Any, output_type: str) -> None:
     rig = make_rig(e1_1_editor, poison=True)
-    output = run(rig, steps=1, refine=0.0, output_type=output_type)
-    assert output.non_finite is True
+    with pytest.raises(NonFiniteError, match="denoising step 1 of 1 produced NaN/inf"):
+        run(rig, steps=1, refine=0.0, output_type=output_type)
 
 
 def test_noise_and_latents_follow_the_text_embeddings_dtype(rig: Rig) -> None:
@@ -405,6 +406,6 @@ def test_pipeline_defaults_are_e1_full_upstream_values(e1_1_editor: Any) -> None
     defaults.pipe(PROMPT, NEGATIVE, image, generator=generator, output_type="latent", refine_switch=defaults.switch)
     explicit.pipe(PROMPT, NEGATIVE, image, 5.0, 4.0, 28, torch.Generator().manual_seed(SEED), 0.0, True, "latent",
                   refine_switch=explicit.switch)  # fmt: skip
-    assert len(defaults.steps) == 28 and defaults.switch.calls == []
+    assert len(defaults.steps) == 28 and defaults.switch.calls == ["edit"]
     for mine, theirs in zip(defaults.steps, explicit.steps, strict=True):
         assert torch.equal(mine.model_output, theirs.model_output)

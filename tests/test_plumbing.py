@@ -188,14 +188,16 @@ def test_flags_are_recorded_in_the_metadata(what: str, flags: list[str], metadat
     assert {key: recorded[key] for key in metadata} == metadata, what
 
 
-def test_keep_aspect_crops_instead_of_stretching(boundary: Boundary, tmp_path: Path) -> None:
+def test_keep_aspect_keeps_the_whole_picture_instead_of_stretching(boundary: Boundary, tmp_path: Path) -> None:
     base = base_view("e1-full", tmp_path, boundary)
     kept = run_cli("e1-full", ["--keep-aspect"], tmp_path, boundary, "kept.png")
-    assert changed(base, kept) == {"image": np.asarray(resize_for_e1_full(stripes(), keep_aspect=True)).tobytes()}
-    assert kept["metadata"]["keep_aspect"] is True and kept["metadata"]["model_input_size"] == [768, 768]
-    # the crop keeps the red | blue middle; the stretch shows all four stripes
-    assert np.asarray(Image.frombytes("RGB", (768, 768), kept["image"]))[384, 10].tolist() == [255, 0, 0]
-    assert np.asarray(Image.frombytes("RGB", (768, 768), base["image"]))[384, 10].tolist() == [0, 255, 0]
+    expected = resize_for_e1_full(stripes(), keep_aspect=True)
+    assert changed(base, kept) == {"image": np.asarray(expected).tobytes(), "image_size": (1072, 528)}
+    assert kept["metadata"]["keep_aspect"] is True and kept["metadata"]["model_input_size"] == [1072, 528]
+    assert base["metadata"]["model_input_size"] == [768, 768]
+    # 2:1 kept and nothing cut off: the green outer quarters are still there at both ends
+    pixels = np.asarray(Image.frombytes("RGB", (1072, 528), kept["image"]))
+    assert pixels[264, 10].tolist() == [0, 255, 0] and pixels[264, 1060].tolist() == [0, 255, 0]
 
 
 def test_fuse_lora_reaches_the_loader_without_a_refine_stage(boundary: Boundary, tmp_path: Path) -> None:
@@ -213,7 +215,8 @@ def test_fuse_lora_with_a_refine_stage_is_refused_before_loading(
             "--fuse-lora"]  # fmt: skip
     assert run_edit_cli(argv, "e1-full", env={}) == 2
     err = capsys.readouterr().err
-    assert err == "error: --fuse-lora needs --refine-strength 0 (the refine stage runs without the LoRA)\n"
+    assert err == ("error: a fused LoRA cannot run the refine stage (it runs without the LoRA); set the refine strength "
+                   "to 0; --refine-strength 0, or drop --fuse-lora\n")
     assert boundary.loads == [] and not (tmp_path / "o.png").exists()
 
 
@@ -239,7 +242,7 @@ def test_resolve_request_accepts_the_edges_and_refuses_just_beyond(model: str) -
              "refine_strength": (0.0, 1.0), "seed": (0, 2**63 - 1)}  # fmt: skip
     for name, (low, high) in edges.items():
         for value in (low, high):
-            assert getattr(resolve_request(replace(request, **{name: value}), model), name) == value
+            assert getattr(resolve_request(replace(request, **{name: value}), MODELS[model]), name) == value
     beyond = {"steps": (0, MAX_STEPS + 1), "guidance": (-0.01, 50.01), "image_guidance": (-0.01, 50.01),
               "refine_strength": (-0.01, 1.01), "seed": (-1, 2**63)}  # fmt: skip
     messages = {"steps": "steps must be between 1 and 1000", "guidance": "guidance must be between 0 and 50",
@@ -249,11 +252,11 @@ def test_resolve_request_accepts_the_edges_and_refuses_just_beyond(model: str) -
     for name, values in beyond.items():
         for value in values:
             with pytest.raises(UserError, match=f"^{messages[name]}"):
-                resolve_request(replace(request, **{name: value}), model)
-    assert resolve_request(request, model).instruction == "x"
+                resolve_request(replace(request, **{name: value}), MODELS[model])
+    assert resolve_request(request, MODELS[model]).instruction == "x"
     with pytest.raises(UserError, match="^the instruction is empty$"):
-        resolve_request(replace(request, instruction="   "), model)
-    assert resolve_request(replace(request, refine_strength=0.0), model, lora_fused=True).refine_strength == 0.0
+        resolve_request(replace(request, instruction="   "), MODELS[model])
+    assert resolve_request(replace(request, refine_strength=0.0), MODELS[model], lora_fused=True).refine_strength == 0.0
 
 
 def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(tiny_checkpoints: Any, tmp_path: Path) -> None:
@@ -390,7 +393,7 @@ def test_rewrite_instruction_flags_reach_the_vlm_client(
         asked.append((image.size, instruction, settings))
         if settings.model == "broken":
             raise instructions.InstructionRewriteError("the VLM said no")
-        return instructions.RefinedInstruction("a", "b", "c", "Editing Instruction: b. Target Image Description: c")
+        return instructions.RewrittenInstruction("a", "b", "c", "Editing Instruction: b. Target Image Description: c")
 
     monkeypatch.setattr(instructions, "rewrite_instruction", refine)
     monkeypatch.setenv("OPENAI_API_KEY", "from-env")  # the CLI reads the key from the env it is given
@@ -415,7 +418,7 @@ def test_rewrite_instruction_flags_reach_the_vlm_client(
 def test_editor_refuses_a_refine_stage_with_a_fused_lora(boundary: Boundary) -> None:
     editor = recording_editor("e1-full", boundary, fuse_lora=True)
     assert boundary.loads[-1]["fuse_lora"] is True
-    with pytest.raises(UserError, match="--fuse-lora needs --refine-strength 0"):
+    with pytest.raises(UserError, match="a fused LoRA cannot run the refine stage"):
         editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.3))
     assert boundary.calls == []
     editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.0))
