@@ -215,8 +215,10 @@ def test_fuse_lora_with_a_refine_stage_is_refused_before_loading(
             "--fuse-lora"]  # fmt: skip
     assert run_edit_cli(argv, "e1-full", env={}) == 2
     err = capsys.readouterr().err
-    assert err == ("error: a fused LoRA cannot run the refine stage (it runs without the LoRA); set the refine strength "
-                   "to 0; --refine-strength 0, or drop --fuse-lora\n")
+    assert err == (
+        "error: a fused LoRA cannot run the refine stage (it runs without the LoRA); set the refine strength "
+        "to 0; --refine-strength 0, or drop --fuse-lora\n"
+    )
     assert boundary.loads == [] and not (tmp_path / "o.png").exists()
 
 
