@@ -19,6 +19,7 @@ import torch
 from device_utils import CheckpointError, DeviceManager, load_safetensors
 from hidream_edit.attention import install_attention
 from hidream_edit.errors import ModelFilesError, UserError
+from hidream_edit.placement import ModelSizes, Plan, apply_plan, model_sizes, plan_for_machine
 from hidream_edit.spec import LLAMA_ALLOW_PATTERNS, MODELS, REFINE_WEIGHTS, LoraLayout, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -295,6 +296,26 @@ def load_e1_full_transformer(i1_dir: Path, lora_file: Path, dtype: torch.dtype, 
     return transformer.eval(), AdaptersOff(transformer, swap)
 
 
+def sizes_on_disk(sources: ModelSources, dtype: str, refine_weights: str = "edit") -> ModelSizes:
+    """Component sizes for a plan made before anything is fetched: the headers of files already on this machine
+    (local paths, cached hub snapshots), the spec's table of real sizes for hub ids not downloaded yet."""
+    spec = sources.spec
+    base_refine = refine_weights == "base"
+    located: dict[str, Path | None] = {}
+    for role, source, patterns in (("llama", sources.llama, LLAMA_ALLOW_PATTERNS),
+                                   ("i1", sources.i1, spec.i1_allow_patterns(base_refine)),
+                                   ("edit", sources.edit, spec.edit_allow_patterns())):  # fmt: skip
+        try:
+            path = locate(source, role, offline=True, allow_patterns=patterns)
+        except ModelFilesError:
+            path = None
+        located[role] = path if path is not None and not _problems_for(role, spec, path, base_refine) else None
+    edit = located["edit"]
+    if edit is not None and spec.lora is not None and edit.is_dir():
+        edit = edit / spec.lora.file
+    return model_sizes(spec, dtype, located["llama"], located["i1"], edit, base_refine_weights=base_refine)
+
+
 @dataclass
 class LoadedPipeline:
     """A placed editing pipeline and what loading did."""
@@ -305,6 +326,8 @@ class LoadedPipeline:
     memory_actions: list[str]
     sources: ModelSources
     lora_fused: bool = False
+    plan: Plan | None = None
+    placement_hooks: Any = None
 
 
 def load_pipeline(
@@ -315,8 +338,15 @@ def load_pipeline(
     refine_weights: str = "edit",
     fuse_lora: bool = False,
     vae_tiling: bool = False,
+    max_memory: int | None = None,
+    host_memory: int | None = None,
+    encoder_device: str | None = None,
 ) -> LoadedPipeline:
-    """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the offload mode."""
+    """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the memory plan.
+
+    The plan is made from the files' headers before any weight is read; `offload` "auto" takes the fastest
+    placement that fits, and a plan that cannot run refuses here, before loading.
+    """
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from hidream_edit.pipeline import HiDreamImageEditingPipeline
@@ -333,6 +363,15 @@ def load_pipeline(
     edit_path = locate(sources.edit, "edit", sources.offline, spec.edit_allow_patterns())
     problems = _problems_for("llama", spec, llama_dir) + _problems_for("i1", spec, i1_dir, base_refine)
     _raise_if_incomplete(problems + _problems_for("edit", spec, edit_path))
+    lora_path = edit_path / spec.lora.file if spec.lora is not None and edit_path.is_dir() else edit_path
+    sizes = model_sizes(spec, dm.dtype_name, llama_dir, i1_dir, lora_path, base_refine_weights=base_refine)
+    plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, offload, attention, encoder_device, max_memory,
+                            host_memory)  # fmt: skip
+    if plan.error:
+        raise UserError(plan.error)
+    if plan.warning:
+        logger.warning("memory plan: %s", plan.warning)
+    logger.info("memory plan: %s", plan.reason)
 
     dtype = dm.dtype
     switch: Any
@@ -353,5 +392,9 @@ def load_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     attention = install_attention(pipe.transformer, dm, attention)
-    actions = dm.set_memory_efficient_mode(pipe, offload, vae_tiling=vae_tiling)
-    return LoadedPipeline(pipe, switch, attention, actions, sources, lora_fused=fuse_lora)
+    actions, hooks = apply_plan(pipe, plan, dm.device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+        actions.append("VAE tiling")
+    return LoadedPipeline(pipe, switch, attention, actions, sources, lora_fused=fuse_lora, plan=plan,
+                          placement_hooks=hooks)  # fmt: skip

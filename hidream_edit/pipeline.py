@@ -108,6 +108,14 @@ def combine_refine_guidance(prediction: torch.Tensor, guidance_scale: float) -> 
 class HiDreamImageEditingPipeline(HiDreamImagePipeline):
     """Instruction-based image editing with HiDream-E1.1 / E1-Full transformers."""
 
+    edit_device: torch.device | None = None  # set by a memory placement (placement.py) that spreads components
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """The edit card when a placement names it: with text encoders on another card, diffusers' own guess
+        (the first non-CPU component by name) would be the encoders' card."""
+        return self.edit_device if self.edit_device is not None else super()._execution_device
+
     def _encode(self, prompt: str, negative_prompt: str, device: torch.device, max_sequence_length: int):
         t5, neg_t5, llama, neg_llama, pooled, neg_pooled = self.encode_prompt(
             prompt=prompt,
