@@ -8,6 +8,7 @@ A user mistake ends in one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -21,9 +22,11 @@ from hidream_edit.config import (
     OneLineArgumentParser,
     add_edit_arguments,
     add_model_arguments,
+    add_plan_arguments,
     editor_settings_from_args,
     environment,
     model_spec,
+    plan_dtype,
     source_flag,
     vlm_api_key,
 )
@@ -48,9 +51,9 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
         description=f"Edit an image with {spec.title} following a text instruction, on Ascend NPU, CUDA or CPU.",
         epilog="Example: %(prog)s --tiny --image in.png --instruction 'make the sky blue' --output out.png",
     )
-    parser.add_argument("--image", required=True, help="input image")
-    parser.add_argument("--instruction", required=True, help="what to change, in words")
-    parser.add_argument("--output", required=True, help="output image; its extension picks the format")
+    parser.add_argument("--image", help="input image (required unless --plan)")
+    parser.add_argument("--instruction", help="what to change, in words (required unless --plan)")
+    parser.add_argument("--output", help="output image; its extension picks the format (required unless --plan)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--verbose", action="store_true", help="log details (INFO)")
     if spec.prompt_form:
@@ -67,7 +70,31 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
                            help="if refinement fails, go on with the bare instruction")  # fmt: skip
     add_edit_arguments(parser, spec)
     add_model_arguments(parser, spec)
+    add_plan_arguments(parser)
     return parser
+
+
+def run_plan(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) -> int:
+    """--plan: print the memory plan for this machine or a --plan-host one; reads headers, never weights."""
+    from hidream_edit.models import sizes_on_disk
+    from hidream_edit.placement import described_budgets, plan_for_machine, plan_placement
+
+    settings = editor_settings_from_args(args, spec, env)
+    attention = settings.attention or "sdpa"
+    if args.plan_host:
+        sizes = sizes_on_disk(settings.sources, plan_dtype(args, env), settings.refine_weights)
+        budgets = described_budgets(args.plan_host, args.device, settings.max_memory, settings.host_memory)
+        plan = plan_placement(spec, sizes, budgets, settings.offload, attention, settings.encoder_device)
+    else:
+        from device_utils import DeviceManager
+
+        dm = DeviceManager(settings.device, settings.dtype)
+        attention = dm.resolve_attention_backend(settings.attention)
+        sizes = sizes_on_disk(settings.sources, dm.dtype_name, settings.refine_weights)
+        plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, settings.offload, attention,
+                                settings.encoder_device, settings.max_memory, settings.host_memory)  # fmt: skip
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.summary())
+    return 0
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -149,7 +176,19 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
 
     env = environment(env)
     spec = model_spec(model)
-    args = build_edit_parser(spec).parse_args(argv)
+    parser = build_edit_parser(spec)
+    args = parser.parse_args(argv)
+    if args.plan:
+        try:
+            return run_plan(args, spec, env)
+        except USER_ERRORS as exc:
+            print(f"error: {user_error_line(exc, spec)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+    missing = [flag for flag in ("--image", "--instruction", "--output") if getattr(args, flag[2:]) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if args.plan_host or args.json:
+        parser.error("--plan-host and --json go with --plan")
     configure_logging(args.verbose)
     output = Path(args.output).expanduser()
     try:

@@ -21,7 +21,7 @@ import logging
 import re
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,10 @@ _UNITS = {"": 1, "b": 1, **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt
 
 def gib(value: float) -> str:
     return f"{value / GIB:.1f} GiB"
+
+
+def gib_or_unknown(value: float | None) -> str:
+    return "unknown" if value is None else gib(value)
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -409,7 +413,7 @@ class Budgets:
     device_type: str
     cards: tuple[Card, ...]
     edit_card: int
-    host: int
+    host: int | None
     host_source: str = "this machine"
     described: str | None = None
 
@@ -419,13 +423,12 @@ class Budgets:
 
 
 def described_budgets(
-    host: str, device: str | None = None, max_memory: int | None = None, host_memory: int | None = None,
-    this_host_memory: int | None = None,
-) -> Budgets:  # fmt: skip
+    host: str, device: str | None = None, max_memory: int | None = None, host_memory: int | None = None
+) -> Budgets:
     """Budgets of a host given as `NxSIZE` (e.g. 2x64GiB): N cards with SIZE free each.
 
-    `device` (npu, npu:N, cuda, cuda:N) names the type and the edit card (default npu:0); host memory is
-    --host-memory, else `this_host_memory` (this machine's).
+    `device` (npu, npu:N, cuda, cuda:N) names the type and the edit card (default npu:0). Host memory is
+    --host-memory; without it the host's need is reported but not checked (the host is not described).
     """
     count, per_card = parse_host(host)
     device_type, _, index_text = (device or "npu").partition(":")
@@ -437,9 +440,7 @@ def described_budgets(
     cards = tuple(Card(f"{device_type}:{i}", per_card, per_card, max_memory) for i in range(count))
     if host_memory is not None:
         return Budgets(device_type, cards, index, host_memory, "--host-memory", host)
-    if this_host_memory is None:
-        raise UserError("--plan-host needs --host-memory SIZE when this machine's memory cannot be read")
-    return Budgets(device_type, cards, index, this_host_memory, "this machine (set --host-memory)", host)
+    return Budgets(device_type, cards, index, None, "not described (pass --host-memory to check it)", host)
 
 
 def machine_budgets(
@@ -492,18 +493,18 @@ class Peak:
     device: str
     components: tuple[str, ...]
     peak_bytes: int
-    budget_bytes: int
+    budget_bytes: int | None  # None: not known (a described host without --host-memory), so not checked
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.budget_bytes
+        return self.budget_bytes is None or self.peak_bytes <= self.budget_bytes
 
     def as_dict(self) -> dict[str, Any]:
         return {"device": self.device, "components": list(self.components), "peak_bytes": self.peak_bytes,
                 "budget_bytes": self.budget_bytes, "fits": self.fits}  # fmt: skip
 
     def describe(self) -> str:
-        return f"{self.device} needs {gib(self.peak_bytes)} of {gib(self.budget_bytes)}"
+        return f"{self.device} needs {gib(self.peak_bytes)} of {gib_or_unknown(self.budget_bytes)}"
 
 
 @dataclass(frozen=True)
@@ -609,8 +610,9 @@ class Plan:
         lines.append(f"placement: {self.placement} ({verdict}; asked {self.asked}): {self.reason}")
         for peak in (*self.chosen.devices, self.chosen.host):
             mark = "ok" if peak.fits else "over"
-            lines.append(f"  {peak.device:<8} peak {gib(peak.peak_bytes):>10} of {gib(peak.budget_bytes):>10} "
-                         f"budget  {mark}  [{', '.join(peak.components) or '-'}]")  # fmt: skip
+            budget = gib_or_unknown(peak.budget_bytes)
+            lines.append(f"  {peak.device:<8} peak {gib(peak.peak_bytes):>10} of {budget:>10} budget  {mark}  "
+                         f"[{', '.join(peak.components) or '-'}]")  # fmt: skip
         for candidate in self.rejected:
             lines.append(f"  rejected {candidate.placement}: {candidate.why_not()}")
         if self.warning:
@@ -735,11 +737,11 @@ def plan_placement(
     if fitting and math_error is None:
         chosen = fitting[0]
         rejected = tuple(candidates[: candidates.index(chosen)])
-        peaks = ", ".join(f"{p.device} {gib(p.peak_bytes)} of {gib(p.budget_bytes)}" for p in chosen.devices)
-        reason = f"fastest placement that fits ({peaks}; host {gib(chosen.host.peak_bytes)} of {gib(budgets.host)})"
+        peaks = "; ".join(peak.describe() for peak in (*chosen.devices, chosen.host))
+        reason = f"the fastest placement that fits ({peaks})"
         return Plan(chosen=chosen, rejected=rejected, reason=reason, **base)
     slowest = candidates[-1]
-    error = math_error or _nothing_fits(spec, sizes, budgets, attention, slowest)
+    error = math_error or _nothing_fits(spec, sizes, budgets, slowest)
     return Plan(chosen=slowest, rejected=tuple(candidates[:-1]), reason="nothing fits", error=error, **base)
 
 
@@ -747,32 +749,26 @@ def _fastest(candidates: list[Candidate]) -> str | None:
     return next((c.placement for c in candidates if c.fits), None)
 
 
-def _nothing_fits(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, attention: str, smallest: Candidate) -> str:
-    """One line: what the most frugal placement needs, what is there, and which change would make a plan fit."""
-    needs = "; ".join(p.describe() for p in (*smallest.devices, smallest.host) if not p.fits) or smallest.why_not()
+def _nothing_fits(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, smallest: Candidate) -> str:
+    """One line: what the most frugal placement needs, what is there, and what would make it fit.
+
+    (A second card never rescues a plan here: `split` needs more on the edit card than `model` does.)
+    """
+    short = [peak for peak in (*smallest.devices, smallest.host) if not peak.fits]
+    needs = "; ".join(peak.describe() for peak in short)
     fixes: list[str] = []
-    edit = budgets.edit
-    if edit.cap is not None and edit.cap < edit.free:
-        uncapped = replace(budgets, cards=tuple(replace(card, cap=None) for card in budgets.cards))
-        if _fits(spec, sizes, uncapped, attention):
-            fixes.append("a larger --max-memory (or none)")
-    if len(budgets.cards) == 1:
-        doubled = replace(budgets, cards=(edit, replace(edit, name=f"{budgets.device_type}:other")), edit_card=0)
-        if _fits(spec, sizes, doubled, attention):
-            fixes.append(f"a second {budgets.device_type} card for the text encoders")
-    host_needed = smallest.host.peak_bytes
-    if host_needed > budgets.host:
-        fixes.append(f"at least {gib(host_needed)} of host memory")
-    if not smallest.devices or any(not p.fits for p in smallest.devices):
-        card_needed = max((p.peak_bytes for p in smallest.devices), default=0)
-        if card_needed:
-            fixes.append(f"a card with at least {gib(card_needed)} free")
-    hint = f"; it would fit with {' or '.join(fixes)}" if fixes else ""
-    return f"{spec.title} in {sizes.dtype} does not fit: even {smallest.placement} offload: {needs}{hint}"
-
-
-def _fits(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, attention: str) -> bool:
-    return plan_placement(spec, sizes, budgets, "auto", attention).fits
+    card_need = max((peak.peak_bytes for peak in smallest.devices if not peak.fits), default=None)
+    if card_need is not None:
+        edit = budgets.edit
+        if edit.cap is not None and card_need <= edit.free:
+            fixes.append(f"--max-memory of at least {gib(card_need)}")
+        else:
+            fixes.append(f"a card with at least {gib(card_need)} free")
+    if not smallest.host.fits:
+        fixes.append(f"at least {gib(smallest.host.peak_bytes)} of host memory")
+    return f"{spec.title} in {sizes.dtype} does not fit: even {smallest.placement} offload: {needs}; it needs " + (
+        " and ".join(fixes)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- applying
