@@ -21,7 +21,6 @@ from hidream_edit.placement import (
     GIB,
     PLACEMENTS,
     Budgets,
-    Card,
     checkpoint_files,
     described_budgets,
     model_sizes,
