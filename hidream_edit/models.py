@@ -297,16 +297,23 @@ def load_e1_full_transformer(i1_dir: Path, lora_file: Path, dtype: torch.dtype, 
 
 
 def sizes_on_disk(sources: ModelSources, dtype: str, refine_weights: str = "edit") -> ModelSizes:
-    """Component sizes for a plan made before anything is fetched: the headers of files already on this machine
-    (local paths, cached hub snapshots), the spec's table of real sizes for hub ids not downloaded yet."""
+    """Component sizes for a plan made before anything is fetched: the headers of the files on this machine,
+    the spec's table of real sizes for hub ids not downloaded (or not completely) yet.
+
+    A local path must exist and be complete, as loading would require.
+    """
     spec = sources.spec
     base_refine = refine_weights == "base"
     located: dict[str, Path | None] = {}
     for role, source, patterns in (("llama", sources.llama, LLAMA_ALLOW_PATTERNS),
                                    ("i1", sources.i1, spec.i1_allow_patterns(base_refine)),
                                    ("edit", sources.edit, spec.edit_allow_patterns())):  # fmt: skip
+        if not is_hub_id(source):
+            located[role] = locate(source, role, offline=True)
+            _raise_if_incomplete(_problems_for(role, spec, located[role], base_refine))
+            continue
         try:
-            path = locate(source, role, offline=True, allow_patterns=patterns)
+            path: Path | None = locate(source, role, offline=True, allow_patterns=patterns)
         except ModelFilesError:
             path = None
         located[role] = path if path is not None and not _problems_for(role, spec, path, base_refine) else None

@@ -717,7 +717,7 @@ def plan_placement(
         reason = "the CPU runs everything from host memory"
         if chosen.placement != "none":
             reason += f"; {chosen.placement} only exercises its hooks there (cpu is both card and host)"
-        error = None if chosen.fits else f"the model needs {chosen.host.describe()} of host memory"
+        error = None if chosen.fits else _nothing_fits(spec, sizes, budgets, chosen)
         return Plan(chosen=chosen, rejected=(), reason=reason, error=error, **base)
     if asked != "auto":
         chosen = candidates[PLACEMENTS.index(asked)]
@@ -766,9 +766,8 @@ def _nothing_fits(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, smallest
             fixes.append(f"a card with at least {gib(card_need)} free")
     if not smallest.host.fits:
         fixes.append(f"at least {gib(smallest.host.peak_bytes)} of host memory")
-    return f"{spec.title} in {sizes.dtype} does not fit: even {smallest.placement} offload: {needs}; it needs " + (
-        " and ".join(fixes)
-    )
+    where = f"even {smallest.placement} offload" if budgets.cards else "on the CPU"
+    return f"{spec.title} in {sizes.dtype} does not fit: {where}: {needs}; it needs {' and '.join(fixes)}"
 
 
 # ---------------------------------------------------------------------------------------------- applying
