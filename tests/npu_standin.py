@@ -68,11 +68,12 @@ def install(config: dict[str, Any] | None = None) -> types.SimpleNamespace:
         fake.get_device_name = lambda index=0: f"Ascend910B-standin-{index}"  # type: ignore[attr-defined]
         fake.is_bf16_supported = lambda: bool(cfg["bf16"])  # type: ignore[attr-defined]
         def mem_get_info(index: int = 0) -> tuple[int, int]:
-            """`free` / `total` may be lists: one value per device index."""
-            fake.calls.append(("mem_get_info", (index,)))  # type: ignore[attr-defined]
+            """`free` / `total` may be lists: one value per device index; asked indexes go to `memory_asked`."""
+            fake.memory_asked.append(index)  # type: ignore[attr-defined]
             free, total = cfg["free"], cfg["total"]
             return (free[index] if isinstance(free, list) else free, total[index] if isinstance(total, list) else total)
 
+        fake.memory_asked = []  # type: ignore[attr-defined]
         fake.mem_get_info = mem_get_info  # type: ignore[attr-defined]
         fake.memory_allocated = lambda index=0: cfg["allocated"]  # type: ignore[attr-defined]
         fake.memory_reserved = lambda index=0: cfg["reserved"]  # type: ignore[attr-defined]

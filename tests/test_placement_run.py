@@ -189,7 +189,7 @@ out = io.StringIO()
 with contextlib.redirect_stdout(out):
     code = run_edit_cli(ARGV, "e1.1")
 print(json.dumps({"code": code, "plan": json.loads(out.getvalue()),
-                  "mem_get_info": [args[0] for name, args in npu.calls if name == "mem_get_info"]}))
+                  "mem_get_info": npu.memory_asked}))
 """
 
 
