@@ -797,14 +797,14 @@ def check_memory_plan(dm: Any, model: str = "e1.1", sources: Any = None) -> tupl
         return Check("memory plan", WARN, "skipped: no device was chosen", "fix the device choice first"), None
     try:
         from hidream_edit.errors import UserError
-        from hidream_edit.models import sizes_on_disk
-        from hidream_edit.placement import model_sizes, plan_for_machine
+        from hidream_edit.models import sizes_on_disk, table_sizes
+        from hidream_edit.placement import plan_for_machine
 
         spec = model_spec(model)
         if sources is not None:
             sizes = sizes_on_disk(sources, dm.dtype_name)
         else:
-            sizes = model_sizes(spec, dm.dtype_name, None, None, None)
+            sizes = table_sizes(spec, dm.dtype_name)
         plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, "auto", dm.resolve_attention_backend())
     except (UserError, load_device_utils().DeviceError) as exc:
         return Check("memory plan", FAIL, str(exc), "fix the model files or flags above"), None

@@ -558,6 +558,12 @@ class Plan:
     def encoder_device(self) -> str | None:
         return self.chosen.encoder_device
 
+    def load_device(self, component: str) -> str | None:
+        """The card a component is read straight onto while loading, or None (it is read into host memory)."""
+        if component not in DIRECT_LOADS.get(self.placement, ()) or not self.chosen.devices:
+            return None
+        return self.chosen.homes[component]
+
     def peaks(self) -> dict[str, int]:
         """Predicted peak bytes per device (and "host"), for logs and result metadata."""
         return {**{peak.device: peak.peak_bytes for peak in self.chosen.devices}, "host": self.chosen.host.peak_bytes}
@@ -622,10 +628,16 @@ class Plan:
         return "\n".join(lines)
 
 
-def _host_peak(sizes: ModelSizes, budgets: Budgets, resident: tuple[str, ...], extra: int = 0) -> Peak:
-    """Host memory: the loader reads every component into host memory before placing it, so the peak is all
-    weights (+ base refine weights kept aside) + the runtime's own overhead, whatever the placement."""
-    peak = sizes.total + sizes.refine_copy + HOST_OVERHEAD + extra
+# Components the loader reads straight onto the card they live on (no host copy), per placement.
+DIRECT_LOADS: dict[str, tuple[str, ...]] = {"none": ("transformer", "llama"), "split": ("transformer", "llama"),
+                                            "encoders": ("transformer",)}  # fmt: skip
+
+
+def _host_peak(sizes: ModelSizes, budgets: Budgets, placement: str, resident: tuple[str, ...], extra: int = 0) -> Peak:
+    """Host memory at its peak, while loading: every weight except those read straight onto a card
+    (DIRECT_LOADS) passes through or stays in host memory; + base refine weights kept aside + the runtime."""
+    direct = sum(sizes.components[name] for name in DIRECT_LOADS.get(placement, ())) if budgets.cards else 0
+    peak = sizes.total - direct + sizes.refine_copy + HOST_OVERHEAD + extra
     return Peak("host", resident, peak, budgets.host)
 
 
@@ -636,12 +648,12 @@ def _candidate(
     encoders = TEXT_ENCODERS
     if not budgets.cards:  # the CPU: every placement keeps everything in host memory
         homes = dict.fromkeys(COMPONENTS, "host")
-        return Candidate(placement, (), _host_peak(sizes, budgets, COMPONENTS, reserve.total), homes)
+        return Candidate(placement, (), _host_peak(sizes, budgets, placement, COMPONENTS, reserve.total), homes)
     edit = budgets.edit
     if placement == "none":
         homes = dict.fromkeys(COMPONENTS, edit.name)
         card = Peak(edit.name, COMPONENTS, sizes.total + reserve.total, edit.budget)
-        return Candidate(placement, (card,), _host_peak(sizes, budgets, ()), homes)
+        return Candidate(placement, (card,), _host_peak(sizes, budgets, placement, ()), homes)
     if placement == "split":
         others = [card for i, card in enumerate(budgets.cards) if i != budgets.edit_card]
         if encoder_device is not None:
@@ -650,32 +662,32 @@ def _candidate(
         if not others:
             why = (f"--encoder-device {encoder_device} is not another visible {budgets.device_type} card"
                    if encoder_device else f"needs a second {budgets.device_type} card")  # fmt: skip
-            return Candidate(placement, (), _host_peak(sizes, budgets, ()), homes, impossible=why)
+            return Candidate(placement, (), _host_peak(sizes, budgets, placement, ()), homes, impossible=why)
         second = max(others, key=lambda card: card.budget)
         homes.update(dict.fromkeys(encoders, second.name))
         main = Peak(edit.name, ("transformer", "vae"), c["transformer"] + c["vae"] + reserve.total, edit.budget)
         helper = Peak(second.name, encoders, sizes.encoders + ENCODE_RESERVE, second.budget)
-        host = _host_peak(sizes, budgets, ())
+        host = _host_peak(sizes, budgets, placement, ())
         return Candidate(placement, (main, helper), host, homes, encoder_device=second.name)
     if placement == "encoders":
         homes = {"transformer": edit.name, "vae": edit.name, **dict.fromkeys(encoders, f"host -> {edit.name}")}
         peak = c["transformer"] + c["vae"] + sizes.largest_encoder + reserve.total
         card = Peak(edit.name, ("transformer", "vae"), peak, edit.budget)
-        return Candidate(placement, (card,), _host_peak(sizes, budgets, encoders), homes)
+        return Candidate(placement, (card,), _host_peak(sizes, budgets, placement, encoders), homes)
     if placement == "model":
         homes = dict.fromkeys(COMPONENTS, f"host -> {edit.name}")
         card = Peak(edit.name, (), max(c.values()) + reserve.total, edit.budget)
-        return Candidate(placement, (card,), _host_peak(sizes, budgets, COMPONENTS), homes)
+        return Candidate(placement, (card,), _host_peak(sizes, budgets, placement, COMPONENTS), homes)
     if placement == "group":
         homes = {"transformer": f"host -> {edit.name} (blocks)", "vae": edit.name,
                  **dict.fromkeys(encoders, f"host -> {edit.name}")}  # fmt: skip
         streamed = sizes.transformer_unblocked + GROUPS_ON_CARD * sizes.largest_block
         card = Peak(edit.name, ("vae",), c["vae"] + max(streamed, sizes.largest_encoder) + reserve.total, edit.budget)
-        return Candidate(placement, (card,), _host_peak(sizes, budgets, ("transformer", *encoders)), homes)
+        return Candidate(placement, (card,), _host_peak(sizes, budgets, placement, ("transformer", *encoders)), homes)
     if placement == "sequential":
         homes = dict.fromkeys(COMPONENTS, f"host -> {edit.name} (layers)")
         card = Peak(edit.name, (), sizes.largest_tensor + reserve.total, edit.budget)
-        return Candidate(placement, (card,), _host_peak(sizes, budgets, COMPONENTS), homes)
+        return Candidate(placement, (card,), _host_peak(sizes, budgets, placement, COMPONENTS), homes)
     raise UserError(f"unknown placement {placement!r}; use one of: {', '.join(OFFLOAD_CHOICES)}")
 
 
@@ -717,7 +729,7 @@ def plan_placement(
         reason = "the CPU runs everything from host memory"
         if chosen.placement != "none":
             reason += f"; {chosen.placement} only exercises its hooks there (cpu is both card and host)"
-        error = None if chosen.fits else _nothing_fits(spec, sizes, budgets, chosen)
+        error = None if chosen.fits else _nothing_fits(spec, sizes, budgets, [chosen])
         return Plan(chosen=chosen, rejected=(), reason=reason, error=error, **base)
     if asked != "auto":
         chosen = candidates[PLACEMENTS.index(asked)]
@@ -741,7 +753,7 @@ def plan_placement(
         reason = f"the fastest placement that fits ({peaks})"
         return Plan(chosen=chosen, rejected=rejected, reason=reason, **base)
     slowest = candidates[-1]
-    error = math_error or _nothing_fits(spec, sizes, budgets, slowest)
+    error = math_error or _nothing_fits(spec, sizes, budgets, candidates)
     return Plan(chosen=slowest, rejected=tuple(candidates[:-1]), reason="nothing fits", error=error, **base)
 
 
@@ -749,25 +761,29 @@ def _fastest(candidates: list[Candidate]) -> str | None:
     return next((c.placement for c in candidates if c.fits), None)
 
 
-def _nothing_fits(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, smallest: Candidate) -> str:
-    """One line: what the most frugal placement needs, what is there, and what would make it fit.
+def _nothing_fits(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, candidates: list[Candidate]) -> str:
+    """One line: what the least demanding placement needs, what is there, and what would make it fit.
 
-    (A second card never rescues a plan here: `split` needs more on the edit card than `model` does.)
+    Host memory short only: the placement needing the least host memory among those whose cards fit.
+    Otherwise the placement needing the least card memory (the last one). A second card never rescues a
+    plan here: `split` needs more on the edit card than `model` does.
     """
-    short = [peak for peak in (*smallest.devices, smallest.host) if not peak.fits]
-    needs = "; ".join(peak.describe() for peak in short)
+    possible = [c for c in candidates if c.impossible is None]
+    cards_fit = [c for c in possible if all(peak.fits for peak in c.devices)]
+    least = min(cards_fit, key=lambda c: c.host.peak_bytes) if cards_fit else possible[-1]
+    needs = "; ".join(peak.describe() for peak in (*least.devices, least.host) if not peak.fits)
     fixes: list[str] = []
-    card_need = max((peak.peak_bytes for peak in smallest.devices if not peak.fits), default=None)
+    card_need = max((peak.peak_bytes for peak in least.devices if not peak.fits), default=None)
     if card_need is not None:
         edit = budgets.edit
         if edit.cap is not None and card_need <= edit.free:
             fixes.append(f"--max-memory of at least {gib(card_need)}")
         else:
             fixes.append(f"a card with at least {gib(card_need)} free")
-    if not smallest.host.fits:
-        fixes.append(f"at least {gib(smallest.host.peak_bytes)} of host memory")
-    where = f"even {smallest.placement} offload" if budgets.cards else "on the CPU"
-    return f"{spec.title} in {sizes.dtype} does not fit: {where}: {needs}; it needs {' and '.join(fixes)}"
+    if not least.host.fits:
+        fixes.append(f"at least {gib(least.host.peak_bytes)} of host memory")
+    where = f"with placement {least.placement}" if budgets.cards else "on the CPU"
+    return f"{spec.title} in {sizes.dtype} does not fit: {where}, {needs}; it needs {' and '.join(fixes)}"
 
 
 # ---------------------------------------------------------------------------------------------- applying

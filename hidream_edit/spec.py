@@ -154,6 +154,9 @@ REAL_T5_WO = 1_006_632_960  # T5's `wo` weights, which transformers keeps in fp3
 TEXT_ENCODERS: tuple[str, ...] = ("clip_l", "clip_g", "t5", "llama")
 I1_COMPONENT_FOLDERS: dict[str, str] = {"vae": "vae", "clip_l": "text_encoder", "clip_g": "text_encoder_2",
                                         "t5": "text_encoder_3"}  # fmt: skip
+# Prompt encoding uses only the Llama's hidden states, so it is loaded as the base LlamaModel, without the
+# lm_head (0.525 B parameters, 1 GiB in bf16); its checkpoint tensors under these prefixes are never loaded.
+LLAMA_UNUSED_PREFIXES: tuple[str, ...] = ("lm_head.",)
 # Tensors transformers keeps in fp32 when a model is loaded in fp16 (`_keep_in_fp32_modules`).
 KEEP_FP32_IN_FP16: dict[str, tuple[str, ...]] = {"t5": (".wo.",)}
 

@@ -319,7 +319,7 @@ def test_devices_with_standin_npu() -> None:
     assert checks["device choice"]["detail"].startswith("npu:0 (Ascend910B-standin-0), bf16")
     plan = checks["memory plan"]
     assert plan["status"] == "PASS" and plan["detail"].startswith("e1.1 in bf16, attention sdpa: --offload auto uses")
-    assert "split (npu:0 needs 35.3 GiB of 50.0 GiB; npu:1 needs 26.4 GiB of 50.0 GiB;" in plan["detail"]
+    assert "split (npu:0 needs 35.3 GiB of 50.0 GiB; npu:1 needs 25.4 GiB of 50.0 GiB;" in plan["detail"]
     assert checks["attention npu_fused"]["status"] == "PASS"
     assert "max diff to math" in checks["attention npu_fused"]["detail"]
 
@@ -584,25 +584,26 @@ def test_check_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def described_plan(host: str, host_memory: int = 512 * 2**30) -> Any:
-    from hidream_edit.placement import described_budgets, model_sizes, plan_placement
+    from hidream_edit.models import table_sizes
+    from hidream_edit.placement import described_budgets, plan_placement
     from hidream_edit.spec import MODELS
 
     spec = MODELS["e1.1"]
-    sizes = model_sizes(spec, "bf16", None, None, None)
+    sizes = table_sizes(spec, "bf16")
     return plan_placement(spec, sizes, described_budgets(host, host_memory=host_memory))
 
 
 def test_memory_plan_check_statuses() -> None:
     """The doctor shows the loader's plan: full speed PASS, offloading WARN, nothing fits FAIL."""
     big = doctor.memory_plan_check(described_plan("1x64GiB"))
-    assert big.status == "PASS" and "--offload auto uses none (npu:0 needs 60.7 GiB of 64.0 GiB" in big.detail
+    assert big.status == "PASS" and "--offload auto uses none (npu:0 needs 59.7 GiB of 64.0 GiB" in big.detail
     card = doctor.memory_plan_check(described_plan("1x48GiB"))
     assert card.status == "WARN" and "uses model" in card.detail
-    assert "encoders: npu:0 needs 50.3 GiB of 48.0 GiB" in card.fix
+    assert "encoders: npu:0 needs 49.3 GiB of 48.0 GiB" in card.fix
     small = doctor.memory_plan_check(described_plan("1x4GiB"))
     assert small.status == "FAIL" and "does not fit" in small.detail
-    host = doctor.memory_plan_check(described_plan("1x64GiB", host_memory=32 * 2**30))
-    assert host.status == "FAIL" and "at least 60.4 GiB of host memory" in host.detail
+    host = doctor.memory_plan_check(described_plan("1x64GiB", host_memory=8 * 2**30))
+    assert host.status == "FAIL" and "at least 13.6 GiB of host memory" in host.detail
 
 
 def test_memory_plan_on_the_cpu(tiny_env: dict[str, str]) -> None:

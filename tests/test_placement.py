@@ -30,7 +30,7 @@ from hidream_edit.placement import (
     read_safetensors_header,
     working_set,
 )
-from hidream_edit.spec import MODELS, REAL_PARAMETERS
+from hidream_edit.spec import LLAMA_UNUSED_PREFIXES, MODELS, REAL_PARAMETERS
 
 HOST = 512 * GIB
 
@@ -40,7 +40,7 @@ def real_plan(
     **budget_args,
 ):  # fmt: skip
     spec = MODELS[model]
-    sizes = model_sizes(spec, "bf16", None, None, None)
+    sizes = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES)
     budgets = described_budgets(host, host_memory=budget_args.pop("host_memory", HOST), **budget_args)
     return plan_placement(spec, sizes, budgets, asked, attention, encoder_device)
 
@@ -94,7 +94,11 @@ def test_none_puts_everything_on_the_edit_card_with_the_reserve() -> None:
     [card] = plan.chosen.devices
     assert card.device == "npu:0" and set(card.components) == set(COMPONENTS)
     assert card.peak_bytes == plan.sizes.total + plan.reserve.total
-    assert plan.sizes.total == pytest.approx(57.4 * GIB, rel=0.01)
+    lm_head = 0.525e9 * 2  # the loader leaves the Llama's lm_head out
+    assert plan.sizes.total == pytest.approx(57.4 * GIB - lm_head, rel=0.005)
+    assert plan.chosen.host.peak_bytes == pytest.approx(plan.sizes.total - 31.9 * GIB - (15 * GIB - lm_head) + 3 * GIB,
+                                                        rel=0.01)  # fmt: skip
+    assert plan.load_device("transformer") == plan.load_device("llama") == "npu:0" and not plan.load_device("t5")
 
 
 def test_split_puts_the_text_encoders_on_the_second_card() -> None:
@@ -121,7 +125,7 @@ def test_encoders_peak_is_transformer_vae_largest_encoder_and_reserve() -> None:
 def test_explicit_placement_wins_with_a_warning_when_it_will_not_fit() -> None:
     plan = real_plan("e1.1", "1x32GiB", asked="none")
     assert plan.placement == "none" and not plan.fits and plan.error is None
-    assert plan.warning.startswith("--offload none is not predicted to fit: npu:0 needs 60.7 GiB of 32.0 GiB")
+    assert plan.warning.startswith("--offload none is not predicted to fit: npu:0 needs 59.7 GiB of 32.0 GiB")
     assert plan.warning.endswith("group would fit")
 
 
@@ -137,20 +141,26 @@ def test_math_is_refused_where_its_scores_alone_exceed_the_budget() -> None:
     assert working_set(MODELS["e1.1"], "bf16", "sdpa").attention == 0
 
 
-def test_too_little_host_memory_refuses_naming_what_would_fit() -> None:
-    plan = real_plan("e1.1", "1x64GiB", host_memory=32 * GIB)
-    assert not plan.fits
-    assert "host needs 60.4 GiB of 32.0 GiB" in plan.error and "at least 60.4 GiB of host memory" in plan.error
+def test_host_memory_decides_between_placements() -> None:
+    """Weights read straight onto the card need no host copy; offloaded ones live in host memory."""
+    assert real_plan("e1.1", "1x48GiB", host_memory=32 * GIB).error == (
+        "HiDream-E1.1 in bf16 does not fit: with placement model, host needs 59.4 GiB of 32.0 GiB; "
+        "it needs at least 59.4 GiB of host memory"
+    )
+    assert real_plan("e1.1", "1x64GiB", host_memory=32 * GIB).placement == "none"
+    small = real_plan("e1.1", "1x64GiB", host_memory=8 * GIB)
+    assert small.error.endswith("with placement none, host needs 13.6 GiB of 8.0 GiB; it needs at least 13.6 GiB "
+                                "of host memory")  # fmt: skip
 
 
 def test_nothing_fits_says_what_would_make_it_fit() -> None:
     capped = real_plan("e1.1", "1x64GiB", max_memory=4 * GIB)
     assert capped.error == (
-        "HiDream-E1.1 in bf16 does not fit: even sequential offload: npu:0 needs 4.3 GiB of 4.0 GiB; "
+        "HiDream-E1.1 in bf16 does not fit: with placement sequential, npu:0 needs 4.3 GiB of 4.0 GiB; "
         "it needs --max-memory of at least 4.3 GiB"
     )
     small = real_plan("e1.1", "1x4GiB", host_memory=16 * GIB)
-    assert small.error.endswith("it needs a card with at least 4.3 GiB free and at least 60.4 GiB of host memory")
+    assert small.error.endswith("it needs a card with at least 4.3 GiB free and at least 59.4 GiB of host memory")
 
 
 def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:

@@ -179,6 +179,29 @@ def test_auto_on_the_cpu_is_none_and_the_log_names_the_plan(tiny_env: dict[str, 
     assert any("placement none: predicted peak host" in record.message for record in caplog.records)
 
 
+def test_the_llama_without_lm_head_gives_identical_prompt_embeddings(
+    e1_1_editor: Editor, tiny_checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader's LlamaModel (no lm_head, 1 GiB less for the real model) encodes exactly as the full LM."""
+    import torch
+    from transformers import LlamaForCausalLM, LlamaModel
+
+    pipe = e1_1_editor.loaded.pipe
+    assert type(pipe.text_encoder_4) is LlamaModel
+
+    def encode() -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode():
+            return pipe.encode_prompt(prompt="make it green", negative_prompt="blurry", device=torch.device("cpu"),
+                                      do_classifier_free_guidance=True, max_sequence_length=128)  # fmt: skip
+
+    base = encode()
+    full = LlamaForCausalLM.from_pretrained(tiny_checkpoints.llama, dtype=torch.float32, attn_implementation="eager")
+    monkeypatch.setattr(pipe, "text_encoder_4", full)
+    with_lm_head = encode()
+    assert len(base) == len(with_lm_head) == 6
+    assert all(torch.equal(a, b) for a, b in zip(base, with_lm_head, strict=True))
+
+
 # ---------------------------------------------------------------------------------------------- stand-in NPU
 
 
