@@ -147,7 +147,10 @@ def configure_logging(verbose: bool) -> None:
 def out_of_memory_hint(exc: BaseException) -> str:
     """One line for a device OOM (torch.OutOfMemoryError or torch_npu's RuntimeError) with what to try."""
     first = str(exc).strip().splitlines()[0][:160]
-    return f"out of device memory ({first}); try --offload model, then --offload sequential, and --vae-tiling"
+    return (
+        f"out of device memory ({first}); the memory plan (--plan) underestimated this edit: try a slower "
+        "placement (--offload model, group or sequential) or --vae-tiling"
+    )
 
 
 def summary_line(result_metadata: dict[str, Any], image_path: Path) -> str:
