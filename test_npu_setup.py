@@ -801,10 +801,7 @@ def check_memory_plan(dm: Any, model: str = "e1.1", sources: Any = None) -> tupl
         from hidream_edit.placement import plan_for_machine
 
         spec = model_spec(model)
-        if sources is not None:
-            sizes = sizes_on_disk(sources, dm.dtype_name)
-        else:
-            sizes = table_sizes(spec, dm.dtype_name)
+        sizes = sizes_on_disk(sources, dm.dtype_name) if sources is not None else table_sizes(spec, dm.dtype_name)
         plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, "auto", dm.resolve_attention_backend())
     except (UserError, load_device_utils().DeviceError) as exc:
         return Check("memory plan", FAIL, str(exc), "fix the model files or flags above"), None
