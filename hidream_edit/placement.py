@@ -29,6 +29,7 @@ from typing import Any
 from hidream_edit.errors import ModelFilesError, UserError
 from hidream_edit.spec import (
     EDIT_BRANCHES,
+    I1_COMPONENT_FOLDERS,
     KEEP_FP32_IN_FP16,
     REAL_E1_FULL_LORA,
     REAL_LLAMA_LM_HEAD,
@@ -289,8 +290,7 @@ def model_sizes(
         lm_head = REAL_LLAMA_LM_HEAD if llama_skip else 0
         components["llama"], sources["llama"] = (REAL_PARAMETERS["llama"] - lm_head) * per_byte, "table"
         largest = REAL_LLAMA_LM_HEAD * per_byte
-    for name, folder in (("vae", "vae"), ("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"),
-                         ("t5", "text_encoder_3")):  # fmt: skip
+    for name, folder in I1_COMPONENT_FOLDERS.items():
         if i1_dir is not None:
             tally = _tally_files(checkpoint_files(i1_dir / folder), dtype, name)
             components[name], sources[name] = tally.bytes, "headers"
@@ -299,17 +299,15 @@ def model_sizes(
             kept_fp32 = REAL_T5_WO * 2 if name == "t5" and dtype == "fp16" else 0  # fp32 `wo`: 2 bytes more each
             components[name], sources[name] = REAL_PARAMETERS[name] * per_byte + kept_fp32, "table"
 
-    base_dir = i1_dir if spec.uses_lora else edit_path
-    table_transformer = _Tally(
-        REAL_PARAMETERS["transformer"] * per_byte, 0, {"block": REAL_TRANSFORMER_LARGEST_BLOCK * per_byte},
-        REAL_TRANSFORMER_UNBLOCKED * per_byte,
-    )  # fmt: skip
-    transformer = (
-        _tally_files(checkpoint_files(base_dir / "transformer"), dtype, "transformer")
-        if base_dir is not None
-        else table_transformer
-    )
-    sources["transformer"] = "headers" if base_dir is not None else "table"
+    base_dir = i1_dir if spec.uses_lora else edit_path  # where the transformer's own weights are read from
+    if base_dir is not None:
+        transformer = _tally_files(checkpoint_files(base_dir / "transformer"), dtype, "transformer")
+        sources["transformer"] = "headers"
+    else:
+        transformer = _Tally(REAL_PARAMETERS["transformer"] * per_byte, 0,
+                             {"block": REAL_TRANSFORMER_LARGEST_BLOCK * per_byte},
+                             REAL_TRANSFORMER_UNBLOCKED * per_byte)  # fmt: skip
+        sources["transformer"] = "table"
     refine_copy = 0
     if spec.uses_lora:
         if edit_path is not None:
@@ -431,10 +429,11 @@ def described_budgets(
     --host-memory; without it the host's need is reported but not checked (the host is not described).
     """
     count, per_card = parse_host(host)
-    device_type, _, index_text = (device or "npu").partition(":")
-    if device_type not in ("npu", "cuda"):
+    device_type, _, index_text = (device or "npu").strip().lower().partition(":")
+    device_type = "npu" if device_type == "auto" else device_type
+    if device_type not in ("npu", "cuda") or (index_text and not index_text.isdigit()):
         raise UserError(f"--plan-host describes accelerator cards; --device {device} is not npu[:N] or cuda[:N]")
-    index = int(index_text) if index_text.isdigit() else 0
+    index = int(index_text or 0)
     if index >= count:
         raise UserError(f"--device {device} selects card {index}, but --plan-host {host} has {count} card(s)")
     cards = tuple(Card(f"{device_type}:{i}", per_card, per_card, max_memory) for i in range(count))
@@ -719,6 +718,10 @@ def plan_placement(
     """
     if asked not in OFFLOAD_CHOICES:
         raise UserError(f"unknown offload placement {asked!r}; use one of: {', '.join(OFFLOAD_CHOICES)}")
+    if encoder_device is not None:
+        encoder_device = encoder_device.strip().lower()
+        if asked not in ("auto", "split"):
+            raise UserError(f"--encoder-device goes with --offload split (or auto), not --offload {asked}")
     reserve = working_set(spec, sizes.dtype, attention, sizes.dims)
     base = {"model": spec.name, "dtype": sizes.dtype, "attention": attention, "asked": asked, "reserve": reserve,
             "sizes": sizes, "budgets": budgets}  # fmt: skip

@@ -115,6 +115,15 @@ def test_split_uses_the_encoder_device_asked_for() -> None:
     assert [peak.device for peak in plan.chosen.devices] == ["npu:2", "npu:3"]
 
 
+def test_encoder_device_is_checked() -> None:
+    assert real_plan("e1.1", "2x64GiB", encoder_device="NPU:1").encoder_device == "npu:1"
+    assert real_plan("e1.1", "2x64GiB", asked="split", encoder_device="npu:0").error == (
+        "--encoder-device npu:0 is not another visible npu card"
+    )
+    with pytest.raises(UserError, match="--encoder-device goes with --offload split"):
+        real_plan("e1.1", "2x64GiB", asked="model", encoder_device="npu:1")
+
+
 def test_encoders_peak_is_transformer_vae_largest_encoder_and_reserve() -> None:
     plan = real_plan("e1.1", "1x64GiB", max_memory=52 * GIB)
     c = plan.sizes.components
