@@ -228,6 +228,24 @@ def host_memory() -> tuple[int, int]:
         return int(rss), int(total)
 
 
+def host_available_memory() -> int:
+    """Host memory a new allocation can take without swapping (psutil's `available`), else the total."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return host_memory()[1]
+
+
+def device_memory(device_type: str, index: int) -> tuple[int, int] | None:
+    """(free, total) bytes of one accelerator as its runtime reports them; None for the CPU."""
+    if device_type == "cpu":
+        return None
+    free, total = torch.get_device_module(device_type).mem_get_info(index)
+    return int(free), int(total)
+
+
 class DeviceManager:
     """Chooses and describes the compute device; one instance per process is typical.
 

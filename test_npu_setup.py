@@ -86,7 +86,6 @@ COMPONENT_PARAMS: dict[str, float] = {
     "t5": REAL_PARAMETERS["t5"],
     "clips": REAL_PARAMETERS["clip_l"] + REAL_PARAMETERS["clip_g"] + REAL_PARAMETERS["vae"],
 }
-HEADROOM = 0.15
 
 
 def expected_weight_bytes(spec: ModelSpec, role: str) -> float | None:
@@ -119,9 +118,13 @@ class Check:
     status: str
     detail: str
     fix: str = ""
+    data: dict[str, Any] | None = None  # measurements for --json (the smoke edit's predicted and measured peaks)
 
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        if self.data is None:
+            del values["data"]
+        return values
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -770,67 +773,42 @@ def check_hub(sources: Any, timeout: float = 10.0) -> list[Check]:
 # ---------------------------------------------------------------------------------------------- memory
 
 
-@dataclass(frozen=True)
-class MemoryPlan:
-    """What the full pipeline needs in a dtype against what the device has, and the offload mode that fits."""
-
-    available: int
-    dtype_bytes: int
-    needed_total: int
-    needed_largest: int
-    mode: str
-
-    @property
-    def flag(self) -> str:
-        return f"--offload {self.mode}"
+FULL_SPEED = ("none", "split", "encoders")  # placements that move nothing per denoising step
 
 
-def plan_memory(available: int, dtype_bytes: int, headroom: float = HEADROOM) -> MemoryPlan:
-    """none if everything fits with headroom, model if the transformer alone does, else sequential."""
-    needed_total = int(sum(COMPONENT_PARAMS.values()) * dtype_bytes)
-    needed_largest = int(max(COMPONENT_PARAMS.values()) * dtype_bytes)
-    if needed_total * (1 + headroom) <= available:
-        mode = "none"
-    elif needed_largest * (1 + headroom) <= available:
-        mode = "model"
-    else:
-        mode = "sequential"
-    return MemoryPlan(available, dtype_bytes, needed_total, needed_largest, mode)
+def memory_plan_check(plan: Any) -> Check:
+    """A memory plan as a check: PASS at full speed, WARN when only offloading fits (or on a CPU), FAIL when
+    nothing fits a card (loading would refuse)."""
+    title = f"{plan.model} in {plan.dtype}, attention {plan.attention}"
+    peaks = "; ".join(peak.describe() for peak in (*plan.chosen.devices, plan.chosen.host))
+    if not plan.chosen.devices:
+        if plan.fits:
+            return Check("memory plan", PASS, f"{title} on the CPU: {peaks}: fits (CPU runs are slow)")
+        return Check("memory plan", WARN, f"{title} on the CPU: {plan.error}", "run on an NPU, or try with --tiny")
+    if not plan.fits:
+        return Check("memory plan", FAIL, f"{title}: {plan.error}", "see `--plan` of the CLIs for the numbers")
+    detail = f"{title}: --offload auto uses {plan.placement} ({peaks})"
+    if plan.placement in FULL_SPEED:
+        return Check("memory plan", PASS, detail)
+    faster = "; ".join(f"{c.placement}: {c.why_not()}" for c in plan.rejected if c.placement in FULL_SPEED)
+    return Check("memory plan", WARN, detail, f"slower than resident weights ({faster}); more free memory helps")
 
 
-def check_memory_plan(dm: Any) -> Check:
+def check_memory_plan(dm: Any, model: str = "e1.1", sources: Any = None) -> tuple[Check, Any]:
+    """The loader's own memory plan (hidream_edit.placement) for this machine; returns (check, plan)."""
     if dm is None:
-        return Check("memory plan", WARN, "skipped: no device was chosen", "fix the device choice first")
-    stats = dm.memory_stats(log=False)
-    on_cpu = dm.device_type == "cpu"
-    available = stats.host_total if on_cpu or stats.total is None else stats.total
-    plan = plan_memory(available, dm.dtype.itemsize)
-    needs = (
-        f"the full pipeline needs {gib(plan.needed_total)} in {dm.dtype_name} "
-        f"(transformer {gib(plan.needed_largest)}) + {HEADROOM:.0%} headroom"
-    )
-    if on_cpu:
-        if plan.mode == "none":
-            return Check("memory plan", PASS, f"host memory {gib(available)}; {needs}: fits (CPU runs are slow)")
-        return Check(
-            "memory plan",
-            WARN,
-            f"host memory {gib(available)}; {needs}: the real model does not fit",
-            "run on an NPU, or try the pipeline with --tiny",
-        )
-    detail = f"{dm.device} has {gib(available)}; {needs} -> {plan.flag}"
-    host_note = ""
-    if plan.mode != "none" and stats.host_total < plan.needed_total:
-        host_note = f"; host RAM {gib(stats.host_total)} is less than the offloaded weights"
-    if plan.mode == "none":
-        return Check("memory plan", PASS, detail + host_note)
-    if plan.mode == "model":
-        return Check(
-            "memory plan", WARN, detail + host_note, f"pass {plan.flag} (the default, none, runs out of memory)"
-        )
-    return Check(
-        "memory plan", WARN, detail + host_note, f"pass {plan.flag} (slow)"
-    )
+        return Check("memory plan", WARN, "skipped: no device was chosen", "fix the device choice first"), None
+    try:
+        from hidream_edit.errors import UserError
+        from hidream_edit.models import sizes_on_disk, table_sizes
+        from hidream_edit.placement import plan_for_machine
+
+        spec = model_spec(model)
+        sizes = sizes_on_disk(sources, dm.dtype_name) if sources is not None else table_sizes(spec, dm.dtype_name)
+        plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, "auto", dm.resolve_attention_backend())
+    except (UserError, load_device_utils().DeviceError) as exc:
+        return Check("memory plan", FAIL, str(exc), "fix the model files or flags above"), None
+    return memory_plan_check(plan), plan
 
 
 # ---------------------------------------------------------------------------------------------- smoke
@@ -844,6 +822,23 @@ def write_test_image(path: Path) -> Path:
     image.putdata([(x * 4, y * 5, 128) for y in range(48) for x in range(64)])
     image.save(path)
     return path
+
+
+def smoke_calibration(output: Path) -> dict[str, Any] | None:
+    """The memory planner's predicted device peak next to the measured one (max_memory_allocated), from the
+    edit's metadata: on a real card this tells how good the reserve formula is. None when unreadable."""
+    try:
+        metadata = json.loads(output.with_suffix(output.suffix + ".json").read_text())
+        placement = metadata["placement"]
+        predicted = {device: peak for device, peak in placement["predicted_peak_bytes"].items() if device != "host"}
+        return {
+            "placement": placement["name"],
+            "device": metadata["device"],
+            "predicted_peak_bytes": predicted.get(metadata["device"]),
+            "measured_peak_bytes": metadata["memory"]["peak"],
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_smoke(device: str | None = None, dtype: str | None = None, timeout: float = 1800.0) -> Check:
@@ -884,7 +879,8 @@ def check_smoke(device: str | None = None, dtype: str | None = None, timeout: fl
         elapsed = time.perf_counter() - started
         if result.returncode == 0 and output.is_file():
             summary = first_line(result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "")
-            return Check("smoke edit", PASS, f"2-step tiny edit in {elapsed:.1f}s: {summary}")
+            calibration = smoke_calibration(output)
+            return Check("smoke edit", PASS, f"2-step tiny edit in {elapsed:.1f}s: {summary}", data=calibration)
         error = last_error_line(result.stderr) or "no output image"
         return Check(
             "smoke edit",
@@ -923,7 +919,7 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
     checks += model_checks
     if args.check_hub and sources is not None:
         checks += check_hub(sources)
-    checks.append(check_memory_plan(dm))
+    checks.append(check_memory_plan(dm, args.model, sources)[0])
     if args.smoke:
         checks.append(check_smoke(args.device, args.dtype))
     return checks

@@ -8,6 +8,7 @@ A user mistake ends in one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -23,6 +24,7 @@ from hidream_edit.config import (
     add_batch_arguments,
     add_edit_arguments,
     add_model_arguments,
+    add_plan_arguments,
     add_rewrite_arguments,
     cli_error_line,
     configure_logging,
@@ -30,6 +32,7 @@ from hidream_edit.config import (
     editor_settings_from_args,
     environment,
     model_spec,
+    plan_dtype,
     vlm_api_key,
 )
 from hidream_edit.editor import (
@@ -52,7 +55,7 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
         epilog="Examples: %(prog)s --tiny --image in.png --instruction 'make the sky blue' --output out.png; "
         "%(prog)s --tiny --manifest edits.jsonl --output-dir results (also under torchrun --nproc-per-node N)",
     )
-    parser.add_argument("--image", help="input image (one edit; or use --input-dir / --manifest)")
+    parser.add_argument("--image", help="input image (one edit; or use --input-dir / --manifest; not with --plan)")
     parser.add_argument("--instruction", help="what to change, in words (with --input-dir: for every image)")
     parser.add_argument("--output", help="output image; its extension picks the format")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -67,6 +70,7 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
     add_batch_arguments(parser)
     add_edit_arguments(parser, spec)
     add_model_arguments(parser, spec)
+    add_plan_arguments(parser)
     return parser
 
 
@@ -101,6 +105,31 @@ def edit_mode(args: argparse.Namespace, parser: argparse.ArgumentParser, spec: M
     if spec.prompt_form and args.target_description is not None:
         parser.error("--target-description is not used with --manifest; give each line a 'target_description'")
     return "manifest"
+
+
+def run_plan(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) -> int:
+    """--plan: print the memory plan for this machine or a --plan-host one; reads headers, never weights."""
+    from hidream_edit.models import sizes_on_disk
+    from hidream_edit.placement import described_budgets, plan_for_machine, plan_placement
+
+    settings = editor_settings_from_args(args, spec, env)
+    attention = settings.attention or "sdpa"
+    if args.plan_host:
+        sizes = sizes_on_disk(settings.sources, plan_dtype(args, env), settings.refine_weights)
+        budgets = described_budgets(args.plan_host, args.device, settings.max_memory, settings.host_memory)
+        plan = plan_placement(spec, sizes, budgets, settings.offload, attention, settings.encoder_device)
+    else:
+        from device_utils import DeviceManager
+
+        dm = DeviceManager(
+            settings.device, settings.dtype, device_origin=settings.device_origin, dtype_origin=settings.dtype_origin
+        )
+        attention = dm.resolve_attention_backend(settings.attention)
+        sizes = sizes_on_disk(settings.sources, dm.dtype_name, settings.refine_weights)
+        plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, settings.offload, attention,
+                                settings.encoder_device, settings.max_memory, settings.host_memory)  # fmt: skip
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.summary())
+    return 0
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -155,7 +184,10 @@ def prompt_metadata(args: argparse.Namespace, model: str, prompt: str) -> dict[s
 def out_of_memory_hint(exc: BaseException) -> str:
     """One line for a device OOM (torch.OutOfMemoryError or torch_npu's RuntimeError) with what to try."""
     first = str(exc).strip().splitlines()[0][:160]
-    return f"out of device memory ({first}); try --offload model, then --offload sequential, and --vae-tiling"
+    return (
+        f"out of device memory ({first}); the memory plan (--plan) underestimated this edit: try a slower "
+        "placement (--offload model, group or sequential) or --vae-tiling"
+    )
 
 
 def summary_line(result_metadata: dict[str, Any], image_path: Path) -> str:
@@ -186,6 +218,14 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     spec = model_spec(model)
     parser = build_edit_parser(spec)
     args = parser.parse_args(argv)
+    if args.plan:
+        try:
+            return run_plan(args, spec, env)
+        except USER_ERRORS as exc:
+            print(f"error: {cli_error_line(exc, spec)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+    if args.plan_host or args.json:
+        parser.error("--plan-host and --json go with --plan")
     mode = edit_mode(args, parser, spec)
     configure_logging(args.verbose)
     if mode != "single":

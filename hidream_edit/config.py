@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from hidream_edit.errors import UserError
+from hidream_edit.placement import OFFLOAD_CHOICES, PLACEMENT_HELP, parse_host, parse_size
 from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID, MODEL_NAMES, MODELS, REFINE_WEIGHTS, ModelSpec
 
 if TYPE_CHECKING:
@@ -165,12 +166,47 @@ def add_model_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> Non
         group.add_argument("--fuse-lora", action="store_true",
                            help="merge the LoRA into the weights (needs --refine-strength 0)")  # fmt: skip
     group.add_argument("--attention", choices=choices.attention, help=f"attention kernel (env {ENV_ATTENTION})")
-    group.add_argument("--offload", choices=choices.offload, default="none", help="CPU offload mode (default: none)")
+    group.add_argument("--offload", choices=OFFLOAD_CHOICES, default="auto",
+                       help="where components live: auto (default: the fastest placement the memory plan says fits), "
+                       + "; ".join(f"{name}: {text}" for name, text in PLACEMENT_HELP.items()))  # fmt: skip
+    group.add_argument("--max-memory", type=size_argument, metavar="SIZE",
+                       help="use at most SIZE of each card (e.g. 40GiB), so a card can be shared")  # fmt: skip
+    group.add_argument("--host-memory", type=size_argument, metavar="SIZE",
+                       help="plan with SIZE of host memory instead of what this machine has available")  # fmt: skip
+    group.add_argument("--encoder-device", metavar="DEVICE",
+                       help="second card for the text encoders (split placement), e.g. npu:1")  # fmt: skip
     group.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
     group.add_argument("--rng", choices=RNG_PLACEMENTS, default="device",
                        help="where the seed's noise is drawn; cpu gives the same noise on every device")  # fmt: skip
     group.add_argument("--refine-weights", choices=REFINE_WEIGHTS, default="edit",
                        help="refine-stage weights: edit (upstream's measured behaviour) or base (true I1)")  # fmt: skip
+
+
+def size_argument(text: str) -> int:
+    """argparse type for memory sizes (40GiB, 64GB): a bad one is argparse's one-line error."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def host_argument(text: str) -> str:
+    """argparse type for --plan-host NxSIZE: checked here, kept as text (the plan shows it)."""
+    try:
+        parse_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """--plan, --plan-host and --json: print the memory plan and exit, without loading weights."""
+    group = parser.add_argument_group("memory plan")
+    group.add_argument("--plan", action="store_true",
+                       help="print where each component would live and the predicted peaks, then exit")  # fmt: skip
+    group.add_argument("--plan-host", type=host_argument, metavar="NxSIZE",
+                       help="plan for a host of N cards with SIZE free each (e.g. 2x64GiB), not this one")  # fmt: skip
+    group.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> None:
@@ -318,6 +354,12 @@ def model_sources_from_args(
     )
 
 
+def plan_dtype(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> str:
+    """The dtype to plan a described host in: --dtype, else PREFERRED_DTYPE, else bf16 (what a 910B runs)."""
+    name = (args.dtype or environment(env).get(ENV_DTYPE) or "auto").strip().lower()
+    return "bf16" if name == "auto" else name
+
+
 def editor_settings_from_args(
     args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str] | None = None
 ) -> EditorSettings:
@@ -335,6 +377,9 @@ def editor_settings_from_args(
         dtype_origin=device.dtype_origin,
         attention=args.attention or env.get(ENV_ATTENTION) or None,
         offload=args.offload,
+        max_memory=args.max_memory,
+        host_memory=args.host_memory,
+        encoder_device=args.encoder_device,
         rng=args.rng,
         refine_weights=args.refine_weights,
         fuse_lora=getattr(args, "fuse_lora", False),

@@ -68,7 +68,10 @@ class EditorSettings:
     device_origin: str = "device"  # where `device` came from, for messages: "--device", "PREFERRED_DEVICE", ...
     dtype_origin: str = "dtype"
     attention: str | None = None
-    offload: str = "none"
+    offload: str = "auto"
+    max_memory: int | None = None
+    host_memory: int | None = None
+    encoder_device: str | None = None
     rng: str = "device"
     refine_weights: str = "edit"
     fuse_lora: bool = False
@@ -231,6 +234,9 @@ class Editor:
             refine_weights=settings.refine_weights,
             fuse_lora=settings.fuse_lora,
             vae_tiling=settings.vae_tiling,
+            max_memory=settings.max_memory,
+            host_memory=settings.host_memory,
+            encoder_device=settings.encoder_device,
         )
         load_s = time.perf_counter() - started
         logger.info("loaded %s in %.1f s", settings.model, load_s)
@@ -316,6 +322,7 @@ class Editor:
             "attention": self.loaded.attention,
             "offload": self.settings.offload,
             "vae_tiling": self.settings.vae_tiling,
+            "placement": self.placement(),
             "memory_actions": self.loaded.memory_actions,
             "refine_weights": self.settings.refine_weights,
             "lora_fused": self.loaded.lora_fused,
@@ -341,8 +348,17 @@ class Editor:
             "dtype": self.dm.dtype_name,
             "attention": self.loaded.attention,
             "offload": self.settings.offload,
+            "placement": self.placement(),
             "memory": self.dm.memory_stats(log=False).as_dict(),
         }
+
+    def placement(self) -> dict[str, Any] | None:
+        """The memory plan's placement and predicted peak bytes per device (and host), as plain data."""
+        plan = self.loaded.plan
+        if plan is None:
+            return None
+        return {"name": plan.placement, "asked": plan.asked, "fits": plan.fits, "predicted_peak_bytes": plan.peaks(),
+                "encoder_device": plan.encoder_device}  # fmt: skip
 
 
 def image_format_for(path: Path) -> str:

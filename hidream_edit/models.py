@@ -19,7 +19,8 @@ import torch
 from device_utils import CheckpointError, DeviceManager, dtype_name, load_safetensors
 from hidream_edit.attention import install_attention
 from hidream_edit.errors import ModelFilesError, UserError
-from hidream_edit.spec import LLAMA_ALLOW_PATTERNS, MODELS, REFINE_WEIGHTS, LoraLayout, ModelSpec
+from hidream_edit.placement import ModelSizes, Plan, apply_plan, model_sizes, plan_for_machine
+from hidream_edit.spec import LLAMA_ALLOW_PATTERNS, LLAMA_UNUSED_PREFIXES, MODELS, REFINE_WEIGHTS, LoraLayout, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -151,15 +152,16 @@ def _describe_keys(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-def load_e1_1_transformer(i1_dir: Path, e1_dir: Path, dtype: torch.dtype) -> Any:
-    """I1's transformer config with E1.1's sharded weights, built without materialising I1's weights."""
+def load_e1_1_transformer(i1_dir: Path, e1_dir: Path, dtype: torch.dtype, device: str | None = None) -> Any:
+    """I1's transformer config with E1.1's sharded weights, built without materialising I1's weights;
+    read straight onto `device` when given (no host copy), else into host memory."""
     from diffusers import HiDreamImageTransformer2DModel
 
     config = HiDreamImageTransformer2DModel.load_config(i1_dir / "transformer")
     with torch.device("meta"):
         transformer = HiDreamImageTransformer2DModel.from_config(config)
     try:
-        state = load_safetensors(e1_dir / "transformer")
+        state = load_safetensors(e1_dir / "transformer", device)
     except CheckpointError as exc:
         raise ModelFilesError(str(exc)) from exc
     expected = set(transformer.state_dict())
@@ -309,11 +311,15 @@ def differing_base_tensors(transformer: torch.nn.Module, i1_dir: Path) -> dict[s
     return kept
 
 
-def load_e1_full_transformer(i1_dir: Path, lora_file: Path, dtype: torch.dtype, refine_weights: str) -> tuple[Any, Any]:
+def load_e1_full_transformer(
+    i1_dir: Path, lora_file: Path, dtype: torch.dtype, refine_weights: str, device: str | None = None
+) -> tuple[Any, Any]:
     """I1 transformer + E1-Full LoRA adapter and full tensors; returns (transformer, refine switch)."""
     from diffusers import HiDreamImageTransformer2DModel
 
-    transformer = HiDreamImageTransformer2DModel.from_pretrained(i1_dir, subfolder="transformer", dtype=dtype)
+    transformer = HiDreamImageTransformer2DModel.from_pretrained(
+        i1_dir, subfolder="transformer", dtype=dtype, device_map=device
+    )
     spec = MODELS["e1-full"]
     assert spec.lora is not None
     transformer.add_adapter(lora_config(spec.lora))
@@ -349,6 +355,38 @@ def load_e1_full_transformer(i1_dir: Path, lora_file: Path, dtype: torch.dtype, 
     return transformer.eval(), AdaptersOff(transformer, swap)
 
 
+def table_sizes(spec: ModelSpec, dtype: str) -> ModelSizes:
+    """The real model's component sizes as this loader loads them, from the spec's table alone."""
+    return model_sizes(spec, dtype, None, None, None, LLAMA_UNUSED_PREFIXES)
+
+
+def sizes_on_disk(sources: ModelSources, dtype: str, refine_weights: str = "edit") -> ModelSizes:
+    """Component sizes for a plan made before anything is fetched: the headers of the files on this machine,
+    the spec's table of real sizes for hub ids not downloaded (or not completely) yet.
+
+    A local path must exist and be complete, as loading would require.
+    """
+    spec = sources.spec
+    base_refine = refine_weights == "base"
+    located: dict[str, Path | None] = {}
+    for role, source, patterns in (("llama", sources.llama, LLAMA_ALLOW_PATTERNS),
+                                   ("i1", sources.i1, spec.i1_allow_patterns(base_refine)),
+                                   ("edit", sources.edit, spec.edit_allow_patterns())):  # fmt: skip
+        if not is_hub_id(source):
+            located[role] = locate(source, role, offline=True)
+            _raise_if_incomplete(_problems_for(role, spec, located[role], base_refine))
+            continue
+        try:
+            path: Path | None = locate(source, role, offline=True, allow_patterns=patterns)
+        except ModelFilesError:
+            path = None
+        located[role] = path if path is not None and not _problems_for(role, spec, path, base_refine) else None
+    edit = located["edit"]
+    if edit is not None and spec.lora is not None and edit.is_dir():
+        edit = edit / spec.lora.file
+    return model_sizes(spec, dtype, located["llama"], located["i1"], edit, LLAMA_UNUSED_PREFIXES, base_refine)
+
+
 @dataclass
 class LoadedPipeline:
     """A placed editing pipeline and what loading did."""
@@ -360,6 +398,8 @@ class LoadedPipeline:
     sources: ModelSources
     lora_fused: bool = False
     vae_dtype: str = ""
+    plan: Plan | None = None
+    placement_hooks: Any = None
 
 
 def load_pipeline(
@@ -370,9 +410,16 @@ def load_pipeline(
     refine_weights: str = "edit",
     fuse_lora: bool = False,
     vae_tiling: bool = False,
+    max_memory: int | None = None,
+    host_memory: int | None = None,
+    encoder_device: str | None = None,
 ) -> LoadedPipeline:
-    """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the offload mode."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the memory plan.
+
+    The plan is made from the files' headers before any weight is read; `offload` "auto" takes the fastest
+    placement that fits, and a plan that cannot run refuses here, before loading.
+    """
+    from transformers import AutoTokenizer, LlamaModel
 
     from hidream_edit.pipeline import HiDreamImageEditingPipeline
 
@@ -388,21 +435,35 @@ def load_pipeline(
     edit_path = locate(sources.edit, "edit", sources.offline, spec.edit_allow_patterns())
     problems = _problems_for("llama", spec, llama_dir) + _problems_for("i1", spec, i1_dir, base_refine)
     _raise_if_incomplete(problems + _problems_for("edit", spec, edit_path))
+    lora_path = edit_path / spec.lora.file if spec.lora is not None and edit_path.is_dir() else edit_path
+    sizes = model_sizes(spec, dm.dtype_name, llama_dir, i1_dir, lora_path, LLAMA_UNUSED_PREFIXES, base_refine)
+    plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, offload, attention, encoder_device, max_memory,
+                            host_memory)  # fmt: skip
+    if plan.error:
+        raise UserError(plan.error)
+    if plan.warning:
+        logger.warning("memory plan: %s", plan.warning)
+    logger.info("memory plan: %s", plan.reason)
 
     dtype = dm.dtype
     switch: Any
     if spec.lora is None:
-        transformer = load_e1_1_transformer(i1_dir, edit_path, dtype)
+        transformer = load_e1_1_transformer(i1_dir, edit_path, dtype, plan.load_device("transformer"))
         switch = SameWeights()
         if base_refine:
             switch = BaseWeightsE1_1(transformer, differing_base_tensors(transformer, i1_dir))
     else:
         lora_file = edit_path / spec.lora.file if edit_path.is_dir() else edit_path
-        transformer, switch = load_e1_full_transformer(i1_dir, lora_file, dtype, refine_weights)
+        transformer, switch = load_e1_full_transformer(
+            i1_dir, lora_file, dtype, refine_weights, plan.load_device("transformer")
+        )
         if fuse_lora:
             transformer.fuse_lora(lora_scale=1.0)
     tokenizer_4 = AutoTokenizer.from_pretrained(llama_dir)
-    text_encoder_4 = LlamaForCausalLM.from_pretrained(llama_dir, dtype=dtype, attn_implementation="eager")
+    # the base model: prompt encoding reads hidden states only, the lm_head would be 1 GiB never used
+    text_encoder_4 = LlamaModel.from_pretrained(
+        llama_dir, dtype=dtype, attn_implementation="eager", device_map=plan.load_device("llama")
+    )
     pipe = HiDreamImageEditingPipeline.from_pretrained(
         i1_dir, transformer=transformer, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype
     )
@@ -412,5 +473,11 @@ def load_pipeline(
         logger.info("VAE in fp32 (the model runs in fp16)")
     vae_dtype = dtype_name(pipe.vae.dtype)
     attention = install_attention(pipe.transformer, dm, attention)
-    actions = dm.set_memory_efficient_mode(pipe, offload, vae_tiling=vae_tiling)
-    return LoadedPipeline(pipe, switch, attention, actions, sources, lora_fused=fuse_lora, vae_dtype=vae_dtype)
+    actions, hooks = apply_plan(pipe, plan, dm.device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+        actions.append("VAE tiling")
+    return LoadedPipeline(
+        pipe, switch, attention, actions, sources, lora_fused=fuse_lora, vae_dtype=vae_dtype, plan=plan,
+        placement_hooks=hooks,
+    )

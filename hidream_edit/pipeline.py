@@ -127,6 +127,13 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
 
     # Set by the Editor; None encodes every prompt every time.
     prompt_cache: PromptCache | None = None
+    edit_device: torch.device | None = None  # set by a memory placement (placement.py) that spreads components
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """The edit card when a placement names it: with text encoders on another card, diffusers' own guess
+        (the first non-CPU component by name) would be the encoders' card."""
+        return self.edit_device if self.edit_device is not None else super()._execution_device
 
     def _encode(
         self, prompt: str, negative_prompt: str, device: torch.device, max_sequence_length: int, guided: bool

@@ -73,6 +73,7 @@ class ModelSpec:
     resize: str  # "area" (about 1024x1024 pixels, aspect kept) or "square" (768x768)
     prompt_form: bool  # expects "Editing Instruction: ... Target Image Description: ..."
     lora: LoraLayout | None = None
+    max_pixels: int = 1024 * 1024  # the largest model input (and decoded output), for the memory plan
 
     @property
     def uses_lora(self) -> bool:
@@ -125,6 +126,7 @@ MODELS: dict[str, ModelSpec] = {
         resize="square",
         prompt_form=True,
         lora=E1_FULL_LORA,
+        max_pixels=768 * 768,
     ),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
@@ -138,6 +140,35 @@ REAL_PARAMETERS: dict[str, int] = {
     "clip_g": 695_000_000,
     "vae": 84_000_000,
 }
+
+# Finer facts of the real components for the memory plan (placement.py), counted on the meta device
+# from the real configs with diffusers 0.42.1 / transformers 5.24.
+REAL_TRANSFORMER_LARGEST_BLOCK = 424_089_600  # one double-stream block; a single-stream block is 305_438_720
+REAL_TRANSFORMER_UNBLOCKED = 32_458_304  # embedders and final layer: outside the ModuleLists group offload streams
+REAL_E1_FULL_LORA = 129_737_728  # the LoRA adapter parameters E1-Full adds to the I1 transformer
+REAL_LLAMA_LM_HEAD = 525_336_576  # also the size of the largest single tensor (embed_tokens) of the pipeline
+REAL_T5_WO = 1_006_632_960  # T5's `wo` weights, which transformers keeps in fp32 when loading in fp16
+
+# Where a component's tensors come from: the names the planner uses (placement.py) and the folders they
+# are read from ("llama" dir, "i1" subfolder, or the edit source).
+TEXT_ENCODERS: tuple[str, ...] = ("clip_l", "clip_g", "t5", "llama")
+I1_COMPONENT_FOLDERS: dict[str, str] = {"vae": "vae", "clip_l": "text_encoder", "clip_g": "text_encoder_2",
+                                        "t5": "text_encoder_3"}  # fmt: skip
+# Prompt encoding uses only the Llama's hidden states, so it is loaded as the base LlamaModel, without the
+# lm_head (0.525 B parameters, 1 GiB in bf16); its checkpoint tensors under these prefixes are never loaded.
+LLAMA_UNUSED_PREFIXES: tuple[str, ...] = ("lm_head.",)
+# Tensors transformers keeps in fp32 when a model is loaded in fp16 (`_keep_in_fp32_modules`).
+KEEP_FP32_IN_FP16: dict[str, tuple[str, ...]] = {"t5": (".wo.",)}
+
+# The transformer's working set at one denoising step (DESIGN.md section 4): the edit stage runs 3 branches,
+# each with the image tokens (padded to max_seq) plus text tokens: 128 T5 + 128 Llama (last layer) + 128
+# Llama (per block) at max_sequence_length 128.
+EDIT_BRANCHES = 3
+TEXT_TOKENS = 3 * 128
+TRANSFORMER_WIDTH = 2560
+TRANSFORMER_HEADS = 20
+TRANSFORMER_FFN_WIDTH = 6912  # SwiGLU hidden width of the MoE experts (4 x 2560 x 2/3, rounded to 256)
+VAE_DECODER_WIDTH = 128  # channels of the VAE decoder's full-resolution blocks
 
 
 def is_e1_full_form(text: str) -> bool:

@@ -87,6 +87,7 @@ def _device_module(cfg: dict[str, Any]) -> Any:
     """The fake `torch.npu`: device count, current device and per-card memory, with torch's signatures."""
     fake = types.ModuleType("torch.npu")
     fake.calls = []  # type: ignore[attr-defined]
+    fake.memory_asked = []  # type: ignore[attr-defined]
     state = {"current": 0}
     count = int(cfg["count"])
 
@@ -118,7 +119,9 @@ def _device_module(cfg: dict[str, Any]) -> Any:
         return f"Ascend910B-standin-{index_of(device_name)}"
 
     def mem_get_info(device: Any = None) -> tuple[int, int]:
+        """Free / total of one card; the indexes asked for are kept in `memory_asked`."""
         index = index_of(device)
+        fake.memory_asked.append(index)  # type: ignore[attr-defined]
         return _per_card(cfg["free"], index), _per_card(cfg["total"], index)
 
     def memory_allocated(device: Any = None) -> int:

@@ -168,10 +168,16 @@ def test_save_is_atomic_and_never_overwrites(e1_1_editor: Any, source_png: Path,
 
 
 def test_e1_1_loading_holds_one_copy_of_the_transformer(tiny_checkpoints: Any, monkeypatch: pytest.MonkeyPatch):
-    loaded_from: list[str] = []
-    monkeypatch.setattr(models, "load_safetensors", lambda p: loaded_from.append(str(p)) or load_safetensors(p))
-    transformer = models.load_e1_1_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_1, torch.float32)
-    assert loaded_from == [str(tiny_checkpoints.e1_1 / "transformer")]  # I1 weights never read
+    loaded_from: list[tuple[str, Any]] = []
+
+    def recording(path: Path, device: Any = None) -> dict[str, torch.Tensor]:
+        loaded_from.append((str(path), device))
+        return load_safetensors(path, device)
+
+    monkeypatch.setattr(models, "load_safetensors", recording)
+    transformer = models.load_e1_1_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_1, torch.float32, "cpu")
+    # I1 weights never read; E1.1's read straight onto the device the plan names
+    assert loaded_from == [(str(tiny_checkpoints.e1_1 / "transformer"), "cpu")]
     tensors = list(transformer.state_dict().values())
     assert not any(t.is_meta for t in tensors)
     storages = {t.untyped_storage().data_ptr() for t in tensors}

@@ -1,0 +1,287 @@
+"""The memory planner as a pure function: real sizes, described hosts, caps, host memory, kernels; and sizing.
+
+The table below is the project's promise for each Ascend card size; a change to the reserve formula or a
+placement's peak that moves a row must be a decision, not an accident.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hidream_edit.errors import ModelFilesError, UserError
+from hidream_edit.placement import (
+    COMPONENTS,
+    DTYPE_BYTES,
+    GIB,
+    PLACEMENTS,
+    Budgets,
+    checkpoint_files,
+    described_budgets,
+    model_sizes,
+    parse_host,
+    parse_size,
+    plan_placement,
+    read_safetensors_header,
+    working_set,
+)
+from hidream_edit.spec import LLAMA_UNUSED_PREFIXES, MODELS, REAL_PARAMETERS
+
+HOST = 512 * GIB
+
+
+def real_plan(
+    model: str, host: str, attention: str = "sdpa", asked: str = "auto", encoder_device: str | None = None,
+    **budget_args,
+):  # fmt: skip
+    spec = MODELS[model]
+    sizes = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES)
+    budgets = described_budgets(host, host_memory=budget_args.pop("host_memory", HOST), **budget_args)
+    return plan_placement(spec, sizes, budgets, asked, attention, encoder_device)
+
+
+# (model, host, attention, --max-memory, expected placement); None: refused before loading.
+CASES = [
+    ("e1.1", "1x24GiB", "sdpa", None, "group"),
+    ("e1.1", "1x32GiB", "sdpa", None, "group"),
+    ("e1.1", "1x48GiB", "sdpa", None, "model"),
+    ("e1.1", "1x64GiB", "sdpa", None, "none"),
+    ("e1.1", "2x32GiB", "sdpa", None, "group"),
+    ("e1.1", "2x64GiB", "sdpa", None, "none"),
+    ("e1.1", "8x64GiB", "npu_fused", None, "none"),
+    ("e1.1", "1x64GiB", "sdpa", 40 * GIB, "model"),
+    ("e1.1", "2x64GiB", "sdpa", 56 * GIB, "split"),
+    ("e1.1", "1x64GiB", "sdpa", 52 * GIB, "encoders"),
+    ("e1.1", "1x64GiB", "sdpa", 20 * GIB, "group"),
+    ("e1.1", "1x64GiB", "sdpa", 8 * GIB, "sequential"),
+    ("e1.1", "1x64GiB", "sdpa", 4 * GIB, None),
+    ("e1.1", "1x24GiB", "math", None, None),
+    ("e1.1", "1x32GiB", "math", None, None),
+    ("e1.1", "1x64GiB", "math", None, "group"),
+    ("e1-full", "1x24GiB", "sdpa", None, "group"),
+    ("e1-full", "1x32GiB", "npu_fused", None, "group"),
+    ("e1-full", "1x48GiB", "sdpa", None, "model"),
+    ("e1-full", "1x64GiB", "sdpa", None, "none"),
+    ("e1-full", "2x32GiB", "sdpa", None, "group"),
+    ("e1-full", "2x64GiB", "sdpa", None, "none"),
+    ("e1-full", "2x64GiB", "sdpa", 56 * GIB, "split"),
+    ("e1-full", "1x24GiB", "math", None, "sequential"),
+    ("e1-full", "1x32GiB", "math", None, "group"),
+    ("e1-full", "2x64GiB", "math", None, "split"),
+]
+
+
+@pytest.mark.parametrize("model,host,attention,cap,expected", CASES)
+def test_plan_for_each_card_size(model: str, host: str, attention: str, cap: int | None, expected: str | None) -> None:
+    plan = real_plan(model, host, attention, max_memory=cap)
+    if expected is None:
+        assert not plan.fits and plan.error
+        return
+    assert plan.fits and plan.error is None and plan.placement == expected
+    for peak in (*plan.chosen.devices, plan.chosen.host):
+        assert peak.peak_bytes <= peak.budget_bytes
+    assert [c.placement for c in plan.rejected] == list(PLACEMENTS[: PLACEMENTS.index(expected)])
+    assert not any(c.fits for c in plan.rejected)
+
+
+def test_none_puts_everything_on_the_edit_card_with_the_reserve() -> None:
+    plan = real_plan("e1.1", "1x64GiB")
+    [card] = plan.chosen.devices
+    assert card.device == "npu:0" and set(card.components) == set(COMPONENTS)
+    assert card.peak_bytes == plan.sizes.total + plan.reserve.total
+    lm_head = 0.525e9 * 2  # the loader leaves the Llama's lm_head out
+    assert plan.sizes.total == pytest.approx(57.4 * GIB - lm_head, rel=0.005)
+    assert plan.chosen.host.peak_bytes == pytest.approx(plan.sizes.total - 31.9 * GIB - (15 * GIB - lm_head) + 3 * GIB,
+                                                        rel=0.01)  # fmt: skip
+    assert plan.load_device("transformer") == plan.load_device("llama") == "npu:0" and not plan.load_device("t5")
+
+
+def test_split_puts_the_text_encoders_on_the_second_card() -> None:
+    plan = real_plan("e1.1", "2x64GiB", max_memory=56 * GIB)
+    main, second = plan.chosen.devices
+    assert (main.device, second.device, plan.encoder_device) == ("npu:0", "npu:1", "npu:1")
+    assert main.components == ("transformer", "vae") and set(second.components) == {"clip_l", "clip_g", "t5", "llama"}
+    assert plan.chosen.homes["llama"] == "npu:1" and plan.chosen.homes["transformer"] == "npu:0"
+
+
+def test_split_uses_the_encoder_device_asked_for() -> None:
+    plan = real_plan("e1.1", "4x64GiB", device="npu:2", encoder_device="npu:3")
+    assert plan.placement == "split" and plan.encoder_device == "npu:3"
+    assert [peak.device for peak in plan.chosen.devices] == ["npu:2", "npu:3"]
+
+
+def test_encoder_device_is_checked() -> None:
+    assert real_plan("e1.1", "2x64GiB", encoder_device="NPU:1").encoder_device == "npu:1"
+    assert real_plan("e1.1", "2x64GiB", asked="split", encoder_device="npu:0").error == (
+        "--encoder-device npu:0 is not another visible npu card"
+    )
+    with pytest.raises(UserError, match="--encoder-device goes with --offload split"):
+        real_plan("e1.1", "2x64GiB", asked="model", encoder_device="npu:1")
+
+
+def test_encoders_peak_is_transformer_vae_largest_encoder_and_reserve() -> None:
+    plan = real_plan("e1.1", "1x64GiB", max_memory=52 * GIB)
+    c = plan.sizes.components
+    assert plan.chosen.devices[0].peak_bytes == c["transformer"] + c["vae"] + c["llama"] + plan.reserve.total
+    assert plan.chosen.homes["t5"] == "host -> npu:0" and "t5" in plan.chosen.host.components
+
+
+def test_explicit_placement_wins_with_a_warning_when_it_will_not_fit() -> None:
+    plan = real_plan("e1.1", "1x32GiB", asked="none")
+    assert plan.placement == "none" and not plan.fits and plan.error is None
+    assert plan.warning.startswith("--offload none is not predicted to fit: npu:0 needs 59.7 GiB of 32.0 GiB")
+    assert plan.warning.endswith("group would fit")
+
+
+def test_explicit_split_without_a_second_card_is_refused() -> None:
+    plan = real_plan("e1.1", "1x64GiB", asked="split")
+    assert plan.error == "needs a second npu card"
+
+
+def test_math_is_refused_where_its_scores_alone_exceed_the_budget() -> None:
+    plan = real_plan("e1.1", "1x24GiB", "math", asked="sequential")
+    assert plan.error.startswith("--attention math materialises the fp32 attention scores")
+    assert "32.9 GiB" in plan.error and plan.error.endswith("use --attention sdpa")
+    assert working_set(MODELS["e1.1"], "bf16", "sdpa").attention == 0
+
+
+def test_host_memory_decides_between_placements() -> None:
+    """Weights read straight onto the card need no host copy; offloaded ones live in host memory."""
+    assert real_plan("e1.1", "1x48GiB", host_memory=32 * GIB).error == (
+        "HiDream-E1.1 in bf16 does not fit: with placement model, host needs 59.4 GiB of 32.0 GiB; "
+        "it needs at least 59.4 GiB of host memory"
+    )
+    assert real_plan("e1.1", "1x64GiB", host_memory=32 * GIB).placement == "none"
+    small = real_plan("e1.1", "1x64GiB", host_memory=8 * GIB)
+    assert small.error.endswith("with placement none, host needs 13.6 GiB of 8.0 GiB; it needs at least 13.6 GiB "
+                                "of host memory")  # fmt: skip
+
+
+def test_nothing_fits_says_what_would_make_it_fit() -> None:
+    capped = real_plan("e1.1", "1x64GiB", max_memory=4 * GIB)
+    assert capped.error == (
+        "HiDream-E1.1 in bf16 does not fit: with placement sequential, npu:0 needs 4.3 GiB of 4.0 GiB; "
+        "it needs --max-memory of at least 4.3 GiB"
+    )
+    small = real_plan("e1.1", "1x4GiB", host_memory=16 * GIB)
+    assert small.error.endswith("it needs a card with at least 4.3 GiB free and at least 59.4 GiB of host memory")
+
+
+def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:
+    spec = MODELS["e1.1"]
+    bf16 = model_sizes(spec, "bf16", None, None, None).components
+    fp16 = model_sizes(spec, "fp16", None, None, None).components
+    fp32 = model_sizes(spec, "fp32", None, None, None).components
+    assert fp16["t5"] > bf16["t5"] and fp16["llama"] == bf16["llama"]
+    assert fp32["transformer"] == 2 * bf16["transformer"] == 4 * REAL_PARAMETERS["transformer"]
+
+
+def test_cpu_plans_everything_in_host_memory() -> None:
+    spec = MODELS["e1.1"]
+    sizes = model_sizes(spec, "fp32", None, None, None)
+    plan = plan_placement(spec, sizes, Budgets("cpu", (), 0, 512 * GIB), "auto")
+    assert plan.placement == "none" and plan.chosen.devices == () and plan.fits
+    assert plan_placement(spec, sizes, Budgets("cpu", (), 0, 64 * GIB), "auto").error
+
+
+def test_plan_json_has_the_fields_the_issue_names() -> None:
+    data = json.loads(json.dumps(real_plan("e1.1", "2x64GiB", max_memory=56 * GIB).as_dict()))
+    assert {"placement", "fits", "devices", "host", "reason", "components", "rejected"} <= set(data)
+    assert {"components", "peak_bytes", "budget_bytes"} <= set(data["devices"][0])
+    assert {"peak_bytes", "budget_bytes"} <= set(data["host"])
+    assert data["devices"][1]["budget_bytes"] == 56 * GIB and data["host"]["budget_bytes"] == HOST
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("40GiB", 40 * 2**30), ("64GB", 64 * 10**9), ("512MiB", 2**29), ("1.5TiB", int(1.5 * 2**40)), ("1024", 1024)],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "forty", "64G", "-1GiB", "0GiB", "64 GiBs"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_parse_host() -> None:
+    assert parse_host("2x64GiB") == (2, 64 * GIB)
+    for bad in ("64GiB", "0x64GiB", "ax64GiB", "2x"):
+        with pytest.raises(ValueError):
+            parse_host(bad)
+
+
+def test_described_host_checks_the_edit_card() -> None:
+    with pytest.raises(UserError, match="selects card 2"):
+        described_budgets("2x64GiB", "npu:2")
+    assert described_budgets("2x64GiB").host is None
+
+
+# ---------------------------------------------------------------------------------------------- sizing
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    save_file(tensors, str(path))
+    return path
+
+
+def test_header_sizes_count_floats_in_the_run_dtype_and_ints_as_stored(tmp_path: Path) -> None:
+    file = write_checkpoint(
+        tmp_path / "a.safetensors",
+        {"w": torch.zeros(3, 4, dtype=torch.float32), "ids": torch.zeros(5, dtype=torch.int64)},
+    )
+    assert read_safetensors_header(file) == {"w": ("F32", 12), "ids": ("I64", 5)}
+
+
+def test_header_reader_rejects_corrupt_files(tmp_path: Path) -> None:
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x01\x02")
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    for path in (short, huge, garbage):
+        with pytest.raises(ModelFilesError, match=path.name):
+            read_safetensors_header(path)
+
+
+def test_checkpoint_files_follow_the_index(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "m-1.safetensors", {"a": torch.zeros(1)})
+    write_checkpoint(tmp_path / "stray.safetensors", {"b": torch.zeros(1)})
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "m-1.safetensors"}}))
+    assert checkpoint_files(tmp_path) == [tmp_path / "m-1.safetensors"]
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    unique = {t.data_ptr(): t for t in module.state_dict().values()}  # what a checkpoint stores; tied once
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def test_tiny_sizes_from_headers_match_the_loaded_modules(e1_1_editor) -> None:
+    """The files sized are the files loaded: each component's header bytes equal its loaded state dict."""
+    from hidream_edit.models import sizes_on_disk
+
+    sizes = sizes_on_disk(e1_1_editor.settings.sources, "fp32")
+    pipe = e1_1_editor.loaded.pipe
+    modules = {"transformer": pipe.transformer, "vae": pipe.vae, "clip_l": pipe.text_encoder,
+               "clip_g": pipe.text_encoder_2, "t5": pipe.text_encoder_3, "llama": pipe.text_encoder_4}  # fmt: skip
+    assert set(sizes.sources.values()) == {"headers"}
+    for name, module in modules.items():
+        assert sizes.components[name] == parameter_bytes(module), name
+    assert sizes.dims.width == 32 and sizes.dims.vae_width == 8
+
+
+def test_tiny_e1_full_adds_the_lora_to_the_i1_transformer(tiny_checkpoints) -> None:
+    spec = MODELS["e1-full"]
+    plain = model_sizes(MODELS["e1.1"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, tiny_checkpoints.i1)
+    with_lora = model_sizes(spec, "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, tiny_checkpoints.e1_full_lora)
+    lora_values = sum(count for name, (_, count) in read_safetensors_header(tiny_checkpoints.e1_full_lora).items()
+                      if ".lora_" in name)  # fmt: skip
+    assert with_lora.components["transformer"] == plain.components["transformer"] + lora_values * DTYPE_BYTES["bf16"]
