@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 MARKER = "required_in_ci"
-REQUIRED_MODULES = ("test_webui_browser.py", "test_real_torch_npu.py")
+REQUIRED_MODULES = ("test_web_browser.py", "test_real_torch_npu.py")
 
 
 def in_ci(env: dict[str, str] | os._Environ[str] | None = None) -> bool:

@@ -104,9 +104,9 @@ def test_in_ci_a_skipped_required_test_fails(folder: Path) -> None:
 
 def test_in_ci_a_skipped_required_module_fails(tmp_path: Path) -> None:
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    (tmp_path / "test_webui_browser.py").write_text(WHOLE_MODULE)
-    assert outcomes(tmp_path, None) == {"test_webui_browser": "skipped"}
-    assert outcomes(tmp_path, "true") == {"test_webui_browser": "error"}
+    (tmp_path / "test_web_browser.py").write_text(WHOLE_MODULE)
+    assert outcomes(tmp_path, None) == {"test_web_browser": "skipped"}
+    assert outcomes(tmp_path, "true") == {"test_web_browser": "error"}
 
 
 def test_in_ci_the_failure_names_the_skip_reason(folder: Path) -> None:
