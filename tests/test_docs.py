@@ -30,7 +30,9 @@ NOT_RUN = {
     "python gradio_demo_npu.py --tiny": "starts a server that runs until stopped (tests/test_web_*.py cover it)",
 }
 # Flags of other programs that the docs show (hf download).
-EXTERNAL_FLAGS = frozenset({"--local-dir", "--include", "--exclude"})
+EXTERNAL_FLAGS = frozenset({"--local-dir", "--include", "--exclude",  # hf download
+                            "--standalone", "--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint",
+                            "--rdzv-id", "--max-restarts"})  # torchrun
 # The --help runs whose flags each documented command is checked against.
 HELP_RUNS: dict[str, list[str]] = {
     "inference_e1_1_npu.py": ["inference_e1_1_npu.py", "--help"],
