@@ -408,7 +408,7 @@ class DeviceManager:
         stats = MemoryStats(
             str(self.device), self.device_name, allocated, reserved, peak, free, total, rss, host_total,
             host_rss_is_peak=host_rss_is_peak(),
-        )  # fmt: skip
+        )
         if log:
             logger.info("memory: %s", stats.summary())
         return stats

@@ -432,7 +432,7 @@ def check_cuda_devices() -> Check:
         names = sorted({str(torch.cuda.get_device_name(i)) for i in range(count)})
     except RuntimeError as exc:
         return Check("CUDA devices", FAIL, f"CUDA is available but cannot be queried: {first_line(exc)}",
-                     "check the NVIDIA driver with `nvidia-smi` and CUDA_VISIBLE_DEVICES")  # fmt: skip
+                     "check the NVIDIA driver with `nvidia-smi` and CUDA_VISIBLE_DEVICES")
     return Check("CUDA devices", PASS, f"{count} visible: {', '.join(names)}")
 
 

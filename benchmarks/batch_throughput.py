@@ -88,7 +88,7 @@ def cache_comparison(model: str, folder: Path, count: int, steps: int, env: dict
         editor = Editor.load(EditorSettings(sources=sources, device="cpu", dtype="fp32", prompt_cache_entries=entries))
         seconds, calls, text_s = measured[label] = timed_edits(editor, folder, count, steps)
         print(f"one instruction, cache {label + ':':4s} {seconds:7.1f} s {per_minute(count, seconds):6.2f} images/min; "
-              f"text encoders called {calls} times, {text_s:.2f} s")  # fmt: skip
+              f"text encoders called {calls} times, {text_s:.2f} s")
     on, off = measured["on"], measured["off"]
     print(f"cache on / off images per minute: {off[0] / on[0]:.2f}x; "
           f"text-encoder seconds off / on: {off[2] / on[2]:.1f}x")
@@ -117,10 +117,10 @@ def cli_comparison(script: str, folder: Path, manifest: Path, count: int, steps:
     """N single-image CLI runs against one batch run of the same edits; prints both and the ratio."""
     common = ["--tiny", "--steps", str(steps)]
     timed_run([sys.executable, script, *common, "--image", str(folder / "in0.png"), "--instruction",
-               INSTRUCTION, "--output", str(folder / "warm.png")], env)  # fmt: skip  # builds the tiny set once
+               INSTRUCTION, "--output", str(folder / "warm.png")], env)  # builds the tiny set once
     separate_s = sum(
         timed_run([sys.executable, script, *common, "--image", str(folder / f"in{n}.png"), "--instruction",
-                   INSTRUCTION, "--seed", str(n), "--output", str(folder / f"single{n}.png")], env)  # fmt: skip
+                   INSTRUCTION, "--seed", str(n), "--output", str(folder / f"single{n}.png")], env)
         for n in range(count)
     )
     batch_s = timed_run(
@@ -132,7 +132,7 @@ def cli_comparison(script: str, folder: Path, manifest: Path, count: int, steps:
     print(f"one batch run:     {batch_s:7.1f} s  {per_minute(count, batch_s):6.2f} images/min")
     print(f"batch / separate images per minute: {separate_s / batch_s:.2f}x")
     print(f"per run outside the edits (start-up and load): {separate_s / count - sum(edit_s) / count:.1f} s; "
-          f"batch load {load_s:.1f} s, edits {sum(edit_s) / count:.1f} s each")  # fmt: skip
+          f"batch load {load_s:.1f} s, edits {sum(edit_s) / count:.1f} s each")
 
 
 if __name__ == "__main__":

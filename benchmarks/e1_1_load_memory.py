@@ -36,7 +36,7 @@ def build_checkpoints(root: Path, layers: int, single_layers: int, heads: int) -
         num_attention_heads=heads, caption_channels=[256, 256], text_emb_dim=128, num_routed_experts=4,
         num_activated_experts=2, axes_dims_rope=(32, 16, 16), max_resolution=(128, 128),
         llama_layers=list(range(layers + single_layers)),
-    )  # fmt: skip
+    )
     for name, seed in (("i1", 0), ("e1_1", 1)):
         torch.manual_seed(seed)
         model = HiDreamImageTransformer2DModel(**config)
@@ -96,7 +96,7 @@ def main() -> int:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--root", str(root)],
                 capture_output=True, text=True, check=True, env=env,
-            )  # fmt: skip
+            )
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         for mode, r in results.items():
             growth = r["peak"] - r["baseline"]

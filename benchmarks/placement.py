@@ -53,7 +53,7 @@ def child(placement: str, edits: int) -> None:
     plan = editor.loaded.plan
     assert plan is not None and plan.placement == placement
     print(json.dumps({"checkpoint": plan.sizes.total, "rss_growth": peak - baseline, "load_s": load_s,
-                      "edit_s": edit_s}))  # fmt: skip
+                      "edit_s": edit_s}))
 
 
 def main() -> int:
@@ -79,7 +79,7 @@ def main() -> int:
     for placement, r in results.items():
         per_checkpoint = r["rss_growth"] / r["checkpoint"]
         print(f"{placement:<11} {r['edit_s']:8.2f} {r['edit_s'] / base['edit_s']:6.2f} {r['load_s']:7.2f} "
-              f"{per_checkpoint:16.1f} {r['rss_growth'] / base['rss_growth']:6.2f}")  # fmt: skip
+              f"{per_checkpoint:16.1f} {r['rss_growth'] / base['rss_growth']:6.2f}")
     return 0
 
 

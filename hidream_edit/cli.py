@@ -64,7 +64,7 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
         group = parser.add_argument_group(f"{spec.title} prompt")
         group.add_argument("--keep-aspect", action="store_true",
                            help="keep the aspect ratio: resize the whole image to about 768x768 pixels "
-                                "(sides multiples of 16) instead of stretching it to 768x768")  # fmt: skip
+                                "(sides multiples of 16) instead of stretching it to 768x768")
         group.add_argument("--target-description", help="describe the edited image; builds E1-Full's prompt form")
         add_rewrite_arguments(parser, spec)
     add_batch_arguments(parser)
@@ -127,7 +127,7 @@ def run_plan(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) 
         attention = dm.resolve_attention_backend(settings.attention)
         sizes = sizes_on_disk(settings.sources, dm.dtype_name, settings.refine_weights)
         plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, settings.offload, attention,
-                                settings.encoder_device, settings.max_memory, settings.host_memory)  # fmt: skip
+                                settings.encoder_device, settings.max_memory, settings.host_memory)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.summary())
     return 0
 
@@ -177,7 +177,7 @@ def prompt_metadata(args: argparse.Namespace, model: str, prompt: str) -> dict[s
         else:
             outcome = "rewritten"
         vlm = {"url": args.vlm_url, "model": args.vlm_model, "timeout_s": args.vlm_timeout,
-               "fallback": args.rewrite_fallback, "outcome": outcome}  # fmt: skip
+               "fallback": args.rewrite_fallback, "outcome": outcome}
     return {"instruction_given": args.instruction, "target_description": args.target_description, "vlm": vlm}
 
 

@@ -164,22 +164,22 @@ def add_model_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> Non
     group = parser.add_argument_group("placement and kernels")
     if spec.uses_lora:
         group.add_argument("--fuse-lora", action="store_true",
-                           help="merge the LoRA into the weights (needs --refine-strength 0)")  # fmt: skip
+                           help="merge the LoRA into the weights (needs --refine-strength 0)")
     group.add_argument("--attention", choices=choices.attention, help=f"attention kernel (env {ENV_ATTENTION})")
     group.add_argument("--offload", choices=OFFLOAD_CHOICES, default="auto",
                        help="where components live: auto (default: the fastest placement the memory plan says fits), "
-                       + "; ".join(f"{name}: {text}" for name, text in PLACEMENT_HELP.items()))  # fmt: skip
+                       + "; ".join(f"{name}: {text}" for name, text in PLACEMENT_HELP.items()))
     group.add_argument("--max-memory", type=size_argument, metavar="SIZE",
-                       help="use at most SIZE of each card (e.g. 40GiB), so a card can be shared")  # fmt: skip
+                       help="use at most SIZE of each card (e.g. 40GiB), so a card can be shared")
     group.add_argument("--host-memory", type=size_argument, metavar="SIZE",
-                       help="plan with SIZE of host memory instead of what this machine has available")  # fmt: skip
+                       help="plan with SIZE of host memory instead of what this machine has available")
     group.add_argument("--encoder-device", metavar="DEVICE",
-                       help="second card for the text encoders (split placement), e.g. npu:1")  # fmt: skip
+                       help="second card for the text encoders (split placement), e.g. npu:1")
     group.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
     group.add_argument("--rng", choices=RNG_PLACEMENTS, default="device",
-                       help="where the seed's noise is drawn; cpu gives the same noise on every device")  # fmt: skip
+                       help="where the seed's noise is drawn; cpu gives the same noise on every device")
     group.add_argument("--refine-weights", choices=REFINE_WEIGHTS, default="edit",
-                       help="refine-stage weights: edit (upstream's measured behaviour) or base (true I1)")  # fmt: skip
+                       help="refine-stage weights: edit (upstream's measured behaviour) or base (true I1)")
 
 
 def size_argument(text: str) -> int:
@@ -203,9 +203,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """--plan, --plan-host and --json: print the memory plan and exit, without loading weights."""
     group = parser.add_argument_group("memory plan")
     group.add_argument("--plan", action="store_true",
-                       help="print where each component would live and the predicted peaks, then exit")  # fmt: skip
+                       help="print where each component would live and the predicted peaks, then exit")
     group.add_argument("--plan-host", type=host_argument, metavar="NxSIZE",
-                       help="plan for a host of N cards with SIZE free each (e.g. 2x64GiB), not this one")  # fmt: skip
+                       help="plan for a host of N cards with SIZE free each (e.g. 2x64GiB), not this one")
     group.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
 
 
@@ -217,11 +217,11 @@ def add_edit_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> None
     group.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps (default: {d.steps})")
     group.add_argument("--guidance", type=float, default=d.guidance, help=f"text guidance (default: {d.guidance})")
     group.add_argument("--image-guidance", type=float, default=d.image_guidance,
-                       help=f"image guidance (default: {d.image_guidance})")  # fmt: skip
+                       help=f"image guidance (default: {d.image_guidance})")
     group.add_argument("--refine-strength", type=float, default=d.refine_strength,
-                       help=f"fraction of steps in the refine stage, 0..1 (default: {d.refine_strength})")  # fmt: skip
+                       help=f"fraction of steps in the refine stage, 0..1 (default: {d.refine_strength})")
     group.add_argument("--no-clip-cfg-norm", dest="clip_cfg_norm", action="store_false",
-                       help="use plain two-scale guidance instead of the norm-clipped one")  # fmt: skip
+                       help="use plain two-scale guidance instead of the norm-clipped one")
     group.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
 
 
@@ -233,7 +233,7 @@ class DeprecatedFlag(argparse.Action):
         self.new_name = new_name
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
-                 option_string: str | None = None) -> None:  # fmt: skip
+                 option_string: str | None = None) -> None:
         if option_string != self.new_name:
             print(f"warning: {option_string} is deprecated; use {self.new_name}", file=sys.stderr)
         setattr(namespace, self.dest, True)
@@ -264,15 +264,15 @@ def add_rewrite_arguments(parser: argparse.ArgumentParser, spec: ModelSpec, in_p
         group.add_argument("--rewrite-instruction", "--refine-instruction", action=DeprecatedFlag,
                            new_name="--rewrite-instruction", dest="rewrite_instruction",
                            help=f"ask a vision-language model to write the {spec.title} prompt "
-                                "(--refine-instruction: deprecated old name)")  # fmt: skip
+                                "(--refine-instruction: deprecated old name)")
     group.add_argument("--vlm-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     group.add_argument("--vlm-model", help=f"model name at that endpoint (key from {ENV_VLM_KEY})")
     group.add_argument("--vlm-timeout", type=vlm_timeout_seconds, default=VLM_TIMEOUT_S,
-                       help="seconds for the whole VLM call, retries included (default %(default)g)")  # fmt: skip
+                       help="seconds for the whole VLM call, retries included (default %(default)g)")
     group.add_argument("--rewrite-fallback", "--refine-fallback", action=DeprecatedFlag, new_name="--rewrite-fallback",
                        dest="rewrite_fallback",
                        help="if the rewrite fails, go on with the bare instruction "
-                            "(--refine-fallback: deprecated old name)")  # fmt: skip
+                            "(--refine-fallback: deprecated old name)")
 
 
 def add_model_choice_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -321,7 +321,7 @@ def resolve_model_sources(
     env = environment(env)
     if tiny:
         given = [flag for flag, value in (("--llama-path", llama_path), ("--i1-path", i1_path),
-                                          (spec.edit_flag, edit_path)) if value]  # fmt: skip
+                                          (spec.edit_flag, edit_path)) if value]
         if given:
             raise UserError(f"--tiny uses the built-in tiny checkpoints; drop {', '.join(given)}")
         from hidream_edit.tiny import ensure_tiny_checkpoints
@@ -396,7 +396,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output-dir", help="where batch outputs, their metadata and summary.json go")
     group.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,
                        help="under torchrun: seconds to wait for the other ranks "
-                            f"(default {DEFAULT_DIST_TIMEOUT_S:g})")  # fmt: skip
+                            f"(default {DEFAULT_DIST_TIMEOUT_S:g})")
 
 
 @dataclass(frozen=True)

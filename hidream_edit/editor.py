@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # the pipeline module imports diffusers, which must wait unti
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-                 ".tiff": "TIFF"}  # fmt: skip
+                 ".tiff": "TIFF"}
 MAX_STEPS = 1000
 MAX_PROMPT_CHARS = 2000
 """Longest instruction, negative or target description accepted; the text encoders read 128 tokens."""
@@ -358,7 +358,7 @@ class Editor:
         if plan is None:
             return None
         return {"name": plan.placement, "asked": plan.asked, "fits": plan.fits, "predicted_peak_bytes": plan.peaks(),
-                "encoder_device": plan.encoder_device}  # fmt: skip
+                "encoder_device": plan.encoder_device}
 
 
 def image_format_for(path: Path) -> str:

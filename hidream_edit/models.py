@@ -95,7 +95,7 @@ def _weight_problems(folder: Path) -> list[str]:
         except (OSError, ValueError, KeyError, TypeError):
             return [f"{indexes[0]} is not a valid index"]
         return [f"{folder / name} (listed in {indexes[0].name})" for name in sorted(shards)
-                if not (folder / name).is_file()]  # fmt: skip
+                if not (folder / name).is_file()]
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         return [f"{folder}/ has no weight files"]
     return []
@@ -341,7 +341,7 @@ def load_e1_full_transformer(
             "%s lacks %d of the %d LoRA tensors of the E1-Full adapter (%s); they are set to zero, "
             "so those layers run without the LoRA",
             lora_file, len(missing), len(lora_keys), _describe_keys(missing),
-        )  # fmt: skip
+        )
         for key in missing:
             checkpoint[key] = torch.zeros_like(model_state[key])
     swap = None
@@ -371,7 +371,7 @@ def sizes_on_disk(sources: ModelSources, dtype: str, refine_weights: str = "edit
     located: dict[str, Path | None] = {}
     for role, source, patterns in (("llama", sources.llama, LLAMA_ALLOW_PATTERNS),
                                    ("i1", sources.i1, spec.i1_allow_patterns(base_refine)),
-                                   ("edit", sources.edit, spec.edit_allow_patterns())):  # fmt: skip
+                                   ("edit", sources.edit, spec.edit_allow_patterns())):
         if not is_hub_id(source):
             located[role] = locate(source, role, offline=True)
             _raise_if_incomplete(_problems_for(role, spec, located[role], base_refine))
@@ -438,7 +438,7 @@ def load_pipeline(
     lora_path = edit_path / spec.lora.file if spec.lora is not None and edit_path.is_dir() else edit_path
     sizes = model_sizes(spec, dm.dtype_name, llama_dir, i1_dir, lora_path, LLAMA_UNUSED_PREFIXES, base_refine)
     plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, offload, attention, encoder_device, max_memory,
-                            host_memory)  # fmt: skip
+                            host_memory)
     if plan.error:
         raise UserError(plan.error)
     if plan.warning:

@@ -73,13 +73,13 @@ HOST_OVERHEAD = 3 * GIB  # Python, torch, the device runtime and tokenizers in h
 GROUPS_ON_CARD = 2  # group offload keeps the running block and prefetches the next one
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                      "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}  # fmt: skip
+                      "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _MAX_HEADER_BYTES = 100 * 2**20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 # Decimal units (GB) as written on spec sheets, binary units (GiB) as the runtimes report memory.
 _UNITS = {"": 1, "b": 1, **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt")},
-          **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")}}  # fmt: skip
+          **{f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")}}
 
 
 def gib(value: float) -> str:
@@ -248,7 +248,7 @@ class _Tally:
 def _tally_files(
     files: Iterable[Path], dtype: str, component: str, keep: Callable[[str], bool] = lambda name: True,
     skip: tuple[str, ...] = (),
-) -> _Tally:  # fmt: skip
+) -> _Tally:
     tally = _Tally()
     fp32_names = KEEP_FP32_IN_FP16.get(component, ()) if dtype == "fp16" else ()
     for file in files:
@@ -306,7 +306,7 @@ def model_sizes(
     else:
         transformer = _Tally(REAL_PARAMETERS["transformer"] * per_byte, 0,
                              {"block": REAL_TRANSFORMER_LARGEST_BLOCK * per_byte},
-                             REAL_TRANSFORMER_UNBLOCKED * per_byte)  # fmt: skip
+                             REAL_TRANSFORMER_UNBLOCKED * per_byte)
         sources["transformer"] = "table"
     refine_copy = 0
     if spec.uses_lora:
@@ -366,7 +366,7 @@ class Reserve:
 
     def as_dict(self) -> dict[str, int]:
         return {"bytes": self.total, "activations": self.activations, "attention": self.attention,
-                "decode": self.decode, "fixed": self.fixed, "tokens_per_branch": self.tokens}  # fmt: skip
+                "decode": self.decode, "fixed": self.fixed, "tokens_per_branch": self.tokens}
 
 
 def working_set(spec: ModelSpec, dtype: str, attention: str, dims: Dims | None = None) -> Reserve:
@@ -445,7 +445,7 @@ def described_budgets(
 def machine_budgets(
     device_type: str, edit_index: int, max_memory: int | None = None, host_memory: int | None = None,
     all_cards: bool = True,
-) -> Budgets:  # fmt: skip
+) -> Budgets:
     """Budgets of this machine: free memory per card as the device reports it, host memory available now.
 
     `all_cards` False asks only the edit card (asking another card may create a runtime context on it).
@@ -470,7 +470,7 @@ def plan_for_machine(
     spec: ModelSpec, sizes: ModelSizes, device_type: str, edit_index: int, asked: str = "auto",
     attention: str = "sdpa", encoder_device: str | None = None, max_memory: int | None = None,
     host_memory: int | None = None,
-) -> Plan:  # fmt: skip
+) -> Plan:
     """Plan on this machine's memory; other cards are asked only when the edit card alone is not enough."""
     budgets = machine_budgets(device_type, edit_index, max_memory, host_memory, all_cards=False)
     plan = plan_placement(spec, sizes, budgets, asked, attention, encoder_device)
@@ -500,7 +500,7 @@ class Peak:
 
     def as_dict(self) -> dict[str, Any]:
         return {"device": self.device, "components": list(self.components), "peak_bytes": self.peak_bytes,
-                "budget_bytes": self.budget_bytes, "fits": self.fits}  # fmt: skip
+                "budget_bytes": self.budget_bytes, "fits": self.fits}
 
     def describe(self) -> str:
         return f"{self.device} needs {gib(self.peak_bytes)} of {gib_or_unknown(self.budget_bytes)}"
@@ -589,7 +589,7 @@ class Plan:
                     "source": self.sizes.sources[name],
                 }
                 for name in COMPONENTS
-            ],  # fmt: skip
+            ],
             "devices": [peak.as_dict() for peak in self.chosen.devices],
             "host": {**self.chosen.host.as_dict(), "source": self.budgets.host_source},
             "reserve": self.reserve.as_dict(),
@@ -604,7 +604,7 @@ class Plan:
         lines.append("components:")
         for name in COMPONENTS:
             lines.append(f"  {name:<12} {gib(self.sizes.components[name]):>10}  {self.chosen.homes[name]:<18} "
-                         f"({self.sizes.sources[name]})")  # fmt: skip
+                         f"({self.sizes.sources[name]})")
         r = self.reserve
         lines.append(
             f"working-set reserve {gib(r.total)}: activations {gib(r.activations)} "
@@ -617,7 +617,7 @@ class Plan:
             mark = "ok" if peak.fits else "over"
             budget = gib_or_unknown(peak.budget_bytes)
             lines.append(f"  {peak.device:<8} peak {gib(peak.peak_bytes):>10} of {budget:>10} budget  {mark}  "
-                         f"[{', '.join(peak.components) or '-'}]")  # fmt: skip
+                         f"[{', '.join(peak.components) or '-'}]")
         for candidate in self.rejected:
             lines.append(f"  rejected {candidate.placement}: {candidate.why_not()}")
         if self.warning:
@@ -629,7 +629,7 @@ class Plan:
 
 # Components the loader reads straight onto the card they live on (no host copy), per placement.
 DIRECT_LOADS: dict[str, tuple[str, ...]] = {"none": ("transformer", "llama"), "split": ("transformer", "llama"),
-                                            "encoders": ("transformer",)}  # fmt: skip
+                                            "encoders": ("transformer",)}
 
 
 def _host_peak(sizes: ModelSizes, budgets: Budgets, placement: str, resident: tuple[str, ...], extra: int = 0) -> Peak:
@@ -660,7 +660,7 @@ def _candidate(
         homes = {"transformer": edit.name, "vae": edit.name, **dict.fromkeys(encoders, "-")}
         if not others:
             why = (f"--encoder-device {encoder_device} is not another visible {budgets.device_type} card"
-                   if encoder_device else f"needs a second {budgets.device_type} card")  # fmt: skip
+                   if encoder_device else f"needs a second {budgets.device_type} card")
             return Candidate(placement, (), _host_peak(sizes, budgets, placement, ()), homes, impossible=why)
         second = max(others, key=lambda card: card.budget)
         homes.update(dict.fromkeys(encoders, second.name))
@@ -679,7 +679,7 @@ def _candidate(
         return Candidate(placement, (card,), _host_peak(sizes, budgets, placement, COMPONENTS), homes)
     if placement == "group":
         homes = {"transformer": f"host -> {edit.name} (blocks)", "vae": edit.name,
-                 **dict.fromkeys(encoders, f"host -> {edit.name}")}  # fmt: skip
+                 **dict.fromkeys(encoders, f"host -> {edit.name}")}
         streamed = sizes.transformer_unblocked + GROUPS_ON_CARD * sizes.largest_block
         card = Peak(edit.name, ("vae",), c["vae"] + max(streamed, sizes.largest_encoder) + reserve.total, edit.budget)
         return Candidate(placement, (card,), _host_peak(sizes, budgets, placement, ("transformer", *encoders)), homes)
@@ -724,7 +724,7 @@ def plan_placement(
             raise UserError(f"--encoder-device goes with --offload split (or auto), not --offload {asked}")
     reserve = working_set(spec, sizes.dtype, attention, sizes.dims)
     base = {"model": spec.name, "dtype": sizes.dtype, "attention": attention, "asked": asked, "reserve": reserve,
-            "sizes": sizes, "budgets": budgets}  # fmt: skip
+            "sizes": sizes, "budgets": budgets}
     candidates = [_candidate(name, sizes, budgets, reserve, encoder_device) for name in PLACEMENTS]
     math_error = _math_error(reserve, budgets)
     if not budgets.cards:
@@ -793,7 +793,7 @@ def _nothing_fits(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, candidat
 
 
 ENCODER_ATTRIBUTES = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3",
-                      "llama": "text_encoder_4"}  # fmt: skip
+                      "llama": "text_encoder_4"}
 
 
 class EncoderVisits:
@@ -812,7 +812,7 @@ class EncoderVisits:
         self.visitor: str | None = None
         self.moves: list[tuple[str, str]] = []
         self.handles = [module.register_forward_pre_hook(partial(self._arrive, name))
-                        for name, module in encoders.items()]  # fmt: skip
+                        for name, module in encoders.items()]
         self.handles.append(transformer.register_forward_pre_hook(self._evict))
 
     def move(self, name: str, where: str) -> None:
@@ -909,9 +909,9 @@ def apply_plan(pipe: Any, plan: Plan, card: Any, host: Any = "cpu") -> tuple[lis
         pipe.transformer.enable_group_offload(
             onload_device=card, offload_device=host, offload_type="block_level", num_blocks_per_group=1,
             use_stream=stream, non_blocking=stream,
-        )  # fmt: skip
+        )
         actions = [f"transformer group offload onto {card} ({'overlapping stream' if stream else 'no stream'}); "
-                   f"VAE on {card}; text encoders visiting {card}"]  # fmt: skip
+                   f"VAE on {card}; text encoders visiting {card}"]
     elif placement == "sequential" and card.type == "cpu":
         # accelerate's per-layer hooks break when a layer's home and execution device are both the CPU
         pipe.to(card)

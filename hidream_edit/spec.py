@@ -18,12 +18,12 @@ I1_HUB_ID = "HiDream-ai/HiDream-I1-Full"
 LLAMA_ALLOW_PATTERNS: tuple[str, ...] = (
     "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-)  # fmt: skip
+)
 # The parts of HiDream-I1-Full the editing pipeline loads besides the transformer.
 I1_PIPELINE_PATTERNS: tuple[str, ...] = (
     "model_index.json", "scheduler/*", "vae/*", "text_encoder/*", "text_encoder_2/*", "text_encoder_3/*",
     "tokenizer/*", "tokenizer_2/*", "tokenizer_3/*",
-)  # fmt: skip
+)
 I1_TRANSFORMER_CONFIG = ("transformer/config.json",)
 I1_TRANSFORMER_WEIGHTS = ("transformer/*",)
 
@@ -98,7 +98,7 @@ E1_FULL_LORA = LoraLayout(
     rank=16,
     alpha=16,
     target_modules=("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t",
-                    "w1", "w2", "w3", "final_layer.linear"),  # fmt: skip
+                    "w1", "w2", "w3", "final_layer.linear"),
 )
 
 MODELS: dict[str, ModelSpec] = {
@@ -153,7 +153,7 @@ REAL_T5_WO = 1_006_632_960  # T5's `wo` weights, which transformers keeps in fp3
 # are read from ("llama" dir, "i1" subfolder, or the edit source).
 TEXT_ENCODERS: tuple[str, ...] = ("clip_l", "clip_g", "t5", "llama")
 I1_COMPONENT_FOLDERS: dict[str, str] = {"vae": "vae", "clip_l": "text_encoder", "clip_g": "text_encoder_2",
-                                        "t5": "text_encoder_3"}  # fmt: skip
+                                        "t5": "text_encoder_3"}
 # Prompt encoding uses only the Llama's hidden states, so it is loaded as the base LlamaModel, without the
 # lm_head (0.525 B parameters, 1 GiB in bf16); its checkpoint tensors under these prefixes are never loaded.
 LLAMA_UNUSED_PREFIXES: tuple[str, ...] = ("lm_head.",)

@@ -14,7 +14,7 @@ pytest_plugins = ("ci_required",)
 # and model settings are not inherited. Set here, before any test module imports huggingface_hub.
 TEST_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 USER_SETTINGS = ("PREFERRED_DEVICE", "PREFERRED_DTYPE", "LOCAL_RANK", "HIDREAM_ATTENTION", "HIDREAM_LLAMA_PATH",
-                 "HIDREAM_I1_PATH", "HIDREAM_E1_PATH", "HIDREAM_E1_FULL_PATH")  # fmt: skip
+                 "HIDREAM_I1_PATH", "HIDREAM_E1_PATH", "HIDREAM_E1_FULL_PATH")
 
 
 def pytest_configure(config: pytest.Config) -> None:

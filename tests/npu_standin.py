@@ -148,7 +148,7 @@ def _device_module(cfg: dict[str, Any]) -> Any:
     fake._is_in_bad_fork = lambda: False  # type: ignore[attr-defined]
     fake.is_bf16_supported = lambda: bool(cfg["bf16"])  # type: ignore[attr-defined]
     for function in (set_device, get_device_name, mem_get_info, memory_allocated, memory_reserved,
-                     max_memory_allocated, reset_peak_memory_stats, synchronize, empty_cache):  # fmt: skip
+                     max_memory_allocated, reset_peak_memory_stats, synchronize, empty_cache):
         setattr(fake, function.__name__, function)
     return fake
 
@@ -165,7 +165,7 @@ def _fusion_attention(torch_npu: Any) -> Any:
         prefix: list[int] | None = None, actual_seq_qlen: list[int] | None = None,
         actual_seq_kvlen: list[int] | None = None, sparse_mode: int = 0, gen_mask_parallel: bool = True,
         sync: bool = False,
-    ) -> tuple[Any, ...]:  # fmt: skip
+    ) -> tuple[Any, ...]:
         for name, tensor in (("query", query), ("key", key), ("value", value)):
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"npu_fusion_attention: {name} must be a Tensor, got {type(tensor).__name__}")

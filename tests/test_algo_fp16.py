@@ -81,7 +81,7 @@ def test_cli_says_it_in_one_line_and_saves_nothing(
     source, output = tmp_path / "in.png", tmp_path / "out.png"
     Image.new("RGB", (64, 48)).save(source)
     argv = ["--tiny", "--image", str(source), "--instruction", "make it green", "--output", str(output),
-            "--steps", "2", "--dtype", "fp16"]  # fmt: skip
+            "--steps", "2", "--dtype", "fp16"]
     assert run_edit_cli(argv, "e1.1", env=tiny_env) == 2
     err = capsys.readouterr().err
     assert err.endswith(

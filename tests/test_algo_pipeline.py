@@ -38,7 +38,7 @@ def fake_forward(calls: list[dict[str, Any]]) -> Any:
         out = 0.5 * hidden_states + 0.25 * hidden_states.flip(-1) + per_item.to(hidden_states.dtype)
         calls.append(
             {"hidden": hidden_states.clone(), "t5": encoder_hidden_states_t5.clone(), "out": out.clone()}
-        )  # fmt: skip
+        )
         return (out,)
 
     return forward

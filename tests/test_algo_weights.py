@@ -151,7 +151,7 @@ def edit_latents(loaded: models.LoadedPipeline, refine: float, switch: Any = "lo
     image = Image.new("RGB", (64, 48), (30, 120, 200))
     refine_switch = loaded.refine_switch if switch == "loaded" else switch
     output = loaded.pipe("make it green", "blurry", image, 3.0, 1.5, 2, torch.Generator().manual_seed(0), refine,
-                         output_type="latent", refine_switch=refine_switch)  # fmt: skip
+                         output_type="latent", refine_switch=refine_switch)
     return output.images
 
 
@@ -198,7 +198,7 @@ def test_e1_full_base_refine_weights_work_under_sequential_offload(tiny_env: dic
     for loaded in (plain, offloaded, offloaded):
         image = Image.new("RGB", (64, 64), (30, 120, 200))
         results.append(loaded.pipe(prompt, "blur", image, 5.0, 4.0, 2, torch.Generator().manual_seed(0), 0.5,
-                                   output_type="latent", refine_switch=loaded.refine_switch).images)  # fmt: skip
+                                   output_type="latent", refine_switch=loaded.refine_switch).images)
     torch.testing.assert_close(results[1], results[0])
     torch.testing.assert_close(results[2], results[0])
 

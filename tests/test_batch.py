@@ -76,7 +76,7 @@ def test_manifest_lines_become_requests_with_flag_defaults(tmp_path: Path) -> No
         "",
         {"image": "pics/b.jpg", "instruction": "add snow", "output": "sub/b-snow.png", "negative": "dark",
          "steps": 3, "image_guidance": 1.0, "refine_strength": 0.0},
-    ])  # fmt: skip
+    ])
     first, second = manifest_items(manifest, tmp_path / "out", TEMPLATE, E1_1, fuse_lora=False)
     assert first.index == 0 and first.label == "edits.jsonl line 1"
     assert first.image == tmp_path / "pics" / "a.png" and first.output == tmp_path / "out" / "a.png"
@@ -93,7 +93,7 @@ def test_e1_full_lines_build_the_prompt_form_from_target_description(tmp_path: P
     manifest = write_manifest(tmp_path / "m.jsonl", [
         {"image": "a.png", "instruction": "add a hat", "target_description": "a dog in a hat", "output": "1.png"},
         {"image": "a.png", "instruction": "add a hat", "output": "2.png"},
-    ])  # fmt: skip
+    ])
     with_form, bare = manifest_items(manifest, tmp_path / "out", TEMPLATE, E1_FULL, fuse_lora=False)
     assert with_form.request.instruction == "Editing Instruction: add a hat. Target Image Description: a dog in a hat"
     assert bare.request.instruction == "add a hat"
@@ -137,7 +137,7 @@ def test_every_problem_is_listed_and_duplicates_name_the_first_line(tmp_path: Pa
         {"image": "b.png", "instruction": "y", "output": "a.png"},
         "not json",
         {"image": "b.png", "instruction": "z", "output": "../b.png"},
-    ])  # fmt: skip
+    ])
     problems = problems_of(manifest, tmp_path / "out")
     assert [p.split(":")[0] for p in problems] == ["m.jsonl line 2", "m.jsonl line 3", "m.jsonl line 4"]
     assert "is also the output of m.jsonl line 1" in problems[0]
@@ -247,7 +247,7 @@ def test_bad_manifest_exits_2_before_loading_and_lists_each_problem(
 ) -> None:
     write_images(tmp_path, ["a.png"])
     manifest = write_manifest(tmp_path / "m.jsonl", [{"image": "a.png", "instruction": "x", "seed": "1"},
-                                                     {"image": "b.png", "instruction": "x"}])  # fmt: skip
+                                                     {"image": "b.png", "instruction": "x"}])
     code = run_cli(["--manifest", str(manifest), "--output-dir", str(tmp_path / "out")], tiny_env)
     err = capsys.readouterr().err
     assert code == 2 and counted_loads == [] and not (tmp_path / "out").exists()
@@ -270,7 +270,7 @@ def test_failure_resume_skip_and_overwrite_through_the_cli(
     out = tmp_path / "out"
     lines = [{"image": "a.png", "instruction": "make it green", "refine_strength": 0.0},
              {"image": "broken.png", "instruction": "x"},
-             {"image": "c.png", "instruction": "make it blue", "seed": 4, "output": "c-blue.webp"}]  # fmt: skip
+             {"image": "c.png", "instruction": "make it blue", "seed": 4, "output": "c-blue.webp"}]
     manifest = write_manifest(tmp_path / "m.jsonl", lines)
     argv = ["--manifest", str(manifest), "--output-dir", str(out)]
 
@@ -282,7 +282,7 @@ def test_failure_resume_skip_and_overwrite_through_the_cli(
     assert failed["label"] == "m.jsonl line 2" and "broken.png: " in failed["error"] and failed["seconds"] >= 0
     assert summary["items"][2]["output"] == str(out / "c-blue.webp") and summary["images_per_minute"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "a.png.json", "c-blue.webp", "c-blue.webp.json",
-                                                     "summary.json"]  # fmt: skip
+                                                     "summary.json"]
     metadata = json.loads((out / "a.png.json").read_text())
     assert metadata["source_sha256"] == file_sha256(tmp_path / "a.png") and metadata["refine_strength"] == 0.0
     first = {name: _stat(out / name) for name in ("a.png", "c-blue.webp")}
@@ -322,7 +322,7 @@ def test_folder_batch_through_the_cli_matches_single_image_edits(
     sources = write_images(tmp_path / "in", ["x.png"])
     out = tmp_path / "out"
     argv = ["--input-dir", str(tmp_path / "in"), "--instruction", "add a hat", "--target-description", "a hat",
-            "--output-dir", str(out), "--seed", "9"]  # fmt: skip
+            "--output-dir", str(out), "--seed", "9"]
     assert run_cli(argv, tiny_env) == 0
     for source in sources:
         prompt = "Editing Instruction: add a hat. Target Image Description: a hat"
@@ -361,11 +361,11 @@ def test_item_failures_are_recorded_and_the_loop_goes_on(tmp_path: Path) -> None
     names = ["oom.png", "nan.png", "bug.png", "fine.png"]
     sources = write_images(tmp_path, names)
     items = [BatchItem(i, name, replace(TEMPLATE, image=path), tmp_path / "out" / name)
-             for i, (name, path) in enumerate(zip(names, sources, strict=True))]  # fmt: skip
+             for i, (name, path) in enumerate(zip(names, sources, strict=True))]
     editor = FakeEditor({"oom.png": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"),
-                         "nan.png": "nan", "bug.png": KeyError("boom"), "fine.png": "ok"})  # fmt: skip
+                         "nan.png": "nan", "bug.png": KeyError("boom"), "fine.png": "ok"})
     records = run_items(items, [OutputState("absent")] * 4, lambda: editor, LocalQueue(), False,  # type: ignore
-                        BatchProgress(4, enabled=False))  # fmt: skip
+                        BatchProgress(4, enabled=False))
     assert [r.status for r in records] == ["failed", "failed", "failed", "ok"]
     assert records[0].error.startswith("out of device memory (CUDA out of memory. Tried to allocate 9 GiB)")
     assert records[1].error.startswith("the output contains NaN/inf (not saved)")
@@ -397,7 +397,7 @@ def test_output_states_compare_the_metadata_json(tmp_path: Path) -> None:
     (source,) = write_images(tmp_path, ["a.png"])
     item = BatchItem(0, "a.png", replace(TEMPLATE, image=source, instruction="x", negative="n", guidance=1.0,
                                          image_guidance=1.0, refine_strength=0.0, clip_cfg_norm=True, seed=1),
-                     tmp_path / "out" / "a.png")  # fmt: skip
+                     tmp_path / "out" / "a.png")
     context = RunContext("e1.1", {"model": "e1.1", "tiny": True}, "device", "edit", False, "fp32")
     (tmp_path / "out").mkdir()
     assert check_outputs([item], context, overwrite=False)[0].kind == "absent"
@@ -418,7 +418,7 @@ def test_output_states_compare_the_metadata_json(tmp_path: Path) -> None:
 
 def test_summary_counts_and_throughput() -> None:
     records = [ItemRecord(2, "c", "c.png", "o/c.png", "skipped"), ItemRecord(0, "a", "a.png", "o/a.png", "ok", 3.0),
-               ItemRecord(1, "b", "b.png", "o/b.png", "failed", 1.0, "bad", rank=1)]  # fmt: skip
+               ItemRecord(1, "b", "b.png", "o/b.png", "failed", 1.0, "bad", rank=1)]
     summary = summarize(records, 3, 30.0, 2, {"manifest": "m.jsonl"}, "e1.1")
     assert summary["counts"] == {"ok": 1, "failed": 1, "skipped": 1} and summary["images_per_minute"] == 2.0
     assert [item["index"] for item in summary["items"]] == [0, 1, 2] and summary["items"][1]["rank"] == 1
@@ -432,11 +432,11 @@ def test_distributed_environment() -> None:
     assert not distributed_environment({}).enabled
     assert not distributed_environment({"WORLD_SIZE": "1", "RANK": "0"}).enabled
     env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500",
-           "TORCHELASTIC_RESTART_COUNT": "2"}  # fmt: skip
+           "TORCHELASTIC_RESTART_COUNT": "2"}
     found = distributed_environment(env)
     assert found.enabled and (found.rank, found.local_rank, found.master_addr, found.master_port) == (
         1, 1, "10.0.0.1", 29500
-    ) and found.attempt == 2  # fmt: skip
+    ) and found.attempt == 2
     with pytest.raises(UserError, match="needs RANK between 0 and 1"):
         distributed_environment({**env, "RANK": "2"})
     with pytest.raises(UserError, match="needs MASTER_ADDR and MASTER_PORT"):

@@ -126,7 +126,7 @@ def six_edits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def batch_command(six_edits: Path, output_dir: Path) -> list[str]:
     return ["inference_npu.py", "--tiny", "--manifest", str(six_edits / "six.jsonl"), "--output-dir", str(output_dir),
-            "--steps", "2"]  # fmt: skip
+            "--steps", "2"]
 
 
 def torchrun(arguments: list[str]) -> list[str]:
@@ -139,7 +139,7 @@ def one_process(six_edits: Path, tiny_env: dict[str, str], tmp_path_factory: pyt
     output_dir = tmp_path_factory.mktemp("one-process")
     command = [sys.executable, *batch_command(six_edits, output_dir)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
-                          timeout=RUN_TIMEOUT_S)  # fmt: skip
+                          timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     return output_dir
 
@@ -153,7 +153,7 @@ def test_two_ranks_give_the_files_of_one_process_and_of_the_single_image_cli(
 ) -> None:
     output_dir = tmp_path / "two-ranks"
     done = subprocess.run(torchrun(batch_command(six_edits, output_dir)), capture_output=True, text=True, cwd=REPO,
-                          env=run_env(tiny_env), timeout=RUN_TIMEOUT_S)  # fmt: skip
+                          env=run_env(tiny_env), timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"batch: {ITEMS} done, 0 failed, 0 skipped of {ITEMS} on 2 ranks in ")
     summary = json.loads((output_dir / "summary.json").read_text())
@@ -164,9 +164,9 @@ def test_two_ranks_give_the_files_of_one_process_and_of_the_single_image_cli(
 
     single = tmp_path / "single.png"
     command = [sys.executable, "inference_npu.py", "--tiny", "--image", str(six_edits / "p3.png"), "--instruction",
-               "add a hat", "--seed", "3", "--steps", "2", "--output", str(single)]  # fmt: skip
+               "add a hat", "--seed", "3", "--steps", "2", "--output", str(single)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
-                          timeout=RUN_TIMEOUT_S)  # fmt: skip
+                          timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     assert single.read_bytes() == (output_dir / "p3.png").read_bytes()
 
@@ -197,7 +197,7 @@ def test_a_rerun_after_a_killed_rank_finishes_only_the_missing_items(
     output_dir = tmp_path / "killed"
     command = torchrun(batch_command(six_edits, output_dir))
     run = subprocess.Popen(command, cwd=REPO, env=run_env(tiny_env), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                           stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while len(finished_outputs(output_dir)) < 2:  # wait for two finished items, then kill rank 1
@@ -213,7 +213,7 @@ def test_a_rerun_after_a_killed_rank_finishes_only_the_missing_items(
     assert 2 <= len(before) < ITEMS
 
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
-                          timeout=RUN_TIMEOUT_S)  # fmt: skip
+                          timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["counts"] == {"ok": ITEMS - len(before), "failed": 0, "skipped": len(before)}

@@ -64,7 +64,7 @@ def outcomes(folder: Path, ci: str | None) -> dict[str, str]:
         [sys.executable, "-m", "pytest", "-p", "ci_required", "-p", "no:cacheprovider", "-q", "--rootdir", str(folder),
          "-c", str(folder / "pytest.ini"), f"--junitxml={report}", str(folder)],
         capture_output=True, text=True, cwd=folder, env=env, timeout=300,
-    )  # fmt: skip
+    )
     assert result.returncode in (0, 1, 2, 5), result.stdout + result.stderr  # 5: nothing collected
     found: dict[str, str] = {}
     for case in ElementTree.parse(report).iter("testcase"):
@@ -116,7 +116,7 @@ def test_in_ci_the_failure_names_the_skip_reason(folder: Path) -> None:
         [sys.executable, "-m", "pytest", "-p", "ci_required", "-p", "no:cacheprovider", "-q", "-rf", "--rootdir",
          str(folder), "-c", str(folder / "pytest.ini"), str(folder / "test_sample.py")],
         capture_output=True, text=True, cwd=folder, env=env, timeout=300,
-    )  # fmt: skip
+    )
     assert result.returncode == 1
     assert "required test skipped in CI (CI=true): chromium is missing" in result.stdout
     assert "required test skipped in CI (CI=true): cannot install the wheel" in result.stdout

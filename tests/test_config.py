@@ -39,7 +39,7 @@ def test_device_preferences_say_where_they_came_from() -> None:
     from_env = preferences_from(env)
     assert (from_env.device, from_env.device_origin, from_env.dtype, from_env.dtype_origin) == (
         "npu:1", "PREFERRED_DEVICE", "fp16", "PREFERRED_DTYPE"
-    )  # fmt: skip
+    )
     flags = preferences_from(env, "cpu", "fp32")
     assert (flags.device, flags.device_origin) == ("cpu", "--device")
     assert (flags.dtype, flags.dtype_origin) == ("fp32", "--dtype")

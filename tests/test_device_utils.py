@@ -101,11 +101,11 @@ def test_cpu_memory_stats_are_host_figures(caplog: pytest.LogCaptureFixture) -> 
     assert stats.allocated is None and stats.total is None
     assert 0 < stats.host_rss < stats.host_total
     assert re.search(r"memory: cpu \(.+\): no device memory \(host only\); host RSS \d+\.\d\d GiB of \d+\.\d\d GiB",
-                     caplog.text)  # fmt: skip
+                     caplog.text)
     gib = 2**30
     device = device_utils.MemoryStats("npu:1", "x", 3 * gib, 4 * gib, 5 * gib, 50 * gib, 64 * gib, gib, 2 * gib)
     assert device.summary() == ("npu:1 (x): allocated 3.00 GiB, reserved 4.00 GiB, peak 5.00 GiB, free 50.00 GiB of "
-                                "64.00 GiB; host RSS 1.00 GiB of 2.00 GiB")  # fmt: skip
+                                "64.00 GiB; host RSS 1.00 GiB of 2.00 GiB")
 
 
 def test_cpu_cache_and_sync_calls_touch_no_device_module(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -407,7 +407,7 @@ def test_cann_missing_auto_warns_once_and_named_request_fails() -> None:
         ("raise ModuleNotFoundError(\"No module named 'tbe'\", name='tbe')", "source the CANN set_env.sh"),
     ],
     ids=["decorator", "attrs", "pyyaml", "cann-module"],
-)  # fmt: skip
+)
 def test_a_missing_python_dependency_of_torch_npu_is_named_as_such(
     failing_import: str, expected: str, tmp_path: Path
 ) -> None:
@@ -508,7 +508,7 @@ def test_npu_memory_and_cache_calls_use_the_chosen_card(spec: str | None, env: d
     assert (stats["free"], stats["total"]) == (40 * 2**30, 64 * 2**30)
     assert stats["device"] == "npu:1" and stats["device_name"] == "Ascend910B-standin-1" and stats["host_rss"] > 0
     assert calls == [["set_device", [1]], ["set_device", [0]], ["empty_cache", []], ["synchronize", [1]],
-                     ["reset_peak_memory_stats", [1]]]  # fmt: skip
+                     ["reset_peak_memory_stats", [1]]]
 
 
 def test_standin_memory_getters_follow_the_device_index() -> None:
@@ -521,7 +521,7 @@ def test_standin_memory_getters_follow_the_device_index() -> None:
     lines = ok(run_standin(code))
     gib = 2**30
     assert lines[:6] == [str(3 * gib), str(13 * gib), str(3 * gib), str(13 * gib), str(40 * gib),
-                         "Ascend910B-standin-1"]  # fmt: skip
+                         "Ascend910B-standin-1"]
     assert lines[6:8] == ["refused", "Invalid"]
 
 

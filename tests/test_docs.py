@@ -95,7 +95,7 @@ def help_flags() -> dict[str, set[str]]:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFERRED_DEVICE", "PREFERRED_DTYPE")}
     running = {
         key: subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)  # fmt: skip
+                              stderr=subprocess.PIPE)
         for key, argv in HELP_RUNS.items()
     }
     flags: dict[str, set[str]] = {}
@@ -145,7 +145,7 @@ def test_every_tiny_command_is_run_or_listed() -> None:
 def fresh_copy(destination: Path) -> Path:
     """The repository as a fresh clone has it: no results/, no caches; `.venv/bin/python` runs this Python."""
     ignored = shutil.ignore_patterns(".git", ".venv", ".venv-refresh", "results", "__pycache__", "*.pyc",
-                                     ".pytest_cache", ".ruff_cache", ".cache")  # fmt: skip
+                                     ".pytest_cache", ".ruff_cache", ".cache")
     clone = Path(shutil.copytree(REPO, destination, ignore=ignored))
     shims = clone / ".venv" / "bin"
     shims.mkdir(parents=True)

@@ -26,7 +26,7 @@ from hidream_edit.spec import MODELS
 METADATA_FIELDS = {
     "model", "instruction", "negative", "steps", "guidance", "image_guidance", "refine_strength", "clip_cfg_norm",
     "seed", "device", "dtype", "attention", "model_sources", "timings", "memory", "source_size", "refine_weights",
-}  # fmt: skip
+}
 
 
 @pytest.fixture()
@@ -48,7 +48,7 @@ def edit(editor: Any, source: Path, on_step: Any = None, should_stop: Any = None
 def test_cli_writes_image_of_source_size_and_metadata(tiny_env: dict[str, str], source_png: Path, tmp_path: Path):
     output = tmp_path / "out.jpg"
     command = [sys.executable, "inference_e1_1_npu.py", "--tiny", "--image", str(source_png), "--instruction",
-               "make it green", "--output", str(output), "--steps", "2", "--seed", "5"]  # fmt: skip
+               "make it green", "--output", str(output), "--steps", "2", "--seed", "5"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**dict(_base_env()), **tiny_env})
     assert result.returncode == 0, result.stderr
     assert Image.open(output).size == (120, 90) and Image.open(output).format == "JPEG"
@@ -84,7 +84,7 @@ def _base_env() -> dict[str, str]:
 def test_cli_user_mistakes_are_one_line_exit_2(
     args: list[str], message: str, tiny_env: dict[str, str], source_png: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     monkeypatch.chdir(tmp_path)
     flags = {"--image": str(source_png), "--instruction": "x", "--output": str(tmp_path / "o.png"), "--steps": "1"}
     flags.update(zip(args[::2], args[1::2], strict=True))
@@ -117,7 +117,7 @@ def reference_edit(editor: Any, source: Path, seed: int, steps: int, refine_stre
             guidance_scale=3.0, image_guidance_scale=1.5, num_inference_steps=steps,
             generator=torch.Generator().manual_seed(seed), refine_strength=refine_strength, clip_cfg_norm=True,
             refine_switch=editor.loaded.refine_switch,
-        )  # fmt: skip
+        )
     return np.asarray(resize_to(output.images[0], image.size), dtype=np.int16)
 
 
@@ -232,7 +232,7 @@ def test_refine_weights_base_runs_refine_steps_on_i1_tensors(tiny_env: dict[str,
     pipe = editor.loaded.pipe
     image = Image.open(source_png).resize((64, 48))
     pipe("x", "y", image, 3.0, 1.5, 4, torch.Generator().manual_seed(0), 0.5, callback_on_step_end=trace,
-         refine_switch=switch)  # fmt: skip
+         refine_switch=switch)
     assert live == ["e1.1", "e1.1", "i1", "i1"]
     assert torch.equal(transformer.get_parameter(probe).detach(), e1) and torch.equal(switch.stash[probe], i1)
 
@@ -240,7 +240,7 @@ def test_refine_weights_base_runs_refine_steps_on_i1_tensors(tiny_env: dict[str,
 def test_device_out_of_memory_is_one_line_with_the_fix(
     tiny_env: dict[str, str], source_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     from hidream_edit.editor import Editor
 
     def out_of_memory(*args: Any, **kwargs: Any) -> None:

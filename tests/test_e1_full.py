@@ -77,7 +77,7 @@ def test_adapters_disabled_only_during_refine_steps(e1_full_editor: Any) -> None
     image = Image.new("RGB", (64, 64), (10, 200, 30))
     refine = e1_full_editor.loaded.refine_switch
     pipe(PROMPT, "blur", image, 5.0, 4.0, 4, torch.Generator().manual_seed(0), 0.5, callback_on_step_end=trace,
-         refine_switch=refine)  # fmt: skip
+         refine_switch=refine)
     assert layers and states == [False, False, True, True]
     assert not any(layer.disable_adapters for layer in layers)
 
@@ -197,7 +197,7 @@ def test_cli_refines_the_instruction_with_a_vlm(vlm_url: str, tiny_env: dict[str
     Image.new("RGB", (80, 60), (220, 0, 0)).save(source)
     output = tmp_path / "out.png"
     argv = ["--tiny", "--image", str(source), "--instruction", "make it green", "--output", str(output),
-            "--steps", "1", "--rewrite-instruction", "--vlm-url", vlm_url, "--vlm-model", "test-vlm"]  # fmt: skip
+            "--steps", "1", "--rewrite-instruction", "--vlm-url", vlm_url, "--vlm-model", "test-vlm"]
     assert run_edit_cli(argv, "e1-full", env={**tiny_env, "OPENAI_API_KEY": "k"}) == 0
     metadata = json.loads(Path(f"{output}.json").read_text())
     assert metadata["instruction"] == (
@@ -212,7 +212,7 @@ def test_cli_rewrite_failure_is_one_line_unless_fallback(
     source = tmp_path / "in.png"
     Image.new("RGB", (80, 60)).save(source)
     argv = ["--tiny", "--image", str(source), "--instruction", "make it green", "--steps", "1", "--rewrite-instruction",
-            "--vlm-url", f"http://127.0.0.1:{closed_port}/v1", "--vlm-model", "m", "--vlm-timeout", "1"]  # fmt: skip
+            "--vlm-url", f"http://127.0.0.1:{closed_port}/v1", "--vlm-model", "m", "--vlm-timeout", "1"]
     assert run_edit_cli([*argv, "--output", str(tmp_path / "a.png")], "e1-full", env=tiny_env) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"127.0.0.1:{closed_port}" in err and not (tmp_path / "a.png").exists()
@@ -225,7 +225,7 @@ def test_target_description_builds_the_form(tiny_env: dict[str, str], tmp_path: 
     source = tmp_path / "in.png"
     Image.new("RGB", (80, 60)).save(source)
     argv = ["--tiny", "--image", str(source), "--instruction", "add a hat.", "--target-description", "a cat in a hat",
-            "--output", str(tmp_path / "o.webp"), "--steps", "1", "--refine-strength", "0"]  # fmt: skip
+            "--output", str(tmp_path / "o.webp"), "--steps", "1", "--refine-strength", "0"]
     assert run_edit_cli(argv, "e1-full", env=tiny_env) == 0
     metadata = json.loads((tmp_path / "o.webp.json").read_text())
     assert metadata["instruction"] == "Editing Instruction: add a hat. Target Image Description: a cat in a hat"

@@ -33,7 +33,7 @@ NEGATIVE = "blurry"
 def fake_output(
     hidden: torch.Tensor, timesteps: torch.Tensor, t5: torch.Tensor, llama: torch.Tensor, pooled: torch.Tensor,
     refining: bool,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Every output column mixes in its mirror column (so the kept columns see the image latents);
     each text input and the timestep add a per-sample offset that varies by channel; refine weights
     change the whole output."""
@@ -80,7 +80,7 @@ class FakeTransformer(torch.nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states_t5: torch.Tensor,
         encoder_hidden_states_llama3: torch.Tensor, pooled_embeds: torch.Tensor, return_dict: bool = True,
-    ) -> tuple[torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor]:
         inputs = (hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3, pooled_embeds)
         self.forwards.append(Forward(*(t.clone() for t in inputs), refining=self.refining))
         out = fake_output(*inputs, refining=self.refining)
@@ -152,7 +152,7 @@ def source_image() -> Image.Image:
     x = np.linspace(0, 255, 64)[None, :, None]
     y = np.linspace(0, 255, 48)[:, None, None]
     pixels = np.concatenate([np.broadcast_to(x, (48, 64, 1)), np.broadcast_to(y, (48, 64, 1)),
-                             np.broadcast_to((x + y) / 2, (48, 64, 1))], axis=-1)  # fmt: skip
+                             np.broadcast_to((x + y) / 2, (48, 64, 1))], axis=-1)
     return Image.fromarray(pixels.astype(np.uint8))
 
 
@@ -160,7 +160,7 @@ def run(rig: Rig, prompt: str = PROMPT, steps: int = 4, refine: float = 0.5, **k
     return rig.pipe(
         prompt, NEGATIVE, source_image(), GUIDANCE, IMAGE_GUIDANCE, steps, torch.Generator().manual_seed(SEED),
         refine, refine_switch=rig.switch, **kwargs,
-    )  # fmt: skip
+    )
 
 
 @torch.no_grad()  # as in the pipeline: T5 takes another kernel path with autograd on
@@ -169,7 +169,7 @@ def encoded(pipe: HiDreamImageEditingPipeline, prompt: str) -> tuple[tuple[torch
     t5, neg_t5, llama, neg_llama, pooled, neg_pooled = pipe.encode_prompt(
         prompt=prompt, negative_prompt=NEGATIVE, device=torch.device("cpu"), do_classifier_free_guidance=True,
         max_sequence_length=128,
-    )  # fmt: skip
+    )
     return (t5, llama, pooled), (neg_t5, neg_llama, neg_pooled)
 
 
@@ -203,7 +203,7 @@ def edit_predictions(latents: torch.Tensor, t: torch.Tensor, z: torch.Tensor, te
 
 
 def expected_edit_step(latents: torch.Tensor, t: torch.Tensor, z: torch.Tensor, text: tuple[torch.Tensor, ...],
-                       clip_cfg_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                       clip_cfg_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(transformer input, guided prediction) of one edit step, restated from DESIGN.md section 3."""
     hidden, (a, b, c) = edit_predictions(latents, t, z, text)
     if not clip_cfg_norm:
@@ -241,7 +241,7 @@ def check_loop(rig: Rig, steps: int, refine_start: int, edit_text: tuple, refine
         torch.testing.assert_close(forward.hidden, hidden, rtol=0, atol=0)
         assert torch.equal(forward.timesteps, step.timestep.expand(hidden.shape[0]))
         for name, got, want in zip(("t5", "llama", "pooled"), (forward.t5, forward.llama, forward.pooled), text,
-                                   strict=True):  # fmt: skip
+                                   strict=True):
             assert torch.equal(got, want), f"step {i}: {name} text batch differs"
         torch.testing.assert_close(step.model_output, guided, rtol=1e-6, atol=1e-6, msg=f"step {i} guided")
 
@@ -264,7 +264,7 @@ def test_clip_norm_guidance_loop_exactly(rig: Rig) -> None:
     # the chosen inputs make the cap matter: some pixels would be scaled up without it, others are scaled down
     first = rig.steps[0]
     _, (_, b, c) = edit_predictions(first.sample, first.timestep, expected_image_latents(rig.pipe),
-                                    text_batch(cond, negative, cond))  # fmt: skip
+                                    text_batch(cond, negative, cond))
     ratio = clip_norm_ratio(b, c)
     assert (ratio > 1.05).any() and (ratio < 0.95).any()
     assert torch.equal(output.images, rig.steps[-1].result) and output.refine_start_step == 2
@@ -325,7 +325,7 @@ def test_decode_unscales_and_unshifts_the_final_latents(rig: Rig) -> None:
         del rig.pipe.vae.decode
     config = rig.pipe.vae.config
     torch.testing.assert_close(decoded[0], rig.steps[-1].result / config.scaling_factor + config.shift_factor,
-                               rtol=0, atol=0)  # fmt: skip
+                               rtol=0, atol=0)
     assert output.images[0].size == (64, 48) and not output.non_finite
     assert set(output.timings) == {"encode_s", "step_s", "decode_s"} and len(output.timings["step_s"]) == 2
 
@@ -372,7 +372,7 @@ def test_guidance_combines_each_image_of_a_batch_on_its_own() -> None:
     for clip in (True, False):
         together = combine_edit_guidance(torch.cat([a, b, c]), GUIDANCE, IMAGE_GUIDANCE, clip)
         alone = [combine_edit_guidance(torch.cat([a[i : i + 1], b[i : i + 1], c[i : i + 1]]), GUIDANCE, IMAGE_GUIDANCE,
-                                       clip) for i in range(2)]  # fmt: skip
+                                       clip) for i in range(2)]
         torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=0)
     refined = combine_refine_guidance(torch.cat([a, c]), GUIDANCE)
     torch.testing.assert_close(refined, a + GUIDANCE * (c - a))
@@ -405,7 +405,7 @@ def test_pipeline_defaults_are_e1_full_upstream_values(e1_1_editor: Any) -> None
     image, generator = source_image(), torch.Generator().manual_seed(SEED)
     defaults.pipe(PROMPT, NEGATIVE, image, generator=generator, output_type="latent", refine_switch=defaults.switch)
     explicit.pipe(PROMPT, NEGATIVE, image, 5.0, 4.0, 28, torch.Generator().manual_seed(SEED), 0.0, True, "latent",
-                  refine_switch=explicit.switch)  # fmt: skip
+                  refine_switch=explicit.switch)
     assert len(defaults.steps) == 28 and defaults.switch.calls == ["edit"]
     for mine, theirs in zip(defaults.steps, explicit.steps, strict=True):
         assert torch.equal(mine.model_output, theirs.model_output)

@@ -59,7 +59,7 @@ def assert_one_error_line(err: str, expected: str) -> None:
 def test_an_output_that_is_a_directory_is_refused_before_loading(
     directory: str, tiny_env: dict[str, str], source_png: Path, tmp_path: Path, no_loading: None,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     (tmp_path / directory).mkdir()
     code, err = run_cli("e1.1", source_png, tmp_path / "taken.png", ["--overwrite"], tiny_env, capsys)
     assert code == 2
@@ -70,7 +70,7 @@ def test_an_output_that_is_a_directory_is_refused_before_loading(
 def test_a_non_utf8_byte_in_a_prompt_is_refused_before_loading(
     flag: str, tiny_env: dict[str, str], source_png: Path, tmp_path: Path, no_loading: None,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     undecodable = os.fsdecode(b"make it gr\xffen")  # what sys.argv holds for that byte
     code, err = run_cli("e1.1", source_png, tmp_path / "o.png", [flag, undecodable], tiny_env, capsys)
     assert code == 2
@@ -82,7 +82,7 @@ def test_a_non_utf8_argv_byte_is_one_line_exit_2_from_the_script(
     tiny_env: dict[str, str], source_png: Path, tmp_path: Path
 ) -> None:
     command = [sys.executable.encode(), b"inference_e1_1_npu.py", b"--tiny", b"--image", bytes(source_png),
-               b"--instruction", b"make it \xff green", b"--output", bytes(tmp_path / "o.png")]  # fmt: skip
+               b"--instruction", b"make it \xff green", b"--output", bytes(tmp_path / "o.png")]
     env = {**os.environ, **tiny_env, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
     done = subprocess.run(command, capture_output=True, cwd=REPO, env=env)
     err = done.stderr.decode("utf-8", errors="replace")
@@ -101,11 +101,11 @@ def test_a_non_utf8_argv_byte_is_one_line_exit_2_from_the_script(
         ("e1-full", ["--instruction", "x" * 50_000, "--rewrite-instruction", "--vlm-url", "http://127.0.0.1:9/v1",
                      "--vlm-model", "m"], "the instruction is 50000 characters long"),
     ],
-)  # fmt: skip
+)
 def test_overlong_prompts_are_refused_before_loading(
     model: str, extra: list[str], expected: str, tiny_env: dict[str, str], source_png: Path, tmp_path: Path,
     no_loading: None, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     code, err = run_cli(model, source_png, tmp_path / "o.png", extra, tiny_env, capsys)
     assert code == 2
     assert_one_error_line(err, expected)
@@ -158,17 +158,17 @@ def summary_metadata(is_peak: bool | None) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("is_peak", "label"), [(True, "host peak RSS 3.00 GiB"), (False, "host RSS 3.00 GiB"),
-                                                (None, "host RSS 3.00 GiB")])  # fmt: skip
+                                                (None, "host RSS 3.00 GiB")])
 def test_the_summary_line_says_when_the_rss_is_the_peak(is_peak: bool | None, label: str) -> None:
     line = cli.summary_line(summary_metadata(is_peak), Path("o.png"))
     assert line.endswith(label)
 
 
 @pytest.mark.parametrize(("is_peak", "label"), [(True, "3.0 GiB at peak (psutil missing) for this server"),
-                                                (False, "3.0 GiB used by this server")])  # fmt: skip
+                                                (False, "3.0 GiB used by this server")])
 def test_the_web_device_panel_says_when_the_rss_is_the_peak(is_peak: bool, label: str) -> None:
     memory = {"allocated": None, "reserved": None, "peak": None, "free": None, "total": None,
-              "host_rss": 3 * 2**30, "host_total": 2**34, "host_rss_is_peak": is_peak}  # fmt: skip
+              "host_rss": 3 * 2**30, "host_total": 2**34, "host_rss_is_peak": is_peak}
     report = {"device": "cpu", "device_name": "x86_64", "dtype": "fp32", "attention": "sdpa", "offload": "none",
-              "memory": memory}  # fmt: skip
+              "memory": memory}
     assert label in device_panel_markdown(report, None, "idle")

@@ -567,7 +567,7 @@ def test_resize_for_e1_1_output_matches_target_size(size: tuple[int, int]) -> No
     ("size", "halvings"),
     [((4200, 2100), [(2100, 1050)]), ((2051, 2048), [(1025, 1024)]), ((4096, 4096), [(2048, 2048), (1024, 1024)]),
      ((2048, 2047), []), ((4095, 4095), [(2047, 2047)])],
-)  # fmt: skip
+)
 def test_resize_for_e1_1_halves_large_inputs_with_box_filter(
     size: tuple[int, int], halvings: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,7 +30,7 @@ def test_e1_1_cli_records_vae_tiling(tiny_env: dict[str, str], source: Path, tmp
     def run(name: str, *extra: str) -> dict:
         output = tmp_path / name
         argv = ["--tiny", "--image", str(source), "--instruction", "make it blue", "--output", str(output),
-                "--steps", "1", "--refine-strength", "0", *extra]  # fmt: skip
+                "--steps", "1", "--refine-strength", "0", *extra]
         assert run_edit_cli(argv, "e1.1", env=tiny_env) == 0
         return json.loads(Path(f"{output}.json").read_text())
 
@@ -54,7 +54,7 @@ def test_e1_full_cli_records_target_description_and_vlm_settings(
     output = tmp_path / "vlm.png"
     argv = ["--tiny", "--image", str(source), "--instruction", "make it blue", "--output", str(output),
             "--steps", "1", "--refine-strength", "0", "--rewrite-instruction", "--vlm-url", "http://127.0.0.1:9/v1",
-            "--vlm-model", "test-vlm", "--vlm-timeout", "7", "--rewrite-fallback"]  # fmt: skip
+            "--vlm-model", "test-vlm", "--vlm-timeout", "7", "--rewrite-fallback"]
     assert run_edit_cli(argv, "e1-full", env={**tiny_env, "OPENAI_API_KEY": "sk-secret-key"}) == 0
     text = Path(f"{output}.json").read_text()
     metadata = json.loads(text)
@@ -63,14 +63,14 @@ def test_e1_full_cli_records_target_description_and_vlm_settings(
     assert metadata["instruction"].startswith("Editing Instruction: paint the square blue.")
     assert metadata["instruction_given"] == "make it blue" and metadata["target_description"] is None
     assert metadata["vlm"] == {"url": "http://127.0.0.1:9/v1", "model": "test-vlm", "timeout_s": 7.0,
-                               "fallback": True, "outcome": "rewritten"}  # fmt: skip
+                               "fallback": True, "outcome": "rewritten"}
 
 
 def test_prompt_metadata_says_what_built_the_prompt() -> None:
     bare = e1_full_args("--instruction", " add a hat ")
     assert prompt_metadata(bare, "e1-full", "add a hat") == {
         "instruction_given": " add a hat ", "target_description": None, "vlm": None,
-    }  # fmt: skip
+    }
     described = e1_full_args("--instruction", "add a hat", "--target-description", "a cat in a hat")
     assert prompt_metadata(described, "e1-full", "...")["target_description"] == "a cat in a hat"
     vlm_flags = ["--rewrite-instruction", "--vlm-url", "http://h/v1", "--vlm-model", "m"]

@@ -655,7 +655,7 @@ def test_smoke_edit_runs_the_cli() -> None:
     assert check.status == "PASS", check
     assert check.detail.startswith("2-step tiny edit in ") and "saved " in check.detail
     assert check.data == {"placement": "none", "device": "cpu", "predicted_peak_bytes": None,
-                          "measured_peak_bytes": None}  # fmt: skip
+                          "measured_peak_bytes": None}
     assert "data" in check.as_dict() and "data" not in doctor.Check("x", "PASS", "y").as_dict()
 
 

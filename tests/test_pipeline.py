@@ -100,7 +100,7 @@ class TransformerSpy:
                     "batch": kwargs["hidden_states"].shape[0],
                     "width": kwargs["hidden_states"].shape[-1],
                     "t5": kwargs["encoder_hidden_states_t5"].clone(),
-                }  # fmt: skip
+                }
             )
             return self.original(*args, **kwargs)
 
@@ -115,7 +115,7 @@ class TransformerSpy:
 def t5_of(pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt, negative "blurry") T5 embeddings from diffusers' encode_prompt, for one batch entry each."""
     t5, negative_t5, *_ = pipe.encode_prompt(prompt=prompt, negative_prompt="blurry", device=torch.device("cpu"),
-                                             do_classifier_free_guidance=True, max_sequence_length=128)  # fmt: skip
+                                             do_classifier_free_guidance=True, max_sequence_length=128)
     return t5[0], negative_t5[0]
 
 

@@ -38,7 +38,7 @@ HOST = 512 * GIB
 def real_plan(
     model: str, host: str, attention: str = "sdpa", asked: str = "auto", encoder_device: str | None = None,
     **budget_args,
-):  # fmt: skip
+):
     spec = MODELS[model]
     sizes = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES)
     budgets = described_budgets(host, host_memory=budget_args.pop("host_memory", HOST), **budget_args)
@@ -97,7 +97,7 @@ def test_none_puts_everything_on_the_edit_card_with_the_reserve() -> None:
     lm_head = 0.525e9 * 2  # the loader leaves the Llama's lm_head out
     assert plan.sizes.total == pytest.approx(57.4 * GIB - lm_head, rel=0.005)
     assert plan.chosen.host.peak_bytes == pytest.approx(plan.sizes.total - 31.9 * GIB - (15 * GIB - lm_head) + 3 * GIB,
-                                                        rel=0.01)  # fmt: skip
+                                                        rel=0.01)
     assert plan.load_device("transformer") == plan.load_device("llama") == "npu:0" and not plan.load_device("t5")
 
 
@@ -159,7 +159,7 @@ def test_host_memory_decides_between_placements() -> None:
     assert real_plan("e1.1", "1x64GiB", host_memory=32 * GIB).placement == "none"
     small = real_plan("e1.1", "1x64GiB", host_memory=8 * GIB)
     assert small.error.endswith("with placement none, host needs 13.6 GiB of 8.0 GiB; it needs at least 13.6 GiB "
-                                "of host memory")  # fmt: skip
+                                "of host memory")
 
 
 def test_nothing_fits_says_what_would_make_it_fit() -> None:
@@ -271,7 +271,7 @@ def test_tiny_sizes_from_headers_match_the_loaded_modules(e1_1_editor) -> None:
     sizes = sizes_on_disk(e1_1_editor.settings.sources, "fp32")
     pipe = e1_1_editor.loaded.pipe
     modules = {"transformer": pipe.transformer, "vae": pipe.vae, "clip_l": pipe.text_encoder,
-               "clip_g": pipe.text_encoder_2, "t5": pipe.text_encoder_3, "llama": pipe.text_encoder_4}  # fmt: skip
+               "clip_g": pipe.text_encoder_2, "t5": pipe.text_encoder_3, "llama": pipe.text_encoder_4}
     assert set(sizes.sources.values()) == {"headers"}
     for name, module in modules.items():
         assert sizes.components[name] == parameter_bytes(module), name
@@ -283,5 +283,5 @@ def test_tiny_e1_full_adds_the_lora_to_the_i1_transformer(tiny_checkpoints) -> N
     plain = model_sizes(MODELS["e1.1"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, tiny_checkpoints.i1)
     with_lora = model_sizes(spec, "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, tiny_checkpoints.e1_full_lora)
     lora_values = sum(count for name, (_, count) in read_safetensors_header(tiny_checkpoints.e1_full_lora).items()
-                      if ".lora_" in name)  # fmt: skip
+                      if ".lora_" in name)
     assert with_lora.components["transformer"] == plain.components["transformer"] + lora_values * DTYPE_BYTES["bf16"]

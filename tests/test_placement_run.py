@@ -29,7 +29,7 @@ SMALL_INPUT = SOURCE.resize((32, 32))
 
 def clean_env(**extra: str) -> dict[str, str]:
     drop = ("PREFERRED_DEVICE", "PREFERRED_DTYPE", "HIDREAM_LLAMA_PATH", "HIDREAM_I1_PATH", "HIDREAM_E1_PATH",
-            "HIDREAM_E1_FULL_PATH", "HIDREAM_ATTENTION")  # fmt: skip
+            "HIDREAM_E1_FULL_PATH", "HIDREAM_ATTENTION")
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
@@ -37,7 +37,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("host,placement", [("1x64GiB", "none"), ("1x32GiB", "group"), ("2x64GiB", "none"),
-                                            ("1x24GiB", "group")])  # fmt: skip
+                                            ("1x24GiB", "group")])
 def test_plan_host_prints_a_plan_that_fits_from_the_real_sizes(tmp_path: Path, host: str, placement: str) -> None:
     """The issue's Done-when commands, with an empty hub cache: sizes come from the spec's table."""
     env = clean_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
@@ -68,7 +68,7 @@ def test_plan_reads_headers_only_and_needs_no_image(tiny_checkpoints, tmp_path: 
     i1 = headers_only_copy(tiny_checkpoints.i1, tmp_path / "i1")
     e1 = headers_only_copy(tiny_checkpoints.e1_1, tmp_path / "e1")
     argv = ["--plan", "--json", "--device", "cpu", "--llama-path", str(llama), "--i1-path", str(i1),
-            "--e1-path", str(e1), "--host-memory", "64GiB"]  # fmt: skip
+            "--e1-path", str(e1), "--host-memory", "64GiB"]
     assert run_edit_cli(argv, "e1.1", env=clean_env()) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["placement"] == "none" and plan["fits"] and plan["devices"] == []
@@ -112,7 +112,7 @@ def test_nothing_fits_refuses_before_loading(tiny_env: dict[str, str], tmp_path:
     Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
     output = tmp_path / "out.png"
     argv = ["--tiny", "--device", "cpu", "--host-memory", "1GiB", "--image", str(tmp_path / "in.png"),
-            "--instruction", "x", "--output", str(output)]  # fmt: skip
+            "--instruction", "x", "--output", str(output)]
     assert run_edit_cli(argv, "e1.1", env=clean_env(**tiny_env)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: HiDream-E1.1 in fp32 does not fit: ") and "of host memory" in err
@@ -192,7 +192,7 @@ def test_the_llama_without_lm_head_gives_identical_prompt_embeddings(
     def encode() -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():
             return pipe.encode_prompt(prompt="make it green", negative_prompt="blurry", device=torch.device("cpu"),
-                                      do_classifier_free_guidance=True, max_sequence_length=128)  # fmt: skip
+                                      do_classifier_free_guidance=True, max_sequence_length=128)
 
     base = encode()
     full = LlamaForCausalLM.from_pretrained(tiny_checkpoints.llama, dtype=torch.float32, attn_implementation="eager")

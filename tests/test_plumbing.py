@@ -31,7 +31,7 @@ from hidream_edit.pipeline import EditOutput, HiDreamImageEditingPipeline
 from hidream_edit.spec import MODELS
 
 PATH_FLAGS = {"e1.1": ["--llama-path", "L", "--i1-path", "I", "--e1-path", "E"],
-              "e1-full": ["--llama-path", "L", "--i1-path", "I", "--lora-path", "F"]}  # fmt: skip
+              "e1-full": ["--llama-path", "L", "--i1-path", "I", "--lora-path", "F"]}
 
 
 @dataclass
@@ -66,7 +66,7 @@ def boundary(monkeypatch: pytest.MonkeyPatch) -> Boundary:
         recorded.loads.append({"sources": sources, "device": str(dm.device), "dtype": dm.dtype, **kwargs})
         attention = kwargs["attention"] or "sdpa"
         return LoadedPipeline(RecordingPipe(recorded), SameWeights(), attention, ["recorded"], sources,
-                              lora_fused=kwargs["fuse_lora"])  # fmt: skip
+                              lora_fused=kwargs["fuse_lora"])
 
     real_create = DeviceManager.create_generator
 
@@ -96,7 +96,7 @@ def run_cli(model: str, flags: list[str], tmp_path: Path, boundary: Boundary, na
         stripes().save(source)
     output = tmp_path / name
     argv = ["--image", str(source), "--instruction", "make it blue", "--output", str(output), *PATH_FLAGS[model],
-            *flags]  # fmt: skip
+            *flags]
     assert run_edit_cli(argv, model, env={}) == 0
     (load,) = boundary.loads[-1:]
     call = boundary.calls[-1]
@@ -154,7 +154,7 @@ def test_defaults_reach_the_boundaries(model: str, boundary: Boundary, tmp_path:
     assert (view["negative_prompt"], view["guidance_scale"], view["image_guidance_scale"]) == defaults[model]
     assert (view["num_inference_steps"], view["refine_strength"], view["clip_cfg_norm"]) == (28, 0.3, True)
     assert (view["attention"], view["offload"], view["vae_tiling"], view["refine_weights"]) == (None, "none", False,
-                                                                                                "edit")  # fmt: skip
+                                                                                                "edit")
     assert (view["device"], view["dtype"], view["fuse_lora"]) == ("cpu", torch.float32, False)
     assert (view["generator_seed"], view["generator_on"], view["generator"]) == (3, "device", 3)
     assert view["prompt"] == "make it blue" and view["refine_switch"] == "edit"
@@ -181,9 +181,9 @@ def test_each_flag_changes_exactly_its_setting(
     ("clip cfg norm", ["--no-clip-cfg-norm"], {"clip_cfg_norm": False}),
     ("offload", ["--offload", "model"], {"offload": "model"}),
     ("attention", ["--attention", "math"], {"attention": "math"}),
-])  # fmt: skip
+])
 def test_flags_are_recorded_in_the_metadata(what: str, flags: list[str], metadata: dict[str, Any],
-                                            boundary: Boundary, tmp_path: Path) -> None:  # fmt: skip
+                                            boundary: Boundary, tmp_path: Path) -> None:
     recorded = run_cli("e1.1", flags, tmp_path, boundary)["metadata"]
     assert {key: recorded[key] for key in metadata} == metadata, what
 
@@ -212,7 +212,7 @@ def test_fuse_lora_with_a_refine_stage_is_refused_before_loading(
     source = tmp_path / "source.png"
     stripes().save(source)
     argv = ["--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"), *PATH_FLAGS["e1-full"],
-            "--fuse-lora"]  # fmt: skip
+            "--fuse-lora"]
     assert run_edit_cli(argv, "e1-full", env={}) == 2
     err = capsys.readouterr().err
     assert err == (
@@ -231,7 +231,7 @@ def test_target_description_and_vlm_flags_shape_the_e1_full_prompt(
     source = tmp_path / "source.png"
     for given in (["--vlm-url", "http://127.0.0.1:1/v1"], ["--vlm-model", "m"], []):
         argv = ["--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"),
-                *PATH_FLAGS["e1-full"], "--rewrite-instruction", *given]  # fmt: skip
+                *PATH_FLAGS["e1-full"], "--rewrite-instruction", *given]
         assert run_edit_cli(argv, "e1-full", env={}) == 2
         assert capsys.readouterr().err == "error: --rewrite-instruction needs --vlm-url and --vlm-model\n"
     assert len(boundary.loads) == 1
@@ -241,16 +241,16 @@ def test_target_description_and_vlm_flags_shape_the_e1_full_prompt(
 def test_resolve_request_accepts_the_edges_and_refuses_just_beyond(model: str) -> None:
     request = EditRequest(stripes(), "  x  ")
     edges = {"steps": (1, MAX_STEPS), "guidance": (0.0, 50.0), "image_guidance": (0.0, 50.0),
-             "refine_strength": (0.0, 1.0), "seed": (0, 2**63 - 1)}  # fmt: skip
+             "refine_strength": (0.0, 1.0), "seed": (0, 2**63 - 1)}
     for name, (low, high) in edges.items():
         for value in (low, high):
             assert getattr(resolve_request(replace(request, **{name: value}), MODELS[model]), name) == value
     beyond = {"steps": (0, MAX_STEPS + 1), "guidance": (-0.01, 50.01), "image_guidance": (-0.01, 50.01),
-              "refine_strength": (-0.01, 1.01), "seed": (-1, 2**63)}  # fmt: skip
+              "refine_strength": (-0.01, 1.01), "seed": (-1, 2**63)}
     messages = {"steps": "steps must be between 1 and 1000", "guidance": "guidance must be between 0 and 50",
                 "image_guidance": "image guidance must be between 0 and 50",
                 "refine_strength": "refine strength must be between 0 and 1",
-                "seed": "seed must be between 0"}  # fmt: skip
+                "seed": "seed must be between 0"}
     for name, values in beyond.items():
         for value in values:
             with pytest.raises(UserError, match=f"^{messages[name]}"):
@@ -280,10 +280,10 @@ def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(tiny_ch
 
 def test_model_sources_flags_win_over_environment_over_hub_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"HIDREAM_LLAMA_PATH": "/env/llama", "HIDREAM_I1_PATH": "/env/i1", "HIDREAM_E1_PATH": "/env/e1",
-           "HIDREAM_E1_FULL_PATH": "/env/lora"}  # fmt: skip
+           "HIDREAM_E1_FULL_PATH": "/env/lora"}
     hub = resolve_model_sources(MODELS["e1.1"], env={})
     assert (hub.llama, hub.i1, hub.edit) == ("meta-llama/Llama-3.1-8B-Instruct", "HiDream-ai/HiDream-I1-Full",
-                                             "HiDream-ai/HiDream-E1-1")  # fmt: skip
+                                             "HiDream-ai/HiDream-E1-1")
     assert hub.offline is False
     assert resolve_model_sources(MODELS["e1-full"], env={"HF_HUB_OFFLINE": "1"}).edit == "HiDream-ai/HiDream-E1-Full"
     assert resolve_model_sources(MODELS["e1-full"], env={"HF_HUB_OFFLINE": "1"}).offline is True
@@ -303,7 +303,7 @@ def test_summary_line_and_out_of_memory_hint() -> None:
 
     metadata = {"timings": {"load_s": 12.34, "encode_s": 1.25, "step_s": [2.0, 4.0], "decode_s": 0.5},
                 "memory": {"peak": 3 * 2**30, "host_rss": 2**29}, "source_size": [640, 480], "device": "npu:1",
-                "dtype": "bf16"}  # fmt: skip
+                "dtype": "bf16"}
     assert summary_line(metadata, Path("out.png")) == (
         "saved out.png (640x480) on npu:1 bf16: load 12.3s, encode 1.2s, 2 steps 6.0s (3.00s/step), decode 0.5s; "
         "peak device memory 3.00 GiB, host RSS 0.50 GiB"
@@ -313,7 +313,7 @@ def test_summary_line_and_out_of_memory_hint() -> None:
     assert "; no device memory, host RSS 1.00 GiB" in summary_line(cpu, Path("o.png"))
     hint = out_of_memory_hint(RuntimeError("NPU out of memory. Tried to allocate 2.00 GiB\ntraceback lines"))
     assert hint == ("out of device memory (NPU out of memory. Tried to allocate 2.00 GiB); try --offload model, "
-                    "then --offload sequential, and --vae-tiling")  # fmt: skip
+                    "then --offload sequential, and --vae-tiling")
 
 
 @pytest.mark.parametrize("verbose,level", [(False, "WARNING"), (True, "INFO")])
@@ -405,7 +405,7 @@ def test_rewrite_instruction_flags_reach_the_vlm_client(
     def argv(vlm_model: str, output: str, *extra: str) -> list[str]:
         return ["--image", str(source), "--instruction", "make it blue", *PATH_FLAGS["e1-full"], "--output",
                 str(tmp_path / output), "--rewrite-instruction", "--vlm-url", "http://vlm/v1", "--vlm-model", vlm_model,
-                "--vlm-timeout", "7.5", *extra]  # fmt: skip
+                "--vlm-timeout", "7.5", *extra]
 
     assert run_edit_cli(argv("m", "a.png"), "e1-full", env={"OPENAI_API_KEY": "k"}) == 0
     size, instruction, settings = asked[-1]
@@ -429,7 +429,7 @@ def test_editor_refuses_a_refine_stage_with_a_fused_lora(boundary: Boundary) -> 
 
 def test_editor_passes_loading_settings_to_the_loader(boundary: Boundary) -> None:
     recording_editor("e1.1", boundary, dtype="fp16", attention="math", offload="model", refine_weights="base",
-                     vae_tiling=True)  # fmt: skip
+                     vae_tiling=True)
     load = boundary.loads[-1]
     assert (load["dtype"], load["attention"], load["offload"]) == (torch.float16, "math", "model")
     assert (load["refine_weights"], load["vae_tiling"], load["fuse_lora"]) == ("base", True, False)
@@ -470,7 +470,7 @@ def test_flags_end_to_end_through_the_real_loader(
     output = tmp_path / "out.png"
     flags = ["--tiny", "--image", str(source), "--instruction", "x", "--output", str(output), "--attention", "math",
              "--offload", "model", "--vae-tiling", "--rng", "cpu", "--no-clip-cfg-norm", "--refine-weights", "base",
-             "--steps", "1"]  # fmt: skip
+             "--steps", "1"]
     if model == "e1-full":
         flags += ["--keep-aspect"]
     assert run_edit_cli(flags, model, env=tiny_env) == 0
@@ -485,7 +485,7 @@ def test_flags_end_to_end_through_the_real_loader(
     check_base_refine_weights(editor)
     metadata = json.loads(Path(f"{output}.json").read_text())
     assert metadata["memory_actions"] == ["offload 'model' skipped: the device is the CPU, nothing to offload to",
-                                          "all components on cpu", "VAE tiling"]  # fmt: skip
+                                          "all components on cpu", "VAE tiling"]
     assert (metadata["attention"], metadata["offload"], metadata["rng"]) == ("math", "model", "cpu")
     (call_kwargs,) = calls
     assert call_kwargs["clip_cfg_norm"] is False and call_kwargs["refine_switch"] is editor.loaded.refine_switch

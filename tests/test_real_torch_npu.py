@@ -210,7 +210,7 @@ def cli_args(tmp_path: Path, name: str) -> list[str]:
 
         Image.new("RGB", (64, 48), (10, 120, 200)).save(source)
     return ["inference_e1_1_npu.py", "--tiny", "--image", str(source), "--instruction", "make it red",
-            "--steps", "1", "--output", str(tmp_path / name)]  # fmt: skip
+            "--steps", "1", "--output", str(tmp_path / name)]
 
 
 def test_cli_tiny_auto_runs_on_cpu_with_one_warning(

@@ -54,7 +54,7 @@ def start_child_mid_save(output: Path) -> subprocess.Popen[str]:
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(output)],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    )
     assert child.stdout is not None
     line = child.stdout.readline()
     assert line == "writing\n", (line, child.stderr.read() if child.stderr else "")
@@ -70,7 +70,7 @@ def another_save(folder: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize(("sig", "returncode", "said"), [(signal.SIGTERM, -signal.SIGTERM, ""),
-                                                         (signal.SIGINT, 130, "interrupted\n")])  # fmt: skip
+                                                         (signal.SIGINT, 130, "interrupted\n")])
 def test_sigterm_or_ctrl_c_mid_save_leave_no_temp_file(
     tmp_path: Path, sig: signal.Signals, returncode: int, said: str
 ) -> None:

@@ -61,7 +61,7 @@ def test_paths_follow_the_hub_repo_names(tmp_path: Path) -> None:
 def test_layout_matches_the_real_repos(tiny_checkpoints: TinyCheckpoints) -> None:
     t = tiny_checkpoints
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"):  # fmt: skip
+                 "special_tokens_map.json"):
         assert (t.llama / name).is_file(), name
     _check_sharded(t.llama, "model.safetensors.index.json")
     for repo in (t.i1, t.e1_1):

@@ -122,18 +122,18 @@ def test_app_wiring(model: str, with_vlm: bool, tmp_path: Path) -> None:
     e1_full = model == "e1-full"
     expected = ["source", "instruction", "edit-negative", "edit-steps", "edit-guidance", "edit-image-guidance",
                 "edit-refine", "edit-clip", "edit-seed", "edit-random-seed", "edit-target" if e1_full else None,
-                "edit-keep-aspect" if e1_full else None, "edit-rewrite" if with_vlm else None, None]  # fmt: skip
+                "edit-keep-aspect" if e1_full else None, "edit-rewrite" if with_vlm else None, None]
     assert [getattr(block, "elem_id", None) for block in fns["run_edit"].inputs] == expected
     assert list(inspect.signature(fns["run_edit"].fn).parameters)[: len(expected)] == [
         "source", "instruction", "negative", "steps", "guidance", "image_guidance", "refine", "clip", "seed",
-        "random_seed", "target", "keep_aspect", "rewrite", "submitted_at"]  # fmt: skip
+        "random_seed", "target", "keep_aspect", "rewrite", "submitted_at"]
     assert [getattr(block, "elem_id", None) for block in fns["run_batch"].inputs][2:] == [
-        name.replace("edit-", "batch-") if name else None for name in expected[2:]]  # fmt: skip
+        name.replace("edit-", "batch-") if name else None for name in expected[2:]]
     outputs = [block.elem_id for block in fns["run_edit"].outputs]
     assert outputs == ["result", "downloads", "status", "edit-seed", *(["edit-prompt"] if e1_full else [])]
     elem_ids = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert {"source", "source-preview", "result", "edit-button", "edit-stop", "status", "downloads", "device-panel",
-            "batch-files", "batch-gallery", "batch-zip", "batch-errors", "edit-seed"} <= set(elem_ids)  # fmt: skip
+            "batch-files", "batch-gallery", "batch-zip", "batch-errors", "edit-seed"} <= set(elem_ids)
     assert isinstance(elem_ids["source"], gr.File)  # gradio must not decode uploads before the app's own checks
     assert ("edit-target" in elem_ids) == e1_full
     assert (tmp_path / "r").is_dir()
@@ -149,7 +149,7 @@ def test_app_wiring(model: str, with_vlm: bool, tmp_path: Path) -> None:
         (["--e1-path", "x", "--model", "e1-full"], "unrecognized arguments: --e1-path"),
         (["--results-dir", "/"], "error: --results-dir / is a filesystem root"),
     ],
-)  # fmt: skip
+)
 def test_start_up_mistakes_exit_2_with_one_line(argv, expected, tmp_path: Path, capsys) -> None:
     try:
         code = main(["--results-dir", str(tmp_path), *argv], env={})
@@ -176,7 +176,7 @@ def test_only_files_the_app_wrote_are_served(e1_1_editor: Editor, tmp_path: Path
         (results / "notes.txt").write_text("private")
         (results / "edit-planted.png").write_bytes(outcome.image_path.read_bytes())
         for path in (results / "notes.txt", results / "edit-planted.png", results, Path("/etc/passwd"),
-                     Path(__file__)):  # fmt: skip
+                     Path(__file__)):
             assert _get(_file_url(url, path))[0] == 403, path
 
 
@@ -186,7 +186,7 @@ def test_a_client_cancel_stops_the_running_edit_and_saves_nothing(e1_1_editor: E
     with served(gate, results) as (_, url):
         client = Client(url, verbose=False)
         job = client.submit(handle_file(str(png(tmp_path / "a.png"))), "make it red", steps=3, seed=1,
-                            api_name="/edit")  # fmt: skip
+                            api_name="/edit")
         assert gate.reached.wait(120), "the edit never reached its first step"
         job.cancel()  # returns once the server has cancelled the job's task
         gate.release.set()
@@ -213,7 +213,7 @@ def test_every_setting_of_the_page_reaches_the_pipeline(
     thirds[:, :32, 0] = thirds[:, 32:64, 1] = thirds[:, 64:, 2] = 255  # red | green | blue: cropping shows
     Image.fromarray(thirds).save(source)
     settings = {"negative": "spy negative", "steps": 2, "guidance": 2.5, "image_guidance": 1.25, "refine": 0.5,
-                "clip": False, "seed": 11}  # fmt: skip
+                "clip": False, "seed": 11}
     if model == "e1-full":
         settings.update(target="a red square", keep_aspect=True)
     with served(editor, tmp_path / "results") as (_, url):
@@ -236,10 +236,10 @@ def test_every_setting_of_the_page_reaches_the_pipeline(
 
 
 def test_the_rewrite_option_reaches_the_vlm_and_the_page_shows_its_prompt(e1_full_editor: Editor,
-                                                                          tmp_path: Path) -> None:  # fmt: skip
+                                                                          tmp_path: Path) -> None:
     with running_fake_vlm() as vlm, served(e1_full_editor, tmp_path / "results", vlm=vlm.settings()) as (_, url):
         client = Client(url, verbose=False)
         result = client.predict(handle_file(str(png(tmp_path / "a.png"))), "make it blue", steps=1, rewrite=True,
-                                api_name="/edit")  # fmt: skip
+                                api_name="/edit")
     assert result[2].startswith("Done in "), result
     assert result[4] == GOOD_PROMPT and len(vlm.requests) == 1

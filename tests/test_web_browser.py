@@ -92,7 +92,7 @@ def server(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     for _ in range(5):  # a port found free can be taken before the server binds it
         port = _free_port()
         command = [sys.executable, str(REPO / "gradio_demo_npu.py"), "--tiny", "--port", str(port), "--results-dir",
-                   str(results), "--max-queue", "1", "--refresh", "1", "--max-upload-mb", "1"]  # fmt: skip
+                   str(results), "--max-queue", "1", "--refresh", "1", "--max-upload-mb", "1"]
         process = _start_server(command, root, env, log_path)
         if process is not None:
             break
@@ -119,7 +119,7 @@ def browser(server: dict) -> Iterator:
         context.set_default_timeout(30_000)
         outside: list[str] = []
         context.on("request", lambda request: outside.append(request.url)
-                   if not request.url.startswith((server["url"], "data:", "blob:")) else None)  # fmt: skip
+                   if not request.url.startswith((server["url"], "data:", "blob:")) else None)
         page = context.new_page()
         page.goto(server["url"])
         page.locator("input[type=text]").fill(USER)
@@ -267,7 +267,7 @@ def test_edit_in_the_browser(server: dict, browser, images: list[Path], tmp_path
 
         # the panel refreshes by itself and now shows the edit's timings
         page.wait_for_function("document.querySelector('#device-panel').innerText.includes('Last edit 2 steps in')",
-                               timeout=15_000)  # fmt: skip
+                               timeout=15_000)
         assert "Device cpu" in panel.inner_text()
         page.screenshot(path=str(tmp_path / "edit.png"), full_page=True)
     page.close()
@@ -300,7 +300,7 @@ def test_a_bad_upload_gets_the_apps_one_line_reason(server: dict, browser, tmp_p
 
 
 def test_closing_the_tab_stops_the_edit_and_saves_nothing(server: dict, browser, images: list[Path],
-                                                         tmp_path: Path) -> None:  # fmt: skip
+                                                         tmp_path: Path) -> None:
     closing, watching = _open_app(browser, server["url"]), _open_app(browser, server["url"])
     with screenshots_on_failure(browser, tmp_path):
         before = set(server["results"].rglob("*"))
@@ -311,7 +311,7 @@ def test_closing_the_tab_stops_the_edit_and_saves_nothing(server: dict, browser,
         # The edit ends at its next step: the device goes idle without finishing (a finished edit would
         # show as the last edit, with its 100 steps) and nothing is saved.
         watching.wait_for_function("document.querySelector('#device-panel').innerText.includes('Now idle')",
-                                   timeout=EDIT_TIMEOUT_MS)  # fmt: skip
+                                   timeout=EDIT_TIMEOUT_MS)
         assert f"Last edit {LONG_EDIT_STEPS} steps" not in watching.locator("#device-panel").inner_text()
         assert _new_files(server, before) == []
     watching.close()

@@ -97,7 +97,7 @@ class AfterEdit:
 
 
 def test_edit_saves_image_and_metadata_under_the_results_dir(web: WebEditor, results: Path, tmp_path: Path,
-                                                             published: list[Path]) -> None:  # fmt: skip
+                                                             published: list[Path]) -> None:
     source = png(tmp_path / "holiday photo.png")
     progress = Recorder()
     outcome = web.edit(source, "  make the sky purple ", EditParams(steps=2, random_seed=True), progress=progress)
@@ -134,7 +134,7 @@ def test_stop_cancels_between_steps_and_saves_nothing(web: WebEditor, results: P
             stops.request("session-a")
 
     outcome = web.edit(png(tmp_path / "a.png"), "make it red", FAST, stops.checker("session-a", submitted),
-                       Recorder(press_stop_after_first_step))  # fmt: skip
+                       Recorder(press_stop_after_first_step))
     assert outcome.status == "Stopped after step 1 of 2; nothing was saved."
     assert outcome.image_path is None and outcome.files is None
     assert files_under(results) == []
@@ -142,11 +142,11 @@ def test_stop_cancels_between_steps_and_saves_nothing(web: WebEditor, results: P
 
 
 def test_a_stop_that_comes_during_the_decode_still_saves_nothing(e1_1_editor: Editor, results: Path,
-                                                                tmp_path: Path) -> None:  # fmt: skip
+                                                                tmp_path: Path) -> None:
     stops = StopRegistry()
     published: list[Path] = []
     web = WebEditor(AfterEdit(e1_1_editor, lambda: stops.request("s")), WebSettings(results_dir=results),
-                    publish=published.extend)  # fmt: skip
+                    publish=published.extend)
     outcome = web.edit(png(tmp_path / "a.png"), "make it red", FAST, stops.checker("s", time.monotonic()))
     assert outcome.status == "Stopped after the last step; nothing was saved."
     assert files_under(results) == [] and published == []
@@ -194,7 +194,7 @@ def test_closing_the_page_stops_both_kinds_of_jobs_of_that_session_only(web: Web
 
 
 def test_batch_runs_every_image_lists_failures_and_zips_the_results(web: WebEditor, results: Path, tmp_path: Path,
-                                                                   published: list[Path]) -> None:  # fmt: skip
+                                                                   published: list[Path]) -> None:
     archive = tmp_path / "holiday.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("pics/b.png", png_bytes(color=(10, 200, 10)))
@@ -228,7 +228,7 @@ def test_batch_runs_every_image_lists_failures_and_zips_the_results(web: WebEdit
         summary = json.loads(zf.read(f"{outcome.batch_dir.name}/summary.json"))
         errors_txt = zf.read(f"{outcome.batch_dir.name}/errors.txt").decode()
     assert names == ["001-first.png", "001-first.png.json", "002-evil.png", "002-evil.png.json", "003-b.png",
-                     "003-b.png.json", "errors.txt", "summary.json"]  # fmt: skip
+                     "003-b.png.json", "errors.txt", "summary.json"]
     assert [entry["status"] for entry in summary] == ["ok", "ok", "ok", "failed"]
     assert summary[3]["instruction"] == "make it gold"
     assert "holiday.zip/notes.txt: skipped" in errors_txt
@@ -262,9 +262,9 @@ def test_batch_runs_every_image_lists_failures_and_zips_the_results(web: WebEdit
         (lambda d: d / "gone.png", "x", EditParams(target_description="t" * 2001),
          "Error: the target image description is 2001 characters long; the limit is 2000"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_gives_one_readable_line(web: WebEditor, results: Path, tmp_path: Path, make_input, instruction,
-                                           params, expected) -> None:  # fmt: skip
+                                           params, expected) -> None:
     outcome = web.edit(make_input(tmp_path), instruction, params)
     assert outcome.status == expected
     assert "\n" not in outcome.status and "Traceback" not in outcome.status
@@ -275,7 +275,7 @@ def test_batch_refuses_mismatched_instruction_lines_and_too_many_images(web: Web
     images = [str(png(tmp_path / f"{i}.png")) for i in range(3)]
     outcome = web.batch(images, "a\nb", FAST)
     assert outcome.status == ("Error: 2 instruction lines for 3 images: give one instruction for all, "
-                              "or exactly one line per image")  # fmt: skip
+                              "or exactly one line per image")
     assert outcome.zip_path is None and outcome.gallery == []
     assert web.batch(images * 2, "a", FAST).status == "Error: more than 4 images; the limit is 4"
     assert web.batch([], "a", FAST).status == "Error: upload some images or a zip of images first"
@@ -285,9 +285,9 @@ def test_batch_refuses_mismatched_instruction_lines_and_too_many_images(web: Web
     outcome = web.batch([str(bad_zip)], "a", FAST)
     assert outcome.status == "Error: no images to edit (bad.zip: not a readable zip archive (File is not a zip file))"
     assert web.batch(images, "a\n" + "b" * 2001 + "\nc", FAST).status == (
-        "Error: the instruction is 2001 characters long; the limit is 2000")  # fmt: skip
+        "Error: the instruction is 2001 characters long; the limit is 2000")
     assert web.batch(images, "a" * 4 * 2001 + "a", FAST).status == (
-        "Error: the instruction text is 8005 characters long; the limit is 8004")  # fmt: skip
+        "Error: the instruction text is 8005 characters long; the limit is 8004")
 
 
 def test_a_refused_zip_says_why_not_just_no_images(e1_1_editor: Editor, tmp_path: Path) -> None:
@@ -393,7 +393,7 @@ def test_command_line(tmp_path: Path) -> None:
     assert settings.host == "127.0.0.1" and settings.port == 7860 and settings.auth is None
     assert settings.results_dir == (tmp_path / "r").resolve() and settings.concurrency == 1
     model, args, settings = parse_command_line(["--model", "e1-full", "--lora-path", "x", "--auth", "a:b"],
-                                               {AUTH_ENV: "env:pw"})  # fmt: skip
+                                               {AUTH_ENV: "env:pw"})
     assert model == "e1-full" and args.lora_path == "x" and settings.auth == ("a", "b")  # the flag wins
     assert parse_command_line([], {AUTH_ENV: "env:pw"})[2].auth == ("env", "pw")
     with pytest.raises(UserError, match="--max-queue must be at least 1"):
@@ -407,7 +407,7 @@ def test_device_panel_shows_device_memory_and_the_last_timings() -> None:
     report = {"device": "npu:0", "device_name": "Ascend910B3", "dtype": "bf16", "attention": "npu_fused",
               "offload": "none", "memory": {"allocated": 30 * gib, "reserved": 32 * gib, "peak": 34 * gib,
                                             "free": 20 * gib, "total": 64 * gib, "host_rss": 5 * gib,
-                                            "host_total": 512 * gib}}  # fmt: skip
+                                            "host_total": 512 * gib}}
     last = {"timings": {"load_s": 90.0, "encode_s": 0.8, "step_s": [1.0, 1.2], "decode_s": 0.5, "total_s": 3.5}}
     text = device_panel_markdown(report, last, "editing a.png: step 3 of 28")
     assert "`npu:0` (Ascend910B3)" in text and "bf16" in text and "npu_fused" in text
@@ -431,7 +431,7 @@ def test_e1_full_builds_its_prompt_form_from_the_target_description(tmp_path: Pa
 
 
 def test_the_rewrite_asks_the_vlm_and_the_edit_uses_and_shows_its_prompt(e1_full_editor: Editor, vlm: FakeVLM,
-                                                                         tmp_path: Path) -> None:  # fmt: skip
+                                                                         tmp_path: Path) -> None:
     web = WebEditor(e1_full_editor, WebSettings(results_dir=tmp_path / "r", vlm=vlm.settings()))
     outcome = web.edit(png(tmp_path / "a.png"), "make it blue", EditParams(steps=1, seed=2, rewrite=True))
     assert outcome.status.startswith("Done in "), outcome.status
@@ -452,11 +452,11 @@ def test_a_failed_rewrite_is_an_error_or_with_the_fallback_the_bare_instruction(
     with pytest.raises(UserError, match=r"returned HTTP 400"):
         strict._prompt(image, "make it red", EditParams(rewrite=True), None)
     lenient = WebEditor(stub_editor("e1-full"), WebSettings(results_dir=tmp_path, vlm=vlm.settings(),
-                                                           vlm_fallback=True))  # fmt: skip
+                                                           vlm_fallback=True))
     prompt, note = lenient._prompt(image, "make it red", EditParams(rewrite=True), None)
     assert prompt == "make it red"
     assert note.startswith("the instruction rewrite failed (VLM endpoint ") and note.endswith(
-        "; edited with the bare instruction")  # fmt: skip
+        "; edited with the bare instruction")
     # a target description wins over the rewrite, as in the CLI: the VLM is not asked
     asked = len(vlm.requests)
     prompt, _ = strict._prompt(image, "make it red", EditParams(rewrite=True, target_description="a red dot"), None)
@@ -468,17 +468,17 @@ def test_the_vlm_flags_are_the_clis_and_only_for_e1_full(tmp_path: Path) -> None
     results = ["--results-dir", str(tmp_path / "r")]
     _, _, settings = parse_command_line(["--model", "e1-full", "--vlm-url", "http://127.0.0.1:8000/v1", "--vlm-model",
                                          "qwen", "--vlm-timeout", "7", "--rewrite-fallback", *results],
-                                        {"OPENAI_API_KEY": "sk-1"})  # fmt: skip
+                                        {"OPENAI_API_KEY": "sk-1"})
     assert settings.vlm == VLMSettings("http://127.0.0.1:8000/v1", "qwen", "sk-1", timeout_s=7.0)
     assert settings.vlm_fallback is True
     assert parse_command_line(["--model", "e1-full", *results], {})[2].vlm is None
     for argv, message in ((["--vlm-url", "http://x/v1"], "--vlm-url and --vlm-model go together"),
-                          (["--vlm-url", "ftp://x", "--vlm-model", "m"], "--vlm-url must be an http")):  # fmt: skip
+                          (["--vlm-url", "ftp://x", "--vlm-model", "m"], "--vlm-url must be an http")):
         with pytest.raises(UserError, match=message):
             parse_command_line(["--model", "e1-full", *argv, *results], {})
     with pytest.raises(SystemExit):  # the CLI's check: a finite number of seconds, one line, exit 2
         parse_command_line(["--model", "e1-full", "--vlm-url", "http://x", "--vlm-model", "m", "--vlm-timeout", "inf",
-                            *results], {})  # fmt: skip
+                            *results], {})
     with pytest.raises(SystemExit):
         parse_command_line(["--vlm-url", "http://x/v1", *results], {})  # E1.1 has no prompt form to write
 
@@ -494,7 +494,7 @@ def test_the_preview_opens_uploads_with_the_apps_checks(web: WebEditor, tmp_path
     huge = tmp_path / "huge.png"
     Image.new("1", (16_000, 10_000)).save(huge)  # a few kB on disk, 160 M pixels
     assert web.preview(huge) == (None, "Error: huge.png: image is 16000x10000 (160000000 pixels), "
-                                       "more than the limit of 200000 pixels")  # fmt: skip
+                                       "more than the limit of 200000 pixels")
     assert web.preview(None) == (None, "")
 
 
@@ -519,7 +519,7 @@ def test_the_preview_is_shrunk_for_the_page(e1_1_editor: Editor, tmp_path: Path)
     ],
 )
 def test_results_dir_that_would_expose_other_files_is_refused(results_dir: str, message: str,
-                                                              tmp_path: Path) -> None:  # fmt: skip
+                                                              tmp_path: Path) -> None:
     home = tmp_path / "home" / "alice"
     home.mkdir(parents=True)
     with pytest.raises(UserError, match=message):

@@ -36,12 +36,12 @@ def files_under(root: Path) -> list[Path]:
 def stub_editor(model: str) -> SimpleNamespace:
     report = {"device": "cpu", "device_name": "x86_64", "dtype": "fp32", "attention": "sdpa", "offload": "none",
               "memory": {"allocated": None, "reserved": None, "peak": None, "free": None, "total": None,
-                         "host_rss": 2**30, "host_total": 2**34}}  # fmt: skip
+                         "host_rss": 2**30, "host_total": 2**34}}
     return SimpleNamespace(
         defaults=MODELS[model].defaults,
         settings=SimpleNamespace(model=model, spec=MODELS[model], sources=SimpleNamespace(tiny=True)),
         device_report=lambda: report, last_metadata=None, load_s=1.5,
-    )  # fmt: skip
+    )
 
 
 GOOD_ANSWER = (
@@ -72,7 +72,7 @@ class FakeVLM(ThreadingHTTPServer):
 
 def _chat(content: str) -> bytes:
     return json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
-                                    "finish_reason": "stop"}]}).encode()  # fmt: skip
+                                    "finish_reason": "stop"}]}).encode()
 
 
 class _ChatHandler(BaseHTTPRequestHandler):
@@ -81,7 +81,7 @@ class _ChatHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                     **json.loads(body)})  # fmt: skip
+                                     **json.loads(body)})
         status, reply = self.server.reply
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 # are left out. No browser tests and no full-size tiny edits (about 15 s per step): they are slow.
 PIPELINE_UNIT_TESTS = ["test_refine_start_step", "test_edit_text_batches_and_llama_batch_axis",
                        "test_width_concat_crop_and_negation", "test_guidance_without_norm_clipping",
-                       "test_guidance_with_norm_clipping", "test_refine_guidance"]  # fmt: skip
+                       "test_guidance_with_norm_clipping", "test_refine_guidance"]
 MODEL_LOADING_TESTS = [
     "tests/test_plumbing.py::test_model_sources_flags_win_over_environment_over_hub_ids",
     "tests/test_plumbing.py::test_flags_end_to_end_through_the_real_loader",
@@ -61,12 +61,12 @@ TARGETS: dict[str, list[str]] = {
                             "tests/test_e1_1.py::test_device_out_of_memory_is_one_line_with_the_fix"],
 }
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".venv-*", "results", "__pycache__", ".pytest_cache",
-                                     ".ruff_cache", "mutants")  # fmt: skip
+                                     ".ruff_cache", "mutants")
 SWAPS: dict[type, type] = {
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
     ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.And: ast.Or, ast.Or: ast.And,
-}  # fmt: skip
+}
 QUIET_CALLS = ("logger.", "logging.", "print(", "warn_once(", "warnings.warn(")
 
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     killed = sum(r["status"].startswith("killed") for r in results)
     survivors = [r for r in results if r["status"] == "survived"]
     print(f"\n{killed} of {len(results)} mutants killed ({100 * killed / max(len(results), 1):.0f}%), "
-          f"{len(survivors)} survived")  # fmt: skip
+          f"{len(survivors)} survived")
     for mutant in (m for m, r in zip(mutants, results, strict=False) if r["status"] == "survived"):
         print(f"  survived: {mutant.describe()}")
     if args.json:

@@ -44,10 +44,10 @@ def build_parser(model: str) -> OneLineArgumentParser:
     server.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     server.add_argument("--auth", help=f"user:password required to use the app (env {ENV_WEB_AUTH})")
     server.add_argument("--results-dir", default="results",
-                        help="where results are written, a folder of their own (default results)")  # fmt: skip
+                        help="where results are written, a folder of their own (default results)")
     server.add_argument("--concurrency", type=int, default=1,
                         help="jobs taken from the queue at once (default 1; the model runs one edit at a time "
-                             "whatever this says, so more only overlaps decoding and saving)")  # fmt: skip
+                             "whatever this says, so more only overlaps decoding and saving)")
     server.add_argument("--max-queue", type=int, default=8, help="jobs that may wait; more get 'busy' (default 8)")
     server.add_argument("--max-upload-mb", type=int, default=50, help="largest upload in MiB (default 50)")
     server.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
@@ -84,7 +84,7 @@ def web_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
     auth = parse_auth(args.auth, "--auth") if args.auth else parse_auth(web_auth_value(env), ENV_WEB_AUTH)
     for name, value, low in (("--concurrency", args.concurrency, 1), ("--max-queue", args.max_queue, 1),
                              ("--max-upload-mb", args.max_upload_mb, 1), ("--max-pixels", args.max_pixels, 1),
-                             ("--max-batch", args.max_batch, 1)):  # fmt: skip
+                             ("--max-batch", args.max_batch, 1)):
         if value < low:
             raise UserError(f"{name} must be at least {low}, got {value}")
     if not 1 <= args.port <= 65535:

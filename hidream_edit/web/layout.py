@@ -50,26 +50,26 @@ def _settings_panel(web: WebEditor, prefix: str) -> list[gr.components.Component
             steps = gr.Slider(1, min(MAX_STEPS, 100), value=d.steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
             guidance = gr.Slider(0, 20, value=d.guidance, step=0.1, label="Guidance", elem_id=f"{prefix}-guidance")
             image_guidance = gr.Slider(0, 20, value=d.image_guidance, step=0.1, label="Image guidance",
-                                       elem_id=f"{prefix}-image-guidance")  # fmt: skip
+                                       elem_id=f"{prefix}-image-guidance")
         with gr.Row():
             refine = gr.Slider(0, 1, value=d.refine_strength, step=0.05, label="Refine strength",
-                               elem_id=f"{prefix}-refine")  # fmt: skip
+                               elem_id=f"{prefix}-refine")
             clip = gr.Checkbox(d.clip_cfg_norm, label="Norm-clipped guidance (clip_cfg_norm)", elem_id=f"{prefix}-clip")
         with gr.Row():
             seed = gr.Number(d.seed, label="Seed", precision=0, minimum=0, elem_id=f"{prefix}-seed")
             random_seed = gr.Checkbox(False, label="Random seed", elem_id=f"{prefix}-random-seed")
         if web.spec.prompt_form:
             target = gr.Textbox("", label="Target image description (builds E1-Full's prompt form)",
-                                elem_id=f"{prefix}-target")  # fmt: skip
+                                elem_id=f"{prefix}-target")
             keep_aspect = gr.Checkbox(False, label="Keep aspect ratio (instead of stretching to a square)",
-                                      elem_id=f"{prefix}-keep-aspect")  # fmt: skip
+                                      elem_id=f"{prefix}-keep-aspect")
         else:
             target = gr.State(None)
             keep_aspect = gr.State(False)
         if web.spec.prompt_form and web.settings.vlm is not None:
             rewrite = gr.Checkbox(False, label=f"Rewrite the instruction with {web.settings.vlm.model} "
                                                "(used when no target description is given)",
-                                  elem_id=f"{prefix}-rewrite")  # fmt: skip
+                                  elem_id=f"{prefix}-rewrite")
         else:
             rewrite = gr.State(False)
     return [negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target, keep_aspect, rewrite]
@@ -100,9 +100,9 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
     async def run_edit(
         source, instruction, negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
         keep_aspect, rewrite, submitted_at, request: gr.Request, progress=gr.Progress(),  # noqa: B008
-    ):  # fmt: skip
+    ):
         params = EditParams(negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-                            keep_aspect, rewrite)  # fmt: skip
+                            keep_aspect, rewrite)
         should_stop = web.stops.checker(stop_key(request.session_hash, EDIT_JOBS), submitted_at)
         report = _progress_adapter(progress)
         outcome = await run_cancellable(lambda stop: web.edit(source, instruction, params, stop, report), should_stop)
@@ -116,13 +116,13 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
     async def run_batch(
         files, instructions, negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
         keep_aspect, rewrite, submitted_at, request: gr.Request, progress=gr.Progress(),  # noqa: B008
-    ):  # fmt: skip
+    ):
         params = EditParams(negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-                            keep_aspect, rewrite)  # fmt: skip
+                            keep_aspect, rewrite)
         should_stop = web.stops.checker(stop_key(request.session_hash, BATCH_JOBS), submitted_at)
         report = _progress_adapter(progress)
         outcome = await run_cancellable(lambda stop: web.batch(files, instructions, params, stop, report),
-                                        should_stop)  # fmt: skip
+                                        should_stop)
         zip_file = str(outcome.zip_path) if outcome.zip_path else None
         return outcome.gallery, zip_file, outcome.status, outcome.errors_text
 
@@ -137,22 +137,22 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
                         # A file, not gr.Image: gradio would decode the upload itself and turn a bad one into
                         # its generic error; the app opens it with its own checks and says what is wrong.
                         source = gr.File(label="Source image", file_count="single", type="filepath", height=110,
-                                         elem_id="source")  # fmt: skip
+                                         elem_id="source")
                         preview = gr.Image(label="Source", type="pil", interactive=False, height=300,
-                                           buttons=["fullscreen"], elem_id="source-preview")  # fmt: skip
+                                           buttons=["fullscreen"], elem_id="source-preview")
                     result = gr.Image(label="Result", type="filepath", format="png", interactive=False, height=420,
-                                      buttons=["download", "fullscreen"], elem_id="result")  # fmt: skip
+                                      buttons=["download", "fullscreen"], elem_id="result")
                 instruction = gr.Textbox(label="Instruction", placeholder="e.g. make the sky purple", lines=2,
-                                         elem_id="instruction")  # fmt: skip
+                                         elem_id="instruction")
                 edit_settings = _settings_panel(web, "edit")
                 with gr.Row():
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
                     edit_stop = gr.Button("Stop", variant="stop", elem_id="edit-stop")
                 status = gr.Textbox(label="Status", interactive=False, elem_id="status")
                 prompt = (gr.Textbox(label="Prompt sent to the model", interactive=False, elem_id="edit-prompt")
-                          if shows_prompt else None)  # fmt: skip
+                          if shows_prompt else None)
                 downloads = gr.File(label="Download result and metadata", file_count="multiple", interactive=False,
-                                    height=140, elem_id="downloads")  # fmt: skip
+                                    height=140, elem_id="downloads")
             with gr.Tab("Batch", id="batch"):
                 batch_files = gr.File(
                     label=f"Images or one zip (up to {settings.max_batch} images)",
@@ -162,7 +162,7 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
                 batch_instructions = gr.Textbox(
                     label="Instruction (one line for all images, or one line per image in upload order)",
                     lines=3, elem_id="batch-instructions",
-                )  # fmt: skip
+                )
                 batch_settings = _settings_panel(web, "batch")
                 with gr.Row():
                     batch_button = gr.Button("Run batch", variant="primary", elem_id="batch-button")
@@ -174,7 +174,7 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
 
         # Decoding an upload for the preview is bounded work, but not free: one at a time.
         source.change(web.preview, inputs=source, outputs=[preview, status], concurrency_id="preview",
-                      concurrency_limit=1, show_progress="minimal", api_visibility="private")  # fmt: skip
+                      concurrency_limit=1, show_progress="minimal", api_visibility="private")
         edit_submitted = gr.State(None)
         batch_submitted = gr.State(None)
         # Recording the submit time needs no queue: a Stop pressed while the job waits still counts.
@@ -198,7 +198,7 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
             api_name="batch",
         )
         batch_stop.click(stop_batch, outputs=batch_status, queue=False,
-                         api_visibility="private")  # fmt: skip
+                         api_visibility="private")
         timer = gr.Timer(settings.refresh_s)
         timer.tick(web.device_panel, outputs=panel, queue=False, show_progress="hidden", api_visibility="private")
         # Closing or reloading the tab ends its session: its jobs stop at the next step and save nothing.
@@ -236,7 +236,7 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         editor_settings = editor_settings_from_args(args, env)
         if settings.host not in LOOPBACK_HOSTS and settings.auth is None:
             print(f"warning: serving on {settings.host} without --auth: anyone who can reach it can use the device",
-                  file=sys.stderr)  # fmt: skip
+                  file=sys.stderr)
         print(f"loading {model_spec(model).title}...", file=sys.stderr, flush=True)
         editor = Editor.load(editor_settings)
         demo = build_app(editor, settings)
@@ -246,7 +246,7 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         return EXIT_USER_ERROR
     except OSError as exc:  # the port is taken or the address cannot be bound
         print(f"error: cannot serve on {settings.host}:{settings.port}: {exc}" if settings else f"error: {exc}",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)

@@ -104,10 +104,10 @@ def check_results_dir(path: Path, homes: Iterable[Path], code_dir: Path = CODE_D
     for home in homes:
         if home.resolve().is_relative_to(resolved):
             raise UserError(f"--results-dir {path} is or holds the home directory {home}; "
-                            f"give the results a folder of their own, e.g. {home / 'hidream-results'}")  # fmt: skip
+                            f"give the results a folder of their own, e.g. {home / 'hidream-results'}")
     if code_dir.resolve().is_relative_to(resolved):
         raise UserError(f"--results-dir {path} holds the code ({code_dir}); "
-                        f"give the results a folder of their own, e.g. {code_dir / 'results'}")  # fmt: skip
+                        f"give the results a folder of their own, e.g. {code_dir / 'results'}")
 
 
 def home_dirs(env: Mapping[str, str]) -> list[Path]:
@@ -614,7 +614,7 @@ class WebEditor:
                         raise UserError(f"holds more than {self.settings.max_batch} images, the batch limit")
                     if info.file_size > limit:
                         errors.append((label, f"skipped: {info.file_size / 2**20:.1f} MiB is over the "
-                                              f"{self.settings.max_upload_mb} MiB limit"))  # fmt: skip
+                                              f"{self.settings.max_upload_mb} MiB limit"))
                         continue
                     with archive.open(info) as stream:
                         data = stream.read(limit + 1)
