@@ -409,3 +409,13 @@ def test_pipeline_defaults_are_e1_full_upstream_values(e1_1_editor: Any) -> None
     assert len(defaults.steps) == 28 and defaults.switch.calls == ["edit"]
     for mine, theirs in zip(defaults.steps, explicit.steps, strict=True):
         assert torch.equal(mine.model_output, theirs.model_output)
+
+
+def test_encode_image_feeds_the_vae_its_own_dtype(e1_1_editor: Any) -> None:
+    """A bf16 VAE (NPU) must get bf16 pixels: the processor's fp32 output would not run through it."""
+    import copy
+
+    rig = make_rig(e1_1_editor)
+    rig.pipe.vae = copy.deepcopy(rig.pipe.vae).to(torch.bfloat16)
+    latents = rig.pipe.encode_image(source_image(), torch.device("cpu"))
+    assert latents.dtype == torch.bfloat16 and latents.shape == (1, rig.transformer.config.in_channels, 6, 8)
