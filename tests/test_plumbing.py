@@ -353,28 +353,26 @@ def recording_editor(model: str, boundary: Boundary, **settings: Any) -> Editor:
 @pytest.mark.parametrize("model", ["e1.1", "e1-full"])
 def test_editor_fills_every_unset_request_field_with_the_models_default(model: str, boundary: Boundary) -> None:
     """The web UI and library callers leave fields unset (None); the pipeline must get the model's defaults."""
-    from hidream_edit.editor import DEFAULTS
-
-    d = DEFAULTS[model]
+    d = MODELS[model].defaults
     result = recording_editor(model, boundary).edit(EditRequest(stripes(), "  make it blue "))
     call = boundary.calls[-1]
     assert (call["prompt"], call["negative_prompt"]) == ("make it blue", d.negative)
     assert (call["num_inference_steps"], call["guidance_scale"], call["image_guidance_scale"]) == (
-        d.steps, d.guidance, d.image_guidance)  # fmt: skip
+        d.steps, d.guidance, d.image_guidance)
     assert (call["refine_strength"], call["clip_cfg_norm"]) == (d.refine_strength, d.clip_cfg_norm)
     assert boundary.generators[-1] == (d.seed, "device")
     assert (result.metadata["negative"], result.metadata["seed"]) == (d.negative, d.seed)
 
 
 @pytest.mark.parametrize("flag,value", [("--offload", "disk"), ("--attention", "flash"), ("--rng", "gpu"),
-                                        ("--refine-weights", "i1"), ("--dtype", "fp8")])  # fmt: skip
+                                        ("--refine-weights", "i1"), ("--dtype", "fp8")])
 def test_unknown_choices_are_refused_before_loading(
     flag: str, value: str, boundary: Boundary, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = tmp_path / "source.png"
     stripes().save(source)
     argv = ["--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"), *PATH_FLAGS["e1.1"],
-            flag, value]  # fmt: skip
+            flag, value]
     with pytest.raises(SystemExit) as exit_:
         run_edit_cli(argv, "e1.1", env={})
     err = capsys.readouterr().err
