@@ -515,8 +515,8 @@ def test_flags_end_to_end_through_the_real_loader(
     assert pipe._progress_bar_config == {"disable": True}  # the front ends draw their own progress
     check_base_refine_weights(editor)
     metadata = json.loads(Path(f"{output}.json").read_text())
-    assert metadata["memory_actions"] == ["offload 'model' skipped: the device is the CPU, nothing to offload to",
-                                          "all components on cpu", "VAE tiling"]
+    assert metadata["memory_actions"][0] == "model CPU offload onto cpu"  # placements run on the CPU too
+    assert metadata["memory_actions"][-1] == "VAE tiling"
     assert (metadata["attention"], metadata["offload"], metadata["rng"]) == ("math", "model", "cpu")
     (call_kwargs,) = calls
     assert call_kwargs["clip_cfg_norm"] is False and call_kwargs["refine_switch"] is editor.loaded.refine_switch
