@@ -91,7 +91,7 @@ def test_plan_text_for_e1_full_names_placement_and_rejections(capsys, tmp_path: 
         (["--plan", "--plan-host", "64GiB"], "is not a host; write cards x size per card"),
         (["--plan", "--max-memory", "lots"], "'lots' is not a size"),
         (["--image", "a.png", "--instruction", "x", "--output", "o.png", "--json"], "--plan-host and --json go with"),
-        (["--instruction", "x"], "the following arguments are required: --image, --output"),
+        (["--instruction", "x"], "missing --image, --output"),
     ],
 )
 def test_plan_flag_mistakes_are_one_line(argv: list[str], message: str, capsys) -> None:
@@ -155,9 +155,13 @@ def test_encoders_keep_the_transformer_and_move_each_encoder_once_per_encode(
     transformer_moves: list[Any] = []
     monkeypatch.setattr(editor.loaded.pipe.transformer, "to", lambda *a, **k: transformer_moves.append(a))
     visits.moves.clear()
-    small_edit(editor)
-    small_edit(editor)
     one_encode = [(name, where) for name in ("clip_l", "clip_g", "t5", "llama") for where in ("card", "host")]
+    violet = EditRequest(image=SOURCE, instruction="make it violet", steps=2, refine_strength=0.5)
+    editor.edit(violet)
+    assert visits.moves == one_encode
+    editor.edit(violet)  # the same prompt again: its embeddings come from the Editor's cache, no encoder moves
+    assert visits.moves == one_encode
+    editor.edit(EditRequest(image=SOURCE, instruction="make it orange", steps=2, refine_strength=0.5))
     assert visits.moves == one_encode * 2
     assert transformer_moves == [] and visits.visitor is None
 
