@@ -430,6 +430,12 @@ def load_pipeline(
         raise UserError(f"{spec.title} has no LoRA to fuse")
     attention = dm.resolve_attention_backend(attention)
     base_refine = refine_weights == "base"
+    plan_args = (dm.device_type, dm.index, offload, attention, encoder_device, max_memory, host_memory)
+    if any(is_hub_id(source) for source in (sources.llama, sources.i1, sources.edit)):
+        # refuse before a download of tens of GB when even the real sizes (spec's table) cannot fit
+        early = plan_for_machine(spec, sizes_on_disk(sources, dm.dtype_name, refine_weights), *plan_args)
+        if early.error:
+            raise UserError(early.error)
     llama_dir = locate(sources.llama, "llama", sources.offline, LLAMA_ALLOW_PATTERNS)
     i1_dir = locate(sources.i1, "i1", sources.offline, spec.i1_allow_patterns(base_refine))
     edit_path = locate(sources.edit, "edit", sources.offline, spec.edit_allow_patterns())
@@ -437,8 +443,7 @@ def load_pipeline(
     _raise_if_incomplete(problems + _problems_for("edit", spec, edit_path))
     lora_path = edit_path / spec.lora.file if spec.lora is not None and edit_path.is_dir() else edit_path
     sizes = model_sizes(spec, dm.dtype_name, llama_dir, i1_dir, lora_path, LLAMA_UNUSED_PREFIXES, base_refine)
-    plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, offload, attention, encoder_device, max_memory,
-                            host_memory)
+    plan = plan_for_machine(spec, sizes, *plan_args)
     if plan.error:
         raise UserError(plan.error)
     if plan.warning:

@@ -119,6 +119,28 @@ def test_nothing_fits_refuses_before_loading(tiny_env: dict[str, str], tmp_path:
     assert not output.exists()
 
 
+def test_nothing_fits_refuses_before_downloading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub ids not on disk are planned with the spec's real sizes; no download starts when they cannot fit."""
+    import huggingface_hub
+
+    from device_utils import DeviceManager
+    from hidream_edit.errors import UserError
+    from hidream_edit.models import ModelSources, load_pipeline
+
+    asked: list[bool] = []
+
+    def snapshot_download(repo_id: str, local_files_only: bool = False, **kwargs: Any) -> str:
+        asked.append(local_files_only)
+        raise FileNotFoundError(f"{repo_id} is not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    spec = MODELS["e1.1"]
+    sources = ModelSources("e1.1", "meta-llama/Llama-3.1-8B-Instruct", "HiDream-ai/HiDream-I1-Full", spec.edit_hub_id)
+    with pytest.raises(UserError, match="HiDream-E1.1 in fp32 does not fit: on the CPU"):
+        load_pipeline(sources, DeviceManager("cpu", "fp32"), host_memory=64 * GIB)
+    assert asked == [True, True, True]  # only cache look-ups
+
+
 # ---------------------------------------------------------------------------------------------- placements on CPU
 
 
