@@ -538,3 +538,13 @@ def test_text_limit_is_inclusive() -> None:
     check_text_length("instruction", "x" * MAX_PROMPT_CHARS)
     with pytest.raises(UserError, match="2001 characters long; the limit is 2000"):
         check_text_length("instruction", "x" * (MAX_PROMPT_CHARS + 1))
+
+
+def test_the_device_panel_shows_the_memory_plan() -> None:
+    report = {"device": "npu:0", "device_name": "Ascend910B", "dtype": "bf16", "attention": "sdpa", "offload": "auto",
+              "memory": {"total": None, "host_rss": 2**30, "host_total": 2**34},
+              "placement": {"name": "split", "asked": "auto", "fits": True, "encoder_device": "npu:1",
+                            "predicted_peak_bytes": {"npu:0": 35 * 2**30, "npu:1": 25 * 2**30, "host": 2**30}}}
+    panel = device_panel_markdown(report, None, "idle")
+    assert "**Memory plan** split (asked auto) · predicted peak npu:0 35.0 GiB, npu:1 25.0 GiB, host 1.0 GiB" in panel
+    assert "Memory plan" not in device_panel_markdown({**report, "placement": None}, None, "idle")

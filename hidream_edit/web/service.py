@@ -194,6 +194,10 @@ def device_panel_markdown(
         f"of {_gib(memory['host_total'])}",
         f"**Now** {activity}",
     ]
+    placement = report.get("placement")
+    if placement:
+        peaks = ", ".join(f"{where} {_gib(peak)}" for where, peak in placement["predicted_peak_bytes"].items())
+        lines.insert(1, f"**Memory plan** {placement['name']} (asked {placement['asked']}) · predicted peak {peaks}")
     if last:
         lines.append(f"**Last edit** {timing_summary(last)}")
     elif load_s is not None:
