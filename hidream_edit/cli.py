@@ -29,6 +29,7 @@ from hidream_edit.config import (
     cli_error_line,
     configure_logging,
     distributed_environment,
+    edit_request_from_args,
     editor_settings_from_args,
     environment,
     model_spec,
@@ -39,7 +40,6 @@ from hidream_edit.editor import (
     USER_ERRORS,
     EditCancelled,
     Editor,
-    EditRequest,
     check_output_path,
     check_prompt_text,
     resolve_request,
@@ -130,11 +130,6 @@ def run_plan(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) 
                                 settings.encoder_device, settings.max_memory, settings.host_memory)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.summary())
     return 0
-
-
-def _check_output(path: Path, overwrite: bool) -> None:
-    """Fail before loading any model if the output cannot be written."""
-    check_output_path(path, overwrite)
 
 
 def _check_prompts(args: argparse.Namespace) -> None:
@@ -232,23 +227,12 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
         return run_batch_cli(args, spec, mode, env)
     output = Path(args.output).expanduser()
     try:
-        _check_output(output, args.overwrite)
+        check_output_path(output, args.overwrite)
         _check_prompts(args)
         open_image(args.image)
         instruction = _instruction_for(args, spec, env)
         settings = editor_settings_from_args(args, spec, env)
-        request = EditRequest(
-            image=args.image,
-            instruction=instruction,
-            negative=args.negative,
-            steps=args.steps,
-            guidance=args.guidance,
-            image_guidance=args.image_guidance,
-            refine_strength=args.refine_strength,
-            clip_cfg_norm=args.clip_cfg_norm,
-            seed=args.seed,
-            keep_aspect=getattr(args, "keep_aspect", False),
-        )
+        request = edit_request_from_args(args, args.image, instruction)
         resolve_request(request, spec, settings.fuse_lora)
         started = time.perf_counter()
         editor = Editor.load(settings)
@@ -288,18 +272,7 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
         rank = dist_env.rank
         settings = editor_settings_from_args(args, spec, env)
         output_dir = Path(args.output_dir).expanduser()
-        template = EditRequest(
-            image="",
-            instruction=args.instruction or "",
-            negative=args.negative,
-            steps=args.steps,
-            guidance=args.guidance,
-            image_guidance=args.image_guidance,
-            refine_strength=args.refine_strength,
-            clip_cfg_norm=args.clip_cfg_norm,
-            seed=args.seed,
-            keep_aspect=getattr(args, "keep_aspect", False),
-        )
+        template = edit_request_from_args(args, "", args.instruction or "")
         if mode == "folder":
             if spec.prompt_form:
                 template = replace(template, instruction=e1_full_prompt(args.instruction, args.target_description))

@@ -25,7 +25,8 @@ from hidream_edit.placement import OFFLOAD_CHOICES, PLACEMENT_HELP, parse_host, 
 from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID, MODEL_NAMES, MODELS, REFINE_WEIGHTS, ModelSpec
 
 if TYPE_CHECKING:
-    from hidream_edit.editor import EditorSettings
+    from hidream_edit.editor import EditorSettings, EditRequest
+    from hidream_edit.images import ImageSource
     from hidream_edit.models import ModelSources
 
 EXIT_USER_ERROR = 2
@@ -384,6 +385,24 @@ def editor_settings_from_args(
         refine_weights=args.refine_weights,
         fuse_lora=getattr(args, "fuse_lora", False),
         vae_tiling=args.vae_tiling,
+    )
+
+
+def edit_request_from_args(args: argparse.Namespace, image: ImageSource, instruction: str) -> EditRequest:
+    """The per-edit settings of the command line (None where the model's default applies) as an EditRequest."""
+    from hidream_edit.editor import EditRequest
+
+    return EditRequest(
+        image=image,
+        instruction=instruction,
+        negative=args.negative,
+        steps=args.steps,
+        guidance=args.guidance,
+        image_guidance=args.image_guidance,
+        refine_strength=args.refine_strength,
+        clip_cfg_norm=args.clip_cfg_norm,
+        seed=args.seed,
+        keep_aspect=getattr(args, "keep_aspect", False),
     )
 
 

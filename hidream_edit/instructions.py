@@ -336,7 +336,9 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-class _DeadlineHTTPConnection(http.client.HTTPConnection):
+class _DeadlineConnection(http.client.HTTPConnection):
+    """Connects within the remaining time and wraps the socket so every later read honours the deadline."""
+
     def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.deadline = deadline
@@ -347,15 +349,12 @@ class _DeadlineHTTPConnection(http.client.HTTPConnection):
         self.sock = _DeadlineSocket(self.sock, self.deadline)  # type: ignore[assignment]
 
 
-class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.deadline = deadline
+class _DeadlineHTTPConnection(_DeadlineConnection):
+    pass
 
-    def connect(self) -> None:
-        self.timeout = _remaining(self.deadline)
-        super().connect()
-        self.sock = _DeadlineSocket(self.sock, self.deadline)  # type: ignore[assignment]
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
 
 
 class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
