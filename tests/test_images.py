@@ -500,6 +500,8 @@ def test_e1_1_target_size_respects_custom_target_side() -> None:
 def test_e1_1_target_size_rejects_absurd_aspect_ratio() -> None:
     with pytest.raises(ImageInputError, match="too elongated"):
         e1_1_target_size(100_000, 10)
+    with pytest.raises(ImageInputError, match="image of 10x100000 is too elongated"):
+        e1_1_target_size(10, 100_000)
 
 
 def test_e1_1_target_size_rejects_non_positive_sizes() -> None:

@@ -278,6 +278,57 @@ def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(tiny_ch
     assert str(error.value).endswith(f"missing {', '.join(dropped[:3])} (and 2 more); unexpected extra.weight")
 
 
+def test_hub_ids_go_to_the_hub_cache_and_paths_stay_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    from hidream_edit.errors import ModelFilesError
+    from hidream_edit.models import locate
+
+    fetched: list[tuple[str, bool, Any]] = []
+
+    def snapshot_download(repo_id: str, local_files_only: bool = False, allow_patterns: Any = None) -> str:
+        fetched.append((repo_id, local_files_only, allow_patterns))
+        return str(tmp_path / "cache" / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert locate("org/model", "i1", True, "--i1-path", ["a/*"]) == tmp_path / "cache" / "org" / "model"
+    assert locate("org/model", "i1", False, "--i1-path") == tmp_path / "cache" / "org" / "model"
+    assert fetched == [("org/model", True, ["a/*"]), ("org/model", False, None)]
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert locate("org/model", "i1", True, "--i1-path") == Path("org/model")  # an existing folder wins
+    for local in ("./missing", "missing", "a/b/c", "~/missing-model-dir"):
+        with pytest.raises(ModelFilesError, match="does not exist; check --i1-path"):
+            locate(local, "i1", True, "--i1-path")
+    assert len(fetched) == 2
+
+
+@pytest.mark.parametrize("tokenizer_files,ok", [(["tokenizer.json"], True), (["tokenizer.model"], True), ([], False)])
+def test_llama_folder_needs_one_of_the_tokenizer_files(tokenizer_files: list[str], ok: bool, tmp_path: Path) -> None:
+    from hidream_edit.models import check_model_files
+
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    for name in ["config.json", "model.safetensors", *tokenizer_files]:
+        (llama / name).write_text("{}")
+    problems = check_model_files(ModelSources("e1.1", str(llama), str(tmp_path / "nope-i1"), str(tmp_path / "nope")))
+    llama_problems = [p for p in problems if str(llama) in p]
+    assert llama_problems == ([] if ok else [str(llama / "tokenizer.json")])
+
+
+def test_every_flag_has_help_and_the_progress_bar_counts_to_the_steps(
+    boundary: Boundary, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hidream_edit.cli import build_edit_parser
+
+    for model in ("e1.1", "e1-full"):
+        undocumented = [a.dest for a in build_edit_parser(model)._actions if not a.help]
+        assert undocumented == [], model
+    capsys.readouterr()
+    run_cli("e1.1", ["--steps", "3"], tmp_path, boundary)
+    assert "denoising: 100%" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+
+
 def test_model_sources_flags_win_over_environment_over_hub_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"HIDREAM_LLAMA_PATH": "/env/llama", "HIDREAM_I1_PATH": "/env/i1", "HIDREAM_E1_PATH": "/env/e1",
            "HIDREAM_E1_FULL_PATH": "/env/lora"}

@@ -39,6 +39,8 @@ PIPELINE_UNIT_TESTS = ["test_refine_start_step", "test_edit_text_batches_and_lla
                        "test_guidance_with_norm_clipping", "test_refine_guidance"]
 MODEL_LOADING_TESTS = [
     "tests/test_plumbing.py::test_model_sources_flags_win_over_environment_over_hub_ids",
+    "tests/test_plumbing.py::test_hub_ids_go_to_the_hub_cache_and_paths_stay_paths",
+    "tests/test_plumbing.py::test_llama_folder_needs_one_of_the_tokenizer_files",
     "tests/test_plumbing.py::test_flags_end_to_end_through_the_real_loader",
     "tests/test_plumbing.py::test_fuse_lora_merges_the_adapter_at_load",
     "tests/test_plumbing.py::test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest",
