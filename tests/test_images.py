@@ -462,6 +462,8 @@ def _candidates(width: int, height: int) -> list[tuple[int, int]]:
         ((2048, 2047), (1024, 1024)),
         # Small inputs are upscaled to about one megapixel.
         ((100, 80), (1136, 912)),
+        # scale 1.16614: 1170.8 -> 1168 either way; 895.6 rounds to 896 (fits: 1168 * 896 <= 2**20), floors to 880.
+        ((1004, 768), (1168, 896)),
     ],
 )
 def test_e1_1_target_size_hand_computed(size: tuple[int, int], expected: tuple[int, int]) -> None:
@@ -470,8 +472,9 @@ def test_e1_1_target_size_hand_computed(size: tuple[int, int], expected: tuple[i
 
 @pytest.mark.parametrize(
     "size",
-    [(1024, 1024), (512, 768), (4000, 3000), (1920, 1080), (3000, 500), (333, 777), (7000, 2100), (17, 4099)],
-)
+    [(1024, 1024), (512, 768), (4000, 3000), (1920, 1080), (3000, 500), (333, 777), (7000, 2100), (17, 4099),
+     (1004, 768), (1009, 600), (600, 1009)],
+)  # fmt: skip
 def test_e1_1_target_size_is_aligned_bounded_and_largest(size: tuple[int, int]) -> None:
     width, height = e1_1_target_size(*size)
     assert width % 16 == 0
