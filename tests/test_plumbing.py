@@ -291,15 +291,16 @@ def test_hub_ids_go_to_the_hub_cache_and_paths_stay_paths(tmp_path: Path, monkey
         return str(tmp_path / "cache" / repo_id)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    assert locate("org/model", "i1", True, "--i1-path", ["a/*"]) == tmp_path / "cache" / "org" / "model"
-    assert locate("org/model", "i1", False, "--i1-path") == tmp_path / "cache" / "org" / "model"
+    assert locate("org/model", "i1", True, ("a/*",)) == tmp_path / "cache" / "org" / "model"
+    assert locate("org/model", "i1", False) == tmp_path / "cache" / "org" / "model"
     assert fetched == [("org/model", True, ["a/*"]), ("org/model", False, None)]
     (tmp_path / "org" / "model").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert locate("org/model", "i1", True, "--i1-path") == Path("org/model")  # an existing folder wins
+    assert locate("org/model", "i1", True) == Path("org/model")  # an existing folder wins
     for local in ("./missing", "missing", "a/b/c", "~/missing-model-dir"):
-        with pytest.raises(ModelFilesError, match="does not exist; check --i1-path"):
-            locate(local, "i1", True, "--i1-path")
+        with pytest.raises(ModelFilesError, match="does not exist") as error:
+            locate(local, "i1", True)
+        assert error.value.role == "i1"
     assert len(fetched) == 2
 
 
@@ -322,7 +323,7 @@ def test_every_flag_has_help_and_the_progress_bar_counts_to_the_steps(
     from hidream_edit.cli import build_edit_parser
 
     for model in ("e1.1", "e1-full"):
-        undocumented = [a.dest for a in build_edit_parser(model)._actions if not a.help]
+        undocumented = [a.dest for a in build_edit_parser(MODELS[model])._actions if not a.help]
         assert undocumented == [], model
     capsys.readouterr()
     run_cli("e1.1", ["--steps", "3"], tmp_path, boundary)
