@@ -12,6 +12,7 @@ rank's records into summary.json.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,13 +26,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.editor import IMAGE_FORMATS, EditCancelled, EditRequest, image_format_for, resolve_request
-from hidream_edit.errors import UserError
+from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.spec import ModelSpec, is_e1_full_form
 
 if TYPE_CHECKING:
     from device_utils import DeviceManager
     from hidream_edit.distributed import RankGroup
     from hidream_edit.editor import Editor, EditorSettings
+    from hidream_edit.guidance_parallel import GuidanceGroup
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +361,19 @@ class LocalQueue:
         return self._next - 1
 
 
+class GroupQueue:
+    """Guidance groups: each group's leader claims from the shared counter and tells its members the number."""
+
+    def __init__(self, group: RankGroup, guidance: GuidanceGroup) -> None:
+        self.group = group
+        self.guidance = guidance
+        self.claims = 0
+
+    def claim(self) -> int:
+        self.claims += 1
+        return int(self.guidance.agree(f"item{self.claims}", lambda: str(self.group.take_number("next_item"))))
+
+
 class SharedQueue:
     """Ranks of a group: each claim takes the next number of a counter in the rendezvous store."""
 
@@ -443,6 +458,8 @@ def edit_item(editor: Editor, item: BatchItem, overwrite: bool, progress: BatchP
 
     source_sha256 = file_sha256(item.image)
     result = editor.edit(item.request, on_step=progress.step)
+    if not editor.writes_outputs:
+        return
     if result.metadata.get("non_finite_output"):
         raise UserError("the output contains NaN/inf (not saved); try --dtype bf16 or --dtype fp32")
     result.metadata["source_image"] = str(item.image)
@@ -491,8 +508,8 @@ def _run_item(
     elif editor is not None:  # loaded whenever some state is not "done"
         try:
             edit_item(editor, item, overwrite and state.kind == "different", progress)
-        except (EditCancelled, KeyboardInterrupt):
-            raise
+        except (EditCancelled, GuidanceGroupError, KeyboardInterrupt):
+            raise  # a lost guidance group ends the run on every rank of the group
         except Exception as exc:  # one bad image must not end the batch; the record keeps why
             record.status, record.error = FAILED, item_error_line(exc)
             logger.debug("item %s failed", item.label, exc_info=True)
@@ -551,35 +568,50 @@ def run_batch(
     dist_env: DistributedEnvironment | None = None,
     dist_timeout_s: float = 1800.0,
     dm: DeviceManager | None = None,
+    cfg_parallel: int = 1,
 ) -> int:
     """Check outputs, join the group (under torchrun), edit this rank's share, write the summary.
 
-    Returns the exit code: 0 when every item is ok or skipped, 1 when some failed. Ranks other than 0
-    return 0 once their records are handed over, so torchrun does not stop rank 0 while it merges.
+    With `cfg_parallel` K > 1 the ranks form groups of K that edit one item at a time together (the
+    group's leader claims the items and saves them). Returns the exit code: 0 when every item is ok or
+    skipped, 1 when some failed. Ranks other than 0 return 0 once their records are handed over, so
+    torchrun does not stop rank 0 while it merges.
     """
-    from device_utils import DeviceManager
-    from hidream_edit.editor import Editor
+    from hidream_edit.editor import Editor, device_manager_for
 
     dist_env = dist_env or DistributedEnvironment()
     started = time.perf_counter()
-    dm = dm or DeviceManager(settings.device, settings.dtype)
+    dm = dm or device_manager_for(settings)
     states = check_outputs(items, RunContext.of(settings, dm.dtype_name), overwrite)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from exc
-    group = None
+    group: RankGroup | None = None
+    guidance: GuidanceGroup | None = None
     if dist_env.enabled:
-        from hidream_edit.distributed import join_process_group
+        from hidream_edit.guidance_parallel import CardGroup
 
-        group = join_process_group(dist_env, dm.distributed_backend, dist_timeout_s)
+        card_group = CardGroup.join(dm, dist_env, cfg_parallel, dist_timeout_s)
+        group, guidance = card_group.ranks, card_group.guidance
+
+    def load_editor() -> Editor:
+        editor = Editor.load(settings, dm)
+        if guidance is not None:
+            editor.use_guidance_group(guidance)
+        return editor
+
     try:
-        queue: ItemQueue = SharedQueue(group) if group is not None else LocalQueue()
-        on_finished = (lambda: group.add("finished", 1)) if group is not None else None
+        queue: ItemQueue = LocalQueue()
+        on_finished = None
+        if group is not None:
+            queue = SharedQueue(group) if guidance is None else GroupQueue(group, guidance)
+            if guidance is None or guidance.leader:
+                on_finished = functools.partial(group.add, "finished", 1)
         with BatchProgress(len(items), enabled=dist_env.rank == 0) as progress:
-            records = run_items(
-                items, states, lambda: Editor.load(settings, dm), queue, overwrite, progress, dist_env.rank, on_finished
-            )
+            records = run_items(items, states, load_editor, queue, overwrite, progress, dist_env.rank, on_finished)
+        if guidance is not None and not guidance.leader:
+            records = []  # the group's leader saved and recorded the items this rank helped with
         if group is not None:
             group.publish("records", json.dumps([asdict(record) for record in records]))
             if dist_env.rank != 0:
@@ -590,6 +622,7 @@ def run_batch(
         if group is not None:
             group.close()
     summary = summarize(records, len(items), time.perf_counter() - started, dist_env.world_size, source, settings.model)
+    summary["cfg_parallel"] = cfg_parallel
     path = output_dir / SUMMARY_NAME
     try:
         write_summary(path, summary)

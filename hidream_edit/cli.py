@@ -22,6 +22,7 @@ from hidream_edit.config import (
     EXIT_USER_ERROR,
     OneLineArgumentParser,
     add_batch_arguments,
+    add_distributed_arguments,
     add_edit_arguments,
     add_model_arguments,
     add_plan_arguments,
@@ -42,9 +43,11 @@ from hidream_edit.editor import (
     Editor,
     check_output_path,
     check_prompt_text,
+    device_manager_for,
     resolve_request,
 )
-from hidream_edit.errors import UserError
+from hidream_edit.errors import GuidanceGroupError, UserError
+from hidream_edit.guidance_parallel import CardGroup, check_cfg_parallel
 from hidream_edit.spec import ModelSpec
 
 logger = logging.getLogger("hidream_edit")
@@ -68,6 +71,7 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
         group.add_argument("--target-description", help="describe the edited image; builds E1-Full's prompt form")
         add_rewrite_arguments(parser, spec)
     add_batch_arguments(parser)
+    add_distributed_arguments(parser)
     add_edit_arguments(parser, spec)
     add_model_arguments(parser, spec)
     add_plan_arguments(parser)
@@ -226,20 +230,40 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     if mode != "single":
         return run_batch_cli(args, spec, mode, env)
     output = Path(args.output).expanduser()
+    group: CardGroup | None = None
     try:
-        check_output_path(output, args.overwrite)
+        dist_env = distributed_environment(env)
+        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, single_edit=True)
+        leader = dist_env.rank % args.cfg_parallel == 0
+        if leader:
+            check_output_path(output, args.overwrite)
         _check_prompts(args)
         open_image(args.image)
-        instruction = _instruction_for(args, spec, env)
         settings = editor_settings_from_args(args, spec, env)
+        started = time.perf_counter()
+        guidance = None
+        if dist_env.enabled:  # then --cfg-parallel equals the number of processes (checked above)
+            group = CardGroup.join(device_manager_for(settings), dist_env, args.cfg_parallel, args.dist_timeout)
+            guidance = group.guidance
+        if guidance is not None:  # the leader builds the prompt (maybe asking a VLM) once for the group
+            instruction = guidance.agree("instruction", lambda: _instruction_for(args, spec, env))
+        else:
+            instruction = _instruction_for(args, spec, env)
         request = edit_request_from_args(args, args.image, instruction)
         resolve_request(request, spec, settings.fuse_lora)
-        started = time.perf_counter()
-        editor = Editor.load(settings)
-        with tqdm(total=args.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+        editor = Editor.load(settings, group.dm if group is not None else None)
+        if guidance is not None:
+            editor.use_guidance_group(guidance)
+        with tqdm(total=args.steps, desc="denoising", unit="step", file=sys.stderr, disable=not leader) as bar:
             result = editor.edit(request, on_step=lambda done, total: bar.update(done - bar.n))
+        if not editor.writes_outputs:
+            logger.info("rank %d: shared the denoising; the group's leader saves", dist_env.rank)
+            return 0
         result.metadata.update(prompt_metadata(args, model, instruction))
         image_path, _ = save_result(result, output, overwrite=args.overwrite)
+    except GuidanceGroupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except USER_ERRORS as exc:
         print(f"error: {cli_error_line(exc, spec)}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -254,6 +278,9 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
             raise
         print(f"error: {out_of_memory_hint(exc)}", file=sys.stderr)
         return 1
+    finally:
+        if group is not None:
+            group.close()
     print(summary_line(result.metadata, image_path))
     logger.info("total %.1f s", time.perf_counter() - started)
     return 0
@@ -270,6 +297,7 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
     try:
         dist_env = distributed_environment(env)
         rank = dist_env.rank
+        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, single_edit=False)
         settings = editor_settings_from_args(args, spec, env)
         output_dir = Path(args.output_dir).expanduser()
         template = edit_request_from_args(args, "", args.instruction or "")
@@ -283,7 +311,11 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
             manifest = Path(args.manifest).expanduser()
             items = manifest_items(manifest, output_dir, template, spec, settings.fuse_lora)
             source = {"manifest": str(manifest)}
-        return run_batch(items, settings, output_dir, args.overwrite, source, dist_env, args.dist_timeout)
+        return run_batch(items, settings, output_dir, args.overwrite, source, dist_env, args.dist_timeout,
+                         cfg_parallel=args.cfg_parallel)
+    except GuidanceGroupError as exc:
+        print(f"error: {exc}; finished outputs are kept, rerun the same command to do the rest", file=sys.stderr)
+        return 1
     except BatchError as exc:
         if rank == 0:
             for line in exc.lines():

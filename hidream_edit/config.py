@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -50,6 +51,8 @@ ENV_MASTER_PORT = "MASTER_PORT"
 ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 
 DEFAULT_DIST_TIMEOUT_S = 1800.0
+# --cfg-parallel: how many ranks share one edit's guidance branches (a step has at most three)
+CFG_PARALLEL_SIZES = (1, 2, 3)
 
 
 RNG_PLACEMENTS = ("device", "cpu")
@@ -413,8 +416,28 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recursive", action="store_true", help="with --input-dir: include sub-folders")
     group.add_argument("--manifest", help="JSON Lines file, one edit per line (image, instruction, output, ...)")
     group.add_argument("--output-dir", help="where batch outputs, their metadata and summary.json go")
-    group.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,
-                       help="under torchrun: seconds to wait for the other ranks "
+
+
+def dist_timeout_seconds(value: str) -> float:
+    """argparse type for --dist-timeout: a finite number of seconds, more than 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dist-timeout must be a number of seconds, got {value!r}") from None
+    if not 0 < seconds < math.inf:  # also false for nan
+        raise argparse.ArgumentTypeError(f"--dist-timeout must be a finite number of seconds above 0, got {value!r}")
+    return seconds
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Several processes under torchrun: data parallel over images, guidance parallel within one edit."""
+    group = parser.add_argument_group("several cards (under torchrun)")
+    group.add_argument("--cfg-parallel", type=int, choices=CFG_PARALLEL_SIZES, default=1, metavar="K",
+                       help="share each edit's guidance branches among K processes (1, 2 or 3; default 1): "
+                            "one edit finishes sooner on K cards; the number of processes must be a multiple "
+                            "of K (groups of K split a batch)")
+    group.add_argument("--dist-timeout", type=dist_timeout_seconds, default=DEFAULT_DIST_TIMEOUT_S,
+                       help="seconds to wait for the other ranks, in joining and in every collective "
                             f"(default {DEFAULT_DIST_TIMEOUT_S:g})")
 
 

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from device_utils import CheckpointError, DeviceError, DeviceManager
-from hidream_edit.errors import NonFiniteError, UserError
+from hidream_edit.errors import EditCancelled, NonFiniteError, UserError
+from hidream_edit.guidance_parallel import GuidanceGroup
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
 from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, ModelSpec, is_e1_full_form
@@ -52,10 +53,6 @@ USER_ERRORS = (UserError, DeviceError, CheckpointError)
 # Recent prompts whose embeddings an Editor keeps on the device; with the real Llama one entry (prompt
 # and negative) is about 70 MB in bf16, so a few entries cost little and a one-instruction batch encodes once.
 PROMPT_CACHE_ENTRIES = 4
-
-
-class EditCancelled(Exception):
-    """Raised between denoising steps when the caller asked to stop."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ class EditRequest:
 class EditResult:
     """The edited image (source size) and everything needed to reproduce and judge it."""
 
-    image: Image.Image
+    image: Image.Image | None  # None on a guidance-parallel rank that only helped denoise (not the leader)
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,6 +201,13 @@ class PromptEmbeddingCache:
             self._entries.popitem(last=False)
 
 
+def device_manager_for(settings: EditorSettings) -> DeviceManager:
+    """The device and dtype the settings ask for (LOCAL_RANK picks the card under torchrun)."""
+    return DeviceManager(
+        settings.device, settings.dtype, device_origin=settings.device_origin, dtype_origin=settings.dtype_origin
+    )
+
+
 class Editor:
     """Holds one loaded pipeline; `edit` runs under torch.inference_mode()."""
 
@@ -216,6 +220,17 @@ class Editor:
         self.last_metadata: dict[str, Any] | None = None
         self.prompt_cache = PromptEmbeddingCache(settings.model, settings.prompt_cache_entries)
         loaded.pipe.prompt_cache = self.prompt_cache if settings.prompt_cache_entries > 0 else None
+        self.guidance_group: GuidanceGroup | None = None
+
+    def use_guidance_group(self, group: GuidanceGroup) -> None:
+        """Share every edit's guidance branches with the other ranks of `group` (--cfg-parallel)."""
+        self.guidance_group = group
+        self.loaded.pipe.guidance_group = group
+
+    @property
+    def writes_outputs(self) -> bool:
+        """False on a guidance-parallel rank other than its group's leader: it neither decodes nor saves."""
+        return self.guidance_group is None or self.guidance_group.leader
 
     @classmethod
     def load(cls, settings: EditorSettings, dm: DeviceManager | None = None) -> Editor:
@@ -223,9 +238,7 @@ class Editor:
         if settings.rng not in ("device", "cpu"):
             raise UserError(f"unknown rng placement {settings.rng!r}; use device or cpu")
         started = time.perf_counter()
-        dm = dm or DeviceManager(
-            settings.device, settings.dtype, device_origin=settings.device_origin, dtype_origin=settings.dtype_origin
-        )
+        dm = dm or device_manager_for(settings)
         loaded = load_pipeline(
             settings.sources,
             dm,
@@ -270,10 +283,14 @@ class Editor:
         generator = self.dm.create_generator(request.seed, on="cpu" if self.settings.rng == "cpu" else "device")
         steps = request.steps
 
+        group = self.guidance_group
+        if group is not None:
+            group.begin_edit(should_stop)  # the group stops all its ranks at the same step
+
         def step_callback(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
                 on_step(index + 1, steps)
-            if should_stop is not None and should_stop():
+            if group is None and should_stop is not None and should_stop():
                 raise EditCancelled(f"stopped after step {index + 1} of {steps}")
             return tensors
 
@@ -292,12 +309,13 @@ class Editor:
                 clip_cfg_norm=request.clip_cfg_norm,
                 callback_on_step_end=step_callback,
                 refine_switch=self.loaded.refine_switch,
+                output_type="pil" if self.writes_outputs else "latent",
             )
         self.dm.synchronize()
         total_s = time.perf_counter() - started
         if output.non_finite:
             raise NonFiniteError("the VAE decode", self.loaded.vae_dtype)
-        image = resize_to(output.images[0], source.size)
+        image = resize_to(output.images[0], source.size) if self.writes_outputs else None
         memory = self.dm.memory_stats(log=False)
         metadata = {
             "model": self.settings.model,
@@ -334,6 +352,7 @@ class Editor:
                 "step_s": [round(s, 4) for s in output.timings["step_s"]],
                 "decode_s": round(output.timings["decode_s"], 4),
                 "total_s": round(total_s, 4),
+                **({"cfg_parallel": group.finish_edit()} if group is not None else {}),
             },
             "memory": memory.as_dict(),
         }
@@ -599,6 +618,8 @@ def save_result(result: EditResult, output: str | Path, overwrite: bool = False)
     """
     path, json_path = check_output_path(output, overwrite)
     fmt = IMAGE_FORMATS[path.suffix.lower()]
+    if result.image is None:
+        raise ValueError("this rank only helped denoise; the leader of its guidance group saves the edit")
     image = result.image.convert("RGB") if fmt == "JPEG" else result.image
     metadata = {**result.metadata, "output": str(path)}
     sweep_stale_temp_files(path.parent)

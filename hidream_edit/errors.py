@@ -41,3 +41,14 @@ class NonFiniteError(UserError):
     def __init__(self, where: str, dtype: str) -> None:
         remedy = self.REMEDIES.get(dtype, "check the model files and the input image")
         super().__init__(f"{where} produced NaN/inf in {dtype}; nothing was saved; {remedy}", fix=f"dtype_{dtype}")
+
+
+class EditCancelled(Exception):
+    """Raised between denoising steps when the caller asked to stop; nothing is saved."""
+
+
+class GuidanceGroupError(Exception):
+    """The ranks sharing one edit's guidance branches lost each other: a rank failed, died or timed out.
+
+    Not the user's input at fault, so front ends print it as one line and exit 1; nothing was saved.
+    """

@@ -22,6 +22,7 @@ from PIL import Image
 
 from device_utils import dtype_name
 from hidream_edit.errors import NonFiniteError
+from hidream_edit.guidance_parallel import GuidanceGroup
 from hidream_edit.spec import refine_prompt_from
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class PromptEmbeddings:
             torch.cat([p.llama for p in parts], dim=1),
             torch.cat([p.pooled for p in parts], dim=0),
         )
+
+    def select(self, start: int, stop: int) -> PromptEmbeddings:
+        """Branches start..stop-1 of a batch (one rank's share under guidance parallel)."""
+        return PromptEmbeddings(self.t5[start:stop], self.llama[:, start:stop], self.pooled[start:stop])
 
 
 @dataclass
@@ -128,6 +133,7 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
     # Set by the Editor; None encodes every prompt every time.
     prompt_cache: PromptCache | None = None
     edit_device: torch.device | None = None  # set by a memory placement (placement.py) that spreads components
+    guidance_group: GuidanceGroup | None = None  # set by the Editor under --cfg-parallel: ranks share the branches
 
     @property
     def _execution_device(self) -> torch.device:
@@ -179,6 +185,20 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
             pooled_embeds=text.pooled,
             return_dict=False,
         )[0]
+
+    def _branch_predictions(
+        self, model_input: torch.Tensor, t: torch.Tensor, text: PromptEmbeddings, width: int, where: str
+    ) -> torch.Tensor:
+        """The negated, cropped prediction of every branch; shared among a guidance group's ranks if set."""
+
+        def compute(start: int, stop: int) -> torch.Tensor:
+            return crop_and_negate(self._predict(model_input[start:stop], t, text.select(start, stop)), width)
+
+        branches = model_input.shape[0]
+        if self.guidance_group is None:
+            return compute(0, branches)
+        shape = (*model_input.shape[1:-1], width)
+        return self.guidance_group.predictions(branches, compute, shape, self.transformer.dtype, where)
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
@@ -245,20 +265,21 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
                     step_started = time.perf_counter()
                     if i == refine_start and refine_switch is not None:
                         refine_switch.use_refine()
+                    where = f"denoising step {i + 1} of {len(timesteps)}"
                     if i < refine_start:
                         model_input = concat_image_latents(latents, image_latents)
-                        prediction = crop_and_negate(self._predict(model_input, t, edit_text), width)
+                        prediction = self._branch_predictions(model_input, t, edit_text, width, where)
                         if guided:
                             prediction = combine_edit_guidance(
                                 prediction, guidance_scale, image_guidance_scale, clip_cfg_norm
                             )
                     else:
-                        prediction = -self._predict(torch.cat([latents] * (2 if guided else 1)), t, refine_batch)
+                        model_input = torch.cat([latents] * (2 if guided else 1))
+                        prediction = self._branch_predictions(model_input, t, refine_batch, width, where)
                         if guided:
                             prediction = combine_refine_guidance(prediction, guidance_scale)
                     latents = self.scheduler.step(prediction.to(latents.dtype), t, latents, return_dict=False)[0]
                     if not bool(torch.isfinite(latents).all()):
-                        where = f"denoising step {i + 1} of {len(timesteps)}"
                         raise NonFiniteError(where, dtype_name(latents.dtype))
                     step_seconds.append(time.perf_counter() - step_started)
                     if callback_on_step_end is not None:

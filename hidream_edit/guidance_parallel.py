@@ -1,0 +1,249 @@
+"""Guidance-parallel denoising: the K ranks of a group share the guidance branches of one edit.
+
+In every step each rank runs the transformer on its share of the branches (edit stage 3, refine stage 2,
+guidance off 1), the shares are gathered with the group's device collective (hccl on Ascend, nccl on
+CUDA, gloo on CPU) and every rank applies the guidance rule and the scheduler step itself, so all ranks
+hold identical latents without ever sending them. The gathered buffer carries one flag per rank as its
+last element: "stop" (the web UI's Stop) or "failed" (an exception on that rank), so every rank leaves
+the loop at the same step instead of waiting out the collective timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from device_utils import DeviceManager
+from hidream_edit.config import CFG_PARALLEL_SIZES, DistributedEnvironment
+from hidream_edit.distributed import RankGroup, join_process_group
+from hidream_edit.errors import EditCancelled, GuidanceGroupError, UserError
+
+logger = logging.getLogger(__name__)
+
+FLAG_GO, FLAG_STOP, FLAG_FAILED = 0.0, 1.0, 2.0
+
+
+def branch_shares(branches: int, size: int) -> list[range]:
+    """Contiguous shares of `branches` over `size` ranks, earlier ranks taking the remainder.
+
+    3 over 3: one each; 3 over 2: [0, 1] and [2]; 2 over 3: [0], [1] and nothing; 1 over K: rank 0 alone.
+    """
+    base, extra = divmod(branches, size)
+    shares, start = [], 0
+    for member in range(size):
+        count = base + (1 if member < extra else 0)
+        shares.append(range(start, start + count))
+        start += count
+    return shares
+
+
+def check_cfg_parallel(size: int, world_size: int, single_edit: bool) -> None:
+    """Refuse a --cfg-parallel that this launch cannot form groups for (before anything loads)."""
+    if size not in CFG_PARALLEL_SIZES:
+        raise UserError(f"--cfg-parallel must be 1, 2 or 3 (the guidance branches of a step), got {size}")
+    if size > 1 and world_size == 1:
+        raise UserError(f"--cfg-parallel {size} runs under torchrun: torchrun --nproc-per-node {size} ...")
+    if world_size % size:
+        raise UserError(
+            f"--cfg-parallel {size} needs a number of processes that is a multiple of {size}, got {world_size}"
+        )
+    if single_edit and world_size != size:
+        raise UserError(
+            f"one edit needs --cfg-parallel equal to the number of processes ({world_size}); "
+            "more processes than that are for batches (--input-dir or --manifest)"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+@dataclass
+class GuidanceGroup:
+    """This rank's place among the K ranks that edit together, and what it measured in the current edit.
+
+    `should_stop` (set per edit by the Editor) is asked before every gather; `synchronize` waits for the
+    device so that compute and waiting on the collective are timed apart.
+    """
+
+    size: int
+    member: int
+    index: int
+    ranks: list[int]
+    process_group: Any
+    device: torch.device
+    timeout_s: float
+    store: dist.Store | None = None
+    synchronize: Callable[[], None] = lambda: None
+    should_stop: Callable[[], bool] | None = None
+    edits: int = 0
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return self.ranks[self.member]
+
+    @property
+    def leader(self) -> bool:
+        """The rank that decodes and saves; the others only share the denoising."""
+        return self.member == 0
+
+    def begin_edit(self, should_stop: Callable[[], bool] | None) -> None:
+        self.edits += 1
+        self.should_stop = should_stop
+        self.steps = []
+
+    def agree(self, name: str, compute: Callable[[], str]) -> str:
+        """A text the leader computes once and every rank of the group uses (e.g. a VLM-rewritten prompt,
+        which could differ between two asks). A failure on the leader ends the members' wait at once."""
+        key = f"agree/group{self.index}/{name}"
+        if self.store is None:
+            return compute()
+        if self.leader:
+            try:
+                text = compute()
+            except BaseException as exc:
+                self.store.set(key, b"\0" + _first_line(exc).encode())
+                raise
+            self.store.set(key, text.encode())
+            return text
+        try:
+            self.store.wait([key], timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            raise GuidanceGroupError(
+                f"rank {self.rank} waited {self.timeout_s:g} s for the {name} from rank {self.ranks[0]} "
+                f"({_first_line(exc)}); see --dist-timeout"
+            ) from exc
+        value = self.store.get(key)
+        if value.startswith(b"\0"):
+            raise GuidanceGroupError(f"rank {self.ranks[0]} (the group's leader) stopped before the edit: "
+                                     f"{value[1:].decode(errors='replace')}")
+        return value.decode()
+
+    def predictions(
+        self,
+        branches: int,
+        compute: Callable[[int, int], torch.Tensor],
+        branch_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        where: str,
+    ) -> torch.Tensor:
+        """All `branches` predictions [branches, *branch_shape], this rank computing `compute(start, stop)`."""
+        shares = branch_shares(branches, self.size)
+        mine = shares[self.member]
+        numel = math.prod(branch_shape)
+        send = torch.zeros(max(len(share) for share in shares) * numel + 1, dtype=dtype, device=self.device)
+        started = time.perf_counter()
+        failure: Exception | None = None
+        try:
+            if len(mine):
+                send[: len(mine) * numel] = compute(mine.start, mine.stop).reshape(-1).to(dtype)
+            flag = FLAG_STOP if self.should_stop is not None and self.should_stop() else FLAG_GO
+        except Exception as exc:  # told to the other ranks in this very gather, then raised here
+            failure, flag = exc, FLAG_FAILED
+        send[-1] = flag
+        self.synchronize()
+        computed = time.perf_counter()
+        received = [torch.empty_like(send) for _ in shares]
+        try:
+            dist.all_gather(received, send, group=self.process_group)
+            self.synchronize()
+        except RuntimeError as exc:  # gloo/nccl/hccl report timeouts and lost peers as RuntimeError
+            if failure is not None:
+                raise failure from exc
+            raise GuidanceGroupError(
+                f"rank {self.rank} lost its guidance group (ranks {self.ranks}) at {where}: {_first_line(exc)}; "
+                f"a rank failed, died or took longer than --dist-timeout {self.timeout_s:g} s; nothing was saved"
+            ) from exc
+        waited = time.perf_counter()
+        if failure is not None:
+            raise failure
+        flags = [float(buffer[-1]) for buffer in received]
+        failed = [self.ranks[member] for member, value in enumerate(flags) if value == FLAG_FAILED]
+        if failed:
+            raise GuidanceGroupError(
+                f"rank {failed[0]} of the guidance group (ranks {self.ranks}) failed at {where} "
+                "(its own message says why); nothing was saved"
+            )
+        if FLAG_STOP in flags:
+            raise EditCancelled(f"stopped at {where}")
+        self.steps.append({"branches": [mine.start, mine.stop], "compute_s": round(computed - started, 4),
+                           "wait_s": round(waited - computed, 4)})
+        parts = [buffer[: len(share) * numel].view(len(share), *branch_shape)
+                 for buffer, share in zip(received, shares, strict=True)]
+        return torch.cat(parts)
+
+    def _timing_key(self, member: int) -> str:
+        return f"cfg_parallel/group{self.index}/edit{self.edits}/member{member}"
+
+    def finish_edit(self) -> dict[str, Any]:
+        """Per-step compute and wait of every rank of the group (the leader collects them through the store)."""
+        mine = {"rank": self.rank, "steps": self.steps}
+        ranks = [mine]
+        if self.store is not None:
+            self.store.set(self._timing_key(self.member), json.dumps(mine))
+            if self.leader:
+                keys = [self._timing_key(member) for member in range(self.size)]
+                try:
+                    self.store.wait(keys, timedelta(seconds=self.timeout_s))
+                    ranks = [json.loads(self.store.get(key).decode()) for key in keys]
+                except RuntimeError as exc:
+                    logger.warning("no per-rank timings from the guidance group: %s", _first_line(exc))
+        return {"size": self.size, "ranks": ranks}
+
+
+def form_guidance_group(
+    rank: int,
+    world_size: int,
+    size: int,
+    device: torch.device,
+    timeout_s: float,
+    store: dist.Store | None = None,
+    synchronize: Callable[[], None] = lambda: None,
+) -> GuidanceGroup:
+    """Split the joined world into groups of `size` consecutive ranks (every rank creates every group,
+    as torch.distributed requires) and return this rank's."""
+    timeout = timedelta(seconds=timeout_s)
+    groups = [list(range(first, first + size)) for first in range(0, world_size, size)]
+    handles = [dist.new_group(ranks, timeout=timeout) for ranks in groups]
+    index = rank // size
+    logger.info("rank %d: guidance group %d of %d, ranks %s", rank, index, len(groups), groups[index])
+    return GuidanceGroup(size, rank % size, index, groups[index], handles[index], device, timeout_s, store,
+                         synchronize)
+
+
+@dataclass
+class CardGroup:
+    """What a rank under torchrun holds: its device, the joined process group and its guidance group."""
+
+    dm: DeviceManager
+    ranks: RankGroup
+    guidance: GuidanceGroup | None  # None with --cfg-parallel 1: every rank edits alone
+
+    @classmethod
+    def join(cls, dm: DeviceManager, env: DistributedEnvironment, cfg_parallel: int, timeout_s: float) -> CardGroup:
+        """Join the world with the backend of this rank's card and form the groups of `cfg_parallel` ranks."""
+        ranks = join_process_group(env, dm.distributed_backend, timeout_s)
+        if cfg_parallel == 1:
+            return cls(dm, ranks, None)
+        try:
+            guidance = form_guidance_group(
+                env.rank, env.world_size, cfg_parallel, dm.device, timeout_s, ranks.store, dm.synchronize
+            )
+        except BaseException:
+            ranks.close()
+            raise
+        return cls(dm, ranks, guidance)
+
+    def close(self) -> None:
+        self.ranks.close()
