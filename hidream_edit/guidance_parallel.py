@@ -160,14 +160,14 @@ class GuidanceGroup:
             self.synchronize()
         except RuntimeError as exc:  # gloo/nccl/hccl report timeouts and lost peers as RuntimeError
             if failure is not None:
-                raise failure from exc
+                raise self._failed_here(failure, where) from failure
             raise GuidanceGroupError(
                 f"rank {self.rank} lost its guidance group (ranks {self.ranks}) at {where}: {_first_line(exc)}; "
                 f"a rank failed, died or took longer than --dist-timeout {self.timeout_s:g} s; nothing was saved"
             ) from exc
         waited = time.perf_counter()
         if failure is not None:
-            raise failure
+            raise self._failed_here(failure, where) from failure
         flags = [float(buffer[-1]) for buffer in received]
         failed = [self.ranks[member] for member, value in enumerate(flags) if value == FLAG_FAILED]
         if failed:
@@ -182,6 +182,12 @@ class GuidanceGroup:
         parts = [buffer[: len(share) * numel].view(len(share), *branch_shape)
                  for buffer, share in zip(received, shares, strict=True)]
         return torch.cat(parts)
+
+    def _failed_here(self, failure: Exception, where: str) -> GuidanceGroupError:
+        return GuidanceGroupError(
+            f"rank {self.rank} failed at {where}: {_first_line(failure)}; "
+            f"the other ranks of its guidance group (ranks {self.ranks}) stop too; nothing was saved"
+        )
 
     def _timing_key(self, member: int) -> str:
         return f"cfg_parallel/group{self.index}/edit{self.edits}/member{member}"

@@ -1,0 +1,364 @@
+"""Guidance parallel (--cfg-parallel K) with real torch.distributed: gloo on CPU, the tiny set, one thread
+per process.
+
+A group's edits must equal the same edits in one process: every rank computes its share of the branches
+with a smaller batch than the single process does (3 or 2 branches at once there, 1 or 2 here), and CPU
+kernels may round differently per batch size, so pixels may differ by 1/255 (8-bit rounding of a tiny
+difference), never more. Metadata must be the same apart from what is measured (timings, memory).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch.multiprocessing as torch_mp
+from npu_standin import REPO
+from PIL import Image
+from test_batch_distributed import TORCHRUN, free_port, run_env
+
+from hidream_edit.config import DistributedEnvironment
+from hidream_edit.errors import EditCancelled, GuidanceGroupError, UserError
+from hidream_edit.guidance_parallel import branch_shares, check_cfg_parallel
+
+RUN_TIMEOUT_S = 900
+E1_FULL_PROMPT = "Editing Instruction: add a red hat. Target Image Description: a cat wearing a red hat"
+# name -> (model, request fields); 2 steps with refine strength 0.5 = one edit step and one refine step
+EDITS: dict[str, tuple[str, dict[str, Any]]] = {
+    "e1.1 edit+refine": ("e1.1", {"instruction": "make the sky purple", "refine_strength": 0.5, "seed": 1}),
+    "e1.1 edit only": ("e1.1", {"instruction": "make the sky purple", "refine_strength": 0.0, "seed": 2}),
+    "e1.1 guidance off": ("e1.1", {"instruction": "make it snow", "guidance": 1.0, "refine_strength": 0.5}),
+    "e1-full edit+refine": ("e1-full", {"instruction": E1_FULL_PROMPT, "refine_strength": 0.5, "seed": 4}),
+    "e1-full edit only": ("e1-full", {"instruction": E1_FULL_PROMPT, "refine_strength": 0.0, "seed": 5}),
+}
+MEASURED = ("timings", "memory")
+
+
+def test_branches_are_shared_in_contiguous_runs_with_the_remainder_first() -> None:
+    assert branch_shares(3, 3) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert branch_shares(3, 2) == [range(0, 2), range(2, 3)]
+    assert branch_shares(2, 2) == [range(0, 1), range(1, 2)]
+    assert branch_shares(2, 3) == [range(0, 1), range(1, 2), range(2, 2)]
+    assert branch_shares(1, 3) == [range(0, 1), range(1, 1), range(1, 1)]
+
+
+@pytest.mark.parametrize(
+    "size,world,single,message",
+    [
+        (2, 1, True, "--cfg-parallel 2 runs under torchrun: torchrun --nproc-per-node 2"),
+        (3, 4, False, "--cfg-parallel 3 needs a number of processes that is a multiple of 3, got 4"),
+        (2, 4, True, "one edit needs --cfg-parallel equal to the number of processes (4)"),
+        (1, 2, True, "one edit needs --cfg-parallel equal to the number of processes (2)"),
+        (4, 4, False, "--cfg-parallel must be 1, 2 or 3"),
+    ],
+)
+def test_launches_that_cannot_form_groups_are_refused(size: int, world: int, single: bool, message: str) -> None:
+    with pytest.raises(UserError) as error:
+        check_cfg_parallel(size, world, single_edit=single)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("size,world,single", [(1, 1, True), (3, 3, True), (2, 2, True), (3, 6, False), (1, 4, False)])
+def test_launches_that_form_groups_pass(size: int, world: int, single: bool) -> None:
+    check_cfg_parallel(size, world, single_edit=single)
+
+
+# --- real process groups ---------------------------------------------------------------------------
+
+
+def _editors(tiny_root: str) -> dict[str, Any]:
+    from hidream_edit.config import resolve_model_sources
+    from hidream_edit.editor import Editor, EditorSettings
+    from hidream_edit.spec import MODELS
+
+    env = {"HIDREAM_TINY_DIR": tiny_root, "HF_HUB_OFFLINE": "1"}
+    return {
+        model: Editor.load(EditorSettings(resolve_model_sources(MODELS[model], tiny=True, env=env), device="cpu",
+                                          dtype="fp32", attention="sdpa"))
+        for model in ("e1.1", "e1-full")
+    }
+
+
+def _join(rank: int, size: int, port: int, timeout_s: float) -> Any:
+    from device_utils import DeviceManager
+    from hidream_edit.guidance_parallel import CardGroup
+
+    env = DistributedEnvironment(size, rank, rank, "127.0.0.1", port)
+    return CardGroup.join(DeviceManager("cpu", "fp32"), env, size, timeout_s)
+
+
+def _edit_all(rank: int, size: int, port: int, tiny_root: str, image: str, result_file: str) -> None:
+    """Run every edit of EDITS in a group of `size` ranks (or alone with size 1); the leader writes them."""
+    import torch
+
+    from hidream_edit.editor import EditRequest
+
+    torch.set_num_threads(1)
+    editors = _editors(tiny_root)
+    group = _join(rank, size, port, 120.0) if size > 1 else None
+    try:
+        if group is not None:
+            for editor in editors.values():
+                editor.use_guidance_group(group.guidance)
+        results = {}
+        for name, (model, fields) in EDITS.items():
+            result = editors[model].edit(EditRequest(image=image, steps=2, **fields))
+            if result.image is not None:
+                results[name] = (np.asarray(result.image), result.metadata)
+        if rank == 0:
+            Path(result_file).write_bytes(pickle.dumps(results))
+        else:
+            assert results == {}  # only the leader decodes
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _run_group(size: int, tiny_root: str, image: Path, result_file: Path) -> dict[str, Any]:
+    if size == 1:
+        _edit_all_in_a_fresh_process(tiny_root, image, result_file)
+    else:
+        torch_mp.spawn(_edit_all, args=(size, free_port(), tiny_root, str(image), str(result_file)), nprocs=size)
+    return pickle.loads(result_file.read_bytes())
+
+
+def _edit_all_in_a_fresh_process(tiny_root: str, image: Path, result_file: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=_edit_all, args=(0, 1, 0, tiny_root, str(image), str(result_file)))
+    process.start()
+    process.join(timeout=RUN_TIMEOUT_S)
+    assert process.exitcode == 0
+
+
+@pytest.fixture(scope="module")
+def source_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("source") / "source.png"
+    ramp = np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8)
+    Image.fromarray(ramp).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_checkpoints: Any, source_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every edit in one process, one thread: the reference for the groups."""
+    return _run_group(1, str(tiny_checkpoints.root), source_image, tmp_path_factory.mktemp("one") / "r.pkl")
+
+
+def _without_measurements(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in metadata.items() if key not in MEASURED}
+
+
+@pytest.mark.parametrize("size", [3, 2])
+def test_a_group_gives_the_image_and_metadata_of_one_process(
+    size: int, one_process: dict, tiny_checkpoints: Any, source_image: Path, tmp_path: Path
+) -> None:
+    group = _run_group(size, str(tiny_checkpoints.root), source_image, tmp_path / "group.pkl")
+    assert set(group) == set(EDITS)
+    for name, (pixels, metadata) in group.items():
+        reference_pixels, reference_metadata = one_process[name]
+        difference = np.abs(pixels.astype(int) - reference_pixels.astype(int)).max()
+        assert difference <= 1, (name, difference)
+        assert _without_measurements(metadata) == _without_measurements(reference_metadata), name
+        timings = metadata["timings"]["cfg_parallel"]
+        assert timings["size"] == size and [r["rank"] for r in timings["ranks"]] == list(range(size))
+        shares = [[step["branches"] for step in r["steps"]] for r in timings["ranks"]]
+        guided = metadata["guidance"] > 1
+        refine = metadata["refine_start_step"] < 2
+        edit_share = [[s.start, s.stop] for s in branch_shares(3 if guided else 1, size)]
+        refine_share = [[s.start, s.stop] for s in branch_shares(2 if guided else 1, size)]
+        expected = [[edit_share[m], refine_share[m] if refine else edit_share[m]] for m in range(size)]
+        assert shares == expected, name
+        assert all(step["compute_s"] >= 0 and step["wait_s"] >= 0 for r in timings["ranks"] for step in r["steps"])
+    assert "cfg_parallel" not in one_process["e1.1 edit only"][1]["timings"]
+
+
+# --- failures, hangs and Stop ----------------------------------------------------------------------
+
+
+def _failing_member(rank: int, port: int, tiny_root: str, image: str, mode: str, queue: Any) -> None:
+    """Rank 1 fails (raises) or hangs in its second forward; every rank reports how its edit ended."""
+    import torch
+
+    from hidream_edit.editor import EditRequest
+
+    torch.set_num_threads(1)
+    editor = _editors(tiny_root)["e1.1"]
+    group = _join(rank, 2, port, 6.0)
+    editor.use_guidance_group(group.guidance)
+    pipe = editor.loaded.pipe
+    calls = []
+    predict = pipe._predict
+
+    def broken_predict(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            if mode == "raise":
+                raise RuntimeError("injected failure")
+            time.sleep(25)
+        return predict(*args, **kwargs)
+
+    if rank == 1:
+        pipe._predict = broken_predict
+    started = time.perf_counter()
+    try:
+        editor.edit(EditRequest(image=image, instruction="make it snow", steps=3, refine_strength=0.0))
+        queue.put((rank, "finished", time.perf_counter() - started))
+    except GuidanceGroupError as exc:
+        queue.put((rank, str(exc), time.perf_counter() - started))
+    finally:
+        group.close()
+
+
+def _outcomes(mode: str, tiny_root: str, image: Path) -> dict[int, tuple[str, float]]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_failing_member, args=(rank, port, tiny_root, str(image), mode, queue))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    outcomes = {}
+    for _ in processes:
+        rank, message, seconds = queue.get(timeout=RUN_TIMEOUT_S)
+        outcomes[rank] = (message, seconds)
+    for process in processes:
+        process.join(timeout=60)
+    return outcomes
+
+
+def test_a_rank_that_fails_mid_edit_stops_its_whole_group_at_once(tiny_checkpoints: Any, source_image: Path) -> None:
+    outcomes = _outcomes("raise", str(tiny_checkpoints.root), source_image)
+    assert outcomes[1][0].startswith("rank 1 failed at denoising step 2 of 3: injected failure; ")
+    assert outcomes[0][0].startswith("rank 1 of the guidance group (ranks [0, 1]) failed at denoising step 2 of 3")
+    assert all("nothing was saved" in message and "\n" not in message for message, _ in outcomes.values())
+
+
+def test_a_hung_rank_ends_the_others_within_the_collective_timeout(
+    tiny_checkpoints: Any, source_image: Path
+) -> None:
+    outcomes = _outcomes("hang", str(tiny_checkpoints.root), source_image)
+    message, seconds = outcomes[0]
+    assert message.startswith("rank 0 lost its guidance group (ranks [0, 1]) at denoising step 2 of 3: ")
+    assert "--dist-timeout 6 s" in message
+    assert seconds < 25  # it did not wait for the hung rank to wake up
+    assert outcomes[1][0] != "finished"
+
+
+def _stopping_leader(rank: int, port: int, tiny_root: str, image: str, result_file: str) -> None:
+    """The leader asks to stop during the first edit; every rank must stop at the same step, and the
+    group must still work for the next edit."""
+    import torch
+
+    from hidream_edit.editor import EditRequest
+
+    torch.set_num_threads(1)
+    editor = _editors(tiny_root)["e1.1"]
+    group = _join(rank, 2, port, 60.0)
+    editor.use_guidance_group(group.guidance)
+    asked: list[int] = []
+
+    def stop_on_second_ask() -> bool:
+        asked.append(1)
+        return len(asked) == 2
+
+    outcome: dict[str, Any] = {}
+    try:
+        request = EditRequest(image=image, instruction="make it snow", steps=4, refine_strength=0.5)
+        try:
+            editor.edit(request, should_stop=stop_on_second_ask if rank == 0 else None)
+            outcome["first"] = "finished"
+        except EditCancelled as exc:
+            outcome["first"] = str(exc)
+        result = editor.edit(request)
+        outcome["second"] = None if result.image is None else np.asarray(result.image)
+        Path(f"{result_file}.{rank}").write_bytes(pickle.dumps(outcome))
+    finally:
+        group.close()
+
+
+def test_stop_on_the_leader_stops_every_rank_at_the_same_step_and_the_group_goes_on(
+    tiny_checkpoints: Any, source_image: Path, tmp_path: Path
+) -> None:
+    result_file = tmp_path / "stop.pkl"
+    torch_mp.spawn(_stopping_leader, args=(free_port(), str(tiny_checkpoints.root), str(source_image),
+                                           str(result_file)), nprocs=2)
+    leader, member = (pickle.loads(Path(f"{result_file}.{rank}").read_bytes()) for rank in (0, 1))
+    assert leader["first"] == member["first"] == "stopped at denoising step 2 of 4"
+    assert leader["second"] is not None and leader["second"].shape == (48, 64, 3)
+    assert member["second"] is None
+
+
+# --- the command lines under torchrun ------------------------------------------------------------------
+
+
+def _cli(arguments: list[str], tiny_env: dict[str, str], processes: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] if processes == 1 else [TORCHRUN, "--standalone", "--nproc-per-node",
+                                                        str(processes), "--monitor-interval", "0.5"]
+    return subprocess.run([*launcher, *arguments], capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
+                          timeout=RUN_TIMEOUT_S)
+
+
+def test_torchrun_cfg_parallel_3_writes_the_single_process_image(
+    tiny_env: dict[str, str], source_image: Path, tmp_path: Path
+) -> None:
+    edit = ["inference_e1_1_npu.py", "--tiny", "--image", str(source_image), "--instruction", "make the sky purple",
+            "--steps", "2", "--refine-strength", "0.5"]
+    single, grouped = tmp_path / "single" / "out.png", tmp_path / "group" / "out.png"
+    single.parent.mkdir()
+    grouped.parent.mkdir()
+    done = _cli([*edit, "--output", str(single)], tiny_env)
+    assert done.returncode == 0, done.stderr
+    done = _cli([*edit, "--cfg-parallel", "3", "--output", str(grouped)], tiny_env, processes=3)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("saved ") == 1  # one rank saves
+    assert sorted(path.name for path in grouped.parent.iterdir()) == ["out.png", "out.png.json"]
+    difference = np.abs(np.asarray(Image.open(single), dtype=int) - np.asarray(Image.open(grouped), dtype=int)).max()
+    assert difference <= 1
+    single_metadata, group_metadata = (json.loads(Path(f"{path}.json").read_text()) for path in (single, grouped))
+    assert group_metadata["timings"]["cfg_parallel"]["size"] == 3
+    ignore = (*MEASURED, "output")
+    assert {k: v for k, v in group_metadata.items() if k not in ignore} == {
+        k: v for k, v in single_metadata.items() if k not in ignore
+    }
+
+
+def test_torchrun_one_edit_with_the_wrong_group_size_is_refused_before_loading(
+    tiny_env: dict[str, str], source_image: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "out.png"
+    done = _cli(["inference_e1_1_npu.py", "--tiny", "--image", str(source_image), "--instruction", "x",
+                 "--output", str(output)], tiny_env, processes=2)
+    assert done.returncode != 0
+    refusal = "error: one edit needs --cfg-parallel equal to the number of processes (2);"
+    assert done.stderr.count(refusal) == 2  # one line per rank
+    assert "hidream_edit/" not in done.stderr and "loading" not in done.stderr  # torchrun's own report only
+    assert not output.exists()
+
+
+def test_torchrun_batch_with_cfg_parallel_2_writes_the_one_process_files(
+    tiny_env: dict[str, str], source_image: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number in range(2):
+        Image.open(source_image).rotate(90 * number, expand=True).save(folder / f"p{number}.png")
+    batch = ["inference_npu.py", "--tiny", "--input-dir", str(folder), "--instruction", "add a hat", "--steps", "2",
+             "--refine-strength", "0.5"]
+    done = _cli([*batch, "--output-dir", str(tmp_path / "one")], tiny_env)
+    assert done.returncode == 0, done.stderr
+    done = _cli([*batch, "--cfg-parallel", "2", "--output-dir", str(tmp_path / "two")], tiny_env, processes=2)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["cfg_parallel"] == 2 and summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+    assert [item["rank"] for item in summary["items"]] == [0, 0]  # the group's leader saves every item
+    for number in range(2):
+        one, two = (np.asarray(Image.open(tmp_path / run / f"p{number}.png"), dtype=int) for run in ("one", "two"))
+        assert np.abs(one - two).max() <= 1
