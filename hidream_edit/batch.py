@@ -590,7 +590,7 @@ def run_batch(
     group: RankGroup | None = None
     guidance: GuidanceGroup | None = None
     if dist_env.enabled:
-        from hidream_edit.guidance_parallel import CardGroup
+        from hidream_edit.distributed import CardGroup
 
         card_group = CardGroup.join(dm, dist_env, cfg_parallel, dist_timeout_s)
         group, guidance = card_group.ranks, card_group.guidance

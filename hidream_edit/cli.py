@@ -37,6 +37,7 @@ from hidream_edit.config import (
     plan_dtype,
     vlm_api_key,
 )
+from hidream_edit.distributed import CardGroup
 from hidream_edit.editor import (
     USER_ERRORS,
     EditCancelled,
@@ -47,7 +48,7 @@ from hidream_edit.editor import (
     resolve_request,
 )
 from hidream_edit.errors import GuidanceGroupError, UserError
-from hidream_edit.guidance_parallel import CardGroup, check_cfg_parallel
+from hidream_edit.guidance_parallel import check_cfg_parallel
 from hidream_edit.spec import ModelSpec
 
 logger = logging.getLogger("hidream_edit")
@@ -233,7 +234,7 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     group: CardGroup | None = None
     try:
         dist_env = distributed_environment(env)
-        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, single_edit=True)
+        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, "one edit")
         leader = dist_env.rank % args.cfg_parallel == 0
         if leader:
             check_output_path(output, args.overwrite)
@@ -297,7 +298,7 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
     try:
         dist_env = distributed_environment(env)
         rank = dist_env.rank
-        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, single_edit=False)
+        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, None)
         settings = editor_settings_from_args(args, spec, env)
         output_dir = Path(args.output_dir).expanduser()
         template = edit_request_from_args(args, "", args.instruction or "")

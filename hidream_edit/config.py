@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, NoReturn
 
 from hidream_edit.errors import UserError
 from hidream_edit.placement import OFFLOAD_CHOICES, PLACEMENT_HELP, parse_host, parse_size
-from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID, MODEL_NAMES, MODELS, REFINE_WEIGHTS, ModelSpec
+from hidream_edit.spec import (
+    CFG_PARALLEL_SIZES,
+    I1_HUB_ID,
+    LLAMA_HUB_ID,
+    MODEL_NAMES,
+    MODELS,
+    REFINE_WEIGHTS,
+    ModelSpec,
+)
 
 if TYPE_CHECKING:
     from hidream_edit.editor import EditorSettings, EditRequest
@@ -51,8 +59,6 @@ ENV_MASTER_PORT = "MASTER_PORT"
 ENV_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
 
 DEFAULT_DIST_TIMEOUT_S = 1800.0
-# --cfg-parallel: how many ranks share one edit's guidance branches (a step has at most three)
-CFG_PARALLEL_SIZES = (1, 2, 3)
 
 
 RNG_PLACEMENTS = ("device", "cpu")

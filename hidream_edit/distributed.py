@@ -1,4 +1,5 @@
-"""Joining torchrun's process group and the little coordination a batch needs across ranks.
+"""Joining torchrun's process group, the little coordination a batch needs across ranks, and the
+guidance groups of --cfg-parallel (guidance_parallel.py does the per-step sharing).
 
 The group is joined with the device's backend (hccl on Ascend, nccl on CUDA, gloo on CPU). Handing out
 items and collecting per-rank results go through the rendezvous store (a TCPStore on the master that
@@ -14,8 +15,10 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from device_utils import DeviceManager
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.errors import UserError
+from hidream_edit.guidance_parallel import GuidanceGroup, form_guidance_group
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +104,30 @@ def join_process_group(env: DistributedEnvironment, backend: str, timeout_s: flo
         ) from exc
     logger.info("rank %d of %d joined the %s process group at %s", rank, world_size, backend, where)
     return RankGroup(env, store, timeout, backend)
+
+
+@dataclass
+class CardGroup:
+    """What a rank under torchrun holds: its device, the joined process group and its guidance group."""
+
+    dm: DeviceManager
+    ranks: RankGroup
+    guidance: GuidanceGroup | None  # None with --cfg-parallel 1: every rank edits alone
+
+    @classmethod
+    def join(cls, dm: DeviceManager, env: DistributedEnvironment, cfg_parallel: int, timeout_s: float) -> CardGroup:
+        """Join the world with the backend of this rank's card and form the groups of `cfg_parallel` ranks."""
+        ranks = join_process_group(env, dm.distributed_backend, timeout_s)
+        if cfg_parallel == 1:
+            return cls(dm, ranks, None)
+        try:
+            guidance = form_guidance_group(
+                env.rank, env.world_size, cfg_parallel, dm.device, timeout_s, ranks.store, dm.synchronize
+            )
+        except BaseException:
+            ranks.close()
+            raise
+        return cls(dm, ranks, guidance)
+
+    def close(self) -> None:
+        self.ranks.close()

@@ -201,6 +201,10 @@ class PromptEmbeddingCache:
             self._entries.popitem(last=False)
 
 
+# (resolved request, model input image, source size): an edit a guidance group's leader is about to run
+AnnounceFn = Callable[["EditRequest", Image.Image, tuple[int, int]], None]
+
+
 def device_manager_for(settings: EditorSettings) -> DeviceManager:
     """The device and dtype the settings ask for (LOCAL_RANK picks the card under torchrun)."""
     return DeviceManager(
@@ -221,10 +225,16 @@ class Editor:
         self.prompt_cache = PromptEmbeddingCache(settings.model, settings.prompt_cache_entries)
         loaded.pipe.prompt_cache = self.prompt_cache if settings.prompt_cache_entries > 0 else None
         self.guidance_group: GuidanceGroup | None = None
+        self.announce: AnnounceFn | None = None
 
-    def use_guidance_group(self, group: GuidanceGroup) -> None:
-        """Share every edit's guidance branches with the other ranks of `group` (--cfg-parallel)."""
+    def use_guidance_group(self, group: GuidanceGroup, announce: AnnounceFn | None = None) -> None:
+        """Share every edit's guidance branches with the other ranks of `group` (--cfg-parallel).
+
+        `announce(request, model_input, source_size)` tells members that wait for work (the web UI's)
+        which edit to join; command lines need none, as every rank reads the same flags.
+        """
         self.guidance_group = group
+        self.announce = announce
         self.loaded.pipe.guidance_group = group
 
     @property
@@ -280,6 +290,19 @@ class Editor:
                 "using the bare instruction (a target description or the instruction rewrite builds the form)"
             )
         source, model_input = self.prepare_image(request)
+        if self.announce is not None:
+            self.announce(request, model_input, source.size)
+        return self.edit_prepared(request, model_input, source.size, on_step, should_stop)
+
+    def edit_prepared(
+        self,
+        request: EditRequest,
+        model_input: Image.Image,
+        source_size: tuple[int, int],
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> EditResult:
+        """The edit of a resolved request whose image is already at the model's size (`edit` does both)."""
         generator = self.dm.create_generator(request.seed, on="cpu" if self.settings.rng == "cpu" else "device")
         steps = request.steps
 
@@ -315,7 +338,7 @@ class Editor:
         total_s = time.perf_counter() - started
         if output.non_finite:
             raise NonFiniteError("the VAE decode", self.loaded.vae_dtype)
-        image = resize_to(output.images[0], source.size) if self.writes_outputs else None
+        image = resize_to(output.images[0], source_size) if self.writes_outputs else None
         memory = self.dm.memory_stats(log=False)
         metadata = {
             "model": self.settings.model,
@@ -331,7 +354,7 @@ class Editor:
             "rng": self.settings.rng,
             "generator_device": str(generator.device),
             "keep_aspect": request.keep_aspect,
-            "source_size": list(source.size),
+            "source_size": list(source_size),
             "model_input_size": list(model_input.size),
             "device": str(self.dm.device),
             "device_name": self.dm.device_name,

@@ -22,10 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from device_utils import DeviceManager
-from hidream_edit.config import CFG_PARALLEL_SIZES, DistributedEnvironment
-from hidream_edit.distributed import RankGroup, join_process_group
 from hidream_edit.errors import EditCancelled, GuidanceGroupError, UserError
+from hidream_edit.spec import CFG_PARALLEL_SIZES
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +44,11 @@ def branch_shares(branches: int, size: int) -> list[range]:
     return shares
 
 
-def check_cfg_parallel(size: int, world_size: int, single_edit: bool) -> None:
-    """Refuse a --cfg-parallel that this launch cannot form groups for (before anything loads)."""
+def check_cfg_parallel(size: int, world_size: int, one_group: str | None) -> None:
+    """Refuse a --cfg-parallel that this launch cannot form groups for (before anything loads).
+
+    `one_group` names a run that edits with a single group ("one edit", "the web UI"); None for batches.
+    """
     if size not in CFG_PARALLEL_SIZES:
         raise UserError(f"--cfg-parallel must be 1, 2 or 3 (the guidance branches of a step), got {size}")
     if size > 1 and world_size == 1:
@@ -56,9 +57,9 @@ def check_cfg_parallel(size: int, world_size: int, single_edit: bool) -> None:
         raise UserError(
             f"--cfg-parallel {size} needs a number of processes that is a multiple of {size}, got {world_size}"
         )
-    if single_edit and world_size != size:
+    if one_group is not None and world_size != size:
         raise UserError(
-            f"one edit needs --cfg-parallel equal to the number of processes ({world_size}); "
+            f"{one_group} needs --cfg-parallel equal to the number of processes ({world_size}); "
             "more processes than that are for batches (--input-dir or --manifest)"
         )
 
@@ -227,29 +228,3 @@ def form_guidance_group(
     return GuidanceGroup(size, rank % size, index, groups[index], handles[index], device, timeout_s, store,
                          synchronize)
 
-
-@dataclass
-class CardGroup:
-    """What a rank under torchrun holds: its device, the joined process group and its guidance group."""
-
-    dm: DeviceManager
-    ranks: RankGroup
-    guidance: GuidanceGroup | None  # None with --cfg-parallel 1: every rank edits alone
-
-    @classmethod
-    def join(cls, dm: DeviceManager, env: DistributedEnvironment, cfg_parallel: int, timeout_s: float) -> CardGroup:
-        """Join the world with the backend of this rank's card and form the groups of `cfg_parallel` ranks."""
-        ranks = join_process_group(env, dm.distributed_backend, timeout_s)
-        if cfg_parallel == 1:
-            return cls(dm, ranks, None)
-        try:
-            guidance = form_guidance_group(
-                env.rank, env.world_size, cfg_parallel, dm.device, timeout_s, ranks.store, dm.synchronize
-            )
-        except BaseException:
-            ranks.close()
-            raise
-        return cls(dm, ranks, guidance)
-
-    def close(self) -> None:
-        self.ranks.close()

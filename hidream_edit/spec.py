@@ -30,6 +30,10 @@ I1_TRANSFORMER_WEIGHTS = ("transformer/*",)
 # Which weights the refine stage uses: the edit weights (upstream's measured behaviour) or true I1 weights.
 REFINE_WEIGHTS: tuple[str, ...] = ("edit", "base")
 
+# Guidance branches of one denoising step: 3 in the edit stage, 2 in the refine stage, 1 without guidance;
+# --cfg-parallel K shares them among K ranks, so K is at most 3.
+CFG_PARALLEL_SIZES = (1, 2, 3)
+
 # E1-Full's prompt form; the refine stage encodes the text after TARGET_MARKER.
 INSTRUCTION_MARKER = "Editing Instruction:"
 TARGET_MARKER = "Target Image Description:"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ import pytest
 import torch.multiprocessing as torch_mp
 from npu_standin import REPO
 from PIL import Image
-from test_batch_distributed import TORCHRUN, free_port, run_env
+from test_batch_distributed import TORCHRUN, free_port, rank_process, run_env
 
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.errors import EditCancelled, GuidanceGroupError, UserError
@@ -62,13 +64,13 @@ def test_branches_are_shared_in_contiguous_runs_with_the_remainder_first() -> No
 )
 def test_launches_that_cannot_form_groups_are_refused(size: int, world: int, single: bool, message: str) -> None:
     with pytest.raises(UserError) as error:
-        check_cfg_parallel(size, world, single_edit=single)
+        check_cfg_parallel(size, world, "one edit" if single else None)
     assert str(error.value).startswith(message)
 
 
 @pytest.mark.parametrize("size,world,single", [(1, 1, True), (3, 3, True), (2, 2, True), (3, 6, False), (1, 4, False)])
 def test_launches_that_form_groups_pass(size: int, world: int, single: bool) -> None:
-    check_cfg_parallel(size, world, single_edit=single)
+    check_cfg_parallel(size, world, "one edit" if single else None)
 
 
 # --- real process groups ---------------------------------------------------------------------------
@@ -89,7 +91,7 @@ def _editors(tiny_root: str) -> dict[str, Any]:
 
 def _join(rank: int, size: int, port: int, timeout_s: float) -> Any:
     from device_utils import DeviceManager
-    from hidream_edit.guidance_parallel import CardGroup
+    from hidream_edit.distributed import CardGroup
 
     env = DistributedEnvironment(size, rank, rank, "127.0.0.1", port)
     return CardGroup.join(DeviceManager("cpu", "fp32"), env, size, timeout_s)
@@ -362,3 +364,45 @@ def test_torchrun_batch_with_cfg_parallel_2_writes_the_one_process_files(
     for number in range(2):
         one, two = (np.asarray(Image.open(tmp_path / run / f"p{number}.png"), dtype=int) for run in ("one", "two"))
         assert np.abs(one - two).max() <= 1
+
+
+def test_the_web_ui_serves_edits_with_a_guidance_group_and_stops_cleanly(
+    e1_1_editor: Any, tiny_env: dict[str, str], source_image: Path, tmp_path: Path
+) -> None:
+    """torchrun --nproc-per-node 2 gradio_demo_npu.py --cfg-parallel 2: rank 0 serves, rank 1 follows its edits."""
+    from gradio_client import Client, handle_file
+
+    from hidream_edit.editor import EditRequest
+
+    results, port = tmp_path / "results", free_port()
+    command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.5", "gradio_demo_npu.py",
+               "--tiny", "--cfg-parallel", "2", "--port", str(port), "--results-dir", str(results)]
+    server = subprocess.Popen(command, cwd=REPO, env=run_env(tiny_env), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while True:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert time.monotonic() < deadline, "the server never answered"
+            try:
+                client = Client(f"http://127.0.0.1:{port}", verbose=False)
+                break
+            except Exception:  # not listening yet: the model is loading
+                time.sleep(1)
+        answer = client.predict(handle_file(str(source_image)), "make it red", steps=2, seed=11, refine=0.5,
+                                api_name="/edit")
+        assert answer[2].startswith("Done in "), answer
+        (saved,) = [path for path in results.rglob("*.png")]
+        metadata = json.loads(Path(f"{saved}.json").read_text())
+        assert [r["rank"] for r in metadata["timings"]["cfg_parallel"]["ranks"]] == [0, 1]
+        alone = e1_1_editor.edit(EditRequest(image=source_image, instruction="make it red", steps=2, seed=11,
+                                             refine_strength=0.5))
+        difference = np.abs(np.asarray(Image.open(saved), dtype=int) - np.asarray(alone.image, dtype=int)).max()
+        assert difference <= 1
+        rank_process(server.pid, "0").send_signal(signal.SIGINT)  # Ctrl-C on the server
+        assert server.wait(timeout=120) == 0  # the follower was released, nobody waits out a timeout
+        assert "hidream_edit/" not in (server.stderr.read() if server.stderr else "")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

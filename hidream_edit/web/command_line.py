@@ -14,6 +14,7 @@ from pathlib import Path
 from hidream_edit.config import (
     ENV_WEB_AUTH,
     OneLineArgumentParser,
+    add_distributed_arguments,
     add_model_arguments,
     add_model_choice_argument,
     add_rewrite_arguments,
@@ -57,6 +58,7 @@ def build_parser(model: str) -> OneLineArgumentParser:
     if spec.prompt_form:
         add_rewrite_arguments(parser, spec, in_page=True)
     add_model_arguments(parser, spec)
+    add_distributed_arguments(parser)
     return parser
 
 

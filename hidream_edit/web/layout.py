@@ -13,8 +13,16 @@ from typing import Any
 
 import gradio as gr
 
-from hidream_edit.config import EXIT_USER_ERROR, environment, model_spec
-from hidream_edit.editor import MAX_STEPS, USER_ERRORS, Editor
+from hidream_edit.config import (
+    EXIT_USER_ERROR,
+    DistributedEnvironment,
+    distributed_environment,
+    environment,
+    model_spec,
+)
+from hidream_edit.editor import MAX_STEPS, USER_ERRORS, Editor, EditorSettings, device_manager_for
+from hidream_edit.errors import GuidanceGroupError
+from hidream_edit.guidance_parallel import check_cfg_parallel
 from hidream_edit.web.command_line import editor_settings_from_args, parse_command_line, start_logging
 from hidream_edit.web.service import (
     BATCH_JOBS,
@@ -226,6 +234,34 @@ def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> Non
     )
 
 
+def serve_with_guidance_group(
+    editor_settings: EditorSettings, settings: WebSettings, dist_env: DistributedEnvironment, size: int,
+    timeout_s: float,
+) -> int:
+    """Under torchrun with --cfg-parallel K: rank 0 serves the page, the other ranks follow its edits."""
+    from hidream_edit.distributed import CardGroup
+    from hidream_edit.group_jobs import GroupJobs, follow_leader
+
+    group = CardGroup.join(device_manager_for(editor_settings), dist_env, size, timeout_s)
+    try:
+        assert group.guidance is not None  # size == world size > 1, checked by the caller
+        jobs = GroupJobs(group.ranks.store, group.guidance)
+        if dist_env.rank == 0:
+            print(f"loading {editor_settings.spec.title} on {size} ranks...", file=sys.stderr, flush=True)
+        editor = Editor.load(editor_settings, group.dm)
+        editor.use_guidance_group(group.guidance, jobs.announce if group.guidance.leader else None)
+        if not group.guidance.leader:
+            follow_leader(editor, jobs)
+            return 0
+        try:
+            launch(build_app(editor, settings), settings)
+        finally:
+            jobs.close()
+        return 0
+    finally:
+        group.close()
+
+
 def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Parse, load the model once, build and serve. Exit 2 on a user mistake (one line), 130 on Ctrl-C."""
     env = environment(env)
@@ -237,10 +273,17 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         if settings.host not in LOOPBACK_HOSTS and settings.auth is None:
             print(f"warning: serving on {settings.host} without --auth: anyone who can reach it can use the device",
                   file=sys.stderr)
+        dist_env = distributed_environment(env)
+        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, "the web UI")
+        if dist_env.enabled:
+            return serve_with_guidance_group(editor_settings, settings, dist_env, args.cfg_parallel, args.dist_timeout)
         print(f"loading {model_spec(model).title}...", file=sys.stderr, flush=True)
         editor = Editor.load(editor_settings)
         demo = build_app(editor, settings)
         launch(demo, settings)
+    except GuidanceGroupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
