@@ -76,7 +76,7 @@ def test_launches_that_form_groups_pass(size: int, world: int, single: bool) -> 
 # --- real process groups ---------------------------------------------------------------------------
 
 
-def _editors(tiny_root: str) -> dict[str, Any]:
+def _editors(tiny_root: str, models: tuple[str, ...] = ("e1.1", "e1-full")) -> dict[str, Any]:
     from hidream_edit.config import resolve_model_sources
     from hidream_edit.editor import Editor, EditorSettings
     from hidream_edit.spec import MODELS
@@ -85,7 +85,7 @@ def _editors(tiny_root: str) -> dict[str, Any]:
     return {
         model: Editor.load(EditorSettings(resolve_model_sources(MODELS[model], tiny=True, env=env), device="cpu",
                                           dtype="fp32", attention="sdpa"))
-        for model in ("e1.1", "e1-full")
+        for model in models
     }
 
 
@@ -192,7 +192,7 @@ def _failing_member(rank: int, port: int, tiny_root: str, image: str, mode: str,
     from hidream_edit.editor import EditRequest
 
     torch.set_num_threads(1)
-    editor = _editors(tiny_root)["e1.1"]
+    editor = _editors(tiny_root, ("e1.1",))["e1.1"]
     group = _join(rank, 2, port, 6.0)
     editor.use_guidance_group(group.guidance)
     pipe = editor.loaded.pipe
@@ -262,7 +262,7 @@ def _stopping_leader(rank: int, port: int, tiny_root: str, image: str, result_fi
     from hidream_edit.editor import EditRequest
 
     torch.set_num_threads(1)
-    editor = _editors(tiny_root)["e1.1"]
+    editor = _editors(tiny_root, ("e1.1",))["e1.1"]
     group = _join(rank, 2, port, 60.0)
     editor.use_guidance_group(group.guidance)
     asked: list[int] = []
