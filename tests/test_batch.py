@@ -346,6 +346,8 @@ class FakeDeviceManager:
 class FakeEditor:
     """Fails in the ways a real edit can: by raising, or by returning a non-finite image."""
 
+    writes_outputs = True  # one process: no guidance group, so this editor saves
+
     def __init__(self, outcomes: dict[str, Any]) -> None:
         self.outcomes = outcomes
         self.dm = FakeDeviceManager()
