@@ -76,6 +76,39 @@ def test_launches_that_form_groups_pass(size: int, world: int, single: bool) -> 
 # --- real process groups ---------------------------------------------------------------------------
 
 
+def _two_groups_of_two(rank: int, port: int, items: int, result_file: str) -> None:
+    """4 ranks, --cfg-parallel 2: both groups gather only their own predictions and split a batch's items."""
+    import torch
+
+    from hidream_edit.batch import GroupQueue, claimed
+
+    torch.set_num_threads(1)
+    group = _join(rank, 4, port, 60.0, size=2)
+    guidance = group.guidance
+    try:
+        def compute(start: int, stop: int) -> torch.Tensor:  # branch b of rank r holds 100 * r + b
+            return torch.stack([torch.full((2, 3), 100.0 * rank + b) for b in range(start, stop)])
+
+        gathered = guidance.predictions(3, compute, (2, 3), torch.float32, "a step")
+        mine = list(claimed(GroupQueue(group.ranks, guidance), items))
+        Path(f"{result_file}.{rank}").write_text(json.dumps(
+            {"group": guidance.index, "leader": guidance.leader, "gathered": gathered[:, 0, 0].tolist(),
+             "items": mine}))
+    finally:
+        group.close()
+
+
+def test_four_ranks_form_two_groups_that_gather_apart_and_split_the_items(tmp_path: Path) -> None:
+    result_file = tmp_path / "groups.json"
+    torch_mp.spawn(_two_groups_of_two, args=(free_port(), 12, str(result_file)), nprocs=4)
+    ranks = [json.loads(Path(f"{result_file}.{rank}").read_text()) for rank in range(4)]
+    assert [(r["group"], r["leader"]) for r in ranks] == [(0, True), (0, False), (1, True), (1, False)]
+    assert ranks[0]["gathered"] == ranks[1]["gathered"] == [0.0, 1.0, 102.0]  # rank 0 ran branches 0-1, rank 1 #2
+    assert ranks[2]["gathered"] == ranks[3]["gathered"] == [200.0, 201.0, 302.0]
+    assert ranks[0]["items"] == ranks[1]["items"] and ranks[2]["items"] == ranks[3]["items"]
+    assert sorted(ranks[0]["items"] + ranks[2]["items"]) == list(range(12))  # each item to exactly one group
+
+
 def _editors(tiny_root: str, models: tuple[str, ...] = ("e1.1", "e1-full")) -> dict[str, Any]:
     from hidream_edit.config import resolve_model_sources
     from hidream_edit.editor import Editor, EditorSettings
@@ -89,12 +122,13 @@ def _editors(tiny_root: str, models: tuple[str, ...] = ("e1.1", "e1-full")) -> d
     }
 
 
-def _join(rank: int, size: int, port: int, timeout_s: float) -> Any:
+def _join(rank: int, world_size: int, port: int, timeout_s: float, size: int | None = None) -> Any:
+    """Join a world of `world_size` ranks on CPU/gloo, in guidance groups of `size` (default: all of them)."""
     from device_utils import DeviceManager
     from hidream_edit.distributed import CardGroup
 
-    env = DistributedEnvironment(size, rank, rank, "127.0.0.1", port)
-    return CardGroup.join(DeviceManager("cpu", "fp32"), env, size, timeout_s)
+    env = DistributedEnvironment(world_size, rank, rank, "127.0.0.1", port)
+    return CardGroup.join(DeviceManager("cpu", "fp32"), env, size or world_size, timeout_s)
 
 
 def _edit_all(rank: int, size: int, port: int, tiny_root: str, image: str, result_file: str) -> None:
