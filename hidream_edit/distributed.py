@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from device_utils import DeviceManager
 from hidream_edit.config import DistributedEnvironment
-from hidream_edit.errors import UserError
+from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.guidance_parallel import GuidanceGroup, form_guidance_group
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,12 @@ class CardGroup:
             guidance = form_guidance_group(
                 env.rank, env.world_size, cfg_parallel, dm.device, timeout_s, ranks.store, dm.synchronize
             )
+        except RuntimeError as exc:  # a rank that never reaches new_group: DistStoreError after the timeout
+            ranks.close()
+            raise GuidanceGroupError(
+                f"rank {env.rank} cannot form its guidance group of {cfg_parallel}: {_first_line(exc)}; "
+                "see --dist-timeout"
+            ) from exc
         except BaseException:
             ranks.close()
             raise
