@@ -2,8 +2,11 @@
 
 Front ends (the two CLIs, the web UI, the environment doctor) build their parsers from the `add_*`
 functions here and turn parsed flags plus environment variables into fully resolved settings with the
-`*_from_args` functions; nothing below this layer reads `os.environ` (device_utils keeps LOCAL_RANK,
-torchrun's contract, and the torch autoload switch). Flags win over environment variables.
+`*_from_args` functions; nothing below this layer reads `os.environ`. The exceptions are documented in
+docs/ARCHITECTURE.md section 1: device_utils keeps LOCAL_RANK (torchrun's contract) and the torch
+autoload switch (TORCH_DEVICE_BACKEND_AUTOLOAD), and its own command line (`python device_utils.py`)
+reads PREFERRED_DEVICE and PREFERRED_DTYPE, since that module imports nothing of ours. Flags win over
+environment variables.
 
 Importing this module imports no torch, so the doctor can build its parser on a machine where torch is
 broken; the device choices are read from device_utils when a parser is built.

@@ -164,9 +164,9 @@ LLAMA_UNUSED_PREFIXES: tuple[str, ...] = ("lm_head.",)
 # Tensors transformers keeps in fp32 when a model is loaded in fp16 (`_keep_in_fp32_modules`).
 KEEP_FP32_IN_FP16: dict[str, tuple[str, ...]] = {"t5": (".wo.",)}
 
-# The transformer's working set at one denoising step (DESIGN.md section 4): the edit stage runs 3 branches,
-# each with the image tokens (padded to max_seq) plus text tokens: 128 T5 + 128 Llama (last layer) + 128
-# Llama (per block) at max_sequence_length 128.
+# The transformer's working set at one denoising step (docs/ARCHITECTURE.md section 5): the edit stage runs
+# 3 branches, each with the image tokens (padded to max_seq) plus text tokens: 128 T5 + 128 Llama (last
+# layer) + 128 Llama (per block) at max_sequence_length 128.
 EDIT_BRANCHES = 3
 TEXT_TOKENS = 3 * 128
 TRANSFORMER_WIDTH = 2560

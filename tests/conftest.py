@@ -11,16 +11,18 @@ pytest_plugins = ("ci_required",)
 
 # Every run, whole suite or one file, starts from the same environment: the hub is offline (everything
 # is local; an accidental download fails fast instead of waiting on the network) and the user's device
-# and model settings are not inherited. Set here, before any test module imports huggingface_hub.
+# and model settings are not inherited: every HIDREAM_* variable (a new one included, e.g. the tiny
+# folder or the web login) and the device variables. Set here, before any test module imports
+# huggingface_hub.
 TEST_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-USER_SETTINGS = ("PREFERRED_DEVICE", "PREFERRED_DTYPE", "LOCAL_RANK", "HIDREAM_ATTENTION", "HIDREAM_LLAMA_PATH",
-                 "HIDREAM_I1_PATH", "HIDREAM_E1_PATH", "HIDREAM_E1_FULL_PATH")
+USER_SETTINGS = ("PREFERRED_DEVICE", "PREFERRED_DTYPE", "LOCAL_RANK")
+USER_SETTING_PREFIX = "HIDREAM_"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(TEST_ENVIRONMENT)
-    for name in USER_SETTINGS:
-        os.environ.pop(name, None)
+    for name in [name for name in os.environ if name in USER_SETTINGS or name.startswith(USER_SETTING_PREFIX)]:
+        del os.environ[name]
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@
 The fake's output is a fixed function of every input it gets (latents with the appended image
 latents, timesteps, T5, Llama and pooled text) and of which weights are active, and it records each
 call. So every step's inputs, and the guided prediction that reaches the scheduler, can be recomputed
-here from DESIGN.md section 3 and compared with what the pipeline really did. The tiny checkpoints
-provide the real text encoders, VAE and scheduler.
+here from docs/ARCHITECTURE.md section 3 and compared with what the pipeline really did. The tiny
+checkpoints provide the real text encoders, VAE and scheduler.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def text_batch(*parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 @torch.no_grad()
 def expected_image_latents(pipe: HiDreamImageEditingPipeline) -> torch.Tensor:
-    """VAE mode of the source, shifted and scaled (DESIGN.md section 3, step 3)."""
+    """VAE mode of the source, shifted and scaled (docs/ARCHITECTURE.md section 3.1, item 3)."""
     config = pipe.vae.config
     assert config.shift_factor != 0 and config.scaling_factor != 1  # the check below has teeth
     pixels = pipe.image_processor.preprocess(source_image())
@@ -204,7 +204,7 @@ def edit_predictions(latents: torch.Tensor, t: torch.Tensor, z: torch.Tensor, te
 
 def expected_edit_step(latents: torch.Tensor, t: torch.Tensor, z: torch.Tensor, text: tuple[torch.Tensor, ...],
                        clip_cfg_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(transformer input, guided prediction) of one edit step, restated from DESIGN.md section 3."""
+    """(transformer input, guided prediction) of one edit step, restated from docs/ARCHITECTURE.md section 3.2."""
     hidden, (a, b, c) = edit_predictions(latents, t, z, text)
     if not clip_cfg_norm:
         return hidden, a + IMAGE_GUIDANCE * (b - a) + GUIDANCE * (c - b)
