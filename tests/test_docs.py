@@ -291,8 +291,7 @@ def test_component_tables_match_the_specs_real_sizes() -> None:
             name, parameters, gib = (cell.strip() for cell in line.strip("|").split("|"))
             parts = next(parts for prefix, parts in rows_of.items() if name.startswith(prefix))
             lm_head = REAL_LLAMA_LM_HEAD if "without lm_head" in name or "as loaded" in name else 0
-            counts = [REAL_PARAMETERS[part] for part in parts]
-            counts[parts.index("llama") if "llama" in parts else 0] -= lm_head
+            counts = [REAL_PARAMETERS[part] - (lm_head if part == "llama" else 0) for part in parts]
             shown = parameters.split(" + ")
             values = counts if len(shown) > 1 else [sum(counts)]
             decimals = [len(number.split()[0].partition(".")[2]) for number in shown]
@@ -457,7 +456,7 @@ def test_quoted_error_lines_are_what_the_code_prints(
     assert len(quotes) >= 7, "the quoted messages were not found; did the quoting change?"
     unmatched = [quote for quote in quotes
                  if not any(re.fullmatch(".*".join(map(re.escape, quote.split("..."))), line) for line in produced)]
-    assert unmatched == [], "\n".join(produced)
+    assert unmatched == [], "the code prints:\n" + "\n".join(produced)
 
 
 def test_every_environment_exception_is_documented() -> None:
