@@ -42,6 +42,7 @@ from hidream_edit.editor import USER_ERRORS, EditCancelled, Editor, EditRequest,
 from hidream_edit.errors import UserError
 from hidream_edit.images import open_image
 from hidream_edit.instructions import InstructionRewriteError, VLMSettings, compose_e1_full_prompt
+from hidream_edit.spec import MAX_PROMPT_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ZIP_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 RANDOM_SEED_LIMIT = 2**31  # stays exact in the browser's numbers, so a random seed can be typed back in
 DEVICE_BUSY = "waiting for the device (another edit is running)"
-MAX_PROMPT_CHARS = 2000  # same limit as editor.MAX_PROMPT_CHARS: the text encoders read 128 tokens at most
 PREVIEW_SIDE = 1024
 CODE_DIR = Path(hidream_edit.__file__).resolve().parent.parent  # the repository (or site-packages) holding the code
 
