@@ -340,7 +340,7 @@ def resolve_model_sources(
         try:
             tiny_set = ensure_tiny_checkpoints(folder)
         except OSError as exc:  # a read-only or foreign folder: say which one and how to choose another
-            detail = exc.strerror or str(exc)
+            detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
             raise UserError(
                 f"cannot build the tiny checkpoints in {folder}: {detail}; "
                 f"set {ENV_TINY_DIR} to a writable folder of their own"
