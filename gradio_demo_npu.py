@@ -12,6 +12,7 @@ import os
 import sys
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # `import torch` must survive a missing CANN
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warnings dump C++ frames; our errors are one line
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a device server has no business calling home
 
 from hidream_edit.web.layout import main  # noqa: E402

@@ -9,6 +9,7 @@ import os
 import sys
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # `import torch` must survive a missing CANN
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warnings dump C++ frames; our errors are one line
 
 from hidream_edit.cli import run_edit_cli  # noqa: E402
 

@@ -41,10 +41,12 @@ from hidream_edit.config import (  # noqa: E402  (after the autoload switch)
     add_device_arguments,
     add_model_choice_argument,
     add_model_source_arguments,
+    attention_from_env,
     edit_path_from_args,
     environment,
     model_spec,
 )
+from hidream_edit.errors import UserError  # noqa: E402
 from hidream_edit.spec import MODELS, REAL_PARAMETERS, ModelSpec  # noqa: E402
 
 if TYPE_CHECKING:
@@ -517,12 +519,16 @@ def check_attention(device: torch.device, dtype: torch.dtype, npu: bool | None =
 
     du = load_device_utils()
     npu = device.type == "npu" if npu is None else npu
-    configured = (environment().get(ENV_ATTENTION) or "sdpa").strip().lower()
+    checks: list[Check] = []
+    try:
+        configured = attention_from_env() or "sdpa"
+    except UserError as exc:
+        checks.append(Check("attention setting", FAIL, str(exc), f"unset {ENV_ATTENTION} or give it a kernel's name"))
+        configured = "sdpa"
     name_of = dtype_name(dtype)
     tolerance = TOLERANCE[name_of]
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 64, 32, generator=generator).to(device, dtype) for _ in range(3))
-    checks: list[Check] = []
     try:
         reference = du.ATTENTION_FUNCTIONS["math"](q, k, v).float().cpu()
     except (RuntimeError, TypeError, NotImplementedError) as exc:

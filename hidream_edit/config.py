@@ -339,10 +339,15 @@ def resolve_model_sources(
             raise UserError(f"--tiny uses the built-in tiny checkpoints; drop {', '.join(given)}")
         from hidream_edit.tiny import ensure_tiny_checkpoints
 
+        folder = default_tiny_dir(env)
         try:
-            tiny_set = ensure_tiny_checkpoints(default_tiny_dir(env))
-        except FileExistsError as exc:
-            raise UserError(str(exc)) from exc
+            tiny_set = ensure_tiny_checkpoints(folder)
+        except OSError as exc:  # a read-only or foreign folder: say which one and how to choose another
+            detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+            raise UserError(
+                f"cannot build the tiny checkpoints in {folder}: {detail}; "
+                f"set {ENV_TINY_DIR} to a writable folder of their own"
+            ) from exc
         return ModelSources(
             spec.name, str(tiny_set.llama), str(tiny_set.i1), str(tiny_set.edit_source(spec)), tiny=True, offline=True
         )
@@ -373,6 +378,17 @@ def plan_dtype(args: argparse.Namespace, env: Mapping[str, str] | None = None) -
     return "bf16" if name == "auto" else name
 
 
+def attention_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """HIDREAM_ATTENTION, checked here so that a bad value names the variable (the flag is checked by argparse)."""
+    value = (environment(env).get(ENV_ATTENTION) or "").strip()
+    if not value:
+        return None
+    choices = device_choices().attention
+    if choices is not None and value.lower() not in choices:
+        raise UserError(f"{ENV_ATTENTION}={value!r} is not an attention kernel; use one of: {', '.join(choices)}")
+    return value.lower()
+
+
 def editor_settings_from_args(
     args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str] | None = None
 ) -> EditorSettings:
@@ -388,7 +404,7 @@ def editor_settings_from_args(
         dtype=device.dtype,
         device_origin=device.device_origin,
         dtype_origin=device.dtype_origin,
-        attention=args.attention or env.get(ENV_ATTENTION) or None,
+        attention=args.attention or attention_from_env(env),
         offload=args.offload,
         max_memory=args.max_memory,
         host_memory=args.host_memory,
@@ -473,9 +489,10 @@ def _non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:
     value = env.get(name)
     if value is None or not value.strip():
         return default
-    if not value.strip().isdigit():
-        raise UserError(f"{name}={value!r} is not a non-negative integer")
-    return int(value)
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > sys.get_int_max_str_digits():
+        raise UserError(f"{name}={value[:40]!r} is not a non-negative integer")
+    return int(text)
 
 
 def distributed_environment(env: Mapping[str, str] | None = None) -> DistributedEnvironment:
@@ -488,9 +505,11 @@ def distributed_environment(env: Mapping[str, str] | None = None) -> Distributed
     if not 0 <= rank < world_size:
         raise UserError(f"WORLD_SIZE={world_size} needs RANK between 0 and {world_size - 1} (start with torchrun)")
     master_addr = (env.get(ENV_MASTER_ADDR) or "").strip()
-    port = _non_negative_int(env, ENV_MASTER_PORT, 0)
-    if not master_addr or not 0 < port < 2**16:
+    port = _non_negative_int(env, ENV_MASTER_PORT, -1)
+    if not master_addr or port < 0:
         raise UserError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT (start with torchrun)")
+    if not 0 < port < 2**16:
+        raise UserError(f"{ENV_MASTER_PORT}={port} is out of range: a port is between 1 and 65535")
     return DistributedEnvironment(
         world_size=world_size,
         rank=rank,

@@ -28,10 +28,15 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:200] if lines else type(exc).__name__
 
 
+def master_address(env: DistributedEnvironment) -> str:
+    """MASTER_ADDR:MASTER_PORT, an IPv6 address in brackets (given with or without them)."""
+    host = (env.master_addr or "").removeprefix("[").removesuffix("]")
+    return f"[{host}]:{env.master_port}" if ":" in host else f"{host}:{env.master_port}"
+
+
 def rendezvous_url(env: DistributedEnvironment) -> str:
-    """tcp://MASTER_ADDR:MASTER_PORT with this process's rank and the world size (IPv6 in brackets)."""
-    host = f"[{env.master_addr}]" if env.master_addr and ":" in env.master_addr else env.master_addr
-    return f"tcp://{host}:{env.master_port}?rank={env.rank}&world_size={env.world_size}"
+    """tcp://MASTER_ADDR:MASTER_PORT with this process's rank and the world size."""
+    return f"tcp://{master_address(env)}?rank={env.rank}&world_size={env.world_size}"
 
 
 @dataclass
@@ -54,23 +59,35 @@ class RankGroup:
     def _key(self, name: str) -> str:
         return f"batch/{name}"
 
+    def _lost(self, exc: RuntimeError) -> GuidanceGroupError:
+        """The store's host (torchrun's agent, or rank 0 without one) is gone: no rank can go on."""
+        return GuidanceGroupError.store_lost(self.rank, _first_line(exc), master_address(self.env))
+
     def take_number(self, counter: str) -> int:
         """The next number (0, 1, 2, ...) of a counter all ranks share; no two calls get the same one."""
-        return int(self.store.add(self._key(counter), 1)) - 1
+        return self.add(counter, 1) - 1
 
     def add(self, counter: str, amount: int) -> int:
         """Add to a shared counter and return its new value (amount 0 reads it)."""
-        return int(self.store.add(self._key(counter), amount))
+        try:
+            return int(self.store.add(self._key(counter), amount))
+        except RuntimeError as exc:  # DistNetworkError: the store's host went away
+            raise self._lost(exc) from exc
 
     def publish(self, name: str, text: str) -> None:
         """Leave this rank's text under `name` for rank 0 to collect."""
-        self.store.set(self._key(f"{name}/{self.rank}"), text)
+        try:
+            self.store.set(self._key(f"{name}/{self.rank}"), text)
+        except RuntimeError as exc:
+            raise self._lost(exc) from exc
 
     def collect(self, name: str) -> list[str]:
         """Every rank's text under `name`, in rank order; waits up to the group timeout for each."""
         keys = [self._key(f"{name}/{rank}") for rank in range(self.world_size)]
         try:
             self.store.wait(keys, self.timeout)
+        except dist.DistNetworkError as exc:
+            raise self._lost(exc) from exc
         except RuntimeError as exc:
             raise UserError(
                 f"rank 0 waited {self.timeout.total_seconds():g} s for the other ranks' results "
@@ -92,7 +109,7 @@ def join_process_group(env: DistributedEnvironment, backend: str, timeout_s: flo
     addresses or counters of the attempt before. Waits at most `timeout_s`, then fails with one line.
     """
     timeout = timedelta(seconds=timeout_s)
-    where = f"{env.master_addr}:{env.master_port}"
+    where = master_address(env)
     try:
         shared, rank, world_size = next(dist.rendezvous(rendezvous_url(env), timeout=timeout))
         store = dist.PrefixStore(f"hidream_edit/attempt{env.attempt}/", shared)

@@ -33,7 +33,7 @@ from hidream_edit.errors import EditCancelled, NonFiniteError, UserError
 from hidream_edit.guidance_parallel import GuidanceGroup
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
-from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, ModelSpec, is_e1_full_form
+from hidream_edit.spec import INSTRUCTION_MARKER, MAX_PROMPT_CHARS, TARGET_MARKER, ModelSpec, is_e1_full_form
 
 if TYPE_CHECKING:  # the pipeline module imports diffusers, which must wait until torch_npu is settled
     from hidream_edit.pipeline import EncodedPrompts, PromptKey
@@ -43,8 +43,6 @@ logger = logging.getLogger(__name__)
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                  ".tiff": "TIFF"}
 MAX_STEPS = 1000
-MAX_PROMPT_CHARS = 2000
-"""Longest instruction, negative or target description accepted; the text encoders read 128 tokens."""
 
 
 # Errors every front end shows as one line (CLIs: exit 2): the user's mistake, not a bug.

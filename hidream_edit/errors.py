@@ -48,7 +48,13 @@ class EditCancelled(Exception):
 
 
 class GuidanceGroupError(Exception):
-    """The ranks sharing one edit's guidance branches lost each other: a rank failed, died or timed out.
+    """Ranks working together lost each other: a rank of a guidance group failed, died or timed out, or
+    the rendezvous store every rank shares went away (torchrun's agent killed).
 
     Not the user's input at fault, so front ends print it as one line and exit 1; nothing was saved.
     """
+
+    @classmethod
+    def store_lost(cls, rank: int, detail: str, where: str | None = None) -> "GuidanceGroupError":
+        at = f" at {where}" if where else ""
+        return cls(f"rank {rank} lost the rendezvous store{at} (torchrun's agent or rank 0 ended): {detail}")

@@ -10,6 +10,7 @@ the loop at the same step instead of waiting out the collective timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -114,18 +115,24 @@ class GuidanceGroup:
             try:
                 text = compute()
             except BaseException as exc:
-                self.store.set(key, b"\0" + _first_line(exc).encode())
+                with contextlib.suppress(RuntimeError):  # a lost store: the members find out themselves
+                    self.store.set(key, b"\0" + _first_line(exc).encode())
                 raise
-            self.store.set(key, text.encode())
+            try:
+                self.store.set(key, text.encode())
+            except RuntimeError as exc:
+                raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
             return text
         try:
             self.store.wait([key], timedelta(seconds=self.timeout_s))
+            value = self.store.get(key)
+        except dist.DistNetworkError as exc:
+            raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
         except RuntimeError as exc:
             raise GuidanceGroupError(
                 f"rank {self.rank} waited {self.timeout_s:g} s for the {name} from rank {self.ranks[0]} "
                 f"({_first_line(exc)}); see --dist-timeout"
             ) from exc
-        value = self.store.get(key)
         if value.startswith(b"\0"):
             raise GuidanceGroupError(f"rank {self.ranks[0]} (the group's leader) stopped before the edit: "
                                      f"{value[1:].decode(errors='replace')}")
@@ -198,7 +205,10 @@ class GuidanceGroup:
         mine = {"rank": self.rank, "steps": self.steps}
         ranks = [mine]
         if self.store is not None:
-            self.store.set(self._timing_key(self.member), json.dumps(mine))
+            try:
+                self.store.set(self._timing_key(self.member), json.dumps(mine))
+            except RuntimeError as exc:
+                raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
             if self.leader:
                 keys = [self._timing_key(member) for member in range(self.size)]
                 try:

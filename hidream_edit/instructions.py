@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 from hidream_edit.errors import UserError
-from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, is_e1_full_form
+from hidream_edit.spec import INSTRUCTION_MARKER, MAX_PROMPT_CHARS, TARGET_MARKER, is_e1_full_form
 
 logger = logging.getLogger(__name__)
 
@@ -376,6 +376,29 @@ class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(connection, req, context=self._context)  # type: ignore[attr-defined]
 
 
+class _NoRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect: urllib would resend the key to whatever server the Location names.
+
+    A POST cannot be redirected usefully anyway (urllib turns a 302 into a bodiless GET), so the
+    user is told the URL the endpoint pointed at instead.
+    """
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Message,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        fp.close()
+        raise InstructionRewriteError(
+            f"VLM endpoint {req.full_url} answered HTTP {code}, a redirect to {_snippet(newurl)}; redirects are "
+            "not followed, so that the request and its key go only to the configured endpoint: give its final URL"
+        )
+
+
 def _read_body(response: http.client.HTTPResponse, endpoint: str) -> bytes:
     """Read the body, refusing one larger than _MAX_RESPONSE_BYTES (the socket enforces the deadline)."""
     chunks: list[bytes] = []
@@ -393,7 +416,9 @@ def _read_body(response: http.client.HTTPResponse, endpoint: str) -> bytes:
 def _post_once(endpoint: str, payload: bytes, headers: dict[str, str], deadline: float, timeout_message: str) -> bytes:
     """One POST ended by `deadline` (connect, send, headers and body); sorts failures into retryable or final."""
     request = urllib.request.Request(endpoint, data=payload, headers=headers, method="POST")
-    opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline))
+    opener = urllib.request.build_opener(
+        _DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline), _NoRedirectHandler()
+    )
     try:
         with opener.open(request, timeout=_remaining(deadline)) as response:
             return _read_body(response, endpoint)
@@ -514,6 +539,11 @@ def rewrite_instruction(image: Image.Image, instruction: str, settings: VLMSetti
         if finish_reason == "length":
             raise InstructionRewriteError(f"{exc} (the answer was cut off by the token limit)") from exc
         raise
+    for name, part in (("an instruction", new_instruction), ("a target description", target)):
+        if len(part) > MAX_PROMPT_CHARS:  # the VLM's fault, not the user's: a failed rewrite (fallback applies)
+            raise InstructionRewriteError(
+                f"the VLM answered with {name} of {len(part)} characters; the limit is {MAX_PROMPT_CHARS}"
+            )
     try:
         prompt = format_e1_full_prompt(new_instruction, target)
     except UserError as exc:

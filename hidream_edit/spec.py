@@ -34,6 +34,9 @@ REFINE_WEIGHTS: tuple[str, ...] = ("edit", "base")
 # --cfg-parallel K shares them among K ranks, so K is at most 3.
 CFG_PARALLEL_SIZES = (1, 2, 3)
 
+MAX_PROMPT_CHARS = 2000
+"""Longest instruction, negative or target description accepted; the text encoders read 128 tokens."""
+
 # E1-Full's prompt form; the refine stage encodes the text after TARGET_MARKER.
 INSTRUCTION_MARKER = "Editing Instruction:"
 TARGET_MARKER = "Target Image Description:"

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.distributed import TCPStore
 
 from hidream_edit.config import DistributedEnvironment
+from hidream_edit.distributed import rendezvous_url
 from hidream_edit.errors import UserError
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -82,6 +83,19 @@ def test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before(
     del agent_store
 
 
+@pytest.mark.parametrize(
+    ("address", "url"),
+    [
+        ("10.0.0.1", "tcp://10.0.0.1:29500?rank=1&world_size=4"),
+        ("node-a.cluster", "tcp://node-a.cluster:29500?rank=1&world_size=4"),
+        ("fe80::1", "tcp://[fe80::1]:29500?rank=1&world_size=4"),  # unbracketed, the port would join the address
+        ("[::1]", "tcp://[::1]:29500?rank=1&world_size=4"),
+    ],
+)
+def test_the_rendezvous_url_brackets_an_ipv6_master_address(address: str, url: str) -> None:
+    assert rendezvous_url(DistributedEnvironment(4, 1, 1, address, 29500)) == url
+
+
 def _join_alone(queue: multiprocessing.Queue, port: int) -> None:
     from hidream_edit.distributed import join_process_group
 
@@ -101,6 +115,68 @@ def test_a_rank_that_finds_no_group_fails_with_one_line_instead_of_hanging() -> 
     message = queue.get(timeout=120)
     process.join(timeout=60)
     assert message.startswith("rank 1 of 2 cannot join the gloo process group at 127.0.0.1:") and "\n" not in message
+
+
+AGENT = """
+import sys, time
+from datetime import timedelta
+from torch.distributed import TCPStore
+store = TCPStore("127.0.0.1", int(sys.argv[1]), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+# A rank of a batch, cut to its store traffic: the entry script's first lines (not its main), then claims
+# and the finished counter as run_batch makes them, ended as run_batch_cli ends a lost group.
+RANK = """
+import runpy, sys, time
+runpy.run_path("inference_npu.py")
+from hidream_edit.batch import SharedQueue, claimed
+from hidream_edit.config import distributed_environment
+from hidream_edit.distributed import join_process_group
+from hidream_edit.errors import GuidanceGroupError
+group = join_process_group(distributed_environment(), "gloo", 60.0)
+print("joined", flush=True)
+try:
+    for number in claimed(SharedQueue(group), 10**9):
+        time.sleep(0.05)
+        group.add("finished", 1)
+except GuidanceGroupError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(1)
+finally:
+    group.close()
+"""
+
+
+def test_killing_torchruns_agent_mid_batch_ends_every_rank_with_one_line(tmp_path: Path) -> None:
+    """The agent hosts the store: each rank used to print a C++ frame dump and a DistNetworkError traceback."""
+    port = free_port()
+    base = {key: value for key, value in os.environ.items() if key != "TORCH_CPP_LOG_LEVEL"}
+    agent = subprocess.Popen([sys.executable, "-c", AGENT, str(port)], stdout=subprocess.PIPE, text=True, env=base)
+    ranks: list[subprocess.Popen[str]] = []
+    try:
+        assert agent.stdout is not None and agent.stdout.readline() == "ready\n"
+        for rank in range(2):
+            env = {**base, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
+            ranks.append(subprocess.Popen([sys.executable, "-c", RANK], cwd=REPO, env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for process in ranks:
+            assert process.stdout is not None and process.stdout.readline() == "joined\n"
+        time.sleep(0.5)  # both ranks are claiming
+        agent.kill()
+        for rank, process in enumerate(ranks):
+            _, stderr = process.communicate(timeout=120)
+            assert process.returncode == 1, stderr
+            assert stderr.startswith(f"error: rank {rank} lost the rendezvous store at 127.0.0.1:{port} "
+                                     "(torchrun's agent or rank 0 ended): "), stderr
+            assert stderr.count("\n") == 1, stderr  # no frame dump, no traceback
+    finally:
+        for process in [agent, *ranks]:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
 
 
 # torchrun with the tiny E1-Full model

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from device_utils import preferences_from
-from hidream_edit.cli import build_edit_parser
-from hidream_edit.config import default_tiny_dir, editor_settings_from_args, hub_offline, resolve_model_sources
+from hidream_edit.cli import build_edit_parser, run_edit_cli
+from hidream_edit.config import (
+    DEFAULT_DIST_TIMEOUT_S,
+    default_tiny_dir,
+    distributed_environment,
+    editor_settings_from_args,
+    hub_offline,
+    resolve_model_sources,
+)
 from hidream_edit.errors import UserError
 from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID, MODELS
 
@@ -87,3 +98,95 @@ def test_library_errors_name_no_flags_and_the_cli_adds_them() -> None:
     non_finite = NonFiniteError("the VAE decode", "bf16")
     assert "--" not in str(non_finite) and cli_error_line(non_finite, E1_FULL).endswith("; rerun with --dtype fp32")
     assert cli_error_line(UserError("plain"), E1_FULL) == "plain"
+
+
+def test_a_bad_attention_variable_is_named(tiny_env: dict[str, str], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_edit_parser(MODELS["e1.1"]).parse_args(BASE)
+    assert editor_settings_from_args(args, MODELS["e1.1"], {"HIDREAM_ATTENTION": " Math "}).attention == "math"
+    with pytest.raises(UserError) as error:
+        editor_settings_from_args(args, MODELS["e1.1"], {"HIDREAM_ATTENTION": "garbage"})
+    assert str(error.value) == (
+        "HIDREAM_ATTENTION='garbage' is not an attention kernel; use one of: sdpa, math, npu_fused")
+    # the command line stops on it before loading, with that one line
+    source = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(source)
+    argv = ["--tiny", "--image", str(source), "--instruction", "x", "--output", str(tmp_path / "out.png")]
+    assert run_edit_cli(argv, "e1.1", {**tiny_env, "HIDREAM_ATTENTION": "garbage"}) == 2
+    assert capsys.readouterr().err == f"error: {error.value}\n"
+    assert not (tmp_path / "out.png").exists()
+
+
+TORCHRUN_ENV = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"MASTER_PORT": None}, "WORLD_SIZE=2 needs MASTER_ADDR and MASTER_PORT (start with torchrun)"),
+        ({"MASTER_PORT": " "}, "WORLD_SIZE=2 needs MASTER_ADDR and MASTER_PORT (start with torchrun)"),
+        ({"MASTER_ADDR": None}, "WORLD_SIZE=2 needs MASTER_ADDR and MASTER_PORT (start with torchrun)"),
+        ({"MASTER_PORT": "0"}, "MASTER_PORT=0 is out of range: a port is between 1 and 65535"),
+        ({"MASTER_PORT": "99999"}, "MASTER_PORT=99999 is out of range: a port is between 1 and 65535"),
+        ({"MASTER_PORT": "-1"}, "MASTER_PORT='-1' is not a non-negative integer"),
+        ({"MASTER_PORT": "２９５００"}, "MASTER_PORT='２９５００' is not a non-negative integer"),
+        ({"MASTER_PORT": "9" * 5000}, f"MASTER_PORT={'9' * 40!r} is not a non-negative integer"),
+    ],
+)
+def test_master_port_missing_or_out_of_range_says_which(change: dict[str, str | None], message: str) -> None:
+    env = {key: value for key, value in {**TORCHRUN_ENV, **change}.items() if value is not None}
+    with pytest.raises(UserError) as error:
+        distributed_environment(env)
+    assert str(error.value) == message
+
+
+def test_the_port_range_ends_are_accepted() -> None:
+    for port in (1, 65535):
+        assert distributed_environment({**TORCHRUN_ENV, "MASTER_PORT": str(port)}).master_port == port
+
+
+def test_dist_timeout_is_above_zero_and_defaults_to_half_an_hour(capsys: pytest.CaptureFixture[str]) -> None:
+    """Real loading takes minutes: a short default would end healthy runs while a rank still loads."""
+    parser = build_edit_parser(MODELS["e1.1"])
+    assert DEFAULT_DIST_TIMEOUT_S == 1800.0
+    assert parser.parse_args(BASE).dist_timeout == 1800.0
+    assert parser.parse_args([*BASE, "--dist-timeout", "0.5"]).dist_timeout == 0.5
+    for bad in ("0", "-3", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args([*BASE, "--dist-timeout", bad])
+        assert stop.value.code == 2
+        assert "--dist-timeout must be" in capsys.readouterr().err
+
+
+def _unwritable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A read-only folder; as root (who writes anyway) the build's first write fails as it would for a user."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        def refuse(*args: object, **kwargs: object) -> str:
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder / ".tiny.building-x"))
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    return folder
+
+
+@pytest.mark.parametrize("where", ["read-only", "under a file"])
+def test_an_unwritable_tiny_folder_is_one_line_naming_it_and_the_variable(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if where == "read-only":
+        folder = _unwritable_folder(tmp_path, monkeypatch) / "tiny"
+        reason = f"Permission denied: {folder.parent}/.tiny.building-"
+    else:
+        (tmp_path / "a-file").write_text("x")
+        folder = tmp_path / "a-file" / "sub" / "tiny"
+        reason = f"Not a directory: {tmp_path / 'a-file' / 'sub'}"
+    with pytest.raises(UserError) as error:
+        resolve_model_sources(MODELS["e1.1"], tiny=True, env={"HIDREAM_TINY_DIR": str(folder)})
+    message = str(error.value)
+    assert message.startswith(f"cannot build the tiny checkpoints in {folder}: {reason}"), message
+    assert message.endswith("; set HIDREAM_TINY_DIR to a writable folder of their own") and "\n" not in message
+    argv = ["--tiny", "--image", "in.png", "--instruction", "x", "--output", str(tmp_path / "out.png"), "--plan"]
+    assert run_edit_cli(argv, "e1.1", {"HIDREAM_TINY_DIR": str(folder)}) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"

@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -22,14 +23,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import torch.multiprocessing as torch_mp
 from npu_standin import REPO
 from PIL import Image
 from test_batch_distributed import TORCHRUN, free_port, rank_process, run_env
+from torch.distributed import DistNetworkError
 
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.errors import EditCancelled, GuidanceGroupError, UserError
-from hidream_edit.guidance_parallel import branch_shares, check_cfg_parallel
+from hidream_edit.guidance_parallel import GuidanceGroup, branch_shares, check_cfg_parallel
 
 RUN_TIMEOUT_S = 900
 E1_FULL_PROMPT = "Editing Instruction: add a red hat. Target Image Description: a cat wearing a red hat"
@@ -42,6 +45,39 @@ EDITS: dict[str, tuple[str, dict[str, Any]]] = {
     "e1-full edit only": ("e1-full", {"instruction": E1_FULL_PROMPT, "refine_strength": 0.0, "seed": 5}),
 }
 MEASURED = ("timings", "memory")
+
+
+class LostStore:
+    """A store whose host is gone: every call fails as TCPStore's do once torchrun's agent was killed."""
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> None:
+            raise DistNetworkError("Broken pipe")
+
+        return fail
+
+
+def lost_group(member: int) -> GuidanceGroup:
+    return GuidanceGroup(size=2, member=member, index=0, ranks=[4, 5], process_group=None,
+                         device=torch.device("cpu"), timeout_s=5.0, store=LostStore())  # type: ignore[arg-type]
+
+
+def test_a_lost_store_ends_a_guidance_group_with_one_line_on_each_rank() -> None:
+    lost = "lost the rendezvous store (torchrun's agent or rank 0 ended): Broken pipe"
+    with pytest.raises(GuidanceGroupError, match=f"^rank 4 {re.escape(lost)}$"):
+        lost_group(0).agree("item1", lambda: "3")  # the leader cannot hand the number over
+    with pytest.raises(GuidanceGroupError, match=f"^rank 5 {re.escape(lost)}$"):
+        lost_group(1).agree("item1", lambda: "3")  # the member cannot wait for it
+    claim_failed = GuidanceGroupError("rank 4 lost the rendezvous store at a:1 (...): Broken pipe")
+
+    def claim() -> str:
+        raise claim_failed
+
+    with pytest.raises(GuidanceGroupError) as error:
+        lost_group(0).agree("item1", claim)  # telling the members fails too: the claim's own error stands
+    assert error.value is claim_failed
+    with pytest.raises(GuidanceGroupError, match=f"^rank 5 {re.escape(lost)}$"):
+        lost_group(1).finish_edit()
 
 
 def test_branches_are_shared_in_contiguous_runs_with_the_remainder_first() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -22,11 +23,12 @@ from hidream_edit.instructions import (
     InstructionRewriteError,
     RewrittenInstruction,
     VLMSettings,
+    compose_e1_full_prompt,
     format_e1_full_prompt,
     parse_vlm_answer,
     rewrite_instruction,
 )
-from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, is_e1_full_form, refine_prompt_from
+from hidream_edit.spec import INSTRUCTION_MARKER, MAX_PROMPT_CHARS, TARGET_MARKER, is_e1_full_form, refine_prompt_from
 
 GOOD_ANSWER = (
     "Source: A red car parked on a quiet street at noon.\n"
@@ -131,8 +133,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Keep test output quiet."""
 
 
-@pytest.fixture
-def vlm() -> Iterator[FakeVLM]:
+@contextlib.contextmanager
+def serving() -> Iterator[FakeVLM]:
+    """A FakeVLM on its own local port, for as long as the block runs."""
     fake = FakeVLM()
     server = _FakeServer(("127.0.0.1", 0), _Handler)
     server.fake = fake
@@ -146,6 +149,19 @@ def vlm() -> Iterator[FakeVLM]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def vlm() -> Iterator[FakeVLM]:
+    with serving() as fake:
+        yield fake
+
+
+@pytest.fixture
+def other_vlm() -> Iterator[FakeVLM]:
+    """A second server: another origin (same host, another port) that a redirect may point at."""
+    with serving() as fake:
+        yield fake
 
 
 @pytest.fixture
@@ -597,3 +613,47 @@ def test_vlm_answer_with_marker_is_rejected(vlm: FakeVLM, image: Image.Image) ->
     vlm.replies = [Reply(body=chat_body(answer))]
     with pytest.raises(InstructionRewriteError, match="must not contain"):
         rewrite_instruction(image, "make the car blue", vlm.settings())
+
+
+# --- what a hostile or broken endpoint cannot do ------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_so_the_key_never_reaches_another_server(
+    vlm: FakeVLM, other_vlm: FakeVLM, image: Image.Image, status: int
+) -> None:
+    """An endpoint answering 302 to another port once received the key there and used that server's answer."""
+    elsewhere = other_vlm.url + "/chat/completions"
+    vlm.replies = [Reply(status=status, headers={"Location": elsewhere})]
+    settings = vlm.settings(api_key="sk-secret-key", retries=2)
+    with pytest.raises(InstructionRewriteError, match=f"answered HTTP {status}, a redirect to ") as error:
+        rewrite_instruction(image, "make the car blue", settings)
+    assert elsewhere in assert_one_line(error) and "sk-secret" not in str(error.value)
+    assert other_vlm.requests == []
+    assert len(vlm.requests) == 1  # not retried: a redirect is the endpoint's answer, not a transient failure
+    # a failed rewrite like any other: the fallback goes on with the bare instruction
+    assert compose_e1_full_prompt("make the car blue", image, vlm=settings, fallback=True) == "make the car blue"
+    assert other_vlm.requests == []
+
+
+@pytest.mark.parametrize("part", ["Instruction", "Target"])
+def test_an_overlong_answer_is_a_failed_rewrite_not_the_users_mistake(
+    vlm: FakeVLM, image: Image.Image, part: str
+) -> None:
+    """A 26,000-character answer once ended with "the instruction is 25999 characters long", ignoring the fallback."""
+    parts = {"Source": "a car", "Instruction": "make it blue", "Target": "a blue car"}
+    parts[part] = "very " * 5200
+    vlm.replies = [Reply(body=chat_body("\n".join(f"{label}: {text}" for label, text in parts.items())))]
+    name = "an instruction" if part == "Instruction" else "a target description"
+    with pytest.raises(InstructionRewriteError) as error:
+        rewrite_instruction(image, "make it blue", vlm.settings())
+    assert str(error.value) == f"the VLM answered with {name} of 25999 characters; the limit is {MAX_PROMPT_CHARS}"
+    assert compose_e1_full_prompt("make it blue", image, vlm=vlm.settings(), fallback=True) == "make it blue"
+
+
+def test_a_body_over_the_size_cap_is_refused_whatever_its_chunks(vlm: FakeVLM, image: Image.Image) -> None:
+    """The cap counts the whole body: 9 MiB arrives in many reads, each far below the 8 MiB cap."""
+    vlm.replies = [Reply(body=chat_body(GOOD_ANSWER + " " * (9 * 2**20)))]
+    with pytest.raises(InstructionRewriteError, match=r"sent more than 8388608 bytes$") as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings())
+    assert vlm.url in assert_one_line(error)

@@ -427,6 +427,14 @@ def test_attention_failing_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     assert checks["attention npu_fused"].status == "FAIL"
 
 
+def test_a_bad_attention_variable_fails_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIDREAM_ATTENTION", "garbage")
+    checks = by_name(doctor.check_attention(torch.device("cpu"), torch.float32))
+    assert checks["attention setting"].status == "FAIL"
+    assert checks["attention setting"].detail.startswith("HIDREAM_ATTENTION='garbage' is not an attention kernel")
+    assert checks["attention sdpa"].status == "PASS"  # the kernels are still checked, sdpa as the configured one
+
+
 # ---------------------------------------------------------------------------------------------- packages
 
 
@@ -568,6 +576,15 @@ def test_tiny_models(tiny_checkpoints: Any) -> None:
         checks = by_name(doctor.check_models(model, tiny=True, env=env)[0])
         assert checks["model files"].status == "PASS" and "(tiny)" in checks["model files"].detail
         assert {c.status for c in checks.values()} == {"PASS"} and "tiny set" in checks["model size edit"].detail
+
+
+def test_an_unwritable_tiny_folder_fails_naming_it_and_the_variable(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    folder = tmp_path / "a-file" / "tiny"
+    checks, sources = doctor.check_models("e1.1", tiny=True, env={"HIDREAM_TINY_DIR": str(folder)})
+    assert sources is None and checks[0].status == "FAIL"
+    assert checks[0].detail.startswith(f"cannot build the tiny checkpoints in {folder}: ")
+    assert "HIDREAM_TINY_DIR" in checks[0].detail
 
 
 def test_model_flag_errors_fail() -> None:

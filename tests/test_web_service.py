@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import zipfile
@@ -17,14 +18,16 @@ from web_helpers import GOOD_PROMPT, FakeVLM, files_under, png, png_bytes, runni
 
 from hidream_edit.config import ENV_WEB_AUTH as AUTH_ENV
 from hidream_edit.editor import Editor
-from hidream_edit.errors import UserError
+from hidream_edit.errors import EditCancelled, UserError
 from hidream_edit.instructions import VLMSettings
 from hidream_edit.spec import MODELS
 from hidream_edit.web.command_line import parse_command_line
 from hidream_edit.web.service import (
     CODE_DIR,
     DEVICE_BUSY,
+    LISTED_PROBLEMS,
     MAX_PROMPT_CHARS,
+    BatchOutcome,
     EditParams,
     StopRegistry,
     WebEditor,
@@ -33,6 +36,7 @@ from hidream_edit.web.service import (
     device_panel_markdown,
     error_message,
     parse_auth,
+    prune_results,
     run_cancellable,
     safe_stem,
     stop_key,
@@ -548,3 +552,130 @@ def test_the_device_panel_shows_the_memory_plan() -> None:
     panel = device_panel_markdown(report, None, "idle")
     assert "**Memory plan** split (asked auto) · predicted peak npu:0 35.0 GiB, npu:1 25.0 GiB, host 1.0 GiB" in panel
     assert "Memory plan" not in device_panel_markdown({**report, "placement": None}, None, "idle")
+
+
+# --- limits that hostile use found ------------------------------------------------------------------
+
+
+def test_the_upload_limit_is_in_mib_as_its_messages_say(tmp_path: Path) -> None:
+    web = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path / "r", max_upload_mb=1))
+    assert web.settings.max_upload_bytes == 2**20
+    under = tmp_path / "under.png"
+    under.write_bytes(b"\0" * 1_040_000)  # over 1 MB, under 1 MiB: judged by its content, not refused for size
+    assert web.preview(under) == (None, "Error: under.png: not a recognised image file")
+    over = tmp_path / "over.png"
+    over.write_bytes(b"\0" * (2**20 + 1))
+    assert web.preview(over) == (None, "Error: over.png: 1.0 MiB is over the 1 MiB limit")
+    archive = tmp_path / "sizes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("under.png", b"\0" * 1_040_000)
+        zf.writestr("over.png", b"\0" * (2**20 + 1))
+    items, errors = web.collect_batch([str(archive)])
+    assert [item.name for item in items] == ["sizes.zip/under.png"]
+    assert errors == [("sizes.zip/over.png", "skipped: 1.0 MiB is over the 1 MiB limit")]
+
+
+class StoppingEditor:
+    """An Editor without a model whose first edit is stopped by the user while it runs (Stop pressed)."""
+
+    def __init__(self, model: str, press_stop) -> None:
+        stub = stub_editor(model)
+        self.settings, self.defaults = stub.settings, stub.defaults
+        self.press_stop = press_stop
+        self.edits = 0
+
+    def resolve(self, request: Any) -> Any:
+        return request
+
+    def edit(self, request: Any, on_step=None, should_stop=None) -> Any:
+        self.edits += 1
+        self.press_stop()
+        assert should_stop is not None and should_stop()
+        raise EditCancelled("stopped at step 1 of 2")
+
+
+def test_a_stopped_batch_opens_and_rewrites_nothing_more(vlm: FakeVLM, tmp_path: Path) -> None:
+    stops = StopRegistry()
+    editor = StoppingEditor("e1-full", lambda: stops.request("s"))
+    web = WebEditor(editor, WebSettings(results_dir=tmp_path / "r", vlm=vlm.settings()))  # type: ignore[arg-type]
+    opened: list[str] = []
+    open_upload = web._open
+    web._open = lambda source, name: opened.append(name) or open_upload(source, name)  # type: ignore[method-assign]
+    images = [str(png(tmp_path / f"{name}.png")) for name in ("a", "b", "c")]
+    outcome = web.batch(images, "make it blue", EditParams(steps=2, seed=1, rewrite=True),
+                        stops.checker("s", time.monotonic()))
+    assert outcome.status.startswith("Batch 0 of 3 images edited in ")
+    assert "stopped at image 1 of 3: stopped at step 1 of 2" in outcome.status
+    assert opened == ["a.png"] and len(vlm.requests) == 1 and editor.edits == 1
+    summary = json.loads((outcome.batch_dir / "summary.json").read_text())
+    assert [entry["status"] for entry in summary] == ["stopped: stopped at step 1 of 2", "not run (stopped)",
+                                                      "not run (stopped)"]
+
+
+def test_a_zip_of_many_non_images_is_summarised_not_listed(tmp_path: Path) -> None:
+    """20,000 text files once sent about 950 KB of problem lines to the page."""
+    web = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path / "r"))
+    archive = tmp_path / "notes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for number in range(20_000):
+            zf.writestr(f"note{number:05d}.txt", "")
+        zf.writestr("photo.png", png_bytes())
+    items, errors = web.collect_batch([str(archive)])
+    assert [item.name for item in items] == ["notes.zip/photo.png"]
+    assert errors == [("notes.zip", "skipped 20000 entries that are not image files "
+                                    "(note00000.txt, note00001.txt, note00002.txt, and 19997 more)")]
+
+
+def test_the_page_lists_the_first_problems_and_counts_the_rest() -> None:
+    outcome = BatchOutcome("Batch", errors=[(f"big{number}.png", "skipped: over the limit") for number in range(500)])
+    lines = outcome.errors_text.splitlines()
+    assert len(lines) == LISTED_PROBLEMS + 1 and lines[0] == "big0.png: skipped: over the limit"
+    assert lines[-1] == f"... and {500 - LISTED_PROBLEMS} more"
+    assert BatchOutcome("Batch", errors=[("a.png", "x")]).errors_text == "a.png: x"
+
+
+def _result(folder: Path, name: str, size: int, age_s: float, now: float) -> Path:
+    path = folder / name
+    if name.startswith("batch-") and not name.endswith(".zip"):
+        path.mkdir()
+        (path / "001-a.png").write_bytes(b"x" * size)
+    else:
+        path.write_bytes(b"x" * size)
+    os.utime(path, (now - age_s, now - age_s))
+    return path
+
+
+def test_old_and_excess_results_are_pruned_oldest_first_and_nothing_else(tmp_path: Path) -> None:
+    now = time.time()
+    edit_old = "edit-20240101-000000-0000000a"
+    batch = "batch-20240102-000000-0000000b"
+    edit_new = "edit-20240103-000000-0000000c"
+    _result(tmp_path, f"{edit_old}-cat.png", 100, 10 * 3600, now)
+    _result(tmp_path, f"{edit_old}-cat.png.json", 10, 10 * 3600, now)
+    _result(tmp_path, batch, 300, 3 * 3600, now)
+    _result(tmp_path, f"{batch}.zip", 300, 3 * 3600, now)
+    _result(tmp_path, f"{edit_new}-dog.png", 100, 60, now)
+    foreign = [_result(tmp_path, "notes.txt", 5000, 100 * 3600, now),
+               _result(tmp_path, "edit-mine.png", 5000, 100 * 3600, now)]
+    assert prune_results(tmp_path, None, None, now=now) == []
+    assert prune_results(tmp_path, None, 5 * 3600, now=now) == [edit_old]  # older than five hours
+    assert not (tmp_path / f"{edit_old}-cat.png.json").exists()
+    assert prune_results(tmp_path, 800, None, keep={batch}, now=now) == []  # in use: kept though oldest
+    assert prune_results(tmp_path, 500, None, now=now) == [batch]  # 700 bytes of results: the oldest goes
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert left == sorted([f"{edit_new}-dog.png", *(path.name for path in foreign)])
+
+
+def test_the_results_bound_applies_from_the_start_and_is_a_flag(tmp_path: Path) -> None:
+    results = tmp_path / "r"
+    results.mkdir()
+    old = _result(results, "edit-20240101-000000-0000000a-cat.png", 10, 200 * 3600, time.time())
+    WebEditor(stub_editor("e1.1"), WebSettings(results_dir=results))  # the default keeps a week
+    assert not old.exists()
+    _, _, settings = parse_command_line(["--results-dir", str(results)], {})
+    assert (settings.max_results_bytes, settings.keep_results_s) == (10 * 2**30, 168 * 3600.0)
+    _, _, settings = parse_command_line(["--results-dir", str(results), "--max-results-gb", "0.5",
+                                         "--keep-results-hours", "0"], {})
+    assert (settings.max_results_bytes, settings.keep_results_s) == (2**29, None)
+    with pytest.raises(UserError, match="--max-results-gb must be a finite number, 0 or more"):
+        parse_command_line(["--max-results-gb", "-1"], {})

@@ -7,6 +7,7 @@ Turns flags and the environment (handed in by the caller, resolved by config) in
 from __future__ import annotations
 
 import argparse
+import math
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,6 +47,10 @@ def build_parser(model: str) -> OneLineArgumentParser:
     server.add_argument("--auth", help=f"user:password required to use the app (env {ENV_WEB_AUTH})")
     server.add_argument("--results-dir", default="results",
                         help="where results are written, a folder of their own (default results)")
+    server.add_argument("--max-results-gb", type=float, default=10.0,
+                        help="remove the oldest results beyond this many GiB in all (default 10; 0: no bound)")
+    server.add_argument("--keep-results-hours", type=float, default=168.0,
+                        help="remove results older than this (default 168, a week; 0: keep them)")
     server.add_argument("--concurrency", type=int, default=1,
                         help="jobs taken from the queue at once (default 1; the model runs one edit at a time "
                              "whatever this says, so more only overlaps decoding and saving)")
@@ -93,6 +98,9 @@ def web_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     if not 0.5 <= args.refresh <= 3600:
         raise UserError(f"--refresh must be between 0.5 and 3600 seconds, got {args.refresh:g}")
+    for name, value in (("--max-results-gb", args.max_results_gb), ("--keep-results-hours", args.keep_results_hours)):
+        if not 0 <= value < math.inf:  # also false for nan
+            raise UserError(f"{name} must be a finite number, 0 or more (0: no bound), got {value:g}")
     results_dir = _expand_home(args.results_dir, env)
     if results_dir.exists() and not results_dir.is_dir():
         raise UserError(f"--results-dir {results_dir} is not a directory")
@@ -110,6 +118,8 @@ def web_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         refresh_s=args.refresh,
         vlm=_vlm_settings(args, env),
         vlm_fallback=getattr(args, "rewrite_fallback", False),
+        max_results_gb=args.max_results_gb,
+        keep_results_hours=args.keep_results_hours,
     )
 
 

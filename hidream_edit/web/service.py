@@ -26,12 +26,14 @@ import os
 import pwd
 import re
 import secrets
+import shutil
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any, TypeVar
 
 import torch
@@ -42,6 +44,7 @@ from hidream_edit.editor import USER_ERRORS, EditCancelled, Editor, EditRequest,
 from hidream_edit.errors import UserError
 from hidream_edit.images import open_image
 from hidream_edit.instructions import InstructionRewriteError, VLMSettings, compose_e1_full_prompt
+from hidream_edit.spec import MAX_PROMPT_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ZIP_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 RANDOM_SEED_LIMIT = 2**31  # stays exact in the browser's numbers, so a random seed can be typed back in
 DEVICE_BUSY = "waiting for the device (another edit is running)"
-MAX_PROMPT_CHARS = 2000  # same limit as editor.MAX_PROMPT_CHARS: the text encoders read 128 tokens at most
 PREVIEW_SIDE = 1024
+LISTED_PROBLEMS = 20  # problems the page lists one per line; a zip of 20,000 text files must not send them all
+LISTED_SKIPPED_ENTRIES = 3  # non-image zip entries named one by one; more are summarised in one line
 CODE_DIR = Path(hidream_edit.__file__).resolve().parent.parent  # the repository (or site-packages) holding the code
 
 T = TypeVar("T")
@@ -72,10 +76,20 @@ class WebSettings:
     refresh_s: float = 5.0
     vlm: VLMSettings | None = None  # E1-Full: the endpoint that may rewrite instructions
     vlm_fallback: bool = False  # a failed rewrite goes on with the bare instruction (as the CLI's flag)
+    max_results_gb: float = 10.0  # the app's results are pruned, oldest first, beyond this many GiB (0: no bound)
+    keep_results_hours: float = 168.0  # and once older than this (0: kept however old)
 
     @property
     def max_upload_bytes(self) -> int:
-        return self.max_upload_mb * 1024 * 1024
+        return self.max_upload_mb * 2**20
+
+    @property
+    def max_results_bytes(self) -> int | None:
+        return int(self.max_results_gb * 2**30) if self.max_results_gb > 0 else None
+
+    @property
+    def keep_results_s(self) -> float | None:
+        return self.keep_results_hours * 3600 if self.keep_results_hours > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +164,70 @@ def unique_result_path(results_dir: Path, kind: str, original_name: str | None, 
         if not path.exists() and not path.with_suffix(suffix + ".json").exists():
             return _inside(results_dir, path)
     raise UserError(f"cannot find a free result name in {results_dir}")  # pragma: no cover - 2**32 names a second
+
+
+# What unique_result_path and the batch name: <kind>-<date>-<time>-<8 hex> (then -<stem>.png, .png.json or .zip).
+_RESULT_NAME = re.compile(r"^((?:edit|batch)-\d{8}-\d{6}-[0-9a-f]{8})(?:-.*|\.zip)?$")
+
+
+def _size_and_time(path: Path) -> tuple[int, float]:
+    """Bytes of the files at or under `path` (links not followed) and its modification time."""
+    stat = path.lstat()
+    if not path.is_dir() or path.is_symlink():
+        return stat.st_size, stat.st_mtime
+    files = (child.lstat() for child in path.rglob("*"))
+    return sum(child.st_size for child in files if not S_ISDIR(child.st_mode)), stat.st_mtime
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def prune_results(
+    results_dir: Path, max_bytes: int | None, max_age_s: float | None, keep: Iterable[str] = (),
+    now: float | None = None,
+) -> list[str]:
+    """Remove the app's results beyond an age and, oldest first, beyond a total size; returns what went.
+
+    Only names the app gives its results count (an edit's image and JSON, a batch's folder and zip, each
+    group removed together); other files in the folder are never touched. `keep` names results in use.
+    """
+    now = time.time() if now is None else now
+    groups: dict[str, list[Path]] = {}
+    with contextlib.suppress(OSError):
+        for path in results_dir.iterdir():
+            match = _RESULT_NAME.match(path.name)
+            if match:
+                groups.setdefault(match.group(1), []).append(path)
+    sized: list[tuple[float, int, str]] = []
+    for name, paths in groups.items():
+        try:
+            measured = [_size_and_time(path) for path in paths]
+        except OSError:  # removed meanwhile
+            continue
+        sized.append((max(when for _, when in measured), sum(size for size, _ in measured), name))
+    sized.sort()
+    total = sum(size for _, size, _ in sized)
+    removed: list[str] = []
+    for when, size, name in sized:
+        too_old = max_age_s is not None and now - when > max_age_s
+        too_big = max_bytes is not None and total > max_bytes
+        if name in keep or not (too_old or too_big):
+            continue
+        try:
+            for path in groups[name]:
+                _remove(path)
+        except OSError as exc:
+            logger.warning("cannot remove the old result %s: %s", name, exc)
+            continue
+        total -= size
+        removed.append(name)
+    if removed:
+        logger.info("removed %d old results from %s", len(removed), results_dir)
+    return removed
 
 
 def _gib(value: int | None) -> str:
@@ -328,7 +406,11 @@ class BatchOutcome:
 
     @property
     def errors_text(self) -> str:
-        return "\n".join(f"{name}: {message}" for name, message in self.errors)
+        """The problems for the page: the first LISTED_PROBLEMS, then a count (the batch's errors.txt has all)."""
+        lines = [f"{name}: {message}" for name, message in self.errors[:LISTED_PROBLEMS]]
+        if len(self.errors) > LISTED_PROBLEMS:
+            lines.append(f"... and {len(self.errors) - LISTED_PROBLEMS} more")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -380,6 +462,28 @@ class WebEditor:
             raise UserError(f"cannot create the results directory {settings.results_dir}: {exc.strerror}") from exc
         if not os.access(settings.results_dir, os.W_OK | os.X_OK):
             raise UserError(f"the results directory {settings.results_dir} is not writable")
+        self._results_lock = threading.Lock()
+        self._results_in_use: set[str] = set()
+        self.prune_results()
+
+    def prune_results(self) -> list[str]:
+        """Keep the results folder within --max-results-gb and --keep-results-hours (results in use stay)."""
+        with self._results_lock:
+            return prune_results(self.settings.results_dir, self.settings.max_results_bytes,
+                                 self.settings.keep_results_s, set(self._results_in_use))
+
+    @contextlib.contextmanager
+    def _result_in_use(self, path: Path) -> Iterator[None]:
+        """While a job writes or hands out a result, pruning leaves it alone."""
+        match = _RESULT_NAME.match(path.name)
+        name = match.group(1) if match else path.name
+        with self._results_lock:
+            self._results_in_use.add(name)
+        try:
+            yield
+        finally:
+            with self._results_lock:
+                self._results_in_use.discard(name)
 
     # --- panel -----------------------------------------------------------------------------------
 
@@ -562,8 +666,11 @@ class WebEditor:
                     progress(0.0, "encoding the instruction and the image")
 
             result = self._run(request, should_stop, on_step, name, progress, on_start)
-            image_path_out, json_path = save_result(result, unique_result_path(self.settings.results_dir, "edit", name))
-            self._publish([image_path_out, json_path])
+            target = unique_result_path(self.settings.results_dir, "edit", name)
+            with self._result_in_use(target):
+                image_path_out, json_path = save_result(result, target)
+                self._publish([image_path_out, json_path])
+                self.prune_results()
         except EditCancelled as exc:
             return EditOutcome(f"{_sentence(str(exc))}; nothing was saved.", seed=seed, prompt=prompt)
         except Exception as exc:
@@ -601,6 +708,7 @@ class WebEditor:
     def _zip_items(self, path: Path, name: str, errors: list[tuple[str, str]]) -> list[BatchItem]:
         limit = self.settings.max_upload_bytes
         items: list[BatchItem] = []
+        not_images: list[str] = []
         total = 0
         try:
             with zipfile.ZipFile(path) as archive:
@@ -612,7 +720,7 @@ class WebEditor:
                         continue
                     label = f"{name}/{entry}"
                     if Path(base).suffix.lower() not in ZIP_IMAGE_SUFFIXES:
-                        errors.append((label, "skipped: not an image file"))
+                        not_images.append(entry)
                         continue
                     if len(items) >= self.settings.max_batch:
                         raise UserError(f"holds more than {self.settings.max_batch} images, the batch limit")
@@ -633,6 +741,12 @@ class WebEditor:
             raise UserError(f"not a readable zip archive ({exc})") from exc
         except (OSError, RuntimeError, NotImplementedError) as exc:  # encrypted, unsupported method, I/O
             raise UserError(f"cannot read the zip archive ({type(exc).__name__}: {exc})") from exc
+        if len(not_images) <= LISTED_SKIPPED_ENTRIES:
+            errors.extend((f"{name}/{entry}", "skipped: not an image file") for entry in not_images)
+        else:
+            first = ", ".join(not_images[:LISTED_SKIPPED_ENTRIES])
+            errors.append((name, f"skipped {len(not_images)} entries that are not image files ({first}, "
+                                 f"and {len(not_images) - LISTED_SKIPPED_ENTRIES} more)"))
         if not items:
             errors.append((name, "contains no images"))
         return items
@@ -682,68 +796,70 @@ class WebEditor:
         except Exception as exc:
             return BatchOutcome(f"Error: {error_message(exc)}", errors=errors)
 
-        gallery: list[tuple[str, str]] = []
-        summary: list[dict[str, Any]] = []
-        count = len(items)
-        stopped: str | None = None
-        for index, (item, instruction) in enumerate(zip(items, lines, strict=True)):
-            entry: dict[str, Any] = {"input": item.name, "instruction": instruction}
-            summary.append(entry)
+        with self._result_in_use(batch_dir):
+            gallery: list[tuple[str, str]] = []
+            summary: list[dict[str, Any]] = []
+            count = len(items)
+            stopped: str | None = None
+            for index, (item, instruction) in enumerate(zip(items, lines, strict=True)):
+                entry: dict[str, Any] = {"input": item.name, "instruction": instruction}
+                summary.append(entry)
+                if stopped is not None:
+                    entry["status"] = "not run (stopped)"
+                    continue
+                seed = None
+                try:
+                    image = self._open(item.source, item.name)
+                    seed = self.choose_seed(params)
+                    prompt, note = self._prompt(image, instruction, params, progress)
+                    entry["prompt"] = prompt
+                    if note:
+                        entry["note"] = note
+                    request = self._request(image, prompt, params, seed)
+
+                    def on_step(done: int, total: int, index: int = index, name: str = item.name) -> None:
+                        text = f"image {index + 1} of {count} ({name}): step {done} of {total}"
+                        self._set_activity(f"batch {text}{_then(done, total)}")
+                        if progress is not None:
+                            progress((index + done / total) / count, text)
+
+                    def on_start(index: int = index) -> None:
+                        if progress is not None:
+                            progress(index / count, f"image {index + 1} of {count}: encoding")
+
+                    label = f"batch image {index + 1} of {count}"
+                    result = self._run(request, should_stop, on_step, label, progress, on_start)
+                    out = _inside(self.settings.results_dir, batch_dir / f"{index + 1:03d}-{safe_stem(item.name)}.png")
+                    image_path, _ = save_result(result, out)
+                    self._publish([image_path])
+                except EditCancelled as exc:
+                    stopped = f"image {index + 1} of {count}: {exc}"
+                    entry["status"] = f"stopped: {exc}"
+                    continue
+                except Exception as exc:
+                    message = error_message(exc).removeprefix(f"{item.name}: ")
+                    errors.append((item.name, message))
+                    entry.update(status="failed", error=message, seed=seed)
+                    continue
+                entry.update(status="ok", output=image_path.name, seed=seed, timings=result.metadata["timings"])
+                gallery.append((str(image_path), f"{index + 1}. {item.name}: {instruction}"[:120]))
+
+            if errors:
+                (batch_dir / "errors.txt").write_text("".join(f"{n}: {m}\n" for n, m in errors), encoding="utf-8")
+            (batch_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            zip_path = self._zip(batch_dir) if gallery else None
+            if zip_path is not None:
+                self._publish([zip_path])
+
+            elapsed = time.perf_counter() - started
+            parts = [f"{len(gallery)} of {count} images edited in {_fmt_seconds(elapsed)}"]
+            if errors:
+                parts.append(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} (listed below)")
             if stopped is not None:
-                entry["status"] = "not run (stopped)"
-                continue
-            seed = None
-            try:
-                image = self._open(item.source, item.name)
-                seed = self.choose_seed(params)
-                prompt, note = self._prompt(image, instruction, params, progress)
-                entry["prompt"] = prompt
-                if note:
-                    entry["note"] = note
-                request = self._request(image, prompt, params, seed)
-
-                def on_step(done: int, total: int, index: int = index, name: str = item.name) -> None:
-                    text = f"image {index + 1} of {count} ({name}): step {done} of {total}"
-                    self._set_activity(f"batch {text}{_then(done, total)}")
-                    if progress is not None:
-                        progress((index + done / total) / count, text)
-
-                def on_start(index: int = index) -> None:
-                    if progress is not None:
-                        progress(index / count, f"image {index + 1} of {count}: encoding")
-
-                label = f"batch image {index + 1} of {count}"
-                result = self._run(request, should_stop, on_step, label, progress, on_start)
-                out = _inside(self.settings.results_dir, batch_dir / f"{index + 1:03d}-{safe_stem(item.name)}.png")
-                image_path, _ = save_result(result, out)
-                self._publish([image_path])
-            except EditCancelled as exc:
-                stopped = f"image {index + 1} of {count}: {exc}"
-                entry["status"] = f"stopped: {exc}"
-                continue
-            except Exception as exc:
-                message = error_message(exc).removeprefix(f"{item.name}: ")
-                errors.append((item.name, message))
-                entry.update(status="failed", error=message, seed=seed)
-                continue
-            entry.update(status="ok", output=image_path.name, seed=seed, timings=result.metadata["timings"])
-            gallery.append((str(image_path), f"{index + 1}. {item.name}: {instruction}"[:120]))
-
-        if errors:
-            (batch_dir / "errors.txt").write_text("".join(f"{n}: {m}\n" for n, m in errors), encoding="utf-8")
-        (batch_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        zip_path = self._zip(batch_dir) if gallery else None
-        if zip_path is not None:
-            self._publish([zip_path])
-
-        elapsed = time.perf_counter() - started
-        parts = [f"{len(gallery)} of {count} images edited in {_fmt_seconds(elapsed)}"]
-        if errors:
-            parts.append(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} (listed below)")
-        if stopped is not None:
-            parts.append(f"stopped at {stopped}")
-        parts.append(f"zip: {zip_path.name}" if zip_path else "no zip (nothing was edited)")
-        return BatchOutcome("Batch " + "; ".join(parts) + ".", gallery, zip_path, errors, batch_dir)
+                parts.append(f"stopped at {stopped}")
+            parts.append(f"zip: {zip_path.name}" if zip_path else "no zip (nothing was edited)")
+            self.prune_results()
+            return BatchOutcome("Batch " + "; ".join(parts) + ".", gallery, zip_path, errors, batch_dir)
 
     def _zip(self, batch_dir: Path) -> Path:
         """<batch dir>.zip beside it, holding the images, their metadata, summary.json and errors.txt."""
