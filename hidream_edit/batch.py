@@ -14,7 +14,6 @@ in the rendezvous store, so a fast rank simply takes more items and a slow one h
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import functools
 import json
@@ -152,16 +151,14 @@ def real_path(path: Path) -> Path:
 def read_regular_file(path: Path, limit: int) -> bytes:
     """The bytes of `path` if it is a regular file of at most `limit` bytes; else a UserError saying what it is.
 
-    Opened without following a final link and without blocking, so a named pipe cannot hang the run
-    and a link to /dev/zero cannot fill the memory.
+    Opened without blocking and judged by what was opened (links followed), so a named pipe cannot hang
+    the run and a link to /dev/zero cannot fill the memory.
     """
     try:
-        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise UserError("file not found") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UserError("is a symbolic link") from None
         raise UserError(f"cannot read ({exc.strerror or exc})") from exc
     with os.fdopen(handle, "rb") as stream:
         status = os.fstat(handle)

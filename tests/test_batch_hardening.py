@@ -355,3 +355,29 @@ def test_a_summary_that_cannot_be_written_is_exit_1_with_the_counts_and_no_stale
         "the previous summary was removed"
     ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "a.png.json"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero link", "link to a manifest"])
+def test_the_manifest_is_read_only_if_it_is_a_regular_file(tmp_path: Path, kind: str) -> None:
+    real = one_line_manifest(tmp_path)
+    manifest = tmp_path / "given.jsonl"
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to("/dev/zero" if kind == "dev-zero link" else real)
+    found: list[Any] = []
+
+    def read() -> None:
+        try:
+            found.append(batch.manifest_items(manifest, tmp_path / "out", TEMPLATE, MODELS["e1.1"], False))
+        except UserError as exc:
+            found.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert found, "reading the manifest hung"
+    if kind == "link to a manifest":
+        assert [item.label for item in found[0]] == ["given.jsonl line 1"]
+    else:
+        assert found == [f"--manifest {manifest}: is not a regular file"]
