@@ -3,20 +3,24 @@
 The whole batch is read and checked before any model loads, so a bad manifest line stops the run with
 its line number (exit 2) instead of an hour in. Then one Editor edits the items one by one; an image
 that fails is recorded as failed and the batch goes on. An output whose metadata JSON says it was made
-with the same request (settings, weights, dtype and the source file's SHA-256) is skipped, so rerunning
-a killed batch finishes only what is missing; a different existing file is never replaced without
---overwrite. Under torchrun every rank takes the next item number from a counter in the rendezvous
-store, so a fast rank simply takes more items and a slow one holds nobody back; rank 0 merges every
-rank's records into summary.json.
+with the same request (settings, weights, dtype and the source file's SHA-256) and whose image still
+has the checksum recorded there is skipped, so rerunning a killed batch finishes only what is missing;
+a different existing file is never replaced without --overwrite. One batch at a time writes into an
+output folder (a lock file there). Under torchrun every rank takes the next item number from a counter
+in the rendezvous store, so a fast rank simply takes more items and a slow one holds nobody back; rank
+0 holds the lock and merges every rank's records into summary.json.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
-import hashlib
 import json
 import logging
 import os
+import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +29,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hidream_edit.config import DistributedEnvironment
-from hidream_edit.editor import IMAGE_FORMATS, EditCancelled, EditRequest, image_format_for, resolve_request
-from hidream_edit.errors import GuidanceGroupError, UserError
+from hidream_edit.editor import (
+    IMAGE_FORMATS,
+    EditCancelled,
+    EditRequest,
+    check_can_create,
+    check_name_length,
+    check_output_path,
+    file_sha256,
+    image_format_for,
+    metadata_path,
+    resolve_request,
+    target_problem,
+)
+from hidream_edit.errors import GuidanceGroupError, ImageInputError, UserError
+from hidream_edit.images import check_image_file
 from hidream_edit.spec import ModelSpec, is_e1_full_form
+from hidream_edit.text import check_path_text, shown
 
 if TYPE_CHECKING:
     from device_utils import DeviceManager
@@ -38,6 +56,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "summary.json"
+LOCK_NAME = ".hidream-batch.lock"
+MAX_MANIFEST_BYTES = 256 * 2**20
+MAX_METADATA_BYTES = 16 * 2**20
+"""An output's metadata JSON is a few kB; resume reads at most this much of one."""
 MAX_LISTED_PROBLEMS = 20
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
@@ -104,9 +126,50 @@ def e1_full_prompt(instruction: str, target_description: str | None) -> str:
     return format_e1_full_prompt(instruction, target_description)
 
 
+def _folder_exists(path: Path, flag: str) -> bool:
+    """True for an existing folder, False when nothing is there; a UserError for anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # a name too long, a file where a folder is expected on the way, ...
+        raise UserError(f"{flag} {shown(path)} cannot be used ({exc.strerror or exc})") from None
+    if not stat.S_ISDIR(mode):
+        raise UserError(f"{flag} {shown(path)} exists and is not a folder")
+    return True
+
+
 def _check_output_dir(output_dir: Path) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output-dir {output_dir} exists and is not a folder")
+    _folder_exists(output_dir, "--output-dir")
+
+
+def real_path(path: Path) -> Path:
+    """`path` with every symbolic link resolved as far as it exists (never raises, unlike Path.resolve)."""
+    return Path(os.path.realpath(path))
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of `path` if it is a regular file of at most `limit` bytes; else a UserError saying what it is.
+
+    Opened without blocking and judged by what was opened (links followed), so a named pipe cannot hang
+    the run and a link to /dev/zero cannot fill the memory.
+    """
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UserError("file not found") from None
+    except OSError as exc:
+        raise UserError(f"cannot read ({exc.strerror or exc})") from exc
+    with os.fdopen(handle, "rb") as stream:
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode):
+            raise UserError("is not a regular file")
+        if status.st_size > limit:
+            raise UserError(f"is {status.st_size} bytes; at most {limit} are read")
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"is more than {limit} bytes")
+    return data
 
 
 def folder_items(
@@ -117,30 +180,44 @@ def folder_items(
     Outputs keep each image's path below the input folder. Hidden files and anything inside the output
     folder are left out, so outputs written into a sub-folder are never read back as inputs.
     """
-    if not input_dir.is_dir():
-        raise UserError(f"--input-dir {input_dir} is not a folder")
+    if not _folder_exists(input_dir, "--input-dir"):
+        raise UserError(f"--input-dir {shown(input_dir)} is not a folder")
     _check_output_dir(output_dir)
-    if output_dir.resolve() == input_dir.resolve():
+    input_root, output_root = real_path(input_dir), real_path(output_dir)
+    if output_root == input_root:
         raise UserError("--output-dir must differ from --input-dir (outputs keep the input file names)")
+    if input_root.is_relative_to(output_root):
+        raise UserError(
+            f"--input-dir {shown(input_dir)} is inside --output-dir {shown(output_dir)}, whose files are never "
+            "read as inputs; choose an --output-dir outside the input folder"
+        )
     request = resolve_request(template, spec, fuse_lora)
-    output_root = output_dir.resolve()
     candidates = input_dir.rglob("*") if recursive else input_dir.iterdir()
     sources = []
     for path in candidates:
         relative = path.relative_to(input_dir)
         if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() not in IMAGE_FORMATS:
             continue
-        if not path.is_file() or path.resolve().is_relative_to(output_root):
+        if not path.is_file() or real_path(path).is_relative_to(output_root):
             continue
         sources.append(relative)
     if not sources:
         hint = "" if recursive else " (sub-folders need --recursive)"
-        raise UserError(f"no images ({supported_extensions()}) in {input_dir}{hint}")
+        raise UserError(f"no images ({supported_extensions()}) in {shown(input_dir)}{hint}")
     sources.sort(key=lambda relative: relative.as_posix())
     return [
-        BatchItem(index, relative.as_posix(), replace(request, image=input_dir / relative), output_dir / relative)
+        BatchItem(index, shown(relative.as_posix()), replace(request, image=input_dir / relative),
+                  output_dir / relative)
         for index, relative in enumerate(sources)
     ]
+
+
+def _json_shown(value: Any) -> str:
+    """A JSON value for a message, cut to a line's worth."""
+    try:
+        return shown(json.dumps(value))
+    except (TypeError, ValueError, RecursionError):
+        return "<unprintable>"
 
 
 def _check_line_keys(data: Any, spec: ModelSpec) -> dict[str, Any]:
@@ -152,25 +229,27 @@ def _check_line_keys(data: Any, spec: ModelSpec) -> dict[str, Any]:
         if key == "target_description" and not spec.prompt_form:
             raise UserError(f"unknown key 'target_description' (E1-Full's prompt form; {spec.title} has none)")
         if key not in known:
-            raise UserError(f"unknown key {key!r}; use {', '.join(known)}")
+            raise UserError(f"unknown key '{shown(key)}'; use {', '.join(known)}")
     missing = [key for key in REQUIRED_KEYS if key not in data]
     if missing:
         raise UserError(f"missing {' and '.join(repr(key) for key in missing)}")
     for key, value in data.items():
         if key in TEXT_KEYS and not isinstance(value, str):
-            raise UserError(f"{key!r} must be a string, got {json.dumps(value)}")
+            raise UserError(f"{key!r} must be a string, got {_json_shown(value)}")
         if key in INTEGER_KEYS and (isinstance(value, bool) or not isinstance(value, int)):
-            raise UserError(f"{key!r} must be an integer, got {json.dumps(value)}")
+            raise UserError(f"{key!r} must be an integer, got {_json_shown(value)}")
         if key in NUMBER_KEYS and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise UserError(f"{key!r} must be a number, got {json.dumps(value)}")
+            raise UserError(f"{key!r} must be a number, got {_json_shown(value)}")
     return data
 
 
 def _output_path(output_dir: Path, name: str) -> Path:
+    check_path_text("output", name)
     relative = Path(name)
     if not name.strip() or relative.is_absolute() or ".." in relative.parts:
-        raise UserError(f"output {name!r} must be a relative path inside --output-dir")
+        raise UserError(f"output '{shown(name)}' must be a relative path inside --output-dir")
     image_format_for(relative)
+    check_name_length(output_dir / relative)
     return output_dir / relative
 
 
@@ -188,9 +267,14 @@ def _manifest_item(
         data = _check_line_keys(json.loads(text), spec)
     except json.JSONDecodeError as exc:
         raise UserError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise UserError("not usable JSON (nested too deeply)") from None
+    check_path_text("image", data["image"])
     image = base / Path(data["image"]).expanduser()
-    if not image.is_file():
-        raise UserError(f"image {data['image']!r} not found ({image})")
+    try:
+        check_image_file(image, f"image '{shown(data['image'])}' ({shown(image)})")
+    except ImageInputError as exc:
+        raise UserError(str(exc)) from None
     output = _output_path(output_dir, data.get("output", image.name))
     fields = {key: data[key] for key in (*INTEGER_KEYS, *NUMBER_KEYS, "negative") if key in data}
     prompt = e1_full_prompt(data["instruction"], data.get("target_description"))
@@ -205,20 +289,19 @@ def manifest_items(
 
     Keys a line leaves out take the command line's values (its flags or the model's defaults). Image
     paths are relative to the manifest's folder, outputs relative to `output_dir`; an output defaults
-    to the image's file name. Only existence is checked here; unreadable pixels fail that item later.
+    to the image's file name. Images are checked to be regular files; unreadable pixels fail that
+    item later.
     """
     try:
-        raw = manifest.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"--manifest {manifest}: file not found") from None
-    except OSError as exc:
-        raise UserError(f"--manifest {manifest}: cannot read ({exc.strerror or exc})") from exc
+        raw = read_regular_file(manifest, MAX_MANIFEST_BYTES)
+    except UserError as exc:
+        raise UserError(f"--manifest {shown(manifest)}: {exc}") from None
     _check_output_dir(output_dir)
     problems: list[str] = []
     items: list[BatchItem] = []
     output_lines: dict[str, str] = {}
     for number, line in enumerate(raw.splitlines(), 1):
-        label = f"{manifest.name} line {number}"
+        label = f"{shown(manifest.name)} line {number}"
         try:
             item = _manifest_item(line, label, manifest.parent, output_dir, template, spec, fuse_lora)
         except UserError as exc:
@@ -228,27 +311,69 @@ def manifest_items(
             continue
         key = os.path.normcase(os.path.normpath(item.output))
         if key in output_lines:
-            problems.append(f"{label}: output {item.output} is also the output of {output_lines[key]}")
+            problems.append(f"{label}: output {shown(item.output)} is also the output of {output_lines[key]}")
             continue
         output_lines[key] = label
         items.append(replace(item, index=len(items)))
-    inputs = {item.image.resolve(): item.label for item in items}
+    inputs = {real_path(item.image): item.label for item in items}
     for item in items:
-        if item.output.resolve() in inputs:
-            problems.append(f"{item.label}: output {item.output} is the input image of {inputs[item.output.resolve()]}")
+        if real_path(item.output) in inputs:
+            problems.append(
+                f"{item.label}: output {shown(item.output)} is the input image of {inputs[real_path(item.output)]}"
+            )
     if not items and not problems:
-        problems.append(f"{manifest}: no edits (the manifest is empty)")
+        problems.append(f"{shown(manifest)}: no edits (the manifest is empty)")
     if problems:
         raise BatchError(problems)
     return items
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_inside(items: list[BatchItem], output_dir: Path) -> None:
+    """A BatchError for every output that a symbolic link below `output_dir` would put elsewhere.
+
+    Read-only; run before any output is read or written, on every rank.
+    """
+    root = real_path(output_dir)
+    problems = []
+    for item in items:
+        real = real_path(item.output.parent) / item.output.name
+        if not real.is_relative_to(root):
+            problems.append(
+                f"{item.label}: output {shown(item.output)} would be written to {shown(real)}, outside "
+                "--output-dir, through a symbolic link"
+            )
+    if problems:
+        raise BatchError(problems)
+
+
+def prepare_output_folders(items: list[BatchItem]) -> None:
+    """Before loading: create every output's folder and check that each output can be saved there.
+
+    Finds what would otherwise fail each save after its edit: a read-only folder, a file name whose
+    temporary name is too long, an output that is a link or a folder.
+    """
+    problems = []
+    longest: dict[Path, BatchItem] = {}
+    for item in items:
+        try:
+            item.output.parent.mkdir(parents=True, exist_ok=True)
+            check_output_path(item.output, overwrite=True)  # whether it exists is check_outputs' business
+        except OSError as exc:
+            problems.append(f"{item.label}: cannot create {shown(item.output.parent)}: {exc.strerror or exc}")
+            continue
+        except UserError as exc:
+            problems.append(f"{item.label}: {exc}")
+            continue
+        folder = longest.setdefault(item.output.parent, item)
+        if len(os.fsencode(item.output.name)) > len(os.fsencode(folder.output.name)):
+            longest[item.output.parent] = item  # its temporary name is the longest a save there uses
+    for item in longest.values():
+        try:
+            check_can_create(item.output)
+        except UserError as exc:
+            problems.append(f"{item.label}: {exc}")
+    if problems:
+        raise BatchError(problems)
 
 
 @dataclass(frozen=True)
@@ -294,28 +419,38 @@ def expected_metadata(item: BatchItem, context: RunContext, source_sha256: str) 
 
 @dataclass(frozen=True)
 class OutputState:
-    """Whether an item's output is absent, already made with the same request, or something else."""
+    """Whether an item's output is absent, already made with the same request, something else, or unusable.
 
-    kind: str  # "absent" | "done" | "different"
+    "blocked" (a link, a folder, a special file where the image or its JSON goes) is refused even with
+    --overwrite, which replaces files but never writes through links.
+    """
+
+    kind: str  # "absent" | "done" | "different" | "blocked"
     reason: str = ""
 
 
-def metadata_path(output: Path) -> Path:
-    return output.with_suffix(output.suffix + ".json")
-
-
 def output_state(item: BatchItem, context: RunContext) -> OutputState:
-    """Compare an existing output's metadata JSON with what this run would write for the item."""
-    image_there, json_there = item.output.exists(), metadata_path(item.output).exists()
+    """Compare an existing output's metadata JSON with what this run would write for the item.
+
+    Only regular files are read, the JSON with a size bound; an output counts as done when its JSON
+    matches and the image still has the checksum the JSON records (a truncated image does not).
+    """
+    json_path = metadata_path(item.output)
+    problem = target_problem(item.output) or target_problem(json_path)
+    if problem is not None:
+        return OutputState("blocked", problem)
+    image_there, json_there = os.path.lexists(item.output), os.path.lexists(json_path)
     if not image_there and not json_there:
         return OutputState("absent")
     if not json_there:
         return OutputState("different", "it has no metadata JSON")
     if not image_there:
-        return OutputState("different", f"only its metadata {metadata_path(item.output).name} is there")
+        return OutputState("different", f"only its metadata {shown(json_path.name)} is there")
     try:
-        saved = json.loads(metadata_path(item.output).read_text())
-    except (OSError, ValueError):
+        saved = json.loads(read_regular_file(json_path, MAX_METADATA_BYTES))
+    except UserError as exc:
+        return OutputState("different", f"its metadata JSON {exc}")
+    except (ValueError, RecursionError):
         return OutputState("different", "its metadata JSON is unreadable")
     if not isinstance(saved, dict):
         return OutputState("different", "its metadata JSON is not an object")
@@ -325,22 +460,36 @@ def output_state(item: BatchItem, context: RunContext) -> OutputState:
         return OutputState("different", f"the source cannot be read ({exc.strerror or exc})")
     for key, value in expected.items():
         if saved.get(key) != value:
-            return OutputState("different", f"{key} was {json.dumps(saved.get(key))}, now {json.dumps(value)}")
+            return OutputState("different", f"{key} was {_json_shown(saved.get(key))}, now {_json_shown(value)}")
+    recorded = saved.get("output_sha256")
+    if not isinstance(recorded, str):
+        return OutputState("different", "its metadata JSON records no output_sha256: saved by an older version")
+    try:
+        checksum = file_sha256(item.output)
+    except OSError as exc:
+        return OutputState("different", f"the image cannot be read ({exc.strerror or exc})")
+    if checksum != recorded:
+        return OutputState("different", "the image is not the one its metadata JSON describes (damaged or changed)")
     return OutputState("done")
 
 
 def check_outputs(items: list[BatchItem], context: RunContext, overwrite: bool) -> list[OutputState]:
-    """The state of every item's output; without `overwrite`, any different existing output is an error."""
+    """The state of every item's output; any blocked one, and without `overwrite` any different one, is an error."""
     states = [output_state(item, context) for item in items]
+    problems = [
+        f"{item.label}: {state.reason}; choose another output or remove it"
+        for item, state in zip(items, states, strict=True)
+        if state.kind == "blocked"
+    ]
     if not overwrite:
-        conflicts = [
-            f"{item.output} exists and was not made by this request ({state.reason}); "
+        problems += [
+            f"{shown(item.output)} exists and was not made by this request ({state.reason}); "
             "pass --overwrite to replace it or choose another --output-dir"
             for item, state in zip(items, states, strict=True)
             if state.kind == "different"
         ]
-        if conflicts:
-            raise BatchError(conflicts)
+    if problems:
+        raise BatchError(problems)
     return states
 
 
@@ -392,9 +541,9 @@ def claimed(queue: ItemQueue, count: int) -> Iterator[int]:
 def item_error_line(exc: BaseException) -> str:
     """One line for an item that failed while editing."""
     if isinstance(exc, UserError):
-        return str(exc)
+        return shown(exc)
     lines = str(exc).strip().splitlines()
-    first = lines[0][:200] if lines else ""
+    first = shown(lines[0], 200) if lines else ""
     if isinstance(exc, RuntimeError) and "out of memory" in first.lower():
         return f"out of device memory ({first}); try --offload model or a smaller input"
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
@@ -539,12 +688,14 @@ def summarize(
     }
 
 
-def summary_line(summary: dict[str, Any], path: Path) -> str:
+def summary_line(summary: dict[str, Any], path: Path | None) -> str:
+    """The closing line: counts, time, throughput, and where the summary is (`path` None: not written)."""
     counts = summary["counts"]
     ranks = f" on {summary['world_size']} ranks" if summary["world_size"] > 1 else ""
+    where = f"summary {shown(path)}" if path is not None else "no summary written"
     return (
         f"batch: {counts[OK]} done, {counts[FAILED]} failed, {counts[SKIPPED]} skipped of {summary['items_total']}"
-        f"{ranks} in {summary['seconds']:.1f} s ({summary['images_per_minute']:.2f} images/min); summary {path}"
+        f"{ranks} in {summary['seconds']:.1f} s ({summary['images_per_minute']:.2f} images/min); {where}"
     )
 
 
@@ -559,6 +710,106 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
         temp.unlink(missing_ok=True)
 
 
+def _write_summary_or_say_why(path: Path, summary: dict[str, Any]) -> str | None:
+    """Write summary.json; if that fails, remove the previous run's (it would describe another run) and say why."""
+    try:
+        write_summary(path, summary)
+    except OSError as exc:
+        try:
+            path.unlink(missing_ok=True)
+            old = "the previous summary was removed"
+        except OSError:
+            old = "the previous summary is still there and describes an earlier run"
+        return f"cannot write {shown(path)} ({exc.strerror or exc}); {old}"
+    return None
+
+
+def _lock_holder(handle: int) -> str:
+    """Who holds the lock, from the line its holder wrote: "process 123 on host-a", or "another process"."""
+    try:
+        pid, _, host = os.pread(handle, 300, 0).decode("utf-8", "replace").strip().partition(" ")
+    except OSError:
+        return "another process"
+    if not pid.isdigit():
+        return "another process"
+    where = "this host" if host == socket.gethostname() else shown(host or "an unknown host", 100)
+    return f"process {pid} on {where}"
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: Path) -> Iterator[None]:
+    """Hold `output_dir`'s batch lock (flock on LOCK_NAME) while a batch writes there; creates the folder.
+
+    A second batch gets a UserError naming the holder, before it loads anything. The holder removes
+    the file when done; a process that locked a file just removed (the name now leads elsewhere) tries
+    again, so two holders never think they hold one name. Where the filesystem cannot lock, a warning.
+    """
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --output-dir {shown(output_dir)}: {exc.strerror or exc}") from exc
+    path = output_dir / LOCK_NAME
+    while True:
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise UserError(f"cannot create files in --output-dir {shown(output_dir)}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(handle)
+            os.close(handle)
+            raise UserError(
+                f"--output-dir {shown(output_dir)} is in use by another batch ({holder}); wait for it to finish "
+                "or choose another --output-dir"
+            ) from None
+        except OSError as exc:
+            logger.warning("cannot lock %s (%s): make sure no other batch writes there", shown(path), exc.strerror)
+            break
+        try:
+            same = os.path.samestat(os.fstat(handle), os.stat(path, follow_symlinks=False))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(handle)
+    try:
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(handle)
+
+
+def gather_records(group: RankGroup, own: list[ItemRecord]) -> tuple[list[ItemRecord], list[int], str | None]:
+    """Rank 0: every rank's records, or, when some never arrive (a rank died or hangs), those that did.
+
+    Returns (records, ranks missing, why).
+    """
+    try:
+        texts = dict(enumerate(group.collect("records")))
+        problem = None
+    except (UserError, RuntimeError) as exc:  # the wait timed out, or the store itself is gone
+        try:
+            texts = group.collect_present("records")
+        except RuntimeError:
+            texts = {}
+        problem = shown(exc, 300)
+    texts.pop(group.rank, None)
+    records = list(own)
+    for text in texts.values():
+        records.extend(ItemRecord(**entry) for entry in json.loads(text))
+    missing = [rank for rank in range(group.world_size) if rank not in texts and rank != group.rank]
+    if problem is None or not missing:
+        return records, [], None
+    return records, missing, (
+        f"no records from rank(s) {', '.join(map(str, missing))} ({problem}); their items are not in the "
+        "summary; rerun the same command to finish them"
+    )
+
+
 def run_batch(
     items: list[BatchItem],
     settings: EditorSettings,
@@ -570,23 +821,59 @@ def run_batch(
     dm: DeviceManager | None = None,
     cfg_parallel: int = 1,
 ) -> int:
-    """Check outputs, join the group (under torchrun), edit this rank's share, write the summary.
+    """Check and lock the output folder, join the group (under torchrun), edit this rank's share, write the summary.
 
-    With `cfg_parallel` K > 1 the ranks form groups of K that edit one item at a time together (the
-    group's leader claims the items and saves them). Returns the exit code: 0 when every item is ok or
-    skipped, 1 when some failed. Ranks other than 0 return 0 once their records are handed over, so
-    torchrun does not stop rank 0 while it merges.
+    Rank 0 alone holds the output folder's lock and creates its folders; it takes the lock before it
+    joins, so no rank of a second batch edits. With `cfg_parallel` K > 1 the ranks form groups of K that
+    edit one item at a time together (the group's leader claims the items and saves them). Returns the
+    exit code: 0 when every item is ok or skipped, 1 when some failed, a rank's records never came or
+    the summary could not be written (the counts are printed anyway). Ranks other than 0 return 0 once
+    their records are handed over, so torchrun does not stop rank 0 while it merges.
     """
-    from hidream_edit.editor import Editor, device_manager_for
+    from hidream_edit.editor import device_manager_for
 
     dist_env = dist_env or DistributedEnvironment()
     started = time.perf_counter()
     dm = dm or device_manager_for(settings)
-    states = check_outputs(items, RunContext.of(settings, dm.dtype_name), overwrite)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from exc
+    check_inside(items, output_dir)
+    holds_lock = dist_env.rank == 0
+    with output_dir_lock(output_dir) if holds_lock else contextlib.nullcontext():
+        states = check_outputs(items, RunContext.of(settings, dm.dtype_name), overwrite)
+        if holds_lock:
+            prepare_output_folders(items)
+        records, lost, problem = _edit_share(items, states, settings, overwrite, dist_env, dist_timeout_s, dm,
+                                             cfg_parallel)
+        if dist_env.rank != 0:
+            return 0
+        summary = summarize(records, len(items), time.perf_counter() - started, dist_env.world_size, source,
+                            settings.model)
+        summary["cfg_parallel"] = cfg_parallel
+        summary["lost_ranks"] = lost
+        path = output_dir / SUMMARY_NAME
+        unwritten = _write_summary_or_say_why(path, summary)
+    print(summary_line(summary, None if unwritten else path))
+    problems = [line for line in (problem, unwritten) if line]
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if summary["counts"][FAILED] or problems else 0
+
+
+def _edit_share(
+    items: list[BatchItem],
+    states: list[OutputState],
+    settings: EditorSettings,
+    overwrite: bool,
+    dist_env: DistributedEnvironment,
+    dist_timeout_s: float,
+    dm: DeviceManager,
+    cfg_parallel: int,
+) -> tuple[list[ItemRecord], list[int], str | None]:
+    """Join the group (under torchrun) and edit this rank's items; on rank 0, every rank's records.
+
+    Returns (records, ranks whose records never came, why); other ranks return only their own.
+    """
+    from hidream_edit.editor import Editor
+
     group: RankGroup | None = None
     guidance: GuidanceGroup | None = None
     if dist_env.enabled:
@@ -612,21 +899,13 @@ def run_batch(
             records = run_items(items, states, load_editor, queue, overwrite, progress, dist_env.rank, on_finished)
         if guidance is not None and not guidance.leader:
             records = []  # the group's leader saved and recorded the items this rank helped with
-        if group is not None:
-            group.publish("records", json.dumps([asdict(record) for record in records]))
-            if dist_env.rank != 0:
-                logger.info("rank %d: %d items handed to rank 0", dist_env.rank, len(records))
-                return 0
-            records = [ItemRecord(**entry) for text in group.collect("records") for entry in json.loads(text)]
+        if group is None:
+            return records, [], None
+        group.publish("records", json.dumps([asdict(record) for record in records]))
+        if dist_env.rank != 0:
+            logger.info("rank %d: %d items handed to rank 0", dist_env.rank, len(records))
+            return records, [], None
+        return gather_records(group, records)
     finally:
         if group is not None:
             group.close()
-    summary = summarize(records, len(items), time.perf_counter() - started, dist_env.world_size, source, settings.model)
-    summary["cfg_parallel"] = cfg_parallel
-    path = output_dir / SUMMARY_NAME
-    try:
-        write_summary(path, summary)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    print(summary_line(summary, path))
-    return 1 if summary["counts"][FAILED] else 0

@@ -42,6 +42,7 @@ from hidream_edit.editor import (
     USER_ERRORS,
     EditCancelled,
     Editor,
+    check_can_create,
     check_output_path,
     check_prompt_text,
     device_manager_for,
@@ -50,6 +51,7 @@ from hidream_edit.editor import (
 from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.guidance_parallel import check_cfg_parallel
 from hidream_edit.spec import ModelSpec
+from hidream_edit.text import LINE_CHARS, shown
 
 logger = logging.getLogger("hidream_edit")
 
@@ -200,7 +202,7 @@ def summary_line(result_metadata: dict[str, Any], image_path: Path) -> str:
         f"peak device memory {memory['peak'] / 2**30:.2f} GiB" if memory.get("peak") is not None else "no device memory"
     )
     return (
-        f"saved {image_path} ({width}x{height}) on {result_metadata['device']} {result_metadata['dtype']}: "
+        f"saved {shown(image_path)} ({width}x{height}) on {result_metadata['device']} {result_metadata['dtype']}: "
         f"load {t['load_s']:.1f}s, encode {t['encode_s']:.1f}s, "
         f"{len(steps)} steps {sum(steps):.1f}s ({per_step:.2f}s/step), decode {t['decode_s']:.1f}s; "
         f"{device_peak}, {host_rss_label(bool(memory.get('host_rss_is_peak')))} {memory['host_rss'] / 2**30:.2f} GiB"
@@ -238,6 +240,7 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
         leader = dist_env.rank % args.cfg_parallel == 0
         if leader:
             check_output_path(output, args.overwrite)
+            check_can_create(output)
         _check_prompts(args)
         open_image(args.image)
         settings = editor_settings_from_args(args, spec, env)
@@ -263,7 +266,7 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
         result.metadata.update(prompt_metadata(args, model, instruction))
         image_path, _ = save_result(result, output, overwrite=args.overwrite)
     except GuidanceGroupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {shown(exc, LINE_CHARS)}", file=sys.stderr)
         return 1
     except USER_ERRORS as exc:
         print(f"error: {cli_error_line(exc, spec)}", file=sys.stderr)
@@ -315,12 +318,13 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
         return run_batch(items, settings, output_dir, args.overwrite, source, dist_env, args.dist_timeout,
                          cfg_parallel=args.cfg_parallel)
     except GuidanceGroupError as exc:
-        print(f"error: {exc}; finished outputs are kept, rerun the same command to do the rest", file=sys.stderr)
+        print(f"error: {shown(exc, LINE_CHARS)}; finished outputs are kept, rerun the same command to do the rest",
+              file=sys.stderr)
         return 1
     except BatchError as exc:
         if rank == 0:
             for line in exc.lines():
-                print(f"error: {line}", file=sys.stderr)
+                print(f"error: {shown(line, LINE_CHARS)}", file=sys.stderr)
         else:
             print(f"error: rank {rank}: the batch is invalid (rank 0 lists the problems)", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -35,6 +35,7 @@ from hidream_edit.spec import (
     REFINE_WEIGHTS,
     ModelSpec,
 )
+from hidream_edit.text import LINE_CHARS, shown
 
 if TYPE_CHECKING:
     from hidream_edit.editor import EditorSettings, EditRequest
@@ -84,8 +85,10 @@ def cli_error_line(exc: BaseException, spec: ModelSpec) -> str:
     fix = getattr(exc, "fix", None)
     role = getattr(exc, "role", None)
     if role is not None:
-        return f"{exc}; check {source_flag(spec, role)} (or try --tiny)"
-    return f"{exc}; {CLI_FIXES[fix]}" if fix in CLI_FIXES else str(exc)
+        line = f"{exc}; check {source_flag(spec, role)} (or try --tiny)"
+    else:
+        line = f"{exc}; {CLI_FIXES[fix]}" if fix in CLI_FIXES else str(exc)
+    return shown(line, LINE_CHARS)
 
 
 def environment(env: Mapping[str, str] | None = None) -> Mapping[str, str]:

@@ -95,6 +95,11 @@ class RankGroup:
             ) from exc
         return [self.store.get(key).decode() for key in keys]
 
+    def collect_present(self, name: str) -> dict[int, str]:
+        """The texts under `name` that ranks have left so far, by rank; waits for none (after `collect` failed)."""
+        keys = {rank: self._key(f"{name}/{rank}") for rank in range(self.world_size)}
+        return {rank: self.store.get(key).decode() for rank, key in keys.items() if self.store.check([key])}
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

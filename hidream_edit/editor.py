@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +35,7 @@ from hidream_edit.guidance_parallel import GuidanceGroup
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
 from hidream_edit.spec import INSTRUCTION_MARKER, MAX_PROMPT_CHARS, TARGET_MARKER, ModelSpec, is_e1_full_form
+from hidream_edit.text import check_path_text, shown
 
 if TYPE_CHECKING:  # the pipeline module imports diffusers, which must wait until torch_npu is settled
     from hidream_edit.pipeline import EncodedPrompts, PromptKey
@@ -405,8 +407,21 @@ def image_format_for(path: Path) -> str:
     """The PIL format an output path asks for by its extension."""
     fmt = IMAGE_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise UserError(f"{path}: unknown image extension; use one of {', '.join(sorted(IMAGE_FORMATS))}")
+        raise UserError(f"{shown(path)}: unknown image extension; use one of {', '.join(sorted(IMAGE_FORMATS))}")
     return fmt
+
+
+def metadata_path(output: Path) -> Path:
+    """Where the metadata JSON of an output image goes: `<output>.json`."""
+    return output.with_suffix(output.suffix + ".json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 STALE_TEMP_AGE_S = 3600.0
@@ -432,26 +447,105 @@ class _Terminated(BaseException):
     """Raised by the temporary SIGTERM handler so a save unwinds and removes its temp files."""
 
 
+NAME_MAX_FALLBACK = 255
+"""Longest file name in bytes where the filesystem cannot say (Linux filesystems allow 255)."""
+
+# A save writes `.<name>.<pid>-<host>.<token>.tmp` first; the pid is padded so the name's length is fixed.
+_PID_DIGITS = 7
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name in bytes the filesystem of `folder` (or of its nearest existing parent) takes."""
+    for candidate in (folder, *folder.parents):
+        try:
+            return int(os.pathconf(candidate, "PC_NAME_MAX"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            break
+    return NAME_MAX_FALLBACK
+
+
+def check_name_length(path: Path) -> None:
+    """A UserError if saving `path` needs a file name longer than its folder's filesystem takes.
+
+    A save writes the JSON's temporary name, the longest, first; a name that fits alone may not fit then.
+    """
+    name_bytes = len(os.fsencode(path.name))
+    longest = len(os.fsencode(_temp_path_for(metadata_path(path)).name))
+    limit = _name_max(path.parent)
+    if longest > limit:
+        raise UserError(
+            f"the output file name {shown(path.name, 60)} is {name_bytes} bytes long; at most "
+            f"{name_bytes - (longest - limit)} fit in {shown(path.parent)} (a save first writes a temporary "
+            "file whose name is longer)",
+            fix="output_name",
+        )
+
+
+def target_problem(path: Path) -> str | None:
+    """Why `path` can never be a save target, --overwrite or not; None when it is absent or a regular file.
+
+    lstat, not stat: a link is judged itself, so a dangling one is not taken for a free name.
+    """
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{shown(path)} cannot be checked ({exc.strerror or exc})"
+    if stat.S_ISLNK(status.st_mode):
+        return f"{shown(path)} is a symbolic link (outputs are never written through links)"
+    if stat.S_ISDIR(status.st_mode):
+        return f"{shown(path)} is a directory"
+    if not stat.S_ISREG(status.st_mode):
+        return f"{shown(path)} exists and is not a regular file"
+    return None
+
+
 def check_output_path(output: str | Path, overwrite: bool) -> tuple[Path, Path]:
     """(image path, JSON path) for `output`, or a UserError if they cannot be written as asked.
 
     Cheap enough to call before loading a model; save_result calls it again just before writing.
+    check_can_create adds the one check that needs a file created.
     """
     path = Path(output).expanduser()
+    check_path_text("the output", str(path))
     image_format_for(path)
-    json_path = path.with_suffix(path.suffix + ".json")
-    if not path.parent.is_dir():
-        raise UserError(f"{path.parent} is not a directory")
+    json_path = metadata_path(path)
+    try:
+        parent_is_dir = stat.S_ISDIR(os.stat(path.parent).st_mode)
+    except OSError:
+        parent_is_dir = False
+    if not parent_is_dir:
+        raise UserError(f"{shown(path.parent)} is not a directory")
+    check_name_length(path)
     for candidate in (path, json_path):
-        if candidate.is_dir():
-            raise UserError(f"{candidate} is a directory", fix="output_name")
-        if candidate.exists() and not candidate.is_file():
-            raise UserError(f"{candidate} exists and is not a regular file", fix="output_name")
+        problem = target_problem(candidate)
+        if problem is not None:
+            raise UserError(problem, fix="output_name")
     if not overwrite:
-        existing = [str(p) for p in (path, json_path) if os.path.lexists(p)]
+        existing = [shown(p) for p in (path, json_path) if os.path.lexists(p)]
         if existing:
             raise UserError(f"{', '.join(existing)} already exists", fix="output_exists")
     return path, json_path
+
+
+def check_can_create(output: Path) -> None:
+    """A UserError unless files can be created beside `output` now (a read-only folder, for one).
+
+    Creates and removes the longest temporary name a save of `output` uses: the real operation, not a
+    guess from permission bits, which root ignores and a read-only mount overrides.
+    """
+    temps: list[Path] = []
+    try:
+        os.close(_create_temp(metadata_path(output), temps))
+    except OSError as exc:
+        raise UserError(f"cannot create files in {shown(output.parent)}: {exc.strerror or exc}") from exc
+    finally:
+        for temp in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
 
 
 def _process_alive(pid: int) -> bool:
@@ -501,7 +595,7 @@ def sweep_stale_temp_files(folder: Path, now: float | None = None) -> list[Path]
 
 
 def _temp_path_for(target: Path) -> Path:
-    return target.parent / f".{target.name}.{os.getpid()}-{_HOST_TAG}.{secrets.token_hex(4)}.tmp"
+    return target.parent / f".{target.name}.{os.getpid():0{_PID_DIGITS}d}-{_HOST_TAG}.{secrets.token_hex(4)}.tmp"
 
 
 def _create_temp(target: Path, temps: list[Path]) -> int:
@@ -642,13 +736,18 @@ def save_result(result: EditResult, output: str | Path, overwrite: bool = False)
     if result.image is None:
         raise ValueError("this rank only helped denoise; the leader of its guidance group saves the edit")
     image = result.image.convert("RGB") if fmt == "JPEG" else result.image
-    metadata = {**result.metadata, "output": str(path)}
     sweep_stale_temp_files(path.parent)
     temps: list[Path] = []
     try:
         with _sigterm_unwinds():
             try:
                 image_temp = _write_temp(path, lambda stream: image.save(stream, format=fmt), temps)
+                # the image's checksum lets a resumed batch tell a complete output from a damaged one
+                try:
+                    checksum = file_sha256(image_temp)
+                except OSError as exc:
+                    raise _TargetWriteFailed(path, exc) from exc
+                metadata = {**result.metadata, "output": str(path), "output_sha256": checksum}
                 json_temp = _write_temp(
                     json_path, lambda stream: stream.write(json.dumps(metadata, indent=2).encode()), temps
                 )

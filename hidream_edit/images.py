@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hidream_edit.errors import ImageInputError
+from hidream_edit.text import shown
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         return _decode(source, name, max_pixels)
 
     if isinstance(source, (str, Path)):
-        _check_path(Path(source), name)
+        check_image_file(Path(source), name)
         stream: BinaryIO | str | Path = source
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
@@ -136,15 +137,15 @@ def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def _source_name(source: ImageSource) -> str:
-    """Name the input in error messages the way the user would recognise it."""
+    """Name the input in error messages the way the user would recognise it (escaped and cut: text.shown)."""
     if isinstance(source, (str, Path)):
-        return str(source)
+        return shown(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return "<image bytes>"
     if isinstance(source, Image.Image):
-        return getattr(source, "filename", "") or "<PIL image>"
+        return shown(getattr(source, "filename", "") or "<PIL image>")
     name = getattr(source, "name", None)
-    return str(name) if isinstance(name, (str, bytes, Path)) and name else "<image stream>"
+    return shown(name) if isinstance(name, (str, bytes, Path)) and name else "<image stream>"
 
 
 _SPECIAL_FILE_KINDS = (
@@ -156,7 +157,7 @@ _SPECIAL_FILE_KINDS = (
 )
 
 
-def _check_path(path: Path, name: str) -> None:
+def check_image_file(path: Path, name: str) -> None:
     """Give the common path mistakes their own clear message before Pillow sees them.
 
     Only stat() is used, never open(): opening a FIFO would block until someone writes to it.
@@ -166,7 +167,7 @@ def _check_path(path: Path, name: str) -> None:
     except FileNotFoundError:
         raise ImageInputError(f"{name}: file not found") from None
     except OSError as exc:
-        raise ImageInputError(f"{name}: cannot access file ({_describe(exc)})") from exc
+        raise ImageInputError(f"{name}: cannot access file ({exc.strerror or _describe(exc)})") from exc
     for is_kind, kind in _SPECIAL_FILE_KINDS:
         if is_kind(status.st_mode):
             raise ImageInputError(f"{name}: is {kind}, not an image file")

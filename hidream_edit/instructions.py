@@ -15,10 +15,8 @@ import http.client
 import io
 import json
 import logging
-import re
 import socket
 import time
-import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +28,8 @@ from PIL import Image
 
 from hidream_edit.errors import UserError
 from hidream_edit.spec import INSTRUCTION_MARKER, MAX_PROMPT_CHARS, TARGET_MARKER, is_e1_full_form
+from hidream_edit.text import one_line as _one_line
+from hidream_edit.text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -61,32 +61,6 @@ SYSTEM_PROMPT = (
     "request does not ask to change; if the request is ambiguous, choose its most plausible "
     "reading; write in English."
 )
-
-
-_TERMINAL_ESCAPE = re.compile(
-    r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?|[ -/]*[0-~])?"
-    r"|\x9b[0-?]*[ -/]*[@-~]"
-)
-_INVISIBLE_FORMATTING = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def printable(text: str) -> str:
-    """`text` without terminal escape sequences and control characters (newlines and tabs kept).
-
-    Server text reaches the terminal in messages and logs; an ANSI sequence in it could recolour,
-    retitle or rewrite what the user sees.
-    """
-    text = _TERMINAL_ESCAPE.sub("", text)
-    return "".join(
-        char
-        for char in text
-        if char in "\n\t" or (unicodedata.category(char) != "Cc" and char not in _INVISIBLE_FORMATTING)
-    )
-
-
-def _one_line(text: str) -> str:
-    """Collapse whitespace and drop control characters so messages and snippets stay on one line."""
-    return " ".join(printable(text).split())
 
 
 def _snippet(text: str) -> str:

@@ -113,7 +113,7 @@ def test_e1_full_lines_build_the_prompt_form_from_target_description(tmp_path: P
         ({"image": "a.png", "instruction": "x", "steps": True}, "'steps' must be an integer, got true"),
         ({"image": "a.png", "instruction": "x", "guidance": "high"}, "'guidance' must be a number"),
         ({"image": "a.png", "instruction": 5}, "'instruction' must be a string, got 5"),
-        ({"image": "gone.png", "instruction": "x"}, "image 'gone.png' not found"),
+        ({"image": "gone.png", "instruction": "x"}, "image 'gone.png' ("),
         ({"image": "a.png", "instruction": "x", "output": "/tmp/o.png"}, "must be a relative path inside --output-dir"),
         ({"image": "a.png", "instruction": "x", "output": "../o.png"}, "must be a relative path inside --output-dir"),
         ({"image": "a.png", "instruction": "x", "output": "o.gif"}, "unknown image extension"),
@@ -253,7 +253,7 @@ def test_bad_manifest_exits_2_before_loading_and_lists_each_problem(
     assert code == 2 and counted_loads == [] and not (tmp_path / "out").exists()
     assert err.splitlines() == [
         "error: m.jsonl line 1: 'seed' must be an integer, got \"1\"",
-        f"error: m.jsonl line 2: image 'b.png' not found ({tmp_path / 'b.png'})",
+        f"error: m.jsonl line 2: image 'b.png' ({tmp_path / 'b.png'}): file not found",
     ]
 
 
@@ -406,7 +406,8 @@ def test_output_states_compare_the_metadata_json(tmp_path: Path) -> None:
     Image.new("RGB", (4, 4)).save(item.output)
     with pytest.raises(BatchError, match="exists and was not made by this request \\(it has no metadata JSON\\)"):
         check_outputs([item], context, overwrite=False)
-    metadata = {**expected_metadata(item, context, file_sha256(source)), "timings": {"load_s": 1.0}}
+    metadata = {**expected_metadata(item, context, file_sha256(source)), "timings": {"load_s": 1.0},
+                "output_sha256": file_sha256(item.output)}
     Path(f"{item.output}.json").write_text(json.dumps(metadata))
     assert check_outputs([item], context, overwrite=False)[0].kind == "done"
     assert check_outputs([item], replace(context, dtype="bf16"), overwrite=True)[0].reason == (

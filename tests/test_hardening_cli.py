@@ -5,6 +5,7 @@ Also the prompt length cap every front end gets from resolve_request, and the ho
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from hidream_edit import cli
 from hidream_edit.editor import MAX_PROMPT_CHARS, EditRequest, resolve_request
 from hidream_edit.errors import UserError
 from hidream_edit.spec import MODELS
+from hidream_edit.text import check_path_text, shown
 from hidream_edit.web.service import device_panel_markdown
 
 
@@ -172,3 +174,57 @@ def test_the_web_device_panel_says_when_the_rss_is_the_peak(is_peak: bool, label
     report = {"device": "cpu", "device_name": "x86_64", "dtype": "fp32", "attention": "sdpa", "offload": "none",
               "memory": memory}
     assert label in device_panel_markdown(report, None, "idle")
+
+
+# Outputs that cannot be saved, found before loading (issue 22)
+
+
+@pytest.mark.parametrize("case", ["300-character name", "240-character name", "dangling link", "read-only folder"])
+def test_an_output_that_cannot_be_saved_is_refused_before_loading(
+    case: str, tiny_env: dict[str, str], source_png: Path, tmp_path: Path, no_loading: None,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    names = {"300-character name": "n" * 296 + ".png", "240-character name": "n" * 236 + ".png"}
+    output = out / names.get(case, "o.png")
+    expected = {"300-character name": "is 300 bytes long; at most ",
+                "240-character name": "is 240 bytes long; at most ",
+                "dangling link": f"{output} is a symbolic link (outputs are never written through links)",
+                "read-only folder": f"cannot create files in {out}: Read-only file system"}[case]
+    if case == "dangling link":
+        output.symlink_to(tmp_path / "nowhere.png")
+    if case == "read-only folder":
+        real_open = os.open
+
+        def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if flags & os.O_CREAT and Path(path).parent == out:
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", open_)
+    code, err = run_cli("e1.1", source_png, output, ["--overwrite"], tiny_env, capsys)
+    assert code == 2
+    assert_one_error_line(err, expected)
+    assert [path.name for path in out.iterdir()] == ([output.name] if case == "dangling link" else [])
+
+
+def test_a_path_with_terminal_escapes_is_printed_escaped(
+    tiny_env: dict[str, str], tmp_path: Path, no_loading: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "\x1b]0;owned\x07\x1b[2Jgone.png"
+    code, err = run_cli("e1.1", source, tmp_path / "o.png", [], tiny_env, capsys)
+    assert code == 2
+    assert_one_error_line(err, "\\x1b]0;owned\\x07\\x1b[2Jgone.png: file not found")
+    assert "\x1b" not in err and "\x07" not in err
+
+
+def test_shown_escapes_what_a_terminal_would_obey_and_cuts_long_values() -> None:
+    assert shown("caf\u00e9 \u732b.png") == "caf\u00e9 \u732b.png"  # printable text as it is
+    assert shown("a\x1b[2Jb\0c\u202ed\udcffe\nf") == "a\\x1b[2Jb\\x00c\\u202ed\\udcffe\\nf"
+    assert shown("x" * 300, 10) == "xxxxxxxxxx... (300 characters)"
+    with pytest.raises(UserError, match="contains a NUL character"):
+        check_path_text("output", "a\0.png")
+    with pytest.raises(UserError, match=r"is not valid Unicode text \(a lone surrogate at character 2\)"):
+        check_path_text("output", "a\ud800.png")
+    check_path_text("output", os.fsdecode(b"caf\xe9.png"))  # an undecodable byte of a real file name is fine

@@ -1,0 +1,383 @@
+"""Batches under hostile-but-realistic use (issue 22): everything that would fail after the model loaded is
+found before, every value echoed is cut and escaped, resume reads only what it should, one batch per
+output folder, and the run's end (exit code, counts, summary) stays honest when a rank or the disk fails.
+
+The run-level tests stand a FakeEditor in for the model, so they load nothing; the torchrun rank is a
+stand-in group in this process (the collectives are not the point here).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from PIL import Image
+from test_batch import TEMPLATE, FakeEditor, problems_of, run_cli, write_images, write_manifest
+
+from hidream_edit import batch
+from hidream_edit.batch import (
+    BatchItem,
+    BatchProgress,
+    LocalQueue,
+    OutputState,
+    RunContext,
+    expected_metadata,
+    folder_items,
+    output_state,
+    run_batch,
+    run_items,
+)
+from hidream_edit.config import DistributedEnvironment
+from hidream_edit.distributed import CardGroup
+from hidream_edit.editor import Editor, EditRequest, EditResult, file_sha256, save_result
+from hidream_edit.errors import GuidanceGroupError, UserError
+from hidream_edit.spec import MODELS
+
+CONTEXT = RunContext("e1.1", {"model": "e1.1", "tiny": True}, "device", "edit", False, "fp32")
+
+
+@pytest.fixture()
+def no_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model fails the test: the mistake must be found before."""
+
+    def load(settings: Any, dm: Any = None) -> None:
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(Editor, "load", staticmethod(load))
+
+
+def one_line_manifest(tmp_path: Path, **line: Any) -> Path:
+    write_images(tmp_path, ["a.png"])
+    return write_manifest(tmp_path / "m.jsonl", [{"image": "a.png", "instruction": "x", **line}])
+
+
+def refuse_new_files_in(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Creating a file in `folder` fails as on a read-only mount (root ignores permission bits)."""
+    real_open = os.open
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT and Path(path).parent == folder:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+# Found before loading
+
+
+@pytest.mark.parametrize("case", ["read-only sub-folder", "read-only output folder", "240-character name",
+                                  "300-character name", "dangling link", "linked sub-folder"])
+def test_outputs_that_cannot_be_saved_are_refused_before_loading(
+    case: str, tmp_path: Path, tiny_env: dict[str, str], no_loads: None, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    output = {"read-only sub-folder": "sub/a.png", "read-only output folder": "a.png",
+              "240-character name": "n" * 236 + ".png", "300-character name": "n" * 296 + ".png",
+              "dangling link": "a.png", "linked sub-folder": "link/a.png"}[case]
+    expected = {"read-only sub-folder": f"cannot create files in {out / 'sub'}: Read-only file system",
+                "read-only output folder": f"cannot create files in --output-dir {out}: Read-only file system",
+                "240-character name": "is 240 bytes long; at most ",
+                "300-character name": "is 300 bytes long; at most ",
+                "dangling link": f"{out / 'a.png'} is a symbolic link (outputs are never written through links)",
+                "linked sub-folder": f"would be written to {elsewhere / 'a.png'}, outside --output-dir"}[case]
+    if case == "read-only sub-folder":
+        refuse_new_files_in(monkeypatch, out / "sub")
+    if case == "read-only output folder":
+        refuse_new_files_in(monkeypatch, out)
+    if case == "dangling link":
+        (out / "a.png").symlink_to(tmp_path / "nowhere.png")
+    if case == "linked sub-folder":
+        (out / "link").symlink_to(elsewhere)
+    manifest = one_line_manifest(tmp_path, output=output)
+    code = run_cli(["--manifest", str(manifest), "--output-dir", str(out), "--overwrite"], tiny_env)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_second_batch_on_a_locked_output_dir_names_the_holder_and_loads_nothing(
+    tmp_path: Path, tiny_env: dict[str, str], no_loads: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = one_line_manifest(tmp_path)
+    out = tmp_path / "out"
+    with batch.output_dir_lock(out):
+        assert run_cli(["--manifest", str(manifest), "--output-dir", str(out)], tiny_env) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output-dir {out} is in use by another batch (process {os.getpid()} on this host); "
+        "wait for it to finish or choose another --output-dir\n"
+    )
+    assert list(out.iterdir()) == []  # the holder removes the lock file
+    with batch.output_dir_lock(out):  # free again
+        pass
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"image": "i" * 300 + ".png"}, "cannot access file (File name too long)"),
+        ({"output": "o\0.png"}, "contains a NUL character, which no file name can hold"),
+        ({"output": "o\ud800.png"}, "is not valid Unicode text (a lone surrogate at character 2)"),
+        ({"image": "a\0.png"}, "contains a NUL character"),
+        ({"image": "pipe.png"}, "is a named pipe (FIFO), not an image file"),
+        ({"image": "/dev/zero"}, "is a character device, not an image file"),
+    ],
+)
+def test_manifest_paths_that_no_file_operation_takes_are_one_problem_line(
+    tmp_path: Path, line: dict[str, str], message: str
+) -> None:
+    os.mkfifo(tmp_path / "pipe.png")
+    problems = problems_of(one_line_manifest(tmp_path, **line), tmp_path / "out")
+    assert len(problems) == 1 and problems[0].startswith("m.jsonl line 1: ") and message in problems[0], problems
+
+
+def test_a_manifest_line_nested_too_deeply_is_one_problem_line(tmp_path: Path) -> None:
+    write_images(tmp_path, ["a.png"])
+    deep = '{"image": "a.png", "instruction": "x", "seed": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    problems = problems_of(write_manifest(tmp_path / "m.jsonl", [deep]), tmp_path / "out")
+    assert problems == ["m.jsonl line 1: not usable JSON (nested too deeply)"]
+
+
+def test_echoed_values_are_cut_and_their_control_characters_escaped(tmp_path: Path) -> None:
+    write_images(tmp_path, ["a.png"])
+    manifest = write_manifest(tmp_path / "m.jsonl", [
+        {"image": "a.png", "instruction": "x", "steps": "9" * 20_000_000},
+        {"image": "\x1b]0;owned\x07\x1b[2Jgone.png", "instruction": "x"},
+    ])
+    steps, image = problems_of(manifest, tmp_path / "out")
+    assert len(steps) < 400 and steps.endswith("... (20000002 characters)"), steps[:400]
+    assert "\x1b" not in image and "\x07" not in image
+    assert "image '\\x1b]0;owned\\x07\\x1b[2Jgone.png'" in image
+
+
+def test_an_input_dir_inside_the_output_dir_says_so(tmp_path: Path) -> None:
+    write_images(tmp_path / "out" / "in", ["a.png"])
+    with pytest.raises(UserError, match=r"--input-dir .*in is inside --output-dir .*out, whose files are never read"):
+        folder_items(tmp_path / "out" / "in", tmp_path / "out", False, replace(TEMPLATE, instruction="x"),
+                     MODELS["e1.1"], False)
+
+
+# Resume reads only regular files, bounded, and checks the image
+
+
+def saved_item(tmp_path: Path, seed: int = 1) -> BatchItem:
+    """An item whose output was saved by this request (image + metadata JSON with its checksum)."""
+    (source,) = write_images(tmp_path, ["a.png"])
+    item = BatchItem(0, "a.png", replace(TEMPLATE, image=source, instruction="x", negative="n", guidance=1.0,
+                                         image_guidance=1.0, refine_strength=0.0, clip_cfg_norm=True, seed=seed),
+                     tmp_path / "out" / "a.png")
+    item.output.parent.mkdir(exist_ok=True)
+    metadata = expected_metadata(item, CONTEXT, file_sha256(source))
+    save_result(EditResult(Image.new("RGB", (64, 48), (9, 9, 9)), metadata), item.output)
+    assert output_state(item, CONTEXT).kind == "done"
+    return item
+
+
+def test_a_rerun_with_another_seed_edits_again(tmp_path: Path) -> None:
+    item = saved_item(tmp_path, seed=1)
+    other_seed = replace(item, request=replace(item.request, seed=2))
+    assert output_state(other_seed, CONTEXT) == OutputState("different", "seed was 1, now 2")
+
+
+def test_a_truncated_output_image_is_not_taken_as_done(tmp_path: Path) -> None:
+    item = saved_item(tmp_path)
+    data = item.output.read_bytes()
+    item.output.write_bytes(data[: len(data) // 2])
+    assert output_state(item, CONTEXT) == OutputState(
+        "different", "the image is not the one its metadata JSON describes (damaged or changed)"
+    )
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero link", "17 MiB", "nested 100,000 deep"])
+def test_resume_reads_only_a_bounded_regular_metadata_file(tmp_path: Path, kind: str) -> None:
+    item = saved_item(tmp_path)
+    json_path = Path(f"{item.output}.json")
+    json_path.unlink()
+    if kind == "fifo":
+        os.mkfifo(json_path)
+    elif kind == "dev-zero link":
+        json_path.symlink_to("/dev/zero")
+    elif kind == "17 MiB":
+        json_path.write_bytes(b" " * (17 * 2**20))
+    else:
+        json_path.write_text("[" * 100_000 + "]" * 100_000)
+    found: list[OutputState] = []
+    reader = threading.Thread(target=lambda: found.append(output_state(item, CONTEXT)), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert found, "resume hung on the metadata file"
+    expected = {"fifo": OutputState("blocked", f"{json_path} exists and is not a regular file"),
+                "dev-zero link": OutputState("blocked", f"{json_path} is a symbolic link (outputs are never "
+                                                        "written through links)"),
+                "17 MiB": OutputState("different", "its metadata JSON is 17825792 bytes; at most 16777216 are read"),
+                "nested 100,000 deep": OutputState("different", "its metadata JSON is unreadable")}[kind]
+    assert found == [expected]
+
+
+# The item loop and the run's end
+
+
+class CountingEditor(FakeEditor):
+    def __init__(self, outcomes: dict[str, Any]) -> None:
+        super().__init__(outcomes)
+        self.edited: list[str] = []
+
+    def edit(self, request: EditRequest, on_step: Any = None) -> EditResult:
+        self.edited.append(Path(str(request.image)).name)
+        return super().edit(request, on_step)
+
+
+def items_of(tmp_path: Path, names: list[str]) -> list[BatchItem]:
+    sources = write_images(tmp_path, names)
+    return [BatchItem(i, p.name, replace(TEMPLATE, image=p), tmp_path / "out" / p.name) for i, p in enumerate(sources)]
+
+
+def test_a_lost_guidance_group_stops_the_batch(tmp_path: Path) -> None:
+    items = items_of(tmp_path, ["a.png", "b.png"])
+    editor = CountingEditor({"a.png": GuidanceGroupError("rank 1 of the guidance group failed"), "b.png": "ok"})
+    with pytest.raises(GuidanceGroupError):
+        run_items(items, [OutputState("absent")] * 2, lambda: editor, LocalQueue(), False,  # type: ignore[arg-type]
+                  BatchProgress(2, enabled=False))
+    assert editor.edited == ["a.png"]
+
+
+class FakeSettings:
+    model = "e1.1"
+    sources = SimpleNamespace(as_dict=lambda: {"model": "e1.1", "tiny": True})
+    rng, refine_weights, fuse_lora = "device", "edit", False
+
+
+class FakeRankGroup:
+    """The rendezvous store of a torchrun group as seen by one rank; the other ranks' records are given."""
+
+    def __init__(self, rank: int, world_size: int, claims: list[int], others: dict[int, list[dict[str, Any]]],
+                 lost: bool = False) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.claims = iter(claims)
+        self.texts = {other: json.dumps(records) for other, records in others.items()}
+        self.lost = lost
+
+    def take_number(self, counter: str) -> int:
+        return next(self.claims)
+
+    def add(self, counter: str, amount: int) -> int:
+        return 0
+
+    def publish(self, name: str, text: str) -> None:
+        self.texts[self.rank] = text
+
+    def collect(self, name: str) -> list[str]:
+        if self.lost:
+            raise UserError("rank 0 waited 2 s for the other ranks' results (Socket Timeout); see --dist-timeout")
+        return [self.texts[rank] for rank in range(self.world_size)]
+
+    def collect_present(self, name: str) -> dict[int, str]:
+        return dict(self.texts)
+
+    def close(self) -> None:
+        pass
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without the progress bar."""
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def run_as_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: FakeRankGroup, items: list[BatchItem], local_rank: int = 0
+) -> int:
+    editor = FakeEditor({item.image.name: "ok" for item in items})
+    monkeypatch.setattr(Editor, "load", staticmethod(lambda settings, dm=None: editor))
+    monkeypatch.setattr(CardGroup, "join", staticmethod(lambda *args: SimpleNamespace(ranks=group, guidance=None)))
+    env = DistributedEnvironment(group.world_size, group.rank, local_rank, "127.0.0.1", 29500)
+    dm = SimpleNamespace(dtype_name="fp32", empty_cache=lambda: None)
+    return run_batch(items, FakeSettings(), tmp_path / "out", False, {"manifest": "m.jsonl"}, env, 2.0,  # type: ignore[arg-type]
+                     dm=dm)  # type: ignore[arg-type]
+
+
+def test_records_carry_the_global_rank_not_the_local_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second node's second card: RANK 3, LOCAL_RANK 1; summaries across nodes need the 3."""
+    items = items_of(tmp_path, ["a.png", "b.png"])
+    group = FakeRankGroup(3, 4, claims=[1, 2], others={})
+    assert run_as_rank(tmp_path, monkeypatch, group, items, local_rank=1) == 0
+    assert [(record["index"], record["rank"]) for record in json.loads(group.texts[3])] == [(1, 3)]
+
+
+def test_rank_0_summarises_what_arrived_when_a_rank_never_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = items_of(tmp_path, ["a.png", "b.png", "c.png"])
+    from_rank_1 = [{"index": 1, "label": "b.png", "image": "b.png", "output": "out/b.png", "status": "ok", "rank": 1}]
+    group = FakeRankGroup(0, 3, claims=[0, 3], others={1: from_rank_1}, lost=True)
+    assert run_as_rank(tmp_path, monkeypatch, group, items) == 1
+    out, err = capsys.readouterr()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0} and summary["items_reported"] == 2
+    assert summary["lost_ranks"] == [2] and [item["rank"] for item in summary["items"]] == [0, 1]
+    assert out.startswith("batch: 2 done, 0 failed, 0 skipped of 3 on 3 ranks in ")
+    assert error_lines(err) == [
+        "error: no records from rank(s) 2 (rank 0 waited 2 s for the other ranks' results (Socket Timeout); see "
+        "--dist-timeout); their items are not in the summary; rerun the same command to finish them"
+    ]
+
+
+def test_a_summary_that_cannot_be_written_is_exit_1_with_the_counts_and_no_stale_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = items_of(tmp_path, ["a.png"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text('{"counts": "of an earlier run"}')
+
+    def disk_full(path: Path, summary: dict[str, Any]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(batch, "write_summary", disk_full)
+    editor = FakeEditor({"a.png": "ok"})
+    monkeypatch.setattr(Editor, "load", staticmethod(lambda settings, dm=None: editor))
+    dm = SimpleNamespace(dtype_name="fp32", empty_cache=lambda: None)
+    code = run_batch(items, FakeSettings(), tmp_path / "out", False, {}, dm=dm)  # type: ignore[arg-type]
+    out, err = capsys.readouterr()
+    assert code == 1 and out.startswith("batch: 1 done, 0 failed, 0 skipped of 1 in ")
+    assert out.rstrip().endswith("; no summary written")
+    assert error_lines(err) == [
+        f"error: cannot write {tmp_path / 'out' / 'summary.json'} (No space left on device); "
+        "the previous summary was removed"
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "a.png.json"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero link", "link to a manifest"])
+def test_the_manifest_is_read_only_if_it_is_a_regular_file(tmp_path: Path, kind: str) -> None:
+    real = one_line_manifest(tmp_path)
+    manifest = tmp_path / "given.jsonl"
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.symlink_to("/dev/zero" if kind == "dev-zero link" else real)
+    found: list[Any] = []
+
+    def read() -> None:
+        try:
+            found.append(batch.manifest_items(manifest, tmp_path / "out", TEMPLATE, MODELS["e1.1"], False))
+        except UserError as exc:
+            found.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert found, "reading the manifest hung"
+    if kind == "link to a manifest":
+        assert [item.label for item in found[0]] == ["given.jsonl line 1"]
+    else:
+        assert found == [f"--manifest {manifest}: is not a regular file"]
