@@ -19,6 +19,7 @@ from npu_standin import REPO
 from PIL import Image
 
 from hidream_edit.editor import STALE_TEMP_AGE_S, EditResult, save_result, sweep_stale_temp_files
+from hidream_edit.errors import UserError
 
 CHILD = r"""
 import signal, sys
@@ -104,6 +105,27 @@ def test_a_concurrent_saver_finishes_although_another_save_swept_the_folder(tmp_
     assert child.returncode == 0 and out == "saved\n", err
     assert Image.open(tmp_path / "child.png").getpixel((0, 0)) == (1, 2, 3)
     assert temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_after_a_save_sigterm_kills_as_before(tmp_path: Path, fails: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The save's own SIGTERM handler is gone once it returns or fails: a later SIGTERM is no traceback."""
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    if fails:
+        monkeypatch.setattr(Image.Image, "save", full_disk)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        if fails:
+            with pytest.raises(UserError, match="disk full"):
+                another_save(tmp_path, "out.png")
+        else:
+            another_save(tmp_path, "out.png")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if fails else ["out.png", "out.png.json"])
 
 
 def test_sweep_removes_only_our_old_or_orphaned_names(tmp_path: Path) -> None:
