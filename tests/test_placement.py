@@ -272,6 +272,8 @@ def test_nothing_fits_says_what_would_make_it_fit() -> None:
     )
     small = real_plan("e1.1", "1x4GiB", host_memory=16 * GIB)
     assert small.error.endswith("it needs a card with at least 4.3 GiB free and at least 59.4 GiB of host memory")
+    capped_and_small = real_plan("e1.1", "1x4GiB", max_memory=2 * GIB)  # raising the cap would not be enough
+    assert capped_and_small.error.endswith("npu:0 needs 4.3 GiB of 2.0 GiB; it needs a card with at least 4.3 GiB free")
 
 
 def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:

@@ -143,8 +143,11 @@ def test_sweep_removes_only_our_old_or_orphaned_names(tmp_path: Path) -> None:
         os.utime(tmp_path / name, (now - STALE_TEMP_AGE_S - 10,) * 2)
     fresh = tmp_path / ".fresh.png.abcd_123.tmp"
     fresh.write_bytes(b"x")
+    link = tmp_path / ".link.png.abcd_123.tmp"  # our name, but saves never create links: not ours
+    link.symlink_to(tmp_path / ".notes.txt.abcd_123.tmp")
+    os.utime(link, (now - STALE_TEMP_AGE_S - 10,) * 2, follow_symlinks=False)
     removed = sweep_stale_temp_files(tmp_path, now=now)
     assert sorted(p.name for p in removed) == sorted(name for name, stale in names.items() if stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [".fresh.png.abcd_123.tmp", *(name for name, stale in names.items() if not stale)]
+        [".fresh.png.abcd_123.tmp", link.name, *(name for name, stale in names.items() if not stale)]
     )
