@@ -46,6 +46,8 @@ PIPELINE_UNIT_TESTS = ["test_refine_start_step", "test_edit_text_batches_and_lla
 MODEL_LOADING_TESTS = [
     "tests/test_downloads.py::test_a_mix_of_local_paths_and_hub_ids_is_planned_before_any_download",
     "tests/test_placement_run.py::test_nothing_fits_refuses_before_downloading",
+    "tests/test_algo_weights.py::test_only_base_tensors_that_differ_are_kept_for_the_refine_stage",
+    "tests/test_placement_run.py::test_what_the_plan_reads_straight_onto_the_card_reaches_the_loaders",
     "tests/test_plumbing.py::test_model_sources_flags_win_over_environment_over_hub_ids",
     "tests/test_plumbing.py::test_hub_ids_go_to_the_hub_cache_and_paths_stay_paths",
     "tests/test_plumbing.py::test_llama_folder_needs_one_of_the_tokenizer_files",
@@ -61,6 +63,7 @@ MODEL_LOADING_TESTS = [
 ]
 PLACEMENT_RUN_TESTS = ["test_nothing_fits_refuses_before_downloading", "test_nothing_fits_refuses_before_loading",
                        "test_plan_reads_headers_only_and_needs_no_image",
+                       "test_what_the_plan_reads_straight_onto_the_card_reaches_the_loaders",
                        "test_plan_text_for_e1_full_names_placement_and_rejections",
                        "test_plan_on_the_standin_npu_uses_a_second_card_for_the_encoders",
                        "test_plan_on_the_standin_asks_only_the_edit_card_when_it_is_enough",
