@@ -706,8 +706,8 @@ def plan_placement(
     """Choose where each component lives: `auto` takes the fastest placement that fits.
 
     Pure: sizes and budgets in, a Plan out. `plan.error` is set (and `fits` false) when the edit cannot run
-    (nothing fits under auto, an impossible explicit placement); an explicit
-    placement that merely does not fit keeps its name, with `plan.warning` giving the numbers.
+    (nothing fits under auto, an impossible explicit placement); an explicit placement that merely does not
+    fit keeps its name, with `plan.warning` giving the numbers.
     `encoder_device` (e.g. npu:1) fixes the second card of `split`.
     """
     if asked not in OFFLOAD_CHOICES:
