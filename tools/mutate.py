@@ -261,20 +261,22 @@ def _tests_for(path: str) -> list[str]:
     return [test for test in TARGETS.get(path, []) if _exists(test)]
 
 
-def run_tests(workdir: Path, tests: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, float]:
-    """'killed' (a test failed or it timed out), 'survived' (all passed) or 'error' (nothing ran)."""
+def run_tests(workdir: Path, tests: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, float, str]:
+    """('killed' (a test failed or it timed out), 'survived' (all passed) or 'error' (nothing ran), seconds,
+    the end of pytest's report: which test failed)."""
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
     started = time.monotonic()
     try:
         done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return "killed (timeout)", time.monotonic() - started
+        return "killed (timeout)", time.monotonic() - started, f"timed out after {timeout_s:.0f} s"
     seconds = time.monotonic() - started
+    report = "\n".join(done.stdout.strip().splitlines()[-3:])
     if done.returncode == 0:
-        return "survived", seconds
+        return "survived", seconds, report
     if done.returncode == 1:
-        return "killed", seconds
-    return f"error (pytest exit {done.returncode})", seconds
+        return "killed", seconds, report
+    return f"error (pytest exit {done.returncode})", seconds, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         baseline: dict[str, float] = {}
         for path in files:
-            status, seconds = run_tests(workdir, _tests_for(path), env, timeout_s=1800)
+            status, seconds, report = run_tests(workdir, _tests_for(path), env, timeout_s=1800)
             if status != "survived":
-                print(f"the unmutated tests for {path} do not pass ({status}); fix that first", file=sys.stderr)
+                print(f"the unmutated tests for {path} do not pass ({status}); fix that first:\n{report}",
+                      file=sys.stderr)
                 return 2
             baseline[path] = seconds
             print(f"baseline {path}: {seconds:.0f} s", flush=True)
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             original = target.read_text()
             target.write_text(apply(original, mutant))
             try:
-                status, seconds = run_tests(workdir, _tests_for(mutant.path), env, 3 * baseline[mutant.path] + 60)
+                status, seconds, _ = run_tests(workdir, _tests_for(mutant.path), env, 3 * baseline[mutant.path] + 60)
             finally:
                 target.write_text(original)
             results.append({**asdict(mutant), "status": status, "seconds": round(seconds, 1)})
