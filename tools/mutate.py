@@ -90,7 +90,7 @@ CONFIG_TESTS = [
     "tests/test_plumbing.py::test_each_flag_changes_exactly_its_setting",
     "tests/test_plumbing.py::test_defaults_reach_the_boundaries",
 ]
-ATTENTION_TESTS = ["test_attention_env_and_errors", "test_sdpa_and_math_match_diffusers_processor",
+ATTENTION_TESTS = ["test_sdpa_and_math_match_diffusers_processor", "test_attention_env_and_errors",
                    "test_npu_fused_attention_runs_the_fused_kernel"]
 TARGETS: dict[str, list[str]] = {
     "hidream_edit/pipeline.py": ["tests/test_edit_loop.py", *_in("test_pipeline.py", PIPELINE_UNIT_TESTS)],
@@ -112,8 +112,7 @@ TARGETS: dict[str, list[str]] = {
     "hidream_edit/group_jobs.py": ["tests/test_group_jobs.py"],
     "hidream_edit/config.py": CONFIG_TESTS,
     "hidream_edit/web/service.py": ["tests/test_web_service.py"],
-    "hidream_edit/attention.py": [*_in("test_device_utils.py", ATTENTION_TESTS),
-                                  "tests/test_e1_1.py::test_sdpa_and_math_attention_agree"],
+    "hidream_edit/attention.py": _in("test_device_utils.py", ATTENTION_TESTS),
     "hidream_edit/instructions.py": ["tests/test_instructions.py",
                                      "tests/test_plumbing.py::test_rewrite_instruction_flags_reach_the_vlm_client"],
 }
