@@ -22,7 +22,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -493,10 +493,25 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
 
 
-def math_attention_chunk_rows(query_shape: torch.Size, key_length: int, budget_bytes: int) -> int:
+def math_attention_chunk_rows(query_shape: Sequence[int], key_length: int, budget_bytes: int) -> int:
     """Query rows per chunk of `math_attention`: its fp32 scores and their softmax fit `budget_bytes`."""
     bytes_per_row = 2 * 4 * key_length * math.prod(query_shape[:-2])
     return max(1, min(query_shape[-2], budget_bytes // max(1, bytes_per_row)))
+
+
+def math_attention_workspace(
+    query_shape: Sequence[int], key_length: int, input_bytes: int, budget_bytes: int = MATH_ATTENTION_BUDGET_BYTES
+) -> int:
+    """Peak bytes `math_attention` allocates besides its inputs and output; the memory plan reserves this.
+
+    One chunk's fp32 scores and softmax (or the previous chunk's scores while the next is computed), the
+    chunk's fp32 query copy or result, and fp32 copies of key and value unless the inputs are fp32 already.
+    """
+    batch_heads, head_dim = math.prod(query_shape[:-2]), query_shape[-1]
+    rows = math_attention_chunk_rows(query_shape, key_length, budget_bytes)
+    chunk = rows * (2 * 4 * key_length + 4 * head_dim) * batch_heads
+    copies = 0 if input_bytes == 4 else 2 * 4 * key_length * head_dim * batch_heads
+    return chunk + copies
 
 
 def math_attention(

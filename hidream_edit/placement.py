@@ -347,8 +347,9 @@ class Reserve:
       tokens      = 3 branches x (max_seq image tokens + 384 text tokens)   (E1.1 8192, E1-Full 4608)
       activations = tokens x (8 x 2560 + 4 x 6912) values alive in one transformer block x dtype bytes
       attention   = sdpa / npu_fused: 0 (no score matrix is kept);
-                    math: 2 x 3 x 20 heads x (tokens per branch)^2 x 4 bytes -- the fp32 score matrix
-                    and its softmax, materialised (E1.1: 32.9 GiB)
+                    math: what device_utils.math_attention_workspace says the kernel allocates: one query
+                    chunk's fp32 scores and softmax (at most 1 GiB) + fp32 copies of key and value
+                    (E1.1 in bf16: 1.5 GiB)
       decode      = pixels x 128 channels x 6 live tensors x dtype bytes (the VAE decoder at full size)
       fixed       = 1 GiB (fragmentation, workspaces, embeddings, latents)
     """
@@ -358,7 +359,6 @@ class Reserve:
     decode: int
     fixed: int
     tokens: int
-    heads: int = TRANSFORMER_HEADS
 
     @property
     def total(self) -> int:
@@ -378,9 +378,14 @@ def working_set(spec: ModelSpec, dtype: str, attention: str, dims: Dims | None =
     per_branch = spec.max_seq + TEXT_TOKENS
     tokens = EDIT_BRANCHES * per_branch
     activations = tokens * (LIVE_WIDTHS * dims.width + LIVE_FFN_WIDTHS * dims.ffn_width) * DTYPE_BYTES[dtype]
-    scores = 2 * EDIT_BRANCHES * dims.heads * per_branch**2 * 4 if attention == "math" else 0
+    scores = 0
+    if attention == "math":
+        from device_utils import math_attention_workspace
+
+        query_shape = (EDIT_BRANCHES, dims.heads, per_branch, dims.width // dims.heads)
+        scores = math_attention_workspace(query_shape, per_branch, DTYPE_BYTES[dtype])
     decode = spec.max_pixels * dims.vae_width * DECODE_LIVE_TENSORS * DTYPE_BYTES[dtype]
-    return Reserve(activations, scores, decode, FIXED_RESERVE, per_branch, dims.heads)
+    return Reserve(activations, scores, decode, FIXED_RESERVE, per_branch)
 
 
 # ---------------------------------------------------------------------------------------------- budgets
@@ -690,17 +695,6 @@ def _candidate(
     raise UserError(f"unknown placement {placement!r}; use one of: {', '.join(OFFLOAD_CHOICES)}")
 
 
-def _math_error(reserve: Reserve, budgets: Budgets) -> str | None:
-    """The math kernel's score matrix alone larger than the edit card's budget: no placement can help."""
-    if reserve.attention == 0 or not budgets.cards or reserve.attention <= budgets.edit.budget:
-        return None
-    return (
-        f"--attention math materialises the fp32 attention scores and their softmax "
-        f"({EDIT_BRANCHES} x {reserve.heads} heads x {reserve.tokens}^2 x 2 = {gib(reserve.attention)}), more "
-        f"than {budgets.edit.name}'s budget of {gib(budgets.edit.budget)}; use --attention sdpa"
-    )
-
-
 def plan_placement(
     spec: ModelSpec,
     sizes: ModelSizes,
@@ -712,8 +706,8 @@ def plan_placement(
     """Choose where each component lives: `auto` takes the fastest placement that fits.
 
     Pure: sizes and budgets in, a Plan out. `plan.error` is set (and `fits` false) when the edit cannot run
-    (math kernel too large, nothing fits under auto, an impossible explicit placement); an explicit
-    placement that merely does not fit keeps its name, with `plan.warning` giving the numbers.
+    (nothing fits under auto, an impossible explicit placement); an explicit placement that merely does not
+    fit keeps its name, with `plan.warning` giving the numbers.
     `encoder_device` (e.g. npu:1) fixes the second card of `split`.
     """
     if asked not in OFFLOAD_CHOICES:
@@ -726,7 +720,6 @@ def plan_placement(
     base = {"model": spec.name, "dtype": sizes.dtype, "attention": attention, "asked": asked, "reserve": reserve,
             "sizes": sizes, "budgets": budgets}
     candidates = [_candidate(name, sizes, budgets, reserve, encoder_device) for name in PLACEMENTS]
-    math_error = _math_error(reserve, budgets)
     if not budgets.cards:
         chosen = candidates[PLACEMENTS.index("none" if asked == "auto" else asked)]
         reason = "the CPU runs everything from host memory"
@@ -737,7 +730,7 @@ def plan_placement(
     if asked != "auto":
         chosen = candidates[PLACEMENTS.index(asked)]
         rejected = tuple(c for c in candidates[: PLACEMENTS.index(asked)] if not c.fits)
-        error = math_error or chosen.impossible
+        error = chosen.impossible
         warning = None
         if error is None and not chosen.fits:
             warning = f"--offload {asked} is not predicted to fit: {chosen.why_not()}"
@@ -749,14 +742,14 @@ def plan_placement(
     if encoder_device is not None:
         candidates = [c for c in candidates if c.placement != "none"]
     fitting = [c for c in candidates if c.fits]
-    if fitting and math_error is None:
+    if fitting:
         chosen = fitting[0]
         rejected = tuple(candidates[: candidates.index(chosen)])
         peaks = "; ".join(peak.describe() for peak in (*chosen.devices, chosen.host))
         reason = f"the fastest placement that fits ({peaks})"
         return Plan(chosen=chosen, rejected=rejected, reason=reason, **base)
     slowest = candidates[-1]
-    error = math_error or _nothing_fits(spec, sizes, budgets, candidates)
+    error = _nothing_fits(spec, sizes, budgets, candidates)
     return Plan(chosen=slowest, rejected=tuple(candidates[:-1]), reason="nothing fits", error=error, **base)
 
 

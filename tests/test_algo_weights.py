@@ -135,6 +135,22 @@ def test_e1_full_switch_keeps_adapters_on_when_the_swap_fails(faults: Faults) ->
     assert adapters.enabled and holds(module, edit)
 
 
+def test_only_base_tensors_that_differ_are_kept_for_the_refine_stage(tmp_path: Path) -> None:
+    """E1.1 --refine-weights base keeps in host memory only the I1 tensors whose values differ from E1.1's."""
+    from safetensors.torch import save_file
+
+    module, edit, _ = toy()
+    base = {name: value.clone() for name, value in edit.items()}
+    base["0.bias"] = base["0.bias"] + 1.0
+    base["1.weight"] = base["1.weight"].double()  # same values, stored in another dtype: not kept
+    base["unused.weight"] = torch.ones(2)  # a tensor the transformer does not have
+    (tmp_path / "transformer").mkdir()
+    save_file(base, str(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    kept = models.differing_base_tensors(module, tmp_path)
+    assert list(kept) == ["0.bias"] and torch.equal(kept["0.bias"], edit["0.bias"] + 1.0)
+    assert kept["0.bias"].dtype == module[0].bias.dtype
+
+
 # ------------------------------------------------------------------ base refine weights under offload (tiny E1.1)
 
 

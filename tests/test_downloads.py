@@ -17,19 +17,26 @@ import pytest
 from PIL import Image
 
 from hidream_edit.editor import Editor, EditorSettings, EditRequest
+from hidream_edit.errors import UserError
 from hidream_edit.models import ModelSources
 from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID, MODELS
 
 
 class FakeHub:
-    """Repos by id, served by copying the files that match `allow_patterns`."""
+    """Repos by id, served by copying the files that match `allow_patterns`; `downloads` lists the calls
+    that were not cache look-ups (`local_files_only` false)."""
 
     def __init__(self, repos: dict[str, Path], cache: Path) -> None:
         self.repos = repos
         self.cache = cache
         self.fetched: dict[str, list[str]] = {}
+        self.downloads: list[str] = []
 
-    def snapshot_download(self, repo_id: str, allow_patterns: Any = None, **_: Any) -> str:
+    def snapshot_download(
+        self, repo_id: str, allow_patterns: Any = None, local_files_only: bool = False, **_: Any
+    ) -> str:
+        if not local_files_only:
+            self.downloads.append(repo_id)
         source = self.repos[repo_id]
         target = self.cache / repo_id.replace("/", "--")
         files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
@@ -97,3 +104,14 @@ def test_e1_full_downloads_its_lora_file_only(hub: FakeHub, tmp_path: Path) -> N
     assert edit_once(settings, tmp_path).size == (64, 48)
     assert hub.fetched[MODELS["e1-full"].edit_hub_id] == [MODELS["e1-full"].lora.file]
     assert any(f.startswith("transformer/") and f.endswith(".safetensors") for f in hub.fetched[I1_HUB_ID])
+
+
+def test_a_mix_of_local_paths_and_hub_ids_is_planned_before_any_download(
+    hub: FakeHub, tiny_checkpoints: Any
+) -> None:
+    """One hub id among local paths is enough to plan first: a plan that cannot fit downloads nothing."""
+    sources = ModelSources("e1.1", str(tiny_checkpoints.llama), I1_HUB_ID, MODELS["e1.1"].edit_hub_id, offline=False)
+    settings = EditorSettings(sources=sources, device="cpu", dtype="fp32", host_memory=2**30)
+    with pytest.raises(UserError, match="HiDream-E1.1 in fp32 does not fit: on the CPU"):
+        Editor.load(settings)
+    assert hub.downloads == []

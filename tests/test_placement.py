@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from device_utils import math_attention, math_attention_workspace
 from hidream_edit.errors import ModelFilesError, UserError
 from hidream_edit.placement import (
     COMPONENTS,
@@ -21,18 +25,25 @@ from hidream_edit.placement import (
     GIB,
     PLACEMENTS,
     Budgets,
+    Card,
+    ModelSizes,
     checkpoint_files,
     described_budgets,
     model_sizes,
     parse_host,
     parse_size,
+    plan_for_machine,
     plan_placement,
     read_safetensors_header,
     working_set,
 )
-from hidream_edit.spec import LLAMA_UNUSED_PREFIXES, MODELS, REAL_PARAMETERS
+from hidream_edit.spec import EDIT_BRANCHES, LLAMA_UNUSED_PREFIXES, MODELS, REAL_PARAMETERS
 
 HOST = 512 * GIB
+
+
+def real_sizes(model: str = "e1.1") -> ModelSizes:
+    return model_sizes(MODELS[model], "bf16", None, None, None, LLAMA_UNUSED_PREFIXES)
 
 
 def real_plan(
@@ -40,7 +51,7 @@ def real_plan(
     **budget_args,
 ):
     spec = MODELS[model]
-    sizes = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES)
+    sizes = real_sizes(model)
     budgets = described_budgets(host, host_memory=budget_args.pop("host_memory", HOST), **budget_args)
     return plan_placement(spec, sizes, budgets, asked, attention, encoder_device)
 
@@ -60,9 +71,10 @@ CASES = [
     ("e1.1", "1x64GiB", "sdpa", 20 * GIB, "group"),
     ("e1.1", "1x64GiB", "sdpa", 8 * GIB, "sequential"),
     ("e1.1", "1x64GiB", "sdpa", 4 * GIB, None),
-    ("e1.1", "1x24GiB", "math", None, None),
-    ("e1.1", "1x32GiB", "math", None, None),
-    ("e1.1", "1x64GiB", "math", None, "group"),
+    ("e1.1", "1x24GiB", "math", None, "group"),
+    ("e1.1", "1x32GiB", "math", None, "group"),
+    ("e1.1", "1x64GiB", "math", None, "none"),
+    ("e1.1", "1x64GiB", "math", 60 * GIB, "encoders"),
     ("e1-full", "1x24GiB", "sdpa", None, "group"),
     ("e1-full", "1x32GiB", "npu_fused", None, "group"),
     ("e1-full", "1x48GiB", "sdpa", None, "model"),
@@ -70,9 +82,9 @@ CASES = [
     ("e1-full", "2x32GiB", "sdpa", None, "group"),
     ("e1-full", "2x64GiB", "sdpa", None, "none"),
     ("e1-full", "2x64GiB", "sdpa", 56 * GIB, "split"),
-    ("e1-full", "1x24GiB", "math", None, "sequential"),
+    ("e1-full", "1x24GiB", "math", None, "group"),
     ("e1-full", "1x32GiB", "math", None, "group"),
-    ("e1-full", "2x64GiB", "math", None, "split"),
+    ("e1-full", "2x64GiB", "math", None, "none"),
 ]
 
 
@@ -143,11 +155,101 @@ def test_explicit_split_without_a_second_card_is_refused() -> None:
     assert plan.error == "needs a second npu card"
 
 
-def test_math_is_refused_where_its_scores_alone_exceed_the_budget() -> None:
-    plan = real_plan("e1.1", "1x24GiB", "math", asked="sequential")
-    assert plan.error.startswith("--attention math materialises the fp32 attention scores")
-    assert "32.9 GiB" in plan.error and plan.error.endswith("use --attention sdpa")
-    assert working_set(MODELS["e1.1"], "bf16", "sdpa").attention == 0
+def test_math_plans_the_kernels_chunk_not_the_whole_score_matrix() -> None:
+    """The math kernel works in query chunks: a card that holds one chunk runs it; the whole matrix would not fit."""
+    whole = 2 * EDIT_BRANCHES * 20 * 8576**2 * 4  # E1.1's fp32 scores and softmax at once: 32.9 GiB
+    chunked = math_attention_workspace((EDIT_BRANCHES, 20, 8576, 128), 8576, DTYPE_BYTES["bf16"])
+    assert whole > 24 * GIB and chunked < 2 * GIB
+    sdpa, math = real_plan("e1.1", "1x24GiB"), real_plan("e1.1", "1x24GiB", "math")
+    assert working_set(MODELS["e1.1"], "bf16", "sdpa").attention == 0 and math.reserve.attention == chunked
+    assert math.fits and math.error is None and math.placement == sdpa.placement == "group"
+    assert math.chosen.devices[0].peak_bytes == sdpa.chosen.devices[0].peak_bytes + chunked
+    peak = real_plan("e1.1", "1x64GiB", "math", asked="none").chosen.devices[0].peak_bytes
+    assert real_plan("e1.1", "1x64GiB", "math", asked="none", max_memory=peak).fits
+    assert real_plan("e1.1", "1x64GiB", "math", asked="none", max_memory=peak - 1).warning
+
+
+class LiveStorages(TorchDispatchMode):
+    """Peak bytes of the tensor storages alive after each operation (those registered up front count too)."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+        for tensor in tensors:
+            self._track(tensor)
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        known = self.storages.get(storage._cdata)
+        if known is None or known[0].expired():
+            self.storages[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        self.peak = max(self.peak, sum(size for ref, size in self.storages.values() if not ref.expired()))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_math_workspace_is_what_the_kernel_allocates(dtype: torch.dtype) -> None:
+    """Measured: the storages math_attention creates beyond its inputs and output peak at the planned workspace."""
+    query, key, value = (torch.randn(3, 2, 64, 8, dtype=dtype) for _ in range(3))
+    budget = 2 * 4 * 64 * 6 * 16  # 16 query rows per chunk: four chunks
+    live = LiveStorages(query, key, value)
+    with live:
+        out = math_attention(query, key, value, budget_bytes=budget)
+    allocated = live.peak - 3 * query.untyped_storage().nbytes() - out.untyped_storage().nbytes()
+    assert allocated == math_attention_workspace(query.shape, 64, query.element_size(), budget)
+
+
+def test_base_refine_weights_are_a_second_transformer_copy_in_host_memory() -> None:
+    """--refine-weights base keeps the I1 tensors aside while loading: 31.9 GiB more host memory for E1.1."""
+    spec = MODELS["e1.1"]
+    edit = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES)
+    base = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES, base_refine_weights=True)
+    assert base.refine_copy == base.components["transformer"] == pytest.approx(31.9 * GIB, rel=0.005)
+    budgets = described_budgets("1x64GiB", host_memory=32 * GIB)
+    fits = plan_placement(spec, edit, budgets)
+    refused = plan_placement(spec, base, budgets)
+    assert fits.placement == "none" and fits.fits
+    assert refused.error == ("HiDream-E1.1 in bf16 does not fit: with placement none, host needs 45.4 GiB of "
+                             "32.0 GiB; it needs at least 45.4 GiB of host memory")
+
+
+def test_split_takes_the_other_card_with_the_largest_budget() -> None:
+    cards = tuple(Card(f"npu:{i}", free * GIB) for i, free in enumerate((30, 40, 60, 20, 45)))
+    plan = plan_placement(MODELS["e1.1"], real_sizes(), Budgets("npu", cards, 1, HOST))
+    assert plan.placement == "split" and plan.encoder_device == "npu:2"
+    assert [(peak.device, peak.budget_bytes) for peak in plan.chosen.devices] == [("npu:1", 40 * GIB),
+                                                                                 ("npu:2", 60 * GIB)]
+
+
+@pytest.mark.parametrize("free,placement", [((10, 63, 20), "none"), ((20, 40, 60), "split")])
+def test_plan_on_this_machine_edits_on_the_card_asked_for(
+    free: tuple[int, ...], placement: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--device npu:1 or LOCAL_RANK 1: the plan is made for card 1, whether or not the other cards are asked."""
+    import device_utils
+
+    asked: list[int] = []
+
+    def device_memory(device_type: str, index: int) -> tuple[int, int]:
+        asked.append(index)
+        return free[index] * GIB, 64 * GIB
+
+    monkeypatch.setattr(device_utils, "device_count", lambda device_type: len(free))
+    monkeypatch.setattr(device_utils, "device_memory", device_memory)
+    plan = plan_for_machine(MODELS["e1.1"], real_sizes(), "npu", 1, host_memory=HOST)
+    assert plan.placement == placement and plan.fits
+    assert plan.budgets.edit.name == plan.chosen.devices[0].device == "npu:1"
+    assert plan.chosen.devices[0].budget_bytes == free[1] * GIB
+    assert asked == ([1] if placement == "none" else [1, 0, 1, 2])
+    if placement == "split":
+        assert plan.encoder_device == "npu:2"
 
 
 def test_host_memory_decides_between_placements() -> None:
@@ -170,6 +272,8 @@ def test_nothing_fits_says_what_would_make_it_fit() -> None:
     )
     small = real_plan("e1.1", "1x4GiB", host_memory=16 * GIB)
     assert small.error.endswith("it needs a card with at least 4.3 GiB free and at least 59.4 GiB of host memory")
+    capped_and_small = real_plan("e1.1", "1x4GiB", max_memory=2 * GIB)  # raising the cap would not be enough
+    assert capped_and_small.error.endswith("npu:0 needs 4.3 GiB of 2.0 GiB; it needs a card with at least 4.3 GiB free")
 
 
 def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:

@@ -141,6 +141,44 @@ def test_nothing_fits_refuses_before_downloading(monkeypatch: pytest.MonkeyPatch
     assert asked == [True, True, True]  # only cache look-ups
 
 
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_what_the_plan_reads_straight_onto_the_card_reaches_the_loaders(
+    model: str, tiny_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transformer and the Llama are read onto the card the plan names (no host copy); on the CPU the plan
+    names none, so the plan is made to name the CPU and the loaders' device arguments are recorded."""
+    from diffusers import HiDreamImageTransformer2DModel
+    from transformers import LlamaModel
+
+    from device_utils import DeviceManager
+    from hidream_edit import models
+    from hidream_edit.placement import Plan
+
+    asked: dict[str, Any] = {}
+
+    def recorded(name: str, load: Any, device_of: Any) -> Any:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            if name != "transformer" or Path(args[0]).name == "transformer":  # not E1-Full's LoRA file
+                asked[name] = device_of(args, kwargs)
+            return load(*args, **kwargs)
+
+        return spy
+
+    monkeypatch.setattr(Plan, "load_device", lambda plan, component: "cpu" if component in ("transformer", "llama")
+                        else None)
+    pretrained = HiDreamImageTransformer2DModel.from_pretrained.__func__
+    monkeypatch.setattr(HiDreamImageTransformer2DModel, "from_pretrained", classmethod(
+        recorded("I1 transformer", pretrained, lambda args, kwargs: kwargs.get("device_map"))))
+    monkeypatch.setattr(models, "load_safetensors", recorded(
+        "transformer", models.load_safetensors, lambda args, kwargs: args[1] if len(args) > 1 else None))
+    monkeypatch.setattr(LlamaModel, "from_pretrained", classmethod(
+        recorded("llama", LlamaModel.from_pretrained.__func__, lambda args, kwargs: kwargs.get("device_map"))))
+    sources = resolve_model_sources(MODELS[model], tiny=True, env=tiny_env)
+    models.load_pipeline(sources, DeviceManager("cpu", "fp32"), offload="none")
+    transformer = "I1 transformer" if MODELS[model].uses_lora else "transformer"
+    assert asked == {transformer: "cpu", "llama": "cpu"}
+
+
 # ---------------------------------------------------------------------------------------------- placements on CPU
 
 

@@ -19,6 +19,7 @@ from npu_standin import REPO
 from PIL import Image
 
 from hidream_edit.editor import STALE_TEMP_AGE_S, EditResult, save_result, sweep_stale_temp_files
+from hidream_edit.errors import UserError
 
 CHILD = r"""
 import signal, sys
@@ -106,6 +107,27 @@ def test_a_concurrent_saver_finishes_although_another_save_swept_the_folder(tmp_
     assert temp_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_after_a_save_sigterm_kills_as_before(tmp_path: Path, fails: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The save's own SIGTERM handler is gone once it returns or fails: a later SIGTERM is no traceback."""
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    if fails:
+        monkeypatch.setattr(Image.Image, "save", full_disk)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        if fails:
+            with pytest.raises(UserError, match="disk full"):
+                another_save(tmp_path, "out.png")
+        else:
+            another_save(tmp_path, "out.png")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if fails else ["out.png", "out.png.json"])
+
+
 def test_sweep_removes_only_our_old_or_orphaned_names(tmp_path: Path) -> None:
     now = time.time()
     names = {
@@ -121,8 +143,11 @@ def test_sweep_removes_only_our_old_or_orphaned_names(tmp_path: Path) -> None:
         os.utime(tmp_path / name, (now - STALE_TEMP_AGE_S - 10,) * 2)
     fresh = tmp_path / ".fresh.png.abcd_123.tmp"
     fresh.write_bytes(b"x")
+    link = tmp_path / ".link.png.abcd_123.tmp"  # our name, but saves never create links: not ours
+    link.symlink_to(tmp_path / ".notes.txt.abcd_123.tmp")
+    os.utime(link, (now - STALE_TEMP_AGE_S - 10,) * 2, follow_symlinks=False)
     removed = sweep_stale_temp_files(tmp_path, now=now)
     assert sorted(p.name for p in removed) == sorted(name for name, stale in names.items() if stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [".fresh.png.abcd_123.tmp", *(name for name, stale in names.items() if not stale)]
+        [".fresh.png.abcd_123.tmp", link.name, *(name for name, stale in names.items() if not stale)]
     )

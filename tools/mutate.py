@@ -31,13 +31,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+
+def _in(file: str, names: list[str]) -> list[str]:
+    return [f"tests/{file}::{name}" for name in names]
+
+
 # target file -> the fast tests that should catch a bug in it, fastest and most telling first (pytest -x
-# stops at the first failure). Whole files or `file::test` ids; files another branch has not added yet
-# are left out. No browser tests and no full-size tiny edits (about 15 s per step): they are slow.
+# stops at the first failure). Whole files or `file::test` ids; entries another branch has not added yet
+# are left out (--list names them). No browser tests, no full-size tiny edits (about 15 s per step) and no
+# torchrun runs of the whole CLI: they are slow, and each subset runs once per mutant.
 PIPELINE_UNIT_TESTS = ["test_refine_start_step", "test_edit_text_batches_and_llama_batch_axis",
                        "test_width_concat_crop_and_negation", "test_guidance_without_norm_clipping",
                        "test_guidance_with_norm_clipping", "test_refine_guidance"]
 MODEL_LOADING_TESTS = [
+    "tests/test_downloads.py::test_a_mix_of_local_paths_and_hub_ids_is_planned_before_any_download",
+    "tests/test_placement_run.py::test_nothing_fits_refuses_before_downloading",
+    "tests/test_algo_weights.py::test_only_base_tensors_that_differ_are_kept_for_the_refine_stage",
+    "tests/test_placement_run.py::test_what_the_plan_reads_straight_onto_the_card_reaches_the_loaders",
     "tests/test_plumbing.py::test_model_sources_flags_win_over_environment_over_hub_ids",
     "tests/test_plumbing.py::test_hub_ids_go_to_the_hub_cache_and_paths_stay_paths",
     "tests/test_plumbing.py::test_llama_folder_needs_one_of_the_tokenizer_files",
@@ -51,16 +61,60 @@ MODEL_LOADING_TESTS = [
     "tests/test_e1_full.py::test_adapters_disabled_only_during_refine_steps",
     "tests/test_e1_full.py::test_bad_lora_files_name_their_keys",
 ]
+PLACEMENT_RUN_TESTS = ["test_nothing_fits_refuses_before_downloading", "test_nothing_fits_refuses_before_loading",
+                       "test_plan_reads_headers_only_and_needs_no_image",
+                       "test_what_the_plan_reads_straight_onto_the_card_reaches_the_loaders",
+                       "test_plan_text_for_e1_full_names_placement_and_rejections",
+                       "test_plan_on_the_standin_npu_uses_a_second_card_for_the_encoders",
+                       "test_plan_on_the_standin_asks_only_the_edit_card_when_it_is_enough",
+                       "test_every_placement_gives_the_pixels_of_none",
+                       "test_encoders_keep_the_transformer_and_move_each_encoder_once_per_encode",
+                       "test_group_offload_hooks_are_on_the_transformer_blocks"]
+GUIDANCE_UNIT_TESTS = ["test_branches_are_shared_in_contiguous_runs_with_the_remainder_first",
+                       "test_launches_that_cannot_form_groups_are_refused", "test_launches_that_form_groups_pass"]
+GUIDANCE_GROUP_TESTS = ["test_four_ranks_form_two_groups_that_gather_apart_and_split_the_items",
+                        "test_a_rank_that_fails_mid_edit_stops_its_whole_group_at_once",
+                        "test_stop_on_the_leader_stops_every_rank_at_the_same_step_and_the_group_goes_on"]
+RANK_STORE_TESTS = ["test_a_rank_that_finds_no_group_fails_with_one_line_instead_of_hanging",
+                    "test_ranks_share_one_counter_so_each_item_goes_to_exactly_one_rank",
+                    "test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before"]
+CONFIG_TESTS = [
+    "tests/test_config.py",
+    "tests/test_batch.py::test_distributed_environment",
+    "tests/test_batch.py::test_wrong_flag_combinations_are_one_line_exit_2",
+    "tests/test_hardening_cli.py::test_vlm_timeout_is_validated",
+    "tests/test_hardening_cli.py::test_vlm_timeout_accepts_seconds_and_documents_the_total_budget",
+    "tests/test_placement_run.py::test_plan_flag_mistakes_are_one_line",
+    "tests/test_plumbing.py::test_model_sources_flags_win_over_environment_over_hub_ids",
+    "tests/test_plumbing.py::test_unknown_choices_are_refused_before_loading",
+    "tests/test_plumbing.py::test_each_flag_changes_exactly_its_setting",
+    "tests/test_plumbing.py::test_defaults_reach_the_boundaries",
+]
+ATTENTION_TESTS = ["test_sdpa_and_math_match_diffusers_processor", "test_attention_env_and_errors",
+                   "test_npu_fused_attention_runs_the_fused_kernel"]
 TARGETS: dict[str, list[str]] = {
-    "hidream_edit/pipeline.py": ["tests/test_edit_loop.py",
-                                 *(f"tests/test_pipeline.py::{name}" for name in PIPELINE_UNIT_TESTS)],
-    "hidream_edit/editor.py": ["tests/test_plumbing.py", "tests/test_saving.py",
+    "hidream_edit/pipeline.py": ["tests/test_edit_loop.py", *_in("test_pipeline.py", PIPELINE_UNIT_TESTS)],
+    "hidream_edit/editor.py": ["tests/test_save_atomic.py", "tests/test_save_signals.py", "tests/test_plumbing.py",
                                "tests/test_e1_1.py::test_save_is_atomic_and_never_overwrites"],
     "hidream_edit/models.py": MODEL_LOADING_TESTS,
     "hidream_edit/images.py": ["tests/test_images.py"],
-    "device_utils.py": ["tests/test_device_utils.py"],
+    "device_utils.py": ["tests/test_device_utils.py",
+                        "tests/test_placement.py::test_math_workspace_is_what_the_kernel_allocates"],
     "hidream_edit/cli.py": ["tests/test_plumbing.py", "tests/test_e1_1.py::test_cli_user_mistakes_are_one_line_exit_2",
                             "tests/test_e1_1.py::test_device_out_of_memory_is_one_line_with_the_fix"],
+    "hidream_edit/placement.py": ["tests/test_placement.py", *_in("test_placement_run.py", PLACEMENT_RUN_TESTS)],
+    "hidream_edit/batch.py": ["tests/test_batch.py", *_in("test_batch_distributed.py", RANK_STORE_TESTS[1:2])],
+    "hidream_edit/guidance_parallel.py": [*_in("test_guidance_parallel.py", GUIDANCE_UNIT_TESTS),
+                                          "tests/test_group_jobs.py",
+                                          *_in("test_guidance_parallel.py", GUIDANCE_GROUP_TESTS)],
+    "hidream_edit/distributed.py": [*_in("test_batch_distributed.py", RANK_STORE_TESTS),
+                                    *_in("test_guidance_parallel.py", GUIDANCE_GROUP_TESTS[:1])],
+    "hidream_edit/group_jobs.py": ["tests/test_group_jobs.py"],
+    "hidream_edit/config.py": CONFIG_TESTS,
+    "hidream_edit/web/service.py": ["tests/test_web_service.py"],
+    "hidream_edit/attention.py": _in("test_device_utils.py", ATTENTION_TESTS),
+    "hidream_edit/instructions.py": ["tests/test_instructions.py",
+                                     "tests/test_plumbing.py::test_rewrite_instruction_flags_reach_the_vlm_client"],
 }
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".venv-*", "results", "__pycache__", ".pytest_cache",
                                      ".ruff_cache", "mutants")
@@ -206,20 +260,22 @@ def _tests_for(path: str) -> list[str]:
     return [test for test in TARGETS.get(path, []) if _exists(test)]
 
 
-def run_tests(workdir: Path, tests: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, float]:
-    """'killed' (a test failed or it timed out), 'survived' (all passed) or 'error' (nothing ran)."""
+def run_tests(workdir: Path, tests: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, float, str]:
+    """('killed' (a test failed or it timed out), 'survived' (all passed) or 'error' (nothing ran), seconds,
+    the end of pytest's report: which test failed)."""
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
     started = time.monotonic()
     try:
         done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return "killed (timeout)", time.monotonic() - started
+        return "killed (timeout)", time.monotonic() - started, f"timed out after {timeout_s:.0f} s"
     seconds = time.monotonic() - started
+    report = "\n".join(done.stdout.strip().splitlines()[-3:])
     if done.returncode == 0:
-        return "survived", seconds
+        return "survived", seconds, report
     if done.returncode == 1:
-        return "killed", seconds
-    return f"error (pytest exit {done.returncode})", seconds
+        return "killed", seconds, report
+    return f"error (pytest exit {done.returncode})", seconds, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in files:
         if not _tests_for(path):
             parser.error(f"{path}: no test subset for it in TARGETS")
+        missing = [test for test in TARGETS[path] if not _exists(test)]
+        if missing:  # a renamed test would otherwise drop out of the subset unnoticed
+            print(f"{path}: left out of its subset, not in this checkout: {', '.join(missing)}", file=sys.stderr)
     mutants = sample(files, args.per_file, args.seed)
     if args.list:
         print("\n".join(m.describe() for m in mutants))
@@ -247,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         baseline: dict[str, float] = {}
         for path in files:
-            status, seconds = run_tests(workdir, _tests_for(path), env, timeout_s=1800)
+            status, seconds, report = run_tests(workdir, _tests_for(path), env, timeout_s=1800)
             if status != "survived":
-                print(f"the unmutated tests for {path} do not pass ({status}); fix that first", file=sys.stderr)
+                print(f"the unmutated tests for {path} do not pass ({status}); fix that first:\n{report}",
+                      file=sys.stderr)
                 return 2
             baseline[path] = seconds
             print(f"baseline {path}: {seconds:.0f} s", flush=True)
@@ -258,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             original = target.read_text()
             target.write_text(apply(original, mutant))
             try:
-                status, seconds = run_tests(workdir, _tests_for(mutant.path), env, 3 * baseline[mutant.path] + 60)
+                status, seconds, _ = run_tests(workdir, _tests_for(mutant.path), env, 3 * baseline[mutant.path] + 60)
             finally:
                 target.write_text(original)
             results.append({**asdict(mutant), "status": status, "seconds": round(seconds, 1)})
