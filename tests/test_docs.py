@@ -417,6 +417,16 @@ def device_error_lines() -> list[str]:
     return [line for result in results for line in result.stderr.splitlines()]
 
 
+def second_batch_lock_line(output_dir: Path) -> str:
+    """A second batch's line on a locked --output-dir (flock refuses a second open file, also in one process)."""
+    from hidream_edit.batch import output_dir_lock
+    from hidream_edit.errors import UserError
+
+    with output_dir_lock(output_dir), pytest.raises(UserError) as refused, output_dir_lock(output_dir):
+        pass
+    return "error: " + str(refused.value).replace(str(output_dir), "results")
+
+
 def test_quoted_error_lines_are_what_the_code_prints(
     tiny_checkpoints, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -451,6 +461,7 @@ def test_quoted_error_lines_are_what_the_code_prints(
         summary_line({"counts": {"ok": 5, "failed": 1, "skipped": 2}, "items_total": 8, "world_size": 1,
                       "seconds": 412.0, "images_per_minute": 0.728}, Path("results/summary.json")),
         *device_error_lines(),
+        second_batch_lock_line(tmp_path / "results"),
     ]
     quotes = [quote for quote in quoted_error_lines("README_NPU.md") if not quote.startswith(tuple(NOT_PRODUCED))]
     assert len(quotes) >= 7, "the quoted messages were not found; did the quoting change?"
