@@ -52,3 +52,10 @@ class GuidanceGroupError(Exception):
 
     Not the user's input at fault, so front ends print it as one line and exit 1; nothing was saved.
     """
+
+
+class GroupPeerFailed(Exception):
+    """Raised on a rank that learns, mid-step, that another rank of its guidance group failed.
+
+    The failing rank's own flag in the step's gather names it; this rank only leaves its share early.
+    """
