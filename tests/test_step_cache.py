@@ -359,7 +359,9 @@ def _group_worker(rank: int, size: int, port: int, tiny_root: str, image: str, r
 
 @pytest.fixture(scope="module")
 def one_process(e1_1_editor: Any, source_path: Path) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-    return {name: _edit(e1_1_editor, Image.open(source_path), **fields) for name, fields in GROUP_EDITS.items()}
+    """The reference: each GROUP_EDITS edit's pixels and cache record in this process."""
+    edits = {name: _edit(e1_1_editor, Image.open(source_path), **fields) for name, fields in GROUP_EDITS.items()}
+    return {name: (pixels, metadata["cache"]) for name, (pixels, metadata) in edits.items()}
 
 
 @pytest.fixture(scope="module")
