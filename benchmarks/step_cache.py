@@ -57,7 +57,7 @@ def parse_setting(text: str) -> CacheSettings:
     try:
         threshold = float(parts[1]) if len(parts) > 1 else DEFAULT_THRESHOLD
         warmup = int(parts[2]) if len(parts) > 2 else DEFAULT_WARMUP
-        max_skip = int(parts[3]) if len(parts) > 3 else None
+        max_skip = int(parts[3]) if len(parts) > 3 else 0
         check_cache_values(parts[0], threshold, warmup, max_skip)
     except (ValueError, UserError) as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}; use MODE[:THRESHOLD[:WARMUP[:MAX_SKIP]]]") from None
@@ -75,7 +75,7 @@ def psnr(image: Any, reference: Any) -> float:
 def label(settings: CacheSettings) -> str:
     if not settings.enabled:
         return "off"
-    cap = "" if settings.max_skip is None else f", max-skip {settings.max_skip}"
+    cap = f", max-skip {settings.max_skip}" if settings.max_skip else ""
     return f"{settings.mode} {settings.threshold:g}, warm-up {settings.warmup}{cap}"
 
 

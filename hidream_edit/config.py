@@ -277,8 +277,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default {DEFAULT_THRESHOLD:g}, cache-dit's HiDream setting; 0 caches nothing)")
     group.add_argument("--cache-warmup", type=_cache_steps("--cache-warmup"), default=DEFAULT_WARMUP, metavar="N",
                        help=f"steps always computed at the start of each stage (default {DEFAULT_WARMUP})")
-    group.add_argument("--cache-max-skip", type=_cache_steps("--cache-max-skip"), default=None, metavar="N",
-                       help="most consecutive cached steps (default: no limit)")
+    group.add_argument("--cache-max-skip", type=_cache_steps("--cache-max-skip"), default=0, metavar="N",
+                       help="most consecutive cached steps (default 0: no limit)")
 
 
 class DeprecatedFlag(argparse.Action):

@@ -102,14 +102,14 @@ class EditRequest:
     cache: str | None = None  # step cache mode (step_cache.CACHE_MODES); None: off
     cache_threshold: float | None = None
     cache_warmup: int | None = None
-    cache_max_skip: int | None = None  # None: no cap on consecutive cached steps
+    cache_max_skip: int | None = None  # most cached steps in a row; 0 (the default): no limit
 
     @property
     def cache_settings(self) -> CacheSettings:
         """The step cache this request asks for, defaults filled in."""
         threshold = DEFAULT_THRESHOLD if self.cache_threshold is None else self.cache_threshold
         warmup = DEFAULT_WARMUP if self.cache_warmup is None else self.cache_warmup
-        return CacheSettings(self.cache or "off", threshold, warmup, self.cache_max_skip)
+        return CacheSettings(self.cache or "off", threshold, warmup, self.cache_max_skip or 0)
 
 
 @dataclass
@@ -159,6 +159,7 @@ def resolve_request(request: EditRequest, spec: ModelSpec, lora_fused: bool = Fa
         cache=request.cache or "off",
         cache_threshold=DEFAULT_THRESHOLD if request.cache_threshold is None else request.cache_threshold,
         cache_warmup=DEFAULT_WARMUP if request.cache_warmup is None else request.cache_warmup,
+        cache_max_skip=0 if request.cache_max_skip is None else request.cache_max_skip,
     )
     if not resolved.instruction:
         raise UserError("the instruction is empty")

@@ -44,7 +44,7 @@ def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
-def check_cache_values(mode: str, threshold: float, warmup: int, max_skip: int | None) -> None:
+def check_cache_values(mode: str, threshold: float, warmup: int, max_skip: int) -> None:
     """A UserError in words (no flag names) for a value the cache cannot use."""
     if mode not in CACHE_MODES:
         raise UserError(f"unknown step cache {mode!r}; use one of: {', '.join(CACHE_MODES)}")
@@ -53,18 +53,18 @@ def check_cache_values(mode: str, threshold: float, warmup: int, max_skip: int |
         raise UserError(f"the cache threshold must be a number from 0 to {MAX_THRESHOLD:g}, got {threshold!r}")
     if not _whole(warmup):
         raise UserError(f"the cache warm-up must be a whole number of steps from 0 to {MAX_COUNT}, got {warmup!r}")
-    if max_skip is not None and not _whole(max_skip):
+    if not _whole(max_skip):
         raise UserError(f"the cache max-skip must be a whole number of steps from 0 to {MAX_COUNT}, got {max_skip!r}")
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """One edit's step cache. `max_skip` None: no cap on consecutive cached steps."""
+    """One edit's step cache. `max_skip` 0: no limit on consecutive cached steps."""
 
     mode: str = "off"
     threshold: float = DEFAULT_THRESHOLD
     warmup: int = DEFAULT_WARMUP
-    max_skip: int | None = None
+    max_skip: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -185,7 +185,7 @@ class StepCache:
         state.record.steps.append(step)
         in_stage = len(state.record.steps) - 1
         cap = self.settings.max_skip
-        self._pending = in_stage >= max(1, self.settings.warmup) and (cap is None or state.consecutive < cap)
+        self._pending = in_stage >= max(1, self.settings.warmup) and (cap == 0 or state.consecutive < cap)
         if not self._pending:  # computed without asking: a run of cached steps ends here
             state.consecutive = 0
         self.cached = False

@@ -147,10 +147,10 @@ def test_a_rank_without_a_share_joins_the_sum_and_decides_the_same() -> None:
 @pytest.mark.parametrize(
     "values,message",
     [
-        (("sometimes", 0.1, 1, None), "unknown step cache 'sometimes'; use one of: off, dbcache, taylorseer"),
-        (("dbcache", -0.1, 1, None), "the cache threshold must be a number from 0 to 1e+06, got -0.1"),
-        (("dbcache", float("nan"), 1, None), "the cache threshold must be a number from 0 to 1e+06, got nan"),
-        (("dbcache", 0.1, -1, None), "the cache warm-up must be a whole number of steps from 0 to 1000, got -1"),
+        (("sometimes", 0.1, 1, 0), "unknown step cache 'sometimes'; use one of: off, dbcache, taylorseer"),
+        (("dbcache", -0.1, 1, 0), "the cache threshold must be a number from 0 to 1e+06, got -0.1"),
+        (("dbcache", float("nan"), 1, 0), "the cache threshold must be a number from 0 to 1e+06, got nan"),
+        (("dbcache", 0.1, -1, 0), "the cache warm-up must be a whole number of steps from 0 to 1000, got -1"),
         (("dbcache", 0.1, 1, -2), "the cache max-skip must be a whole number of steps from 0 to 1000, got -2"),
     ],
 )
@@ -238,7 +238,7 @@ def test_a_forced_cache_skips_blocks_in_each_stage_and_records_it(
     pixels, metadata, attention_calls = forced
     cache = metadata["cache"]
     assert {key: cache[key] for key in ("mode", "threshold", "warmup", "max_skip")} == {
-        "mode": "dbcache", "threshold": 10.0, "warmup": 1, "max_skip": None}
+        "mode": "dbcache", "threshold": 10.0, "warmup": 1, "max_skip": 0}
     assert cache["per_stage"]["edit"]["cached"] == [1] and cache["per_stage"]["refine"]["cached"] == [3]
     assert (cache["steps"], cache["computed_steps"], cache["cached_steps"]) == (4, 2, 2)
     # steps 0 and 2 (each stage's first) ran both blocks, steps 1 and 3 the first block only
@@ -303,7 +303,7 @@ def test_the_web_ui_edits_with_its_cache_settings_and_shows_them(
     from hidream_edit.web.service import EditParams, WebEditor, WebSettings
 
     web = WebEditor(e1_1_editor, WebSettings(results_dir=tmp_path, cache=CacheSettings("dbcache", 0.08, 8)))
-    assert "**Step cache** dbcache (threshold 0.08, warm-up 8, max-skip none) by default" in web.device_panel()
+    assert "**Step cache** dbcache (threshold 0.08, warm-up 8, no max-skip) by default" in web.device_panel()
     source.save(tmp_path / "in.png")
     params = EditParams(steps=2, seed=3, refine_strength=0.0, cache_threshold=10, cache_warmup=1)
     outcome = web.edit(tmp_path / "in.png", "make it red", params)

@@ -89,7 +89,7 @@ def _settings_panel(web: WebEditor, prefix: str) -> list[gr.components.Component
                                         elem_id=f"{prefix}-cache-threshold")
             cache_warmup = gr.Number(cache.warmup, label="Cache warm-up steps", precision=0, minimum=0,
                                      elem_id=f"{prefix}-cache-warmup")
-            cache_max_skip = gr.Number(cache.max_skip, label="Most consecutive cached steps (empty: no limit)",
+            cache_max_skip = gr.Number(cache.max_skip, label="Most cached steps in a row (0: no limit)",
                                        precision=0, minimum=0, elem_id=f"{prefix}-cache-max-skip")
     return [negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target, keep_aspect, rewrite,
             cache_mode, cache_threshold, cache_warmup, cache_max_skip]

@@ -175,11 +175,11 @@ def timing_summary(metadata: Mapping[str, Any]) -> str:
 
 
 def cache_label(cache: Mapping[str, Any]) -> str:
-    """'dbcache (threshold 0.08, warm-up 8, max-skip none)' or 'off'."""
+    """'dbcache (threshold 0.08, warm-up 8, no max-skip)' or 'off'."""
     if cache.get("mode", "off") == "off":
         return "off"
-    max_skip = "none" if cache.get("max_skip") is None else cache["max_skip"]
-    return f"{cache['mode']} (threshold {cache['threshold']:g}, warm-up {cache['warmup']}, max-skip {max_skip})"
+    max_skip = f"max-skip {cache['max_skip']}" if cache.get("max_skip") else "no max-skip"
+    return f"{cache['mode']} (threshold {cache['threshold']:g}, warm-up {cache['warmup']}, {max_skip})"
 
 
 def cache_outcome(metadata: Mapping[str, Any]) -> str:
@@ -370,7 +370,7 @@ class EditParams:
     cache: str | None = None  # None or "": the server's default (WebSettings.cache), as are the three below
     cache_threshold: float | None = None
     cache_warmup: float | int | None = None
-    cache_max_skip: float | int | None = None  # the server's default too; no limit when that has none
+    cache_max_skip: float | int | None = None
 
 
 ProgressFn = Callable[[float, str], None]
