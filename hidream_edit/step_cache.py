@@ -33,7 +33,6 @@ DEFAULT_THRESHOLD = 0.08
 DEFAULT_WARMUP = 8
 MAX_THRESHOLD = 1e6
 MAX_COUNT = 1000
-STAGES = ("edit", "refine")
 HOOK_NAME = "hidream_step_cache"
 
 # (a few numbers, where in the edit) -> their sum over the ranks that share this edit.
@@ -84,7 +83,7 @@ class StageRecord:
     steps: list[int] = field(default_factory=list)
     cached: list[int] = field(default_factory=list)
     block_forwards: int = 0
-    diffs: dict[str, float] = field(default_factory=dict)
+    diffs: dict[str, float | None] = field(default_factory=dict)  # None: nothing to compare with
 
     def as_dict(self) -> dict[str, Any]:
         return {"steps": len(self.steps), "computed_steps": len(self.steps) - len(self.cached),
@@ -129,8 +128,7 @@ class StepCache:
     Installed once per transformer; between edits (and with the cache off) every hook passes straight through.
     """
 
-    def __init__(self, blocks: int) -> None:
-        self.blocks = blocks
+    def __init__(self) -> None:
         self.settings: CacheSettings | None = None
         self.sum_across: SumAcross | None = None
         self.stages: dict[str, StageRecord] = {}
@@ -148,7 +146,7 @@ class StepCache:
         blocks = [wrapper.block for wrapper in (*transformer.double_stream_blocks, *transformer.single_stream_blocks)]
         if len(blocks) < 2:
             raise ValueError("step caching needs a transformer with at least two blocks")
-        cache = cls(len(blocks))
+        cache = cls()
         forwards = [cache.head_forward, *(cache.middle_forward for _ in blocks[1:-1]), cache.tail_forward]
         for block, forward in zip(blocks, forwards, strict=True):
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_hook_class()(forward), HOOK_NAME)
@@ -213,7 +211,7 @@ class StepCache:
         state = self._current
         numerator, denominator = float(totals[0]), float(totals[1])
         diff = numerator / denominator if denominator > 0 else math.inf
-        state.record.diffs[str(self._step)] = round(diff, 6) if math.isfinite(diff) else -1.0
+        state.record.diffs[str(self._step)] = round(diff, 6) if math.isfinite(diff) else None
         self.cached = diff < self.settings.threshold
         if self.cached:
             state.record.cached.append(self._step)
@@ -229,8 +227,9 @@ class StepCache:
         if self._pending:
             previous = state.head_residual
             assert previous is not None  # a stage's first step is always computed
-            local = torch.stack([(residual - previous).abs().sum(dtype=torch.float64),
-                                 previous.abs().sum(dtype=torch.float64)])
+            # fp32 sums: fp64 is not a given on every device; the ratio needs no more
+            local = torch.stack([(residual - previous).abs().sum(dtype=torch.float32),
+                                 previous.abs().sum(dtype=torch.float32)])
             totals = self._sum(local, failed=False)
             if totals[2] > 0:
                 raise GroupPeerFailed("another rank of the guidance group failed in this step")

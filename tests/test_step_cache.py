@@ -69,7 +69,7 @@ class FakeBlocks:
     """Three blocks in a row that add 1, 10 and 100 times (step + 1): hooks see real tensors, nothing else."""
 
     def __init__(self, settings: CacheSettings, sums: list[torch.Tensor] | None = None) -> None:
-        self.cache = StepCache(3)
+        self.cache = StepCache()
         self.ran: list[str] = []
         sum_across = None
         if sums is not None:
@@ -134,7 +134,7 @@ def test_a_rank_without_a_share_joins_the_sum_and_decides_the_same() -> None:
         sums.append(values)
         return values + torch.tensor([1.0, 4.0, 0.0], dtype=values.dtype)  # another rank's share
 
-    idle = StepCache(3)
+    idle = StepCache()
     idle.begin_edit(CacheSettings("dbcache", threshold=0.5, warmup=1), sum_across)
     idle.begin_step("edit", 0, "step 1")
     idle.settle(failed=False)  # warm-up: no sum
