@@ -414,7 +414,17 @@ def expected_metadata(item: BatchItem, context: RunContext, source_sha256: str) 
         "lora_fused": context.lora_fused,
         "dtype": context.dtype,
         "source_sha256": source_sha256,
+        "cache": r.cache_settings.as_dict(),
     }
+
+
+def _saved_cache_settings(saved: Any) -> dict[str, Any]:
+    """The step cache settings of a saved "cache" record; outputs made before step caching ran uncached."""
+    from hidream_edit.step_cache import CacheSettings
+
+    if not isinstance(saved, dict):
+        return CacheSettings().as_dict()
+    return {key: saved.get(key) for key in CacheSettings().as_dict()}
 
 
 @dataclass(frozen=True)
@@ -459,8 +469,9 @@ def output_state(item: BatchItem, context: RunContext) -> OutputState:
     except OSError as exc:
         return OutputState("different", f"the source cannot be read ({exc.strerror or exc})")
     for key, value in expected.items():
-        if saved.get(key) != value:
-            return OutputState("different", f"{key} was {_json_shown(saved.get(key))}, now {_json_shown(value)}")
+        was = _saved_cache_settings(saved.get(key)) if key == "cache" else saved.get(key)
+        if was != value:
+            return OutputState("different", f"{key} was {_json_shown(was)}, now {_json_shown(value)}")
     recorded = saved.get("output_sha256")
     if not isinstance(recorded, str):
         return OutputState("different", "its metadata JSON records no output_sha256: saved by an older version")

@@ -22,6 +22,7 @@ from hidream_edit.config import (
     EXIT_USER_ERROR,
     OneLineArgumentParser,
     add_batch_arguments,
+    add_cache_arguments,
     add_distributed_arguments,
     add_edit_arguments,
     add_model_arguments,
@@ -76,6 +77,7 @@ def build_edit_parser(spec: ModelSpec) -> OneLineArgumentParser:
     add_batch_arguments(parser)
     add_distributed_arguments(parser)
     add_edit_arguments(parser, spec)
+    add_cache_arguments(parser)
     add_model_arguments(parser, spec)
     add_plan_arguments(parser)
     return parser
@@ -192,19 +194,28 @@ def out_of_memory_hint(exc: BaseException) -> str:
     )
 
 
+def cache_summary(cache: dict[str, Any]) -> str:
+    """', dbcache cached 9 of 28 steps' for the summary line; nothing with the cache off."""
+    if cache.get("mode", "off") == "off":
+        return ""
+    return f", {cache['mode']} cached {cache['cached_steps']} of {cache['steps']} steps"
+
+
 def summary_line(result_metadata: dict[str, Any], image_path: Path) -> str:
     t = result_metadata["timings"]
     memory = result_metadata["memory"]
     width, height = result_metadata["source_size"]
     steps = t["step_s"]
     per_step = sum(steps) / len(steps) if steps else 0.0
+    cached = cache_summary(result_metadata.get("cache", {}))
     device_peak = (
         f"peak device memory {memory['peak'] / 2**30:.2f} GiB" if memory.get("peak") is not None else "no device memory"
     )
     return (
         f"saved {shown(image_path)} ({width}x{height}) on {result_metadata['device']} {result_metadata['dtype']}: "
         f"load {t['load_s']:.1f}s, encode {t['encode_s']:.1f}s, "
-        f"{len(steps)} steps {sum(steps):.1f}s ({per_step:.2f}s/step), decode {t['decode_s']:.1f}s; "
+        f"{len(steps)} steps {sum(steps):.1f}s ({per_step:.2f}s/step){cached}, "
+        f"decode {t['decode_s']:.1f}s; "
         f"{device_peak}, {host_rss_label(bool(memory.get('host_rss_is_peak')))} {memory['host_rss'] / 2**30:.2f} GiB"
     )
 

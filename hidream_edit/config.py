@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -241,6 +241,52 @@ def add_edit_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> None
     group.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
 
 
+def _cache_threshold(text: str) -> float:
+    """argparse type for --cache-threshold: a finite number, 0 or more."""
+    from hidream_edit.step_cache import MAX_THRESHOLD
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cache-threshold must be a number, got {text!r}") from None
+    if not 0 <= value <= MAX_THRESHOLD:  # also false for nan
+        raise argparse.ArgumentTypeError(f"--cache-threshold must be from 0 to {MAX_THRESHOLD:g}, got {text!r}")
+    return value
+
+
+def _cache_steps(flag: str) -> Callable[[str], int]:
+    """argparse type for a whole number of steps, 0 or more (--cache-warmup, --cache-max-skip)."""
+    from hidream_edit.step_cache import MAX_COUNT
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a whole number of steps, got {text!r}") from None
+        if not 0 <= value <= MAX_COUNT:
+            raise argparse.ArgumentTypeError(f"{flag} must be from 0 to {MAX_COUNT} steps, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cache and its settings (README_NPU.md, "Step caching"): shared by both CLIs, batches and the web UI."""
+    from hidream_edit.step_cache import CACHE_MODES, DEFAULT_THRESHOLD, DEFAULT_WARMUP
+
+    group = parser.add_argument_group("step caching (faster, changes pixels)")
+    group.add_argument("--cache", choices=CACHE_MODES, default="off",
+                       help="skip most transformer blocks in steps whose first block changed little: dbcache "
+                            "reuses the last computed residual, taylorseer extrapolates it (default off)")
+    group.add_argument("--cache-threshold", type=_cache_threshold, default=DEFAULT_THRESHOLD, metavar="F",
+                       help="relative change of the first block's residual below which a step is cached "
+                            f"(default {DEFAULT_THRESHOLD:g}, cache-dit's HiDream setting; 0 caches nothing)")
+    group.add_argument("--cache-warmup", type=_cache_steps("--cache-warmup"), default=DEFAULT_WARMUP, metavar="N",
+                       help=f"steps always computed at the start of each stage (default {DEFAULT_WARMUP})")
+    group.add_argument("--cache-max-skip", type=_cache_steps("--cache-max-skip"), default=0, metavar="N",
+                       help="most consecutive cached steps (default 0: no limit)")
+
+
 class DeprecatedFlag(argparse.Action):
     """A store_true flag whose old spelling still works for one release, with a warning naming the new one."""
 
@@ -434,6 +480,10 @@ def edit_request_from_args(args: argparse.Namespace, image: ImageSource, instruc
         clip_cfg_norm=args.clip_cfg_norm,
         seed=args.seed,
         keep_aspect=getattr(args, "keep_aspect", False),
+        cache=args.cache,
+        cache_threshold=args.cache_threshold,
+        cache_warmup=args.cache_warmup,
+        cache_max_skip=args.cache_max_skip,
     )
 
 

@@ -35,6 +35,7 @@ from hidream_edit.guidance_parallel import GuidanceGroup
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
 from hidream_edit.spec import INSTRUCTION_MARKER, MAX_PROMPT_CHARS, TARGET_MARKER, ModelSpec, is_e1_full_form
+from hidream_edit.step_cache import DEFAULT_THRESHOLD, DEFAULT_WARMUP, CacheSettings, check_cache_values
 from hidream_edit.text import check_path_text, shown
 
 if TYPE_CHECKING:  # the pipeline module imports diffusers, which must wait until torch_npu is settled
@@ -98,6 +99,17 @@ class EditRequest:
     clip_cfg_norm: bool | None = None
     seed: int | None = None
     keep_aspect: bool = False
+    cache: str | None = None  # step cache mode (step_cache.CACHE_MODES); None: off
+    cache_threshold: float | None = None
+    cache_warmup: int | None = None
+    cache_max_skip: int | None = None  # most cached steps in a row; 0 (the default): no limit
+
+    @property
+    def cache_settings(self) -> CacheSettings:
+        """The step cache this request asks for, defaults filled in."""
+        threshold = DEFAULT_THRESHOLD if self.cache_threshold is None else self.cache_threshold
+        warmup = DEFAULT_WARMUP if self.cache_warmup is None else self.cache_warmup
+        return CacheSettings(self.cache or "off", threshold, warmup, self.cache_max_skip or 0)
 
 
 @dataclass
@@ -144,6 +156,10 @@ def resolve_request(request: EditRequest, spec: ModelSpec, lora_fused: bool = Fa
         refine_strength=d.refine_strength if request.refine_strength is None else request.refine_strength,
         clip_cfg_norm=d.clip_cfg_norm if request.clip_cfg_norm is None else request.clip_cfg_norm,
         seed=d.seed if request.seed is None else request.seed,
+        cache=request.cache or "off",
+        cache_threshold=DEFAULT_THRESHOLD if request.cache_threshold is None else request.cache_threshold,
+        cache_warmup=DEFAULT_WARMUP if request.cache_warmup is None else request.cache_warmup,
+        cache_max_skip=0 if request.cache_max_skip is None else request.cache_max_skip,
     )
     if not resolved.instruction:
         raise UserError("the instruction is empty")
@@ -161,6 +177,7 @@ def resolve_request(request: EditRequest, spec: ModelSpec, lora_fused: bool = Fa
     _check_range("refine strength", resolved.refine_strength, 0.0, 1.0)
     if not 0 <= resolved.seed < 2**63:
         raise UserError(f"seed must be between 0 and 2**63-1, got {resolved.seed}")
+    check_cache_values(resolved.cache, resolved.cache_threshold, resolved.cache_warmup, resolved.cache_max_skip)
     if lora_fused and resolved.refine_strength > 0:
         raise UserError(
             "a fused LoRA cannot run the refine stage (it runs without the LoRA); set the refine strength to 0",
@@ -333,6 +350,7 @@ class Editor:
                 callback_on_step_end=step_callback,
                 refine_switch=self.loaded.refine_switch,
                 output_type="pil" if self.writes_outputs else "latent",
+                cache=request.cache_settings,
             )
         self.dm.synchronize()
         total_s = time.perf_counter() - started
@@ -369,6 +387,7 @@ class Editor:
             "lora_fused": self.loaded.lora_fused,
             "model_sources": self.settings.sources.as_dict(),
             "non_finite_output": output.non_finite,
+            "cache": output.cache,
             "timings": {
                 "load_s": round(self.load_s, 4),
                 "encode_s": round(output.timings["encode_s"], 4),

@@ -58,3 +58,10 @@ class GuidanceGroupError(Exception):
     def store_lost(cls, rank: int, detail: str, where: str | None = None) -> "GuidanceGroupError":
         at = f" at {where}" if where else ""
         return cls(f"rank {rank} lost the rendezvous store{at} (torchrun's agent or rank 0 ended): {detail}")
+
+
+class GroupPeerFailed(Exception):
+    """Raised on a rank that learns, mid-step, that another rank of its guidance group failed.
+
+    The failing rank's own flag in the step's gather names it; this rank only leaves its share early.
+    """

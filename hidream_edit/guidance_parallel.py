@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hidream_edit.errors import EditCancelled, GuidanceGroupError, UserError
+from hidream_edit.errors import EditCancelled, GroupPeerFailed, GuidanceGroupError, UserError
 from hidream_edit.spec import CFG_PARALLEL_SIZES
 
 logger = logging.getLogger(__name__)
@@ -145,8 +145,13 @@ class GuidanceGroup:
         branch_shape: tuple[int, ...],
         dtype: torch.dtype,
         where: str,
+        settle: Callable[[bool], None] | None = None,
     ) -> torch.Tensor:
-        """All `branches` predictions [branches, *branch_shape], this rank computing `compute(start, stop)`."""
+        """All `branches` predictions [branches, *branch_shape], this rank computing `compute(start, stop)`.
+
+        `settle(failed)` runs after this rank's share, or in its place, before the gather: the step cache
+        joins there the group's sum that the other ranks make inside their share (step_cache.py).
+        """
         shares = branch_shares(branches, self.size)
         mine = shares[self.member]
         numel = math.prod(branch_shape)
@@ -157,8 +162,12 @@ class GuidanceGroup:
             if len(mine):
                 send[: len(mine) * numel] = compute(mine.start, mine.stop).reshape(-1).to(dtype)
             flag = FLAG_STOP if self.should_stop is not None and self.should_stop() else FLAG_GO
+        except GroupPeerFailed:  # the failed rank's own flag in this gather names it
+            flag = FLAG_GO
         except Exception as exc:  # told to the other ranks in this very gather, then raised here
             failure, flag = exc, FLAG_FAILED
+        if settle is not None:
+            settle(failure is not None)
         send[-1] = flag
         self.synchronize()
         computed = time.perf_counter()
@@ -190,6 +199,18 @@ class GuidanceGroup:
         parts = [buffer[: len(share) * numel].view(len(share), *branch_shape)
                  for buffer, share in zip(received, shares, strict=True)]
         return torch.cat(parts)
+
+    def sum_across(self, values: torch.Tensor, where: str) -> torch.Tensor:
+        """`values` (a few numbers) summed over the ranks of the group, e.g. the step cache's decision."""
+        buffer = values.to(device=self.device, dtype=torch.float32)
+        try:
+            dist.all_reduce(buffer, group=self.process_group)
+        except RuntimeError as exc:
+            raise GuidanceGroupError(
+                f"rank {self.rank} lost its guidance group (ranks {self.ranks}) at {where}: {_first_line(exc)}; "
+                f"a rank failed, died or took longer than --dist-timeout {self.timeout_s:g} s; nothing was saved"
+            ) from exc
+        return buffer.cpu()
 
     def _failed_here(self, failure: Exception, where: str) -> GuidanceGroupError:
         return GuidanceGroupError(

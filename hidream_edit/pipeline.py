@@ -24,6 +24,7 @@ from device_utils import dtype_name
 from hidream_edit.errors import NonFiniteError
 from hidream_edit.guidance_parallel import GuidanceGroup
 from hidream_edit.spec import refine_prompt_from
+from hidream_edit.step_cache import CacheSettings, StepCache, uncached_record
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class EditOutput:
     timings: dict[str, Any] = field(default_factory=dict)
     non_finite: bool = False
     refine_start_step: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)  # the step cache's record (step_cache.cache_record)
 
 
 def refine_start_step(num_inference_steps: int, refine_strength: float) -> int:
@@ -134,6 +136,7 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
     prompt_cache: PromptCache | None = None
     edit_device: torch.device | None = None  # set by a memory placement (placement.py) that spreads components
     guidance_group: GuidanceGroup | None = None  # set by the Editor under --cfg-parallel: ranks share the branches
+    step_cache: StepCache | None = None  # hooked into the transformer by the first edit that caches
 
     @property
     def _execution_device(self) -> torch.device:
@@ -198,7 +201,16 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         if self.guidance_group is None:
             return compute(0, branches)
         shape = (*model_input.shape[1:-1], width)
-        return self.guidance_group.predictions(branches, compute, shape, self.transformer.dtype, where)
+        cache = self.step_cache if self.step_cache is not None and self.step_cache.active else None
+        return self.guidance_group.predictions(branches, compute, shape, self.transformer.dtype, where,
+                                               settle=cache.settle if cache is not None else None)
+
+    def _start_step_cache(self, settings: CacheSettings) -> StepCache:
+        if self.step_cache is None:
+            self.step_cache = StepCache.install(self.transformer)
+        group = self.guidance_group
+        self.step_cache.begin_edit(settings, group.sum_across if group is not None else None)
+        return self.step_cache
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
@@ -216,11 +228,13 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict] | None = None,
         refine_switch: RefineSwitch | None = None,
         max_sequence_length: int = 128,
+        cache: CacheSettings | None = None,
     ) -> EditOutput:
         """Edit `image` (sides multiples of 16) following `prompt`; see docs/ARCHITECTURE.md section 3.
 
         With guidance_scale <= 1 guidance is off, as upstream: one branch per step, conditioned on the
         instruction and the image latents (edit stage) or on the refine prompt (refine stage).
+        `cache` skips blocks in steps that change little (section 3.8); None or mode off runs them all.
         """
         if not 0.0 <= refine_strength <= 1.0:
             raise ValueError(f"refine_strength must be in [0, 1], got {refine_strength}")
@@ -259,6 +273,11 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
         step_seconds: list[float] = []
         if refine_switch is not None:
             refine_switch.use_edit()  # an earlier edit that failed while switching back may have left refine weights
+        cache = cache or CacheSettings()
+        stages = {"edit": min(refine_start, len(timesteps)), "refine": max(0, len(timesteps) - refine_start)}
+        blocks = len(self.transformer.double_stream_blocks) + len(self.transformer.single_stream_blocks)
+        cache_record = uncached_record(cache, stages, blocks)
+        step_cache = self._start_step_cache(cache) if cache.enabled else None
         try:
             with self.progress_bar(total=len(timesteps)) as progress:
                 for i, t in enumerate(timesteps):
@@ -266,6 +285,8 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
                     if i == refine_start and refine_switch is not None:
                         refine_switch.use_refine()
                     where = f"denoising step {i + 1} of {len(timesteps)}"
+                    if step_cache is not None:
+                        step_cache.begin_step("edit" if i < refine_start else "refine", i, where)
                     if i < refine_start:
                         model_input = concat_image_latents(latents, image_latents)
                         prediction = self._branch_predictions(model_input, t, edit_text, width, where)
@@ -286,7 +307,11 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
                         returned = callback_on_step_end(self, i, t, {"latents": latents}) or {}
                         latents = returned.get("latents", latents)
                     progress.update()
+            if step_cache is not None:
+                cache_record = step_cache.record()
         finally:
+            if step_cache is not None:
+                step_cache.end_edit()  # the next edit starts clean, also after a Stop or an error
             if refine_switch is not None and refine_start < len(timesteps):
                 refine_switch.use_edit()
         timings["step_s"] = step_seconds
@@ -302,4 +327,4 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         timings["decode_s"] = time.perf_counter() - decode_started
         self.maybe_free_model_hooks()
-        return EditOutput(images, timings, non_finite, refine_start)
+        return EditOutput(images, timings, non_finite, refine_start, cache_record)

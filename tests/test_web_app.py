@@ -122,11 +122,13 @@ def test_app_wiring(model: str, with_vlm: bool, tmp_path: Path) -> None:
     e1_full = model == "e1-full"
     expected = ["source", "instruction", "edit-negative", "edit-steps", "edit-guidance", "edit-image-guidance",
                 "edit-refine", "edit-clip", "edit-seed", "edit-random-seed", "edit-target" if e1_full else None,
-                "edit-keep-aspect" if e1_full else None, "edit-rewrite" if with_vlm else None, None]
+                "edit-keep-aspect" if e1_full else None, "edit-rewrite" if with_vlm else None, "edit-cache",
+                "edit-cache-threshold", "edit-cache-warmup", "edit-cache-max-skip", None]
     assert [getattr(block, "elem_id", None) for block in fns["run_edit"].inputs] == expected
     assert list(inspect.signature(fns["run_edit"].fn).parameters)[: len(expected)] == [
         "source", "instruction", "negative", "steps", "guidance", "image_guidance", "refine", "clip", "seed",
-        "random_seed", "target", "keep_aspect", "rewrite", "submitted_at"]
+        "random_seed", "target", "keep_aspect", "rewrite", "cache", "cache_threshold", "cache_warmup", "cache_max_skip",
+        "submitted_at"]
     assert [getattr(block, "elem_id", None) for block in fns["run_batch"].inputs][2:] == [
         name.replace("edit-", "batch-") if name else None for name in expected[2:]]
     outputs = [block.elem_id for block in fns["run_edit"].outputs]

@@ -15,6 +15,7 @@ from pathlib import Path
 from hidream_edit.config import (
     ENV_WEB_AUTH,
     OneLineArgumentParser,
+    add_cache_arguments,
     add_distributed_arguments,
     add_model_arguments,
     add_model_choice_argument,
@@ -30,6 +31,7 @@ from hidream_edit.config import (
 from hidream_edit.editor import EditorSettings
 from hidream_edit.errors import UserError
 from hidream_edit.instructions import VLMSettings
+from hidream_edit.step_cache import CacheSettings
 from hidream_edit.web.service import WebSettings, check_results_dir, home_dirs, parse_auth
 
 
@@ -63,6 +65,7 @@ def build_parser(model: str) -> OneLineArgumentParser:
     if spec.prompt_form:
         add_rewrite_arguments(parser, spec, in_page=True)
     add_model_arguments(parser, spec)
+    add_cache_arguments(parser)
     add_distributed_arguments(parser)
     return parser
 
@@ -120,6 +123,7 @@ def web_settings_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> 
         vlm_fallback=getattr(args, "rewrite_fallback", False),
         max_results_gb=args.max_results_gb,
         keep_results_hours=args.keep_results_hours,
+        cache=CacheSettings(args.cache, args.cache_threshold, args.cache_warmup, args.cache_max_skip),
     )
 
 

@@ -23,6 +23,7 @@ from hidream_edit.config import (
 from hidream_edit.editor import MAX_STEPS, USER_ERRORS, Editor, EditorSettings, device_manager_for
 from hidream_edit.errors import GuidanceGroupError
 from hidream_edit.guidance_parallel import check_cfg_parallel
+from hidream_edit.step_cache import CACHE_MODES
 from hidream_edit.web.command_line import editor_settings_from_args, parse_command_line, start_logging
 from hidream_edit.web.service import (
     BATCH_JOBS,
@@ -80,7 +81,18 @@ def _settings_panel(web: WebEditor, prefix: str) -> list[gr.components.Component
                                   elem_id=f"{prefix}-rewrite")
         else:
             rewrite = gr.State(False)
-    return [negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target, keep_aspect, rewrite]
+        cache = web.settings.cache
+        with gr.Row():
+            cache_mode = gr.Dropdown(list(CACHE_MODES), value=cache.mode, label="Step cache (faster, changes pixels)",
+                                     elem_id=f"{prefix}-cache")
+            cache_threshold = gr.Number(cache.threshold, label="Cache threshold", minimum=0,
+                                        elem_id=f"{prefix}-cache-threshold")
+            cache_warmup = gr.Number(cache.warmup, label="Cache warm-up steps", precision=0, minimum=0,
+                                     elem_id=f"{prefix}-cache-warmup")
+            cache_max_skip = gr.Number(cache.max_skip, label="Most cached steps in a row (0: no limit)",
+                                       precision=0, minimum=0, elem_id=f"{prefix}-cache-max-skip")
+    return [negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target, keep_aspect, rewrite,
+            cache_mode, cache_threshold, cache_warmup, cache_max_skip]
 
 
 def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
@@ -107,10 +119,11 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
 
     async def run_edit(
         source, instruction, negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-        keep_aspect, rewrite, submitted_at, request: gr.Request, progress=gr.Progress(),  # noqa: B008
+        keep_aspect, rewrite, cache, cache_threshold, cache_warmup, cache_max_skip, submitted_at,
+        request: gr.Request, progress=gr.Progress(),  # noqa: B008
     ):
         params = EditParams(negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-                            keep_aspect, rewrite)
+                            keep_aspect, rewrite, cache, cache_threshold, cache_warmup, cache_max_skip)
         should_stop = web.stops.checker(stop_key(request.session_hash, EDIT_JOBS), submitted_at)
         report = _progress_adapter(progress)
         outcome = await run_cancellable(lambda stop: web.edit(source, instruction, params, stop, report), should_stop)
@@ -123,10 +136,11 @@ def build_app(editor: Editor, settings: WebSettings) -> gr.Blocks:
 
     async def run_batch(
         files, instructions, negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-        keep_aspect, rewrite, submitted_at, request: gr.Request, progress=gr.Progress(),  # noqa: B008
+        keep_aspect, rewrite, cache, cache_threshold, cache_warmup, cache_max_skip, submitted_at,
+        request: gr.Request, progress=gr.Progress(),  # noqa: B008
     ):
         params = EditParams(negative, steps, guidance, image_guidance, refine, clip, seed, random_seed, target,
-                            keep_aspect, rewrite)
+                            keep_aspect, rewrite, cache, cache_threshold, cache_warmup, cache_max_skip)
         should_stop = web.stops.checker(stop_key(request.session_hash, BATCH_JOBS), submitted_at)
         report = _progress_adapter(progress)
         outcome = await run_cancellable(lambda stop: web.batch(files, instructions, params, stop, report),

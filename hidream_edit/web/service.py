@@ -45,6 +45,7 @@ from hidream_edit.errors import UserError
 from hidream_edit.images import open_image
 from hidream_edit.instructions import InstructionRewriteError, VLMSettings, compose_e1_full_prompt
 from hidream_edit.spec import MAX_PROMPT_CHARS
+from hidream_edit.step_cache import CacheSettings
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class WebSettings:
     vlm_fallback: bool = False  # a failed rewrite goes on with the bare instruction (as the CLI's flag)
     max_results_gb: float = 10.0  # the app's results are pruned, oldest first, beyond this many GiB (0: no bound)
     keep_results_hours: float = 168.0  # and once older than this (0: kept however old)
+    cache: CacheSettings = CacheSettings()  # the step cache the advanced settings start from (--cache flags)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -250,8 +252,25 @@ def timing_summary(metadata: Mapping[str, Any]) -> str:
     )
 
 
+def cache_label(cache: Mapping[str, Any]) -> str:
+    """'dbcache (threshold 0.08, warm-up 8, no max-skip)' or 'off'."""
+    if cache.get("mode", "off") == "off":
+        return "off"
+    max_skip = f"max-skip {cache['max_skip']}" if cache.get("max_skip") else "no max-skip"
+    return f"{cache['mode']} (threshold {cache['threshold']:g}, warm-up {cache['warmup']}, {max_skip})"
+
+
+def cache_outcome(metadata: Mapping[str, Any]) -> str:
+    """', dbcache cached 9 of 28 steps' for a status line; nothing when the edit ran uncached."""
+    cache = metadata.get("cache") or {}
+    if cache.get("mode", "off") == "off":
+        return ""
+    return f", {cache['mode']} cached {cache['cached_steps']} of {cache['steps']} steps"
+
+
 def device_panel_markdown(
-    report: Mapping[str, Any], last: Mapping[str, Any] | None, activity: str, load_s: float | None = None
+    report: Mapping[str, Any], last: Mapping[str, Any] | None, activity: str, load_s: float | None = None,
+    cache: CacheSettings | None = None,
 ) -> str:
     """The device panel: device, dtype, attention, memory, what runs now and the last edit's timings."""
     memory = report["memory"]
@@ -276,8 +295,10 @@ def device_panel_markdown(
     if placement:
         peaks = ", ".join(f"{where} {_gib(peak)}" for where, peak in placement["predicted_peak_bytes"].items())
         lines.insert(1, f"**Memory plan** {placement['name']} (asked {placement['asked']}) · predicted peak {peaks}")
+    if cache is not None:
+        lines.append(f"**Step cache** {cache_label(cache.as_dict())} by default (Advanced settings change it per edit)")
     if last:
-        lines.append(f"**Last edit** {timing_summary(last)}")
+        lines.append(f"**Last edit** {timing_summary(last)}{cache_outcome(last)}")
     elif load_s is not None:
         lines.append(f"**Last edit** none yet (model loaded in {_fmt_seconds(load_s)})")
     return "  \n".join(lines)
@@ -428,6 +449,10 @@ class EditParams:
     target_description: str | None = None
     keep_aspect: bool = False
     rewrite: bool = False
+    cache: str | None = None  # None or "": the server's default (WebSettings.cache), as are the three below
+    cache_threshold: float | None = None
+    cache_warmup: float | int | None = None
+    cache_max_skip: float | int | None = None
 
 
 ProgressFn = Callable[[float, str], None]
@@ -502,7 +527,8 @@ class WebEditor:
         except Exception as exc:  # a panel refresh must never raise into the page
             logger.warning("device report failed: %s", exc)
             return f"device report unavailable: {error_message(exc)}"
-        return device_panel_markdown(report, self.editor.last_metadata, self.activity, self.editor.load_s)
+        return device_panel_markdown(report, self.editor.last_metadata, self.activity, self.editor.load_s,
+                                     self.settings.cache)
 
     def stop_session(self, session_hash: str | None) -> None:
         """The page went away (tab closed or reloaded): its running and waiting jobs stop, saving nothing."""
@@ -571,7 +597,21 @@ class WebEditor:
             clip_cfg_norm=params.clip_cfg_norm,
             seed=seed,
             keep_aspect=bool(params.keep_aspect),
+            **self._cache_fields(params),
         )
+
+    def _cache_fields(self, params: EditParams) -> dict[str, Any]:
+        """The request's step cache: the page's values, the server's default where the page leaves one empty."""
+        default = self.settings.cache
+        threshold = _as_float(params.cache_threshold, "cache threshold")
+        warmup = _as_int(params.cache_warmup, "cache warm-up")
+        max_skip = _as_int(params.cache_max_skip, "cache max-skip")
+        return {
+            "cache": params.cache or default.mode,
+            "cache_threshold": default.threshold if threshold is None else threshold,
+            "cache_warmup": default.warmup if warmup is None else warmup,
+            "cache_max_skip": default.max_skip if max_skip is None else max_skip,
+        }
 
     def choose_seed(self, params: EditParams) -> int:
         if params.random_seed or params.seed is None or (isinstance(params.seed, float) and math.isnan(params.seed)):
@@ -677,8 +717,8 @@ class WebEditor:
             return EditOutcome(f"Error: {error_message(exc)}", seed=seed, prompt=prompt)
         elapsed = time.perf_counter() - started
         status = (
-            f"Done in {_fmt_seconds(elapsed)} with seed {seed}: {timing_summary(result.metadata)}. "
-            f"Saved {image_path_out.name}"
+            f"Done in {_fmt_seconds(elapsed)} with seed {seed}: {timing_summary(result.metadata)}"
+            f"{cache_outcome(result.metadata)}. Saved {image_path_out.name}"
         )
         if note:
             status += f" ({note})"
