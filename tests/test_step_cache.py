@@ -209,6 +209,7 @@ def test_resume_reruns_an_output_made_with_other_cache_settings(tmp_path: Path) 
 
     saved = expected_metadata(item(), context, file_sha256(image))
     saved["cache"] = {**saved["cache"], "steps": 28, "cached_steps": 0, "per_stage": {}}  # as an edit records it
+    saved["output_sha256"] = file_sha256(output)
     metadata_path(output).write_text(json.dumps(saved))
     assert output_state(item(), context).kind == "done"
     state = output_state(item(**FORCED), context)
