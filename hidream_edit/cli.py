@@ -50,6 +50,7 @@ from hidream_edit.editor import (
 from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.guidance_parallel import check_cfg_parallel
 from hidream_edit.spec import ModelSpec
+from hidream_edit.tensor_parallel import ParallelLayout, check_tensor_split, join_layout, refuse_tensor_parallel
 
 logger = logging.getLogger("hidream_edit")
 
@@ -234,17 +235,19 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     group: CardGroup | None = None
     try:
         dist_env = distributed_environment(env)
-        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, "one edit")
-        leader = dist_env.rank % args.cfg_parallel == 0
+        layout = ParallelLayout(dist_env.world_size, args.cfg_parallel, args.tensor_parallel)
+        layout.check("one edit")
+        leader = dist_env.rank % layout.group_size == 0
         if leader:
             check_output_path(output, args.overwrite)
         _check_prompts(args)
         open_image(args.image)
         settings = editor_settings_from_args(args, spec, env)
+        check_tensor_split(settings.sources, settings.refine_weights, layout.tp)
         started = time.perf_counter()
-        guidance = None
-        if dist_env.enabled:  # then --cfg-parallel equals the number of processes (checked above)
-            group = CardGroup.join(device_manager_for(settings), dist_env, args.cfg_parallel, args.dist_timeout)
+        guidance, tensor = None, None
+        if dist_env.enabled:  # then the group is every process (checked above)
+            group, tensor = join_layout(device_manager_for(settings), dist_env, layout, args.dist_timeout)
             guidance = group.guidance
         if guidance is not None:  # the leader builds the prompt (maybe asking a VLM) once for the group
             instruction = guidance.agree("instruction", lambda: _instruction_for(args, spec, env))
@@ -255,6 +258,8 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
         editor = Editor.load(settings, group.dm if group is not None else None)
         if guidance is not None:
             editor.use_guidance_group(guidance)
+        if tensor is not None:
+            editor.use_tensor_parallel(tensor)
         with tqdm(total=args.steps, desc="denoising", unit="step", file=sys.stderr, disable=not leader) as bar:
             result = editor.edit(request, on_step=lambda done, total: bar.update(done - bar.n))
         if not editor.writes_outputs:
@@ -299,6 +304,7 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
         dist_env = distributed_environment(env)
         rank = dist_env.rank
         check_cfg_parallel(args.cfg_parallel, dist_env.world_size, None)
+        refuse_tensor_parallel(args.tensor_parallel, "batches")
         settings = editor_settings_from_args(args, spec, env)
         output_dir = Path(args.output_dir).expanduser()
         template = edit_request_from_args(args, "", args.instruction or "")

@@ -37,6 +37,7 @@ from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, ModelSpec, is_e
 
 if TYPE_CHECKING:  # the pipeline module imports diffusers, which must wait until torch_npu is settled
     from hidream_edit.pipeline import EncodedPrompts, PromptKey
+    from hidream_edit.tensor_parallel import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ class Editor:
         self.prompt_cache = PromptEmbeddingCache(settings.model, settings.prompt_cache_entries)
         loaded.pipe.prompt_cache = self.prompt_cache if settings.prompt_cache_entries > 0 else None
         self.guidance_group: GuidanceGroup | None = None
+        self.tensor_group: TensorParallelGroup | None = None
         self.announce: AnnounceFn | None = None
 
     def use_guidance_group(self, group: GuidanceGroup, announce: AnnounceFn | None = None) -> None:
@@ -237,10 +239,27 @@ class Editor:
         self.announce = announce
         self.loaded.pipe.guidance_group = group
 
+    def use_tensor_parallel(self, group: TensorParallelGroup) -> None:
+        """Split the transformer's weights over `group` (--tensor-parallel); every rank of it runs every
+        step on the same inputs, and only its first rank decodes and saves."""
+        from hidream_edit.tensor_parallel import RESIDENT_PLACEMENTS, check_refine_weights, parallelize_transformer
+
+        check_refine_weights(self.settings.refine_weights, group.size)
+        plan = self.loaded.plan
+        if plan is not None and plan.placement not in RESIDENT_PLACEMENTS:
+            raise UserError(
+                f"tensor parallel keeps each card's share of the transformer resident; the memory plan "
+                f"'{plan.placement}' moves it between host and card"
+            )
+        parallelize_transformer(self.loaded.pipe.transformer, group.mesh)
+        self.tensor_group = group
+
     @property
     def writes_outputs(self) -> bool:
-        """False on a guidance-parallel rank other than its group's leader: it neither decodes nor saves."""
-        return self.guidance_group is None or self.guidance_group.leader
+        """False on a guidance-parallel rank other than its group's leader, and on a tensor-parallel rank
+        other than its group's first: it neither decodes nor saves."""
+        guidance_leader = self.guidance_group is None or self.guidance_group.leader
+        return guidance_leader and (self.tensor_group is None or self.tensor_group.leader)
 
     @classmethod
     def load(cls, settings: EditorSettings, dm: DeviceManager | None = None) -> Editor:
@@ -319,7 +338,8 @@ class Editor:
 
         self.dm.reset_peak_memory_stats()
         started = time.perf_counter()
-        with torch.inference_mode():
+        tensor = self.tensor_group
+        with torch.inference_mode(), tensor.collectives() if tensor is not None else contextlib.nullcontext():
             output = self.loaded.pipe(
                 prompt=request.instruction,
                 negative_prompt=request.negative,
@@ -376,6 +396,7 @@ class Editor:
                 "decode_s": round(output.timings["decode_s"], 4),
                 "total_s": round(total_s, 4),
                 **({"cfg_parallel": group.finish_edit()} if group is not None else {}),
+                **({"tensor_parallel": {"size": tensor.size, "ranks": tensor.ranks}} if tensor is not None else {}),
             },
             "memory": memory.as_dict(),
         }

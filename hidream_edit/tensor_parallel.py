@@ -1,0 +1,330 @@
+"""Tensor parallel (--tensor-parallel K): the HiDream transformer's weights split over the K ranks of a group.
+
+Every block's attention heads and feed-forward hidden widths (each routed expert, the shared expert, the
+text feed-forward) are split with torch's DTensor tensor parallelism: the projections that widen
+(`to_q/to_k/to_v`, their `_t` twins, `w1/w3`) are column-parallel, the ones that narrow back (`to_out`,
+`to_out_t`, `w2`) row-parallel, so each block sends one all-reduce per attention and per feed-forward.
+HiDream's q/k RMS norms span all heads together, so after a head split each rank holds part of the
+vector being normalised: `HeadSplitRMSNorm` all-reduces the sum of squares. The MoE gate, embedders,
+adaLN modulation and the final layer stay whole on every rank (they are small next to the experts, and
+every rank then routes the same tokens to the same experts, which keeps the collectives in step).
+
+All ranks of a tensor-parallel group run the same inputs and get the same (replicated) output, so the
+editing loop, guidance rule and scheduler are untouched; only the group's first rank decodes and saves.
+The layout of all parallel modes is one `DeviceMesh` (`ParallelLayout`): data-parallel replicas x
+guidance groups (--cfg-parallel) x tensor-parallel groups, in that order, so a tensor-parallel group is
+K consecutive ranks (on one server, where the interconnect is fastest).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from device_utils import DeviceManager
+from hidream_edit.config import DistributedEnvironment
+from hidream_edit.distributed import CardGroup, join_process_group
+from hidream_edit.errors import GuidanceGroupError, UserError
+from hidream_edit.guidance_parallel import GuidanceGroup, check_cfg_parallel
+from hidream_edit.models import ModelSources
+from hidream_edit.spec import CFG_PARALLEL_SIZES, I1_TRANSFORMER_CONFIG
+
+logger = logging.getLogger(__name__)
+
+MESH_DIMS = ("dp", "cfg", "tp")
+# memory plans that keep the transformer on its card (a split transformer cannot be moved in and out)
+RESIDENT_PLACEMENTS = ("none", "split", "encoders")
+
+# The split of one HiDream block, by module name inside `double_stream_blocks.N.block` or
+# `single_stream_blocks.N.block`: "colwise" splits the output features (heads, hidden width), "rowwise"
+# the input features (its output is all-reduced), "norm" is a q/k RMS norm over a head-split width.
+BLOCK_PLAN: dict[str, str] = {
+    "attn1.to_q": "colwise",
+    "attn1.to_k": "colwise",
+    "attn1.to_v": "colwise",
+    "attn1.to_out": "rowwise",
+    "attn1.q_rms_norm": "norm",
+    "attn1.k_rms_norm": "norm",
+    "attn1.to_q_t": "colwise",
+    "attn1.to_k_t": "colwise",
+    "attn1.to_v_t": "colwise",
+    "attn1.to_out_t": "rowwise",
+    "attn1.q_rms_norm_t": "norm",
+    "attn1.k_rms_norm_t": "norm",
+    "ff_i.experts.*.w1": "colwise",
+    "ff_i.experts.*.w3": "colwise",
+    "ff_i.experts.*.w2": "rowwise",
+    "ff_i.shared_experts.w1": "colwise",
+    "ff_i.shared_experts.w3": "colwise",
+    "ff_i.shared_experts.w2": "rowwise",
+    "ff_t.w1": "colwise",
+    "ff_t.w3": "colwise",
+    "ff_t.w2": "rowwise",
+}
+BLOCK_PREFIXES = ("double_stream_blocks.*.block.", "single_stream_blocks.*.block.")
+ATTENTION_SUFFIX = ".attn1"
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How a launch's ranks are shared out: `dp` replicas x `cfg` guidance ranks x `tp` tensor ranks."""
+
+    world_size: int
+    cfg: int = 1
+    tp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.group_size
+
+    @property
+    def group_size(self) -> int:
+        """The ranks that edit one image together; the first of them saves it."""
+        return self.cfg * self.tp
+
+    def check(self, one_group: str | None) -> None:
+        """Refuse a layout this launch cannot form (before anything loads); `one_group` as in
+        check_cfg_parallel: the name of a run that edits with a single group, None for batches."""
+        if self.tp == 1:
+            check_cfg_parallel(self.cfg, self.world_size, one_group)
+            return
+        if self.cfg not in CFG_PARALLEL_SIZES:
+            raise UserError(f"--cfg-parallel must be 1, 2 or 3 (the guidance branches of a step), got {self.cfg}")
+        group = self.group_size
+        flags = f"--tensor-parallel {self.tp}" + (f" --cfg-parallel {self.cfg}" if self.cfg > 1 else "")
+        if self.world_size == 1:
+            raise UserError(f"{flags} runs under torchrun: torchrun --nproc-per-node {group} ...")
+        if self.world_size % group:
+            raise UserError(f"{flags} needs a number of processes that is a multiple of {group}, got {self.world_size}")
+        if one_group is not None and self.world_size != group:
+            raise UserError(
+                f"{one_group} needs --cfg-parallel x --tensor-parallel equal to the number of processes "
+                f"({self.world_size}); more processes than that are for batches (--input-dir or --manifest)"
+            )
+
+    def mesh(self, device_type: str, timeout_s: float) -> Any:
+        """The one DeviceMesh of this launch, dimensions named dp, cfg, tp (every rank must call this).
+
+        The groups along each dimension are made here with `timeout_s` (init_device_mesh would give them
+        the backend's default of 30 minutes, so a hung rank would not end its group within --dist-timeout).
+        """
+        from torch.distributed.device_mesh import DeviceMesh
+
+        ranks = torch.arange(self.world_size).reshape(self.dp, self.cfg, self.tp)
+        timeout, mine = timedelta(seconds=timeout_s), []
+        for dim in range(len(MESH_DIMS)):
+            rows = ranks.movedim(dim, -1).reshape(-1, ranks.shape[dim]).tolist()
+            groups = [dist.new_group(row, timeout=timeout) for row in rows]  # every rank makes every group
+            mine.append(next(g for g, row in zip(groups, rows, strict=True) if dist.get_rank() in row))
+        return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=MESH_DIMS)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def refuse_tensor_parallel(tp: int, what: str) -> None:
+    """Front ends that tensor parallel does not reach yet say so in one line instead of ignoring the flag."""
+    if tp > 1:
+        raise UserError(f"--tensor-parallel is not supported for {what} yet; it runs one edit (--image)")
+
+
+def check_head_split(heads: int, tp: int) -> None:
+    """K must divide the attention heads (20 in the real model: 2 or 4 in practice)."""
+    if tp > 1 and heads % tp:
+        raise UserError(
+            f"--tensor-parallel {tp} must divide the transformer's {heads} attention heads "
+            f"(use one of {', '.join(str(k) for k in range(2, heads + 1) if heads % k == 0)})"
+        )
+
+
+def check_refine_weights(refine_weights: str, tp: int) -> None:
+    """--refine-weights base swaps whole tensors in and out for the refine steps; a split holds slices."""
+    if tp > 1 and refine_weights == "base":
+        raise UserError(
+            "refining with the base weights swaps whole tensors, which a tensor-parallel split does not hold; "
+            "use the default refine weights (edit) with --tensor-parallel"
+        )
+
+
+def check_tensor_split(sources: ModelSources, refine_weights: str, tp: int) -> None:
+    """Everything about --tensor-parallel K that can be refused before loading: the refine weights and
+    whether K divides the head count (from the I1 transformer's config.json, no weights read)."""
+    from hidream_edit.models import locate
+
+    if tp == 1:
+        return
+    check_refine_weights(refine_weights, tp)
+    config = locate(sources.i1, "i1", sources.offline, I1_TRANSFORMER_CONFIG) / "transformer" / "config.json"
+    if config.is_file():  # a missing file is the loader's to report, with the others
+        check_head_split(int(json.loads(config.read_text())["num_attention_heads"]), tp)
+
+
+class HeadSplitRMSNorm(nn.Module):
+    """An RMS norm over a width split across the ranks of `group`: the sum of squares is all-reduced, so
+    each rank normalises its slice exactly as the whole vector would be normalised in one process."""
+
+    def __init__(self, norm: nn.RMSNorm, group: Any, member: int, size: int) -> None:
+        super().__init__()
+        (self.full_width,) = norm.normalized_shape
+        width = self.full_width // size
+        self.group = group
+        self.eps = norm.eps
+        self.weight = None if norm.weight is None else nn.Parameter(
+            norm.weight.detach()[member * width:(member + 1) * width].clone(), requires_grad=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        squares = x32.pow(2).sum(dim=-1, keepdim=True)
+        dist.all_reduce(squares, group=self.group)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        out = (x32 * torch.rsqrt(squares / self.full_width + eps)).to(x.dtype)
+        return out if self.weight is None else out * self.weight
+
+
+def _styles(kind: str) -> tuple[Any, Any]:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return (ColwiseParallel(), RowwiseParallel()) if kind == "colwise" else (RowwiseParallel(), ColwiseParallel())
+
+
+def _split_linear(module: nn.Module, kind: str, mesh: Any) -> None:
+    """Split one linear; a PEFT LoRA layer splits its base like a plain linear and its adapters to match:
+    column-parallel base -> lora_B column-parallel (lora_A whole); row-parallel base -> lora_A row-parallel
+    (its partial sums reduced), lora_B whole."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        parallelize_module(module, mesh, _styles(kind)[0])
+        return
+    parallelize_module(base, mesh, _styles(kind)[0])
+    adapters = module.lora_B if kind == "colwise" else module.lora_A
+    for adapter in adapters.values():
+        parallelize_module(adapter, mesh, _styles(kind)[0])
+
+
+def _plan_for(transformer: nn.Module) -> dict[str, str]:
+    """The concrete module names of BLOCK_PLAN in this transformer."""
+    patterns = {prefix + name: kind for prefix in BLOCK_PREFIXES for name, kind in BLOCK_PLAN.items()}
+    plan = {}
+    for name, _ in transformer.named_modules():
+        for pattern, kind in patterns.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                plan[name] = kind
+    return plan
+
+
+def parallelize_transformer(transformer: nn.Module, mesh: Any) -> int:
+    """Split `transformer` in place over the 1-D mesh `mesh` (the tensor-parallel group); returns the
+    number of modules split. Attention modules then hold heads / K heads."""
+    size, member, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    heads = transformer.config.num_attention_heads
+    check_head_split(heads, size)
+    plan = _plan_for(transformer)
+    for name, kind in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name)
+        module = getattr(parent, child)
+        if kind == "norm":
+            setattr(parent, child, HeadSplitRMSNorm(module, group, member, size))
+        else:
+            _split_linear(module, kind, mesh)
+    for name, module in transformer.named_modules():
+        if name.endswith(ATTENTION_SUFFIX):
+            module.heads = heads // size
+    logger.info("tensor parallel: %d modules split over %d ranks (%d heads each)", len(plan), size, heads // size)
+    return len(plan)
+
+
+def local_parameter_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes this rank holds, bytes of the whole model): a DTensor counts its local shard, then its global size."""
+    from torch.distributed.tensor import DTensor
+
+    local = whole = 0
+    for parameter in module.parameters():
+        if isinstance(parameter, DTensor):
+            local += parameter.to_local().numel() * parameter.element_size()
+        else:
+            local += parameter.numel() * parameter.element_size()
+        whole += parameter.numel() * parameter.element_size()
+    return local, whole
+
+
+@dataclass
+class TensorParallelGroup:
+    """This rank's place in its tensor-parallel group: the 1-D mesh the transformer is split over."""
+
+    mesh: Any
+    timeout_s: float
+
+    @property
+    def size(self) -> int:
+        return int(self.mesh.size())
+
+    @property
+    def member(self) -> int:
+        return int(self.mesh.get_local_rank())
+
+    @property
+    def ranks(self) -> list[int]:
+        return [int(rank) for rank in self.mesh.mesh.flatten().tolist()]
+
+    @property
+    def leader(self) -> bool:
+        return self.member == 0
+
+    @contextmanager
+    def collectives(self) -> Any:
+        """A lost rank (failed, died, hung past the timeout) becomes one line instead of a traceback."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise
+            raise GuidanceGroupError(
+                f"rank {dist.get_rank()} lost its tensor-parallel group (ranks {self.ranks}): {_first_line(exc)}; "
+                f"a rank failed, died or took longer than --dist-timeout {self.timeout_s:g} s; nothing was saved"
+            ) from exc
+
+
+def join_layout(
+    dm: DeviceManager, env: DistributedEnvironment, layout: ParallelLayout, timeout_s: float
+) -> tuple[CardGroup, TensorParallelGroup | None]:
+    """Join the world and build the launch's mesh: the guidance group is its cfg dimension (the ranks
+    with this rank's dp and tp coordinates), the tensor-parallel group its tp dimension."""
+    if layout.tp == 1:
+        return CardGroup.join(dm, env, layout.cfg, timeout_s), None
+    ranks = join_process_group(env, dm.distributed_backend, timeout_s)
+    try:
+        mesh = layout.mesh(dm.device_type, timeout_s)
+    except RuntimeError as exc:  # a rank that never reaches new_group: DistStoreError after the timeout
+        ranks.close()
+        raise GuidanceGroupError(
+            f"rank {env.rank} cannot form its tensor-parallel group of {layout.tp}: {_first_line(exc)}; "
+            "see --dist-timeout"
+        ) from exc
+    guidance = None
+    if layout.cfg > 1:
+        cfg = mesh["cfg"]
+        dp_index, _, tp_index = mesh.get_coordinate()
+        guidance = GuidanceGroup(
+            cfg.size(), cfg.get_local_rank(), dp_index * layout.tp + tp_index,
+            [int(rank) for rank in cfg.mesh.flatten().tolist()], cfg.get_group(), dm.device, timeout_s, ranks.store,
+            dm.synchronize,
+        )
+    logger.info("rank %d: mesh %s, tensor-parallel ranks %s", env.rank, dict(zip(MESH_DIMS, mesh.mesh.shape,
+                strict=True)), mesh["tp"].mesh.flatten().tolist())
+    return CardGroup(dm, ranks, guidance), TensorParallelGroup(mesh["tp"], timeout_s)
+

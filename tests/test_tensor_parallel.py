@@ -1,0 +1,320 @@
+"""Tensor parallel (--tensor-parallel K) with real torch.distributed: gloo on CPU, the tiny set, one thread
+per process.
+
+A split transformer must give the edits of one process: each rank multiplies by slices of the weights and
+the row-parallel outputs and the q/k norms' sums of squares are all-reduced, which adds in another order
+than one process does, so pixels may differ by 1/255, never more. The tiny set has 2 heads (K = 2); K = 4
+is checked on a 4-head variant of the tiny transformer (same dimensions, `attention_head_dim` 16 x 4 heads)
+at the level of one forward pass. Few launches: one 2-rank and one 4-rank spawn run every scenario and
+keep their results for several tests; one torchrun launch checks the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch.multiprocessing as torch_mp
+from npu_standin import REPO
+from PIL import Image
+from test_batch_distributed import TORCHRUN, free_port, run_env
+from test_guidance_parallel import (
+    EDITS,
+    MEASURED,
+    RUN_TIMEOUT_S,
+    _edit_all_in_a_fresh_process,
+    _editors,
+    _without_measurements,
+)
+
+from hidream_edit.cli import run_edit_cli
+from hidream_edit.config import DistributedEnvironment
+from hidream_edit.errors import UserError
+from hidream_edit.tensor_parallel import BLOCK_PLAN, ParallelLayout, check_head_split
+
+# the 4-rank run: --cfg-parallel 2 --tensor-parallel 2 on these edits (guidance on and off, both models)
+COMBINED_EDITS = ("e1.1 edit+refine", "e1.1 guidance off", "e1-full edit+refine")
+
+
+@pytest.mark.parametrize(
+    "world,cfg,tp,single,message",
+    [
+        (1, 1, 2, True, "--tensor-parallel 2 runs under torchrun: torchrun --nproc-per-node 2"),
+        (3, 1, 2, False, "--tensor-parallel 2 needs a number of processes that is a multiple of 2, got 3"),
+        (4, 1, 2, True, "one edit needs --cfg-parallel x --tensor-parallel equal to the number of processes (4)"),
+        (4, 2, 4, False, "--tensor-parallel 4 --cfg-parallel 2 needs a number of processes that is a multiple of 8"),
+        (4, 4, 2, True, "--cfg-parallel must be 1, 2 or 3"),
+    ],
+)
+def test_layouts_that_cannot_form_are_refused(world: int, cfg: int, tp: int, single: bool, message: str) -> None:
+    with pytest.raises(UserError) as error:
+        ParallelLayout(world, cfg, tp).check("one edit" if single else None)
+    assert str(error.value).startswith(message)
+
+
+def test_a_layout_is_data_parallel_replicas_of_guidance_times_tensor_groups() -> None:
+    layout = ParallelLayout(12, 3, 2)
+    layout.check(None)
+    assert (layout.dp, layout.cfg, layout.tp, layout.group_size) == (2, 3, 2, 6)
+    ParallelLayout(4, 2, 2).check("one edit")
+
+
+def test_the_degree_must_divide_the_heads() -> None:
+    check_head_split(20, 4)
+    with pytest.raises(UserError, match=r"^--tensor-parallel 3 must divide the transformer's 20 attention heads "
+                                        r"\(use one of 2, 4, 5, 10, 20\)$"):
+        check_head_split(20, 3)
+
+
+def test_the_plan_splits_every_projection_of_every_block() -> None:
+    """Every attention projection, q/k norm and SwiGLU linear of the blocks is in the plan; nothing else."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from hidream_edit.tensor_parallel import _plan_for
+    from hidream_edit.tiny import TRANSFORMER_DIMS
+
+    transformer = HiDreamImageTransformer2DModel(**TRANSFORMER_DIMS)
+    plan = _plan_for(transformer)
+    wanted = {name for name, _ in transformer.named_modules()
+              if name.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t",
+                                             "to_out_t", "w1", "w2", "w3", "q_rms_norm", "k_rms_norm",
+                                             "q_rms_norm_t", "k_rms_norm_t"}}
+    assert set(plan) == wanted
+    experts = TRANSFORMER_DIMS["num_routed_experts"]  # "experts.*" patterns match each expert
+    assert len([name for name in plan if name.startswith("double_stream_blocks.0.")]) == len(BLOCK_PLAN) + 3 * (
+        experts - 1)
+
+
+def test_a_degree_that_does_not_divide_the_heads_is_one_line_before_loading(
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny set has 2 heads: K = 3 (under a 3-process launch) is refused from the config, no weights read."""
+    source = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(source)
+    env = {**tiny_env, "WORLD_SIZE": "3", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    code = run_edit_cli(["--tiny", "--image", str(source), "--instruction", "x", "--output",
+                         str(tmp_path / "out.png"), "--tensor-parallel", "3"], "e1.1", env)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: --tensor-parallel 3 must divide the transformer's 2 attention heads "
+                           "(use one of 2)")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_refining_with_base_weights_is_refused_with_tensor_parallel(
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(source)
+    env = {**tiny_env, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    code = run_edit_cli(["--tiny", "--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"),
+                         "--tensor-parallel", "2", "--refine-weights", "base"], "e1.1", env)
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: refining with the base weights swaps whole tensors")
+
+
+# --- real process groups ---------------------------------------------------------------------------
+
+
+def _join(rank: int, world: int, port: int, cfg: int, tp: int) -> Any:
+    from device_utils import DeviceManager
+    from hidream_edit.tensor_parallel import join_layout
+
+    env = DistributedEnvironment(world, rank, rank, "127.0.0.1", port)
+    return join_layout(DeviceManager("cpu", "fp32"), env, ParallelLayout(world, cfg, tp), 120.0)
+
+
+def _split_counts(transformer: Any) -> dict[str, int]:
+    """Elements this rank holds of the split weights (local shards), of the whole split weights, and of the rest."""
+    from torch.distributed.tensor import DTensor
+
+    from hidream_edit.tensor_parallel import HeadSplitRMSNorm
+
+    counts = {"split_local": 0, "split_whole": 0, "replicated": 0}
+    split_modules = {id(p) for m in transformer.modules() if isinstance(m, HeadSplitRMSNorm) for p in m.parameters()}
+    for parameter in transformer.parameters():
+        if isinstance(parameter, DTensor):
+            counts["split_local"] += parameter.to_local().numel()
+            counts["split_whole"] += parameter.numel()
+        elif id(parameter) in split_modules:
+            counts["split_local"] += parameter.numel()
+        else:
+            counts["replicated"] += parameter.numel()
+    return counts
+
+
+def _tp_edits(rank: int, world: int, cfg: int, tp: int, port: int, tiny_root: str, image: str, names: tuple[str, ...],
+              result_file: str) -> None:
+    """Every edit of `names` in a layout of cfg x tp ranks; rank 0 writes the images, every rank its counts."""
+    import torch
+
+    from hidream_edit.editor import EditRequest
+
+    torch.set_num_threads(1)
+    editors = _editors(tiny_root)
+    whole = {model: sum(p.numel() for p in editor.loaded.pipe.transformer.parameters())
+             for model, editor in editors.items()}
+    group, tensor = _join(rank, world, port, cfg, tp)
+    try:
+        for editor in editors.values():
+            if group.guidance is not None:
+                editor.use_guidance_group(group.guidance)
+            editor.use_tensor_parallel(tensor)
+        results = {}
+        for name in names:
+            model, fields = EDITS[name]
+            result = editors[model].edit(EditRequest(image=image, steps=2, **fields))
+            if result.image is not None:
+                results[name] = (np.asarray(result.image), result.metadata)
+        counts = {model: {**_split_counts(editor.loaded.pipe.transformer), "before": whole[model]}
+                  for model, editor in editors.items()}
+        Path(f"{result_file}.{rank}.json").write_text(json.dumps(
+            {"counts": counts, "writes": sorted(results), "tp_ranks": tensor.ranks}))
+        if rank == 0:
+            Path(result_file).write_bytes(pickle.dumps(results))
+        if world == 4:
+            Path(f"{result_file}.{rank}.four_heads.json").write_text(json.dumps(_four_heads_split_four_ways(rank)))
+    finally:
+        group.close()
+
+
+def _four_heads_split_four_ways(rank: int) -> dict[str, float]:
+    """K = 4 on a 4-head tiny transformer: one forward pass split over the 4 ranks equals the same pass whole."""
+    import torch
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from device_utils import DeviceManager
+    from hidream_edit.attention import install_attention
+    from hidream_edit.tensor_parallel import parallelize_transformer
+    from hidream_edit.tiny import TRANSFORMER_DIMS
+
+    torch.manual_seed(0)
+    transformer = HiDreamImageTransformer2DModel(**{**TRANSFORMER_DIMS, "num_attention_heads": 4}).eval()
+    install_attention(transformer, DeviceManager("cpu", "fp32"), "sdpa")
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(3, 16, 8, 16, generator=generator),
+        "timesteps": torch.full((3,), 500.0),
+        "encoder_hidden_states_t5": torch.randn(3, 10, TRANSFORMER_DIMS["caption_channels"][0], generator=generator),
+        "encoder_hidden_states_llama3": torch.randn(2, 3, 10, TRANSFORMER_DIMS["caption_channels"][1],
+                                                    generator=generator),
+        "pooled_embeds": torch.randn(3, TRANSFORMER_DIMS["text_emb_dim"], generator=generator),
+    }
+    with torch.inference_mode():
+        whole = transformer(**inputs, return_dict=False)[0]
+        mesh = ParallelLayout(4, 1, 4).mesh("cpu", 120.0)
+        parallelize_transformer(transformer, mesh["tp"])
+        split = transformer(**inputs, return_dict=False)[0]
+    return {"difference": float((split - whole).abs().max()), "scale": float(whole.abs().max()),
+            "heads": transformer.double_stream_blocks[0].block.attn1.heads}
+
+
+def _run_layout(world: int, cfg: int, tp: int, names: tuple[str, ...], tiny_root: str, image: Path,
+                result_file: Path) -> dict[str, Any]:
+    torch_mp.spawn(_tp_edits, args=(world, cfg, tp, free_port(), tiny_root, str(image), names, str(result_file)),
+                   nprocs=world)
+    ranks = [json.loads(Path(f"{result_file}.{rank}.json").read_text()) for rank in range(world)]
+    extra = {}
+    if world == 4:
+        extra = {"four_heads": [json.loads(Path(f"{result_file}.{r}.four_heads.json").read_text()) for r in range(4)]}
+    return {"images": pickle.loads(result_file.read_bytes()), "ranks": ranks, **extra}
+
+
+@pytest.fixture(scope="module")
+def source_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("source") / "source.png"
+    ramp = np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8)
+    Image.fromarray(ramp).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_checkpoints: Any, source_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    result_file = tmp_path_factory.mktemp("one") / "r.pkl"
+    _edit_all_in_a_fresh_process(str(tiny_checkpoints.root), source_image, result_file)
+    return pickle.loads(result_file.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_checkpoints: Any, source_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """--tensor-parallel 2: every edit of EDITS (both models, refine on and off, guidance off)."""
+    return _run_layout(2, 1, 2, tuple(EDITS), str(tiny_checkpoints.root), source_image,
+                       tmp_path_factory.mktemp("tp2") / "r.pkl")
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tiny_checkpoints: Any, source_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """--cfg-parallel 2 --tensor-parallel 2 on 4 ranks, then K = 4 on the 4-head transformer."""
+    return _run_layout(4, 2, 2, COMBINED_EDITS, str(tiny_checkpoints.root), source_image,
+                       tmp_path_factory.mktemp("cfg2tp2") / "r.pkl")
+
+
+def _assert_same_edits(group: dict[str, Any], one_process: dict, names: tuple[str, ...]) -> None:
+    assert set(group) == set(names)
+    for name, (pixels, metadata) in group.items():
+        reference_pixels, reference_metadata = one_process[name]
+        difference = np.abs(pixels.astype(int) - reference_pixels.astype(int)).max()
+        assert difference <= 1, (name, difference)
+        assert _without_measurements(metadata) == _without_measurements(reference_metadata), name
+
+
+def test_tensor_parallel_2_gives_the_images_and_metadata_of_one_process(two_ranks: dict, one_process: dict) -> None:
+    _assert_same_edits(two_ranks["images"], one_process, tuple(EDITS))
+    for _, metadata in two_ranks["images"].values():
+        assert metadata["timings"]["tensor_parallel"] == {"size": 2, "ranks": [0, 1]}
+    assert [rank["writes"] for rank in two_ranks["ranks"]] == [sorted(EDITS), []]  # only the first rank decodes
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_each_rank_holds_a_kth_of_the_split_weights(two_ranks: dict, model: str) -> None:
+    for rank in two_ranks["ranks"]:
+        counts = rank["counts"][model]
+        assert counts["split_local"] * 2 == pytest.approx(counts["split_whole"], rel=0.01)
+        assert counts["split_whole"] > 0.8 * counts["before"]  # the blocks' projections are most of the model
+
+
+def test_cfg_parallel_2_with_tensor_parallel_2_on_four_ranks_gives_one_process(
+    four_ranks: dict, one_process: dict
+) -> None:
+    _assert_same_edits(four_ranks["images"], one_process, COMBINED_EDITS)
+    metadata = four_ranks["images"]["e1.1 edit+refine"][1]
+    assert metadata["timings"]["tensor_parallel"] == {"size": 2, "ranks": [0, 1]}
+    assert [r["rank"] for r in metadata["timings"]["cfg_parallel"]["ranks"]] == [0, 2]  # the mesh's cfg dimension
+    assert [rank["tp_ranks"] for rank in four_ranks["ranks"]] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [bool(rank["writes"]) for rank in four_ranks["ranks"]] == [True, False, False, False]
+
+
+def test_tensor_parallel_4_on_a_four_head_transformer_equals_the_whole_forward(four_ranks: dict) -> None:
+    for result in four_ranks["four_heads"]:
+        assert result["heads"] == 1
+        assert result["difference"] <= 1e-5 * max(1.0, result["scale"])
+
+
+def test_torchrun_tensor_parallel_2_writes_the_single_process_image(
+    tiny_env: dict[str, str], source_image: Path, tmp_path: Path, one_process: dict
+) -> None:
+    model, fields = EDITS["e1.1 edit+refine"]
+    output = tmp_path / "tp" / "out.png"
+    output.parent.mkdir()
+    command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.5", "inference_e1_1_npu.py",
+               "--tiny", "--image", str(source_image), "--instruction", fields["instruction"], "--steps", "2",
+               "--refine-strength", str(fields["refine_strength"]), "--seed", str(fields["seed"]),
+               "--tensor-parallel", "2", "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
+                          timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("saved ") == 1  # one rank saves
+    assert sorted(path.name for path in output.parent.iterdir()) == ["out.png", "out.png.json"]
+    reference_pixels, reference_metadata = one_process["e1.1 edit+refine"]
+    assert np.abs(np.asarray(Image.open(output), dtype=int) - reference_pixels.astype(int)).max() <= 1
+    metadata = json.loads(Path(f"{output}.json").read_text())
+    assert metadata["timings"]["tensor_parallel"]["size"] == 2
+    ignore = (*MEASURED, "output")
+    assert {k: v for k, v in metadata.items() if k in reference_metadata and k not in ignore} == {
+        k: v for k, v in reference_metadata.items() if k not in ignore
+    }
