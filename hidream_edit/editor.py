@@ -239,21 +239,6 @@ class Editor:
         self.announce = announce
         self.loaded.pipe.guidance_group = group
 
-    def use_tensor_parallel(self, group: TensorParallelGroup) -> None:
-        """Split the transformer's weights over `group` (--tensor-parallel); every rank of it runs every
-        step on the same inputs, and only its first rank decodes and saves."""
-        from hidream_edit.tensor_parallel import RESIDENT_PLACEMENTS, check_refine_weights, parallelize_transformer
-
-        check_refine_weights(self.settings.refine_weights, group.size)
-        plan = self.loaded.plan
-        if plan is not None and plan.placement not in RESIDENT_PLACEMENTS:
-            raise UserError(
-                f"tensor parallel keeps each card's share of the transformer resident; the memory plan "
-                f"'{plan.placement}' moves it between host and card"
-            )
-        parallelize_transformer(self.loaded.pipe.transformer, group.mesh)
-        self.tensor_group = group
-
     @property
     def writes_outputs(self) -> bool:
         """False on a guidance-parallel rank other than its group's leader, and on a tensor-parallel rank
@@ -262,10 +247,20 @@ class Editor:
         return guidance_leader and (self.tensor_group is None or self.tensor_group.leader)
 
     @classmethod
-    def load(cls, settings: EditorSettings, dm: DeviceManager | None = None) -> Editor:
-        """Choose the device (or use `dm`) and load the model; raises UserError/DeviceError on bad settings."""
+    def load(
+        cls, settings: EditorSettings, dm: DeviceManager | None = None, tensor: TensorParallelGroup | None = None
+    ) -> Editor:
+        """Choose the device (or use `dm`) and load the model; raises UserError/DeviceError on bad settings.
+
+        With `tensor` (--tensor-parallel) the transformer is split over that group: every rank of it runs
+        every step on the same inputs, and only its first rank decodes and saves.
+        """
         if settings.rng not in ("device", "cpu"):
             raise UserError(f"unknown rng placement {settings.rng!r}; use device or cpu")
+        if tensor is not None:
+            from hidream_edit.tensor_parallel import check_refine_weights
+
+            check_refine_weights(settings.refine_weights, tensor.size)
         started = time.perf_counter()
         dm = dm or device_manager_for(settings)
         loaded = load_pipeline(
@@ -279,10 +274,13 @@ class Editor:
             max_memory=settings.max_memory,
             host_memory=settings.host_memory,
             encoder_device=settings.encoder_device,
+            tensor_mesh=tensor.mesh if tensor is not None else None,
         )
         load_s = time.perf_counter() - started
         logger.info("loaded %s in %.1f s", settings.model, load_s)
-        return cls(settings, dm, loaded, load_s)
+        editor = cls(settings, dm, loaded, load_s)
+        editor.tensor_group = tensor
+        return editor
 
     def resolve(self, request: EditRequest) -> EditRequest:
         """Fill defaults and validate against this editor's model and loading options."""

@@ -22,8 +22,9 @@ import fnmatch
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,13 +37,21 @@ from hidream_edit.distributed import CardGroup, join_process_group
 from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.guidance_parallel import GuidanceGroup, check_cfg_parallel
 from hidream_edit.models import ModelSources
-from hidream_edit.spec import CFG_PARALLEL_SIZES, I1_TRANSFORMER_CONFIG
+from hidream_edit.placement import Budgets, ModelSizes, Plan, plan_placement
+from hidream_edit.spec import (
+    CFG_PARALLEL_SIZES,
+    I1_TRANSFORMER_CONFIG,
+    REAL_PARAMETERS,
+    REAL_TRANSFORMER_SPLIT,
+    ModelSpec,
+)
 
 logger = logging.getLogger(__name__)
 
 MESH_DIMS = ("dp", "cfg", "tp")
 # memory plans that keep the transformer on its card (a split transformer cannot be moved in and out)
 RESIDENT_PLACEMENTS = ("none", "split", "encoders")
+REAL_SPLIT_FRACTION = REAL_TRANSFORMER_SPLIT / REAL_PARAMETERS["transformer"]
 
 # The split of one HiDream block, by module name inside `double_stream_blocks.N.block` or
 # `single_stream_blocks.N.block`: "colwise" splits the output features (heads, hidden width), "rowwise"
@@ -128,6 +137,53 @@ class ParallelLayout:
         return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=MESH_DIMS)
 
 
+def check_resident(placement: str) -> None:
+    """A split transformer stays on its cards: a plan that streams or moves it refuses before loading."""
+    if placement not in RESIDENT_PLACEMENTS:
+        raise UserError(
+            f"with --tensor-parallel each card keeps its share of the transformer resident, but this card's "
+            f"memory only fits the '{placement}' plan, which moves it between host and card; use a larger "
+            "--tensor-parallel or cards with more free memory (--plan shows each card's plan)"
+        )
+
+
+def config_split_fraction(i1_dir: Path | None) -> float:
+    """The split share of the transformer described by I1's config.json (built on the meta device, no
+    weights), or of the real model without one."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    if i1_dir is None or not (i1_dir / "transformer" / "config.json").is_file():
+        return REAL_SPLIT_FRACTION
+    config = HiDreamImageTransformer2DModel.load_config(i1_dir / "transformer")
+    with torch.device("meta"):
+        return split_fraction(HiDreamImageTransformer2DModel.from_config(config))
+
+
+def tensor_share(sizes: ModelSizes, i1_dir: Path | None, tp: int) -> ModelSizes:
+    """The sizes as one rank of a tensor-parallel group sees them: its slice of the split weights plus the
+    whole rest of the transformer, and the working set of heads / K heads and feed-forward width / K."""
+    if tp == 1:
+        return sizes
+    fraction = config_split_fraction(i1_dir)
+
+    def share(size: int) -> int:
+        return int(size * (1 - fraction) + size * fraction / tp)
+
+    components = {**sizes.components, "transformer": share(sizes.components["transformer"])}
+    dims = replace(sizes.dims, heads=sizes.dims.heads // tp, ffn_width=sizes.dims.ffn_width // tp)
+    return replace(sizes, components=components, largest_block=share(sizes.largest_block), dims=dims)
+
+
+def plan_tensor_rank(
+    spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, asked: str = "auto", attention: str = "sdpa",
+    encoder_device: str | None = None,
+) -> Plan:
+    """The memory plan of one rank of a tensor-parallel group: `sizes` as tensor_share gives them, on this
+    rank's own card and the host (the group's other cards hold their own shares and plan the same way)."""
+    own = replace(budgets, cards=(budgets.edit,), edit_card=0) if budgets.cards else budgets  # no cards: the CPU
+    return plan_placement(spec, sizes, own, asked, attention, encoder_device)
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
@@ -174,15 +230,16 @@ class HeadSplitRMSNorm(nn.Module):
     """An RMS norm over a width split across the ranks of `group`: the sum of squares is all-reduced, so
     each rank normalises its slice exactly as the whole vector would be normalised in one process."""
 
-    def __init__(self, norm: nn.RMSNorm, group: Any, member: int, size: int) -> None:
+    def __init__(self, norm: nn.RMSNorm, group: Any, member: int, size: int,
+                 weight: torch.Tensor | None = None) -> None:
         super().__init__()
         (self.full_width,) = norm.normalized_shape
         width = self.full_width // size
         self.group = group
         self.eps = norm.eps
-        self.weight = None if norm.weight is None else nn.Parameter(
-            norm.weight.detach()[member * width:(member + 1) * width].clone(), requires_grad=False
-        )
+        if weight is None and norm.weight is not None:
+            weight = norm.weight.detach()[member * width:(member + 1) * width].clone()
+        self.weight = None if weight is None else nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -193,10 +250,19 @@ class HeadSplitRMSNorm(nn.Module):
         return out if self.weight is None else out * self.weight
 
 
-def _styles(kind: str) -> tuple[Any, Any]:
+# (kind, parameter) -> the dimension split: a column-parallel linear splits its output features (weight
+# rows, bias), a row-parallel one its input features (weight columns; its bias is added once, whole).
+SLICE_DIMS: dict[tuple[str, str], int] = {("colwise", "weight"): 0, ("colwise", "bias"): 0,
+                                          ("rowwise", "weight"): 1, ("norm", "weight"): 0}
+
+
+def _style(kind: str) -> Any:
+    """torch's style for `kind`; src_data_rank None: every rank slices the tensor it holds (no scatter)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    return (ColwiseParallel(), RowwiseParallel()) if kind == "colwise" else (RowwiseParallel(), ColwiseParallel())
+    style = ColwiseParallel() if kind == "colwise" else RowwiseParallel()
+    style.src_data_rank = None
+    return style
 
 
 def _split_linear(module: nn.Module, kind: str, mesh: Any) -> None:
@@ -207,12 +273,12 @@ def _split_linear(module: nn.Module, kind: str, mesh: Any) -> None:
 
     base = getattr(module, "base_layer", None)
     if base is None:
-        parallelize_module(module, mesh, _styles(kind)[0])
+        parallelize_module(module, mesh, _style(kind))
         return
-    parallelize_module(base, mesh, _styles(kind)[0])
+    parallelize_module(base, mesh, _style(kind))
     adapters = module.lora_B if kind == "colwise" else module.lora_A
     for adapter in adapters.values():
-        parallelize_module(adapter, mesh, _styles(kind)[0])
+        parallelize_module(adapter, mesh, _style(kind))
 
 
 def _plan_for(transformer: nn.Module) -> dict[str, str]:
@@ -226,9 +292,46 @@ def _plan_for(transformer: nn.Module) -> dict[str, str]:
     return plan
 
 
-def parallelize_transformer(transformer: nn.Module, mesh: Any) -> int:
+def shard_slices(transformer: nn.Module, size: int, member: int) -> dict[str, tuple[int, int, int]]:
+    """State-dict key -> (dim, start, stop) of this rank's slice of every split tensor (shapes only: the
+    transformer may be on the meta device), for reading just those bytes from the safetensors files."""
+    slices = {}
+    for name, kind in _plan_for(transformer).items():
+        for parameter_name, parameter in transformer.get_submodule(name).named_parameters(recurse=False):
+            dim = SLICE_DIMS.get((kind, parameter_name))
+            if dim is not None:
+                width = parameter.shape[dim] // size
+                slices[f"{name}.{parameter_name}"] = (dim, member * width, (member + 1) * width)
+    return slices
+
+
+def split_fraction(transformer: nn.Module) -> float:
+    """The share of the transformer's parameters that the plan splits (the rest is whole on every rank)."""
+    split = sum(transformer.get_submodule(name).get_parameter(key.rsplit(".", 1)[1]).numel()
+                for key in shard_slices(transformer, 1, 0) for name in [key.rsplit(".", 1)[0]])
+    return split / sum(parameter.numel() for parameter in transformer.parameters())
+
+
+def _from_shards(module: nn.Module, name: str, kind: str, mesh: Any, shards: dict[str, torch.Tensor]) -> None:
+    """Give a (meta) linear its parameters as DTensors made from this rank's slices (and whole biases)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    for parameter_name in [n for n, _ in module.named_parameters(recurse=False)]:
+        dim = SLICE_DIMS.get((kind, parameter_name))
+        placement = Replicate() if dim is None else Shard(dim)
+        local = shards.pop(f"{name}.{parameter_name}")
+        module.register_parameter(parameter_name, nn.Parameter(
+            DTensor.from_local(local, mesh, [placement], run_check=False), requires_grad=False))
+
+
+def parallelize_transformer(transformer: nn.Module, mesh: Any, shards: dict[str, torch.Tensor] | None = None) -> int:
     """Split `transformer` in place over the 1-D mesh `mesh` (the tensor-parallel group); returns the
-    number of modules split. Attention modules then hold heads / K heads."""
+    number of modules split. Attention modules then hold heads / K heads.
+
+    Without `shards` every rank holds the whole weights and keeps its slices. With `shards` (this rank's
+    slices as read from disk, keyed as in the state dict, see shard_slices) the split modules may be on
+    the meta device; the shards they use are taken out of the dict, the rest stay for the caller.
+    """
     size, member, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
     heads = transformer.config.num_attention_heads
     check_head_split(heads, size)
@@ -238,9 +341,12 @@ def parallelize_transformer(transformer: nn.Module, mesh: Any) -> int:
         parent = transformer.get_submodule(parent_name)
         module = getattr(parent, child)
         if kind == "norm":
-            setattr(parent, child, HeadSplitRMSNorm(module, group, member, size))
-        else:
-            _split_linear(module, kind, mesh)
+            weight = shards.pop(f"{name}.weight") if shards is not None else None
+            setattr(parent, child, HeadSplitRMSNorm(module, group, member, size, weight))
+            continue
+        if shards is not None:
+            _from_shards(module, name, kind, mesh, shards)
+        _split_linear(module, kind, mesh)
     for name, module in transformer.named_modules():
         if name.endswith(ATTENTION_SUFFIX):
             module.heads = heads // size

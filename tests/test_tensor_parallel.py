@@ -28,7 +28,6 @@ from test_guidance_parallel import (
     MEASURED,
     RUN_TIMEOUT_S,
     _edit_all_in_a_fresh_process,
-    _editors,
     _without_measurements,
 )
 
@@ -37,8 +36,9 @@ from hidream_edit.config import DistributedEnvironment
 from hidream_edit.errors import UserError
 from hidream_edit.tensor_parallel import BLOCK_PLAN, ParallelLayout, check_head_split
 
-# the 4-rank run: --cfg-parallel 2 --tensor-parallel 2 on these edits (guidance on and off, both models)
-COMBINED_EDITS = ("e1.1 edit+refine", "e1.1 guidance off", "e1-full edit+refine")
+# the 4-rank run: --cfg-parallel 2 --tensor-parallel 2 on these edits (guidance on: 3 branches over 2
+# guidance ranks; off: one branch, the second guidance rank idle)
+COMBINED_EDITS = ("e1.1 edit+refine", "e1.1 guidance off")
 
 
 @pytest.mark.parametrize(
@@ -129,20 +129,21 @@ def _join(rank: int, world: int, port: int, cfg: int, tp: int) -> Any:
     return join_layout(DeviceManager("cpu", "fp32"), env, ParallelLayout(world, cfg, tp), 120.0)
 
 
-def _split_counts(transformer: Any) -> dict[str, int]:
+def _split_counts(transformer: Any, tp: int) -> dict[str, int]:
     """Elements this rank holds of the split weights (local shards), of the whole split weights, and of the rest."""
     from torch.distributed.tensor import DTensor
 
     from hidream_edit.tensor_parallel import HeadSplitRMSNorm
 
     counts = {"split_local": 0, "split_whole": 0, "replicated": 0}
-    split_modules = {id(p) for m in transformer.modules() if isinstance(m, HeadSplitRMSNorm) for p in m.parameters()}
+    norms = {id(p) for m in transformer.modules() if isinstance(m, HeadSplitRMSNorm) for p in m.parameters()}
     for parameter in transformer.parameters():
-        if isinstance(parameter, DTensor):
+        if isinstance(parameter, DTensor) and parameter.placements[0].is_shard():
             counts["split_local"] += parameter.to_local().numel()
             counts["split_whole"] += parameter.numel()
-        elif id(parameter) in split_modules:
+        elif id(parameter) in norms:
             counts["split_local"] += parameter.numel()
+            counts["split_whole"] += parameter.numel() * tp
         else:
             counts["replicated"] += parameter.numel()
     return counts
@@ -150,31 +151,46 @@ def _split_counts(transformer: Any) -> dict[str, int]:
 
 def _tp_edits(rank: int, world: int, cfg: int, tp: int, port: int, tiny_root: str, image: str, names: tuple[str, ...],
               result_file: str) -> None:
-    """Every edit of `names` in a layout of cfg x tp ranks; rank 0 writes the images, every rank its counts."""
+    """Every edit of `names` in a layout of cfg x tp ranks; rank 0 writes the images, every rank its counts
+    and the bytes it read from the E1.1 transformer's safetensors files."""
     import torch
 
-    from hidream_edit.editor import EditRequest
+    from hidream_edit import models
+    from hidream_edit.config import resolve_model_sources
+    from hidream_edit.editor import Editor, EditorSettings, EditRequest
+    from hidream_edit.spec import MODELS
 
     torch.set_num_threads(1)
-    editors = _editors(tiny_root)
-    whole = {model: sum(p.numel() for p in editor.loaded.pipe.transformer.parameters())
-             for model, editor in editors.items()}
+    read: list[int] = []
+    whole_read = models.load_safetensors
+
+    def counting_read(path: Any, *args: Any) -> dict[str, Any]:
+        state = whole_read(path, *args)
+        if Path(path).name == "transformer":
+            read.append(sum(tensor.numel() * tensor.element_size() for tensor in state.values()))
+        return state
+
+    models.load_safetensors = counting_read
     group, tensor = _join(rank, world, port, cfg, tp)
     try:
+        env = {"HIDREAM_TINY_DIR": tiny_root, "HF_HUB_OFFLINE": "1"}
+        editors = {
+            model: Editor.load(EditorSettings(resolve_model_sources(MODELS[model], tiny=True, env=env), device="cpu",
+                                              dtype="fp32", attention="sdpa"), group.dm, tensor)
+            for model in sorted({EDITS[name][0] for name in names})
+        }
         for editor in editors.values():
             if group.guidance is not None:
                 editor.use_guidance_group(group.guidance)
-            editor.use_tensor_parallel(tensor)
         results = {}
         for name in names:
             model, fields = EDITS[name]
             result = editors[model].edit(EditRequest(image=image, steps=2, **fields))
             if result.image is not None:
                 results[name] = (np.asarray(result.image), result.metadata)
-        counts = {model: {**_split_counts(editor.loaded.pipe.transformer), "before": whole[model]}
-                  for model, editor in editors.items()}
+        counts = {model: _split_counts(editor.loaded.pipe.transformer, tp) for model, editor in editors.items()}
         Path(f"{result_file}.{rank}.json").write_text(json.dumps(
-            {"counts": counts, "writes": sorted(results), "tp_ranks": tensor.ranks}))
+            {"counts": counts, "writes": sorted(results), "tp_ranks": tensor.ranks, "read": read}))
         if rank == 0:
             Path(result_file).write_bytes(pickle.dumps(results))
         if world == 4:
@@ -274,8 +290,31 @@ def test_tensor_parallel_2_gives_the_images_and_metadata_of_one_process(two_rank
 def test_each_rank_holds_a_kth_of_the_split_weights(two_ranks: dict, model: str) -> None:
     for rank in two_ranks["ranks"]:
         counts = rank["counts"][model]
-        assert counts["split_local"] * 2 == pytest.approx(counts["split_whole"], rel=0.01)
-        assert counts["split_whole"] > 0.8 * counts["before"]  # the blocks' projections are most of the model
+        assert counts["split_local"] * 2 == counts["split_whole"]
+        assert counts["split_whole"] > 0.8 * (counts["split_whole"] + counts["replicated"])  # most of the model
+
+
+def test_each_rank_reads_only_its_slices_of_the_e1_1_transformer(
+    two_ranks: dict, tiny_checkpoints: Any
+) -> None:
+    """What a rank reads is its share: the split tensors' halves and the rest whole."""
+    import torch
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from device_utils import load_safetensors
+    from hidream_edit.tensor_parallel import shard_slices
+
+    root = tiny_checkpoints.root
+    with torch.device("meta"):
+        meta = HiDreamImageTransformer2DModel.from_config(
+            HiDreamImageTransformer2DModel.load_config(root / "HiDream-I1-Full" / "transformer"))
+    split = shard_slices(meta, 2, 0)
+    whole = load_safetensors(root / "HiDream-E1-1" / "transformer")
+    size = {key: tensor.numel() * tensor.element_size() for key, tensor in whole.items()}
+    assert split and set(split) < set(size)
+    share = sum(size[key] // 2 if key in split else size[key] for key in size)
+    for rank in two_ranks["ranks"]:
+        assert rank["read"] == [share]
 
 
 def test_cfg_parallel_2_with_tensor_parallel_2_on_four_ranks_gives_one_process(
@@ -318,3 +357,45 @@ def test_torchrun_tensor_parallel_2_writes_the_single_process_image(
     assert {k: v for k, v in metadata.items() if k in reference_metadata and k not in ignore} == {
         k: v for k, v in reference_metadata.items() if k not in ignore
     }
+
+
+# --- the memory plan of a tensor-parallel group --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tp,host,placement",
+    [(4, "8x32GiB", "encoders"), (2, "8x64GiB", "none"), (4, "8x64GiB", "none"), (2, "8x32GiB", "model")],
+)
+def test_each_card_of_a_group_plans_its_share_of_the_real_model(tp: int, host: str, placement: str) -> None:
+    """K = 4 on 32 GiB cards: the share (12.2 GiB) stays resident and the text encoders visit; K = 2 on 32 GiB
+    cards fits only by moving the transformer, which tensor parallel refuses (its share and the Llama visiting
+    exceed the card)."""
+    from hidream_edit.models import table_sizes
+    from hidream_edit.placement import described_budgets
+    from hidream_edit.spec import MODELS
+    from hidream_edit.tensor_parallel import RESIDENT_PLACEMENTS, check_resident, plan_tensor_rank, tensor_share
+
+    sizes = table_sizes(MODELS["e1.1"], "bf16")
+    share = tensor_share(sizes, None, tp)
+    whole, split = sizes.components["transformer"], share.components["transformer"]
+    assert whole / tp < split < whole / tp + 0.2 * whole  # its slices plus the 18% that stays whole
+    plan = plan_tensor_rank(MODELS["e1.1"], share, described_budgets(host))
+    assert plan.placement == placement and plan.fits
+    (card,) = plan.chosen.devices
+    assert card.peak_bytes <= card.budget_bytes
+    if placement in RESIDENT_PLACEMENTS:
+        assert "transformer" in card.components
+        check_resident(plan.placement)
+    else:
+        with pytest.raises(UserError, match="only fits the 'model' plan"):
+            check_resident(plan.placement)
+
+
+def test_plan_for_a_group_too_small_refuses_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_edit_cli(["--plan", "--plan-host", "8x32GiB", "--tensor-parallel", "2"], "e1.1",
+                        {"HF_HUB_OFFLINE": "1"})
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "tensor parallel 2: the plan of each card of a group" in captured.out
+    assert captured.err.startswith("error: with --tensor-parallel each card keeps its share of the transformer")
+    assert captured.err.count("\n") == 1
