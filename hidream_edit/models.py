@@ -478,9 +478,9 @@ def load_pipeline(
             switch = BaseWeightsE1_1(transformer, differing_base_tensors(transformer, i1_dir))
     else:
         lora_file = edit_path / spec.lora.file if edit_path.is_dir() else edit_path
-        transformer, switch = load_e1_full_transformer(
-            i1_dir, lora_file, dtype, refine_weights, plan.load_device("transformer")
-        )
+        # split: read whole into host memory, then each rank moves only its slices to its card
+        device = None if tensor_mesh is not None else plan.load_device("transformer")
+        transformer, switch = load_e1_full_transformer(i1_dir, lora_file, dtype, refine_weights, device)
         if fuse_lora:
             transformer.fuse_lora(lora_scale=1.0)
         if tensor_mesh is not None:  # read whole (I1 through diffusers, then the LoRA file), then split

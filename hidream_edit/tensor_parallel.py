@@ -3,11 +3,12 @@
 Every block's attention heads and feed-forward hidden widths (each routed expert, the shared expert, the
 text feed-forward) are split with torch's DTensor tensor parallelism: the projections that widen
 (`to_q/to_k/to_v`, their `_t` twins, `w1/w3`) are column-parallel, the ones that narrow back (`to_out`,
-`to_out_t`, `w2`) row-parallel, so each block sends one all-reduce per attention and per feed-forward.
-HiDream's q/k RMS norms span all heads together, so after a head split each rank holds part of the
-vector being normalised: `HeadSplitRMSNorm` all-reduces the sum of squares. The MoE gate, embedders,
-adaLN modulation and the final layer stay whole on every rank (they are small next to the experts, and
-every rank then routes the same tokens to the same experts, which keeps the collectives in step).
+`to_out_t`, `w2`) row-parallel: one all-reduce of the output per attention and per feed-forward call
+(each routed expert that gets tokens, the shared expert, the text feed-forward). HiDream's q/k RMS norms
+span all heads together, so after a head split each rank holds part of the vector being normalised:
+`HeadSplitRMSNorm` all-reduces the sum of squares. The MoE gate, embedders, adaLN modulation and final
+layer stay whole on every rank (18% of the real transformer): every rank then routes the same tokens to
+the same experts, which keeps the collectives of all ranks in step.
 
 All ranks of a tensor-parallel group run the same inputs and get the same (replicated) output, so the
 editing loop, guidance rule and scheduler are untouched; only the group's first rank decodes and saves.
@@ -272,13 +273,22 @@ def _split_linear(module: nn.Module, kind: str, mesh: Any) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
     base = getattr(module, "base_layer", None)
-    if base is None:
-        parallelize_module(module, mesh, _style(kind))
-        return
-    parallelize_module(base, mesh, _style(kind))
-    adapters = module.lora_B if kind == "colwise" else module.lora_A
-    for adapter in adapters.values():
-        parallelize_module(adapter, mesh, _style(kind))
+    targets = [module] if base is None else [base, *(module.lora_B if kind == "colwise" else module.lora_A).values()]
+    for target in targets:
+        parallelize_module(target, mesh, _style(kind))
+        _own_storage(target)
+
+
+def _own_storage(module: nn.Module) -> None:
+    """Give each local shard its own storage: a row slice of a whole tensor is a view that would keep the
+    whole tensor alive, and the point of the split is that a rank holds only its share."""
+    from torch.distributed.tensor import DTensor
+
+    for name, parameter in list(module.named_parameters(recurse=False)):
+        local = parameter.to_local() if isinstance(parameter, DTensor) else None
+        if local is not None and local.untyped_storage().nbytes() > local.numel() * local.element_size():
+            shard = DTensor.from_local(local.clone(), parameter.device_mesh, parameter.placements, run_check=False)
+            module.register_parameter(name, nn.Parameter(shard, requires_grad=parameter.requires_grad))
 
 
 def _plan_for(transformer: nn.Module) -> dict[str, str]:
@@ -393,15 +403,20 @@ class TensorParallelGroup:
 
     @contextmanager
     def collectives(self) -> Any:
-        """A lost rank (failed, died, hung past the timeout) becomes one line instead of a traceback."""
+        """A rank that fails, dies or hangs ends the edit on every rank of the group with one line.
+
+        The failing rank raises its own error here; the others wait in their next all-reduce until the
+        group's timeout (gloo, nccl and hccl report it, and a lost peer, as a RuntimeError like any other).
+        """
         try:
             yield
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
                 raise
             raise GuidanceGroupError(
-                f"rank {dist.get_rank()} lost its tensor-parallel group (ranks {self.ranks}): {_first_line(exc)}; "
-                f"a rank failed, died or took longer than --dist-timeout {self.timeout_s:g} s; nothing was saved"
+                f"rank {dist.get_rank()} stopped with its tensor-parallel group (ranks {self.ranks}): "
+                f"{_first_line(exc)}; a rank that fails, dies or takes longer than --dist-timeout "
+                f"{self.timeout_s:g} s ends the edit on every rank; nothing was saved"
             ) from exc
 
 

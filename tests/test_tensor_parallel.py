@@ -12,8 +12,10 @@ keep their results for several tests; one torchrun launch checks the command lin
 from __future__ import annotations
 
 import json
+import multiprocessing
 import pickle
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,12 +123,23 @@ def test_refining_with_base_weights_is_refused_with_tensor_parallel(
 # --- real process groups ---------------------------------------------------------------------------
 
 
-def _join(rank: int, world: int, port: int, cfg: int, tp: int) -> Any:
+def _join(rank: int, world: int, port: int, cfg: int, tp: int, timeout_s: float = 120.0) -> Any:
     from device_utils import DeviceManager
     from hidream_edit.tensor_parallel import join_layout
 
     env = DistributedEnvironment(world, rank, rank, "127.0.0.1", port)
-    return join_layout(DeviceManager("cpu", "fp32"), env, ParallelLayout(world, cfg, tp), 120.0)
+    return join_layout(DeviceManager("cpu", "fp32"), env, ParallelLayout(world, cfg, tp), timeout_s)
+
+
+def _e1_1_editor(tiny_root: str, group: Any, tensor: Any) -> Any:
+    from hidream_edit.config import resolve_model_sources
+    from hidream_edit.editor import Editor, EditorSettings
+    from hidream_edit.spec import MODELS
+
+    env = {"HIDREAM_TINY_DIR": tiny_root, "HF_HUB_OFFLINE": "1"}
+    settings = EditorSettings(resolve_model_sources(MODELS["e1.1"], tiny=True, env=env), device="cpu", dtype="fp32",
+                              attention="sdpa")
+    return Editor.load(settings, group.dm, tensor)
 
 
 def _split_counts(transformer: Any, tp: int) -> dict[str, int]:
@@ -135,11 +148,13 @@ def _split_counts(transformer: Any, tp: int) -> dict[str, int]:
 
     from hidream_edit.tensor_parallel import HeadSplitRMSNorm
 
-    counts = {"split_local": 0, "split_whole": 0, "replicated": 0}
+    counts = {"split_local": 0, "split_whole": 0, "replicated": 0, "shards": 0, "storage": 0}
     norms = {id(p) for m in transformer.modules() if isinstance(m, HeadSplitRMSNorm) for p in m.parameters()}
     for parameter in transformer.parameters():
         if isinstance(parameter, DTensor) and parameter.placements[0].is_shard():
             counts["split_local"] += parameter.to_local().numel()
+            counts["shards"] += parameter.to_local().numel()
+            counts["storage"] += parameter.to_local().untyped_storage().nbytes() // parameter.element_size()
             counts["split_whole"] += parameter.numel()
         elif id(parameter) in norms:
             counts["split_local"] += parameter.numel()
@@ -276,7 +291,12 @@ def _assert_same_edits(group: dict[str, Any], one_process: dict, names: tuple[st
         reference_pixels, reference_metadata = one_process[name]
         difference = np.abs(pixels.astype(int) - reference_pixels.astype(int)).max()
         assert difference <= 1, (name, difference)
-        assert _without_measurements(metadata) == _without_measurements(reference_metadata), name
+        # the plan is this rank's: its share of the transformer, so a smaller predicted peak
+        plan, reference_plan = metadata["placement"], reference_metadata["placement"]
+        assert plan["name"] == reference_plan["name"], name
+        assert plan["predicted_peak_bytes"]["host"] < reference_plan["predicted_peak_bytes"]["host"], name
+        assert ({k: v for k, v in _without_measurements(metadata).items() if k != "placement"}
+                == {k: v for k, v in _without_measurements(reference_metadata).items() if k != "placement"}), name
 
 
 def test_tensor_parallel_2_gives_the_images_and_metadata_of_one_process(two_ranks: dict, one_process: dict) -> None:
@@ -291,6 +311,7 @@ def test_each_rank_holds_a_kth_of_the_split_weights(two_ranks: dict, model: str)
     for rank in two_ranks["ranks"]:
         counts = rank["counts"][model]
         assert counts["split_local"] * 2 == counts["split_whole"]
+        assert counts["storage"] == counts["shards"]  # no slice keeps the whole tensor alive
         assert counts["split_whole"] > 0.8 * (counts["split_whole"] + counts["replicated"])  # most of the model
 
 
@@ -353,7 +374,7 @@ def test_torchrun_tensor_parallel_2_writes_the_single_process_image(
     assert np.abs(np.asarray(Image.open(output), dtype=int) - reference_pixels.astype(int)).max() <= 1
     metadata = json.loads(Path(f"{output}.json").read_text())
     assert metadata["timings"]["tensor_parallel"]["size"] == 2
-    ignore = (*MEASURED, "output")
+    ignore = (*MEASURED, "output", "placement")
     assert {k: v for k, v in metadata.items() if k in reference_metadata and k not in ignore} == {
         k: v for k, v in reference_metadata.items() if k not in ignore
     }
@@ -399,3 +420,68 @@ def test_plan_for_a_group_too_small_refuses_with_one_line(capsys: pytest.Capture
     assert "tensor parallel 2: the plan of each card of a group" in captured.out
     assert captured.err.startswith("error: with --tensor-parallel each card keeps its share of the transformer")
     assert captured.err.count("\n") == 1
+
+
+# --- failures and hangs ----------------------------------------------------------------------------------
+
+
+def _failing_tensor_rank(rank: int, port: int, tiny_root: str, image: str, mode: str, queue: Any) -> None:
+    """Rank 1 fails (raises) or hangs in its second forward; every rank reports how its edit ended."""
+    import torch
+
+    from hidream_edit.editor import EditRequest
+    from hidream_edit.errors import GuidanceGroupError
+
+    torch.set_num_threads(1)
+    group, tensor = _join(rank, 2, port, 1, 2, timeout_s=6.0)
+    editor = _e1_1_editor(tiny_root, group, tensor)
+    pipe = editor.loaded.pipe
+    calls = []
+    predict = pipe._predict
+
+    def broken_predict(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            queue.put(("broke", mode, time.time()))
+            if mode == "raise":
+                raise RuntimeError("injected failure")
+            time.sleep(25)
+        return predict(*args, **kwargs)
+
+    if rank == 1:
+        pipe._predict = broken_predict
+    try:
+        editor.edit(EditRequest(image=image, instruction="make it snow", steps=3, refine_strength=0.0))
+        queue.put((rank, "finished", time.time()))
+    except GuidanceGroupError as exc:
+        queue.put((rank, str(exc), time.time()))
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_a_rank_that_fails_or_hangs_ends_its_tensor_parallel_group_within_the_timeout(
+    mode: str, tiny_checkpoints: Any, source_image: Path
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_failing_tensor_rank,
+                                 args=(rank, port, str(tiny_checkpoints.root), str(source_image), mode, queue))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    outcomes = {}
+    for _ in range(3):  # each rank's end and the moment rank 1 broke
+        who, message, when = queue.get(timeout=RUN_TIMEOUT_S)
+        outcomes[who] = (message, when)
+    for process in processes:
+        process.join(timeout=60)
+    message, ended = outcomes[0]
+    assert message.startswith("rank 0 stopped with its tensor-parallel group (ranks [0, 1]): "), message
+    assert "--dist-timeout 6 s" in message and "nothing was saved" in message and "\n" not in message
+    assert ended - outcomes["broke"][1] < 6 + 15  # the timeout and at most one slow step, not the 25 s hang
+    if mode == "raise":
+        assert outcomes[1][0].startswith("rank 1 stopped with its tensor-parallel group (ranks [0, 1]): injected")
+    else:
+        assert outcomes[1][0] != "finished"
