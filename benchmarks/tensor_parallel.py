@@ -36,7 +36,7 @@ def reduced_bytes_per_step(args: argparse.Namespace, image: Path) -> dict[str, f
     from hidream_edit.config import resolve_model_sources
     from hidream_edit.editor import Editor, EditorSettings, EditRequest
     from hidream_edit.spec import MODELS
-    from hidream_edit.tensor_parallel import _plan_for
+    from hidream_edit.tensor_split import _plan_for
 
     torch.set_num_threads(1)
     settings = EditorSettings(resolve_model_sources(MODELS[args.model], tiny=True, env=dict(os.environ)),

@@ -50,15 +50,8 @@ from hidream_edit.editor import (
 from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.guidance_parallel import check_cfg_parallel
 from hidream_edit.spec import ModelSpec
-from hidream_edit.tensor_parallel import (
-    ParallelLayout,
-    check_refine_weights,
-    check_resident,
-    check_tensor_split,
-    join_layout,
-    refuse_tensor_parallel,
-    tensor_share,
-)
+from hidream_edit.tensor_parallel import ParallelLayout, check_tensor_split, join_layout, refuse_tensor_parallel
+from hidream_edit.tensor_split import check_refine_weights, check_resident, tensor_share
 
 logger = logging.getLogger("hidream_edit")
 
@@ -125,7 +118,7 @@ def run_plan(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) 
     """--plan: print the memory plan for this machine or a --plan-host one; reads headers, never weights."""
     from hidream_edit.models import sizes_on_disk
     from hidream_edit.placement import described_budgets, machine_budgets, plan_for_machine, plan_placement
-    from hidream_edit.tensor_parallel import plan_tensor_rank
+    from hidream_edit.tensor_split import plan_tensor_rank
 
     settings = editor_settings_from_args(args, spec, env)
     tp = args.tensor_parallel

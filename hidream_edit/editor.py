@@ -37,7 +37,7 @@ from hidream_edit.spec import INSTRUCTION_MARKER, TARGET_MARKER, ModelSpec, is_e
 
 if TYPE_CHECKING:  # the pipeline module imports diffusers, which must wait until torch_npu is settled
     from hidream_edit.pipeline import EncodedPrompts, PromptKey
-    from hidream_edit.tensor_parallel import TensorParallelGroup
+    from hidream_edit.tensor_split import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class Editor:
         if settings.rng not in ("device", "cpu"):
             raise UserError(f"unknown rng placement {settings.rng!r}; use device or cpu")
         if tensor is not None:
-            from hidream_edit.tensor_parallel import check_refine_weights
+            from hidream_edit.tensor_split import check_refine_weights
 
             check_refine_weights(settings.refine_weights, tensor.size)
         started = time.perf_counter()

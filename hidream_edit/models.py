@@ -160,7 +160,7 @@ def load_e1_1_transformer(
     tensor-parallel mesh) only this rank's slices of the split weights are read, and the model is split."""
     from diffusers import HiDreamImageTransformer2DModel
 
-    from hidream_edit.tensor_parallel import parallelize_transformer, shard_slices
+    from hidream_edit.tensor_split import parallelize_transformer, shard_slices
 
     config = HiDreamImageTransformer2DModel.load_config(i1_dir / "transformer")
     with torch.device("meta"):
@@ -433,7 +433,7 @@ def load_pipeline(
     from transformers import AutoTokenizer, LlamaModel
 
     from hidream_edit.pipeline import HiDreamImageEditingPipeline
-    from hidream_edit.tensor_parallel import check_resident, parallelize_transformer, plan_tensor_rank, tensor_share
+    from hidream_edit.tensor_split import check_resident, parallelize_transformer, plan_tensor_rank, tensor_share
 
     spec = sources.spec
     if refine_weights not in REFINE_WEIGHTS:

@@ -36,7 +36,8 @@ from test_guidance_parallel import (
 from hidream_edit.cli import run_edit_cli
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.errors import UserError
-from hidream_edit.tensor_parallel import BLOCK_PLAN, ParallelLayout, check_head_split
+from hidream_edit.tensor_parallel import ParallelLayout
+from hidream_edit.tensor_split import BLOCK_PLAN, check_head_split
 
 # the 4-rank run: --cfg-parallel 2 --tensor-parallel 2 on these edits (guidance on: 3 branches over 2
 # guidance ranks; off: one branch, the second guidance rank idle)
@@ -77,7 +78,7 @@ def test_the_plan_splits_every_projection_of_every_block() -> None:
     """Every attention projection, q/k norm and SwiGLU linear of the blocks is in the plan; nothing else."""
     from diffusers import HiDreamImageTransformer2DModel
 
-    from hidream_edit.tensor_parallel import _plan_for
+    from hidream_edit.tensor_split import _plan_for
     from hidream_edit.tiny import TRANSFORMER_DIMS
 
     transformer = HiDreamImageTransformer2DModel(**TRANSFORMER_DIMS)
@@ -146,7 +147,7 @@ def _split_counts(transformer: Any, tp: int) -> dict[str, int]:
     """Elements this rank holds of the split weights (local shards), of the whole split weights, and of the rest."""
     from torch.distributed.tensor import DTensor
 
-    from hidream_edit.tensor_parallel import HeadSplitRMSNorm
+    from hidream_edit.tensor_split import HeadSplitRMSNorm
 
     counts = {"split_local": 0, "split_whole": 0, "replicated": 0, "shards": 0, "storage": 0}
     norms = {id(p) for m in transformer.modules() if isinstance(m, HeadSplitRMSNorm) for p in m.parameters()}
@@ -221,7 +222,7 @@ def _four_heads_split_four_ways(rank: int) -> dict[str, float]:
 
     from device_utils import DeviceManager
     from hidream_edit.attention import install_attention
-    from hidream_edit.tensor_parallel import parallelize_transformer
+    from hidream_edit.tensor_split import parallelize_transformer
     from hidream_edit.tiny import TRANSFORMER_DIMS
 
     torch.manual_seed(0)
@@ -323,7 +324,7 @@ def test_each_rank_reads_only_its_slices_of_the_e1_1_transformer(
     from diffusers import HiDreamImageTransformer2DModel
 
     from device_utils import load_safetensors
-    from hidream_edit.tensor_parallel import shard_slices
+    from hidream_edit.tensor_split import shard_slices
 
     root = tiny_checkpoints.root
     with torch.device("meta"):
@@ -394,7 +395,7 @@ def test_each_card_of_a_group_plans_its_share_of_the_real_model(tp: int, host: s
     from hidream_edit.models import table_sizes
     from hidream_edit.placement import described_budgets
     from hidream_edit.spec import MODELS
-    from hidream_edit.tensor_parallel import RESIDENT_PLACEMENTS, check_resident, plan_tensor_rank, tensor_share
+    from hidream_edit.tensor_split import RESIDENT_PLACEMENTS, check_resident, plan_tensor_rank, tensor_share
 
     sizes = table_sizes(MODELS["e1.1"], "bf16")
     share = tensor_share(sizes, None, tp)
