@@ -39,6 +39,8 @@ from hidream_edit.errors import UserError
 from hidream_edit.tensor_parallel import ParallelLayout
 from hidream_edit.tensor_split import BLOCK_PLAN, check_head_split
 
+# the tiny model needs little, but the plan checks what is free now, and parallel tests share this machine
+HOST_MEMORY = 64 * 2**30
 # the 4-rank run: --cfg-parallel 2 --tensor-parallel 2 on these edits (guidance on: 3 branches over 2
 # guidance ranks; off: one branch, the second guidance rank idle)
 COMBINED_EDITS = ("e1.1 edit+refine", "e1.1 guidance off")
@@ -139,7 +141,7 @@ def _e1_1_editor(tiny_root: str, group: Any, tensor: Any) -> Any:
 
     env = {"HIDREAM_TINY_DIR": tiny_root, "HF_HUB_OFFLINE": "1"}
     settings = EditorSettings(resolve_model_sources(MODELS["e1.1"], tiny=True, env=env), device="cpu", dtype="fp32",
-                              attention="sdpa")
+                              attention="sdpa", host_memory=HOST_MEMORY)
     return Editor.load(settings, group.dm, tensor)
 
 
@@ -192,7 +194,8 @@ def _tp_edits(rank: int, world: int, cfg: int, tp: int, port: int, tiny_root: st
         env = {"HIDREAM_TINY_DIR": tiny_root, "HF_HUB_OFFLINE": "1"}
         editors = {
             model: Editor.load(EditorSettings(resolve_model_sources(MODELS[model], tiny=True, env=env), device="cpu",
-                                              dtype="fp32", attention="sdpa"), group.dm, tensor)
+                                              dtype="fp32", attention="sdpa", host_memory=HOST_MEMORY), group.dm,
+                               tensor)
             for model in sorted({EDITS[name][0] for name in names})
         }
         for editor in editors.values():
@@ -365,7 +368,7 @@ def test_torchrun_tensor_parallel_2_writes_the_single_process_image(
     command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.5", "inference_e1_1_npu.py",
                "--tiny", "--image", str(source_image), "--instruction", fields["instruction"], "--steps", "2",
                "--refine-strength", str(fields["refine_strength"]), "--seed", str(fields["seed"]),
-               "--tensor-parallel", "2", "--output", str(output)]
+               "--tensor-parallel", "2", "--host-memory", "64GiB", "--output", str(output)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
                           timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
@@ -486,3 +489,22 @@ def test_a_rank_that_fails_or_hangs_ends_its_tensor_parallel_group_within_the_ti
         assert outcomes[1][0].startswith("rank 1 stopped with its tensor-parallel group (ranks [0, 1]): injected")
     else:
         assert outcomes[1][0] != "finished"
+
+
+def test_batches_and_the_web_ui_refuse_tensor_parallel_in_one_line(
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only one edit per launch is built; the other front ends say so instead of ignoring the flag."""
+    from hidream_edit.web.layout import main as web_main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "a.png")
+    env = {**tiny_env, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    assert run_edit_cli(["--tiny", "--input-dir", str(folder), "--instruction", "x", "--output-dir",
+                         str(tmp_path / "out"), "--tensor-parallel", "2"], "e1.1", env) == 2
+    assert capsys.readouterr().err == "error: --tensor-parallel is not supported for batches yet; it runs one " \
+                                      "edit (--image)\n"
+    assert web_main(["--tiny", "--tensor-parallel", "2"], tiny_env) == 2
+    assert capsys.readouterr().err.endswith("error: --tensor-parallel is not supported for the web UI yet; it runs "
+                                            "one edit (--image)\n")
