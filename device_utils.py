@@ -585,11 +585,16 @@ def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     return [path], None
 
 
-def load_safetensors(path: str | Path, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+def load_safetensors(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    slices: Mapping[str, tuple[int, int, int]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Load one .safetensors file or a sharded set (a directory or a *.index.json).
 
-    Tensors go to CPU by default or straight to `device`. A missing shard, a corrupt or truncated
-    file, a key stored twice, or a key the index lists but its shard lacks raises CheckpointError.
+    Tensors go to CPU by default or straight to `device`. `slices` maps a key to (dim, start, stop):
+    only that part of the tensor is read (a tensor-parallel rank's share). A missing shard, a corrupt or
+    truncated file, a key stored twice, or a key the index lists but its shard lacks raises CheckpointError.
     """
     from safetensors import safe_open
 
@@ -603,7 +608,11 @@ def load_safetensors(path: str | Path, device: str | torch.device | None = None)
                 for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                     if key in origin:
                         raise CheckpointError(f"{file}: key {key!r} is also stored in {origin[key].name}")
-                    state[key] = handle.get_tensor(key)
+                    if slices is not None and key in slices:
+                        dim, start, stop = slices[key]
+                        state[key] = handle.get_slice(key)[(*[slice(None)] * dim, slice(start, stop))]
+                    else:
+                        state[key] = handle.get_tensor(key)
                     origin[key] = file
         except CheckpointError:
             raise

@@ -52,6 +52,8 @@ from hidream_edit.editor import (
 from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.guidance_parallel import check_cfg_parallel
 from hidream_edit.spec import ModelSpec
+from hidream_edit.tensor_parallel import ParallelLayout, check_tensor_split, join_layout, refuse_tensor_parallel
+from hidream_edit.tensor_split import check_refine_weights, check_resident, tensor_share
 from hidream_edit.text import LINE_CHARS, shown
 
 logger = logging.getLogger("hidream_edit")
@@ -119,14 +121,22 @@ def edit_mode(args: argparse.Namespace, parser: argparse.ArgumentParser, spec: M
 def run_plan(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) -> int:
     """--plan: print the memory plan for this machine or a --plan-host one; reads headers, never weights."""
     from hidream_edit.models import sizes_on_disk
-    from hidream_edit.placement import described_budgets, plan_for_machine, plan_placement
+    from hidream_edit.placement import described_budgets, machine_budgets, plan_for_machine, plan_placement
+    from hidream_edit.tensor_split import plan_tensor_rank
 
     settings = editor_settings_from_args(args, spec, env)
+    tp = args.tensor_parallel
+    check_refine_weights(settings.refine_weights, tp)
+    local_i1 = Path(settings.sources.i1) if Path(settings.sources.i1).is_dir() else None  # else the real model's
     attention = settings.attention or "sdpa"
     if args.plan_host:
-        sizes = sizes_on_disk(settings.sources, plan_dtype(args, env), settings.refine_weights)
+        sizes = tensor_share(sizes_on_disk(settings.sources, plan_dtype(args, env), settings.refine_weights),
+                             local_i1, tp)
         budgets = described_budgets(args.plan_host, args.device, settings.max_memory, settings.host_memory)
-        plan = plan_placement(spec, sizes, budgets, settings.offload, attention, settings.encoder_device)
+        if tp > 1:
+            plan = plan_tensor_rank(spec, sizes, budgets, settings.offload, attention, settings.encoder_device)
+        else:
+            plan = plan_placement(spec, sizes, budgets, settings.offload, attention, settings.encoder_device)
     else:
         from device_utils import DeviceManager
 
@@ -134,10 +144,20 @@ def run_plan(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) 
             settings.device, settings.dtype, device_origin=settings.device_origin, dtype_origin=settings.dtype_origin
         )
         attention = dm.resolve_attention_backend(settings.attention)
-        sizes = sizes_on_disk(settings.sources, dm.dtype_name, settings.refine_weights)
-        plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, settings.offload, attention,
-                                settings.encoder_device, settings.max_memory, settings.host_memory)
+        sizes = tensor_share(sizes_on_disk(settings.sources, dm.dtype_name, settings.refine_weights), local_i1, tp)
+        if tp > 1:
+            budgets = machine_budgets(dm.device_type, dm.index, settings.max_memory, settings.host_memory,
+                                      all_cards=False)
+            plan = plan_tensor_rank(spec, sizes, budgets, settings.offload, attention, settings.encoder_device)
+        else:
+            plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, settings.offload, attention,
+                                    settings.encoder_device, settings.max_memory, settings.host_memory)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.summary())
+    if tp > 1 and not args.json:
+        print(f"tensor parallel {tp}: the plan of each card of a group; its transformer is this "
+              "card's share (its slices of the split weights, the rest whole)")
+    if tp > 1:
+        check_resident(plan.placement)
     return 0
 
 
@@ -247,18 +267,20 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     group: CardGroup | None = None
     try:
         dist_env = distributed_environment(env)
-        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, "one edit")
-        leader = dist_env.rank % args.cfg_parallel == 0
+        layout = ParallelLayout(dist_env.world_size, args.cfg_parallel, args.tensor_parallel)
+        layout.check("one edit")
+        leader = dist_env.rank % layout.group_size == 0
         if leader:
             check_output_path(output, args.overwrite)
             check_can_create(output)
         _check_prompts(args)
         open_image(args.image)
         settings = editor_settings_from_args(args, spec, env)
+        check_tensor_split(settings.sources, settings.refine_weights, layout.tp)
         started = time.perf_counter()
-        guidance = None
-        if dist_env.enabled:  # then --cfg-parallel equals the number of processes (checked above)
-            group = CardGroup.join(device_manager_for(settings), dist_env, args.cfg_parallel, args.dist_timeout)
+        guidance, tensor = None, None
+        if dist_env.enabled:  # then the group is every process (checked above)
+            group, tensor = join_layout(device_manager_for(settings), dist_env, layout, args.dist_timeout)
             guidance = group.guidance
         if guidance is not None:  # the leader builds the prompt (maybe asking a VLM) once for the group
             instruction = guidance.agree("instruction", lambda: _instruction_for(args, spec, env))
@@ -266,7 +288,7 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
             instruction = _instruction_for(args, spec, env)
         request = edit_request_from_args(args, args.image, instruction)
         resolve_request(request, spec, settings.fuse_lora)
-        editor = Editor.load(settings, group.dm if group is not None else None)
+        editor = Editor.load(settings, group.dm if group is not None else None, tensor)
         if guidance is not None:
             editor.use_guidance_group(guidance)
         with tqdm(total=args.steps, desc="denoising", unit="step", file=sys.stderr, disable=not leader) as bar:
@@ -313,6 +335,7 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
         dist_env = distributed_environment(env)
         rank = dist_env.rank
         check_cfg_parallel(args.cfg_parallel, dist_env.world_size, None)
+        refuse_tensor_parallel(args.tensor_parallel, "batches")
         settings = editor_settings_from_args(args, spec, env)
         output_dir = Path(args.output_dir).expanduser()
         template = edit_request_from_args(args, "", args.instruction or "")

@@ -507,6 +507,14 @@ def dist_timeout_seconds(value: str) -> float:
     return seconds
 
 
+def tensor_parallel_degree(value: str) -> int:
+    """argparse type for --tensor-parallel: a whole number of processes, at least 1 (the model's head
+    count, checked before loading, says which degrees split it)."""
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--tensor-parallel must be a whole number of processes, got {value!r}")
+    return int(value)
+
+
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     """Several processes under torchrun: data parallel over images, guidance parallel within one edit."""
     group = parser.add_argument_group("several cards (under torchrun)")
@@ -514,6 +522,10 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                        help="share each edit's guidance branches among K processes (1, 2 or 3; default 1): "
                             "one edit finishes sooner on K cards; the number of processes must be a multiple "
                             "of K (groups of K split a batch)")
+    group.add_argument("--tensor-parallel", type=tensor_parallel_degree, default=1, metavar="K",
+                       help="split the transformer's weights (attention heads, feed-forward widths) over K "
+                            "processes (K divides the head count: 2 or 4 for the real model; default 1): "
+                            "each card holds about 1/K of it; with --cfg-parallel C a group is C x K processes")
     group.add_argument("--dist-timeout", type=dist_timeout_seconds, default=DEFAULT_DIST_TIMEOUT_S,
                        help="seconds to wait for the other ranks, in joining and in every collective "
                             f"(default {DEFAULT_DIST_TIMEOUT_S:g})")

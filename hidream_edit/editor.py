@@ -40,6 +40,7 @@ from hidream_edit.text import check_path_text, shown
 
 if TYPE_CHECKING:  # the pipeline module imports diffusers, which must wait until torch_npu is settled
     from hidream_edit.pipeline import EncodedPrompts, PromptKey
+    from hidream_edit.tensor_split import TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ class Editor:
         self.prompt_cache = PromptEmbeddingCache(settings.model, settings.prompt_cache_entries)
         loaded.pipe.prompt_cache = self.prompt_cache if settings.prompt_cache_entries > 0 else None
         self.guidance_group: GuidanceGroup | None = None
+        self.tensor_group: TensorParallelGroup | None = None
         self.announce: AnnounceFn | None = None
 
     def use_guidance_group(self, group: GuidanceGroup, announce: AnnounceFn | None = None) -> None:
@@ -256,14 +258,26 @@ class Editor:
 
     @property
     def writes_outputs(self) -> bool:
-        """False on a guidance-parallel rank other than its group's leader: it neither decodes nor saves."""
-        return self.guidance_group is None or self.guidance_group.leader
+        """False on a guidance-parallel rank other than its group's leader, and on a tensor-parallel rank
+        other than its group's first: it neither decodes nor saves."""
+        guidance_leader = self.guidance_group is None or self.guidance_group.leader
+        return guidance_leader and (self.tensor_group is None or self.tensor_group.leader)
 
     @classmethod
-    def load(cls, settings: EditorSettings, dm: DeviceManager | None = None) -> Editor:
-        """Choose the device (or use `dm`) and load the model; raises UserError/DeviceError on bad settings."""
+    def load(
+        cls, settings: EditorSettings, dm: DeviceManager | None = None, tensor: TensorParallelGroup | None = None
+    ) -> Editor:
+        """Choose the device (or use `dm`) and load the model; raises UserError/DeviceError on bad settings.
+
+        With `tensor` (--tensor-parallel) the transformer is split over that group: every rank of it runs
+        every step on the same inputs, and only its first rank decodes and saves.
+        """
         if settings.rng not in ("device", "cpu"):
             raise UserError(f"unknown rng placement {settings.rng!r}; use device or cpu")
+        if tensor is not None:
+            from hidream_edit.tensor_split import check_refine_weights
+
+            check_refine_weights(settings.refine_weights, tensor.size)
         started = time.perf_counter()
         dm = dm or device_manager_for(settings)
         loaded = load_pipeline(
@@ -277,10 +291,13 @@ class Editor:
             max_memory=settings.max_memory,
             host_memory=settings.host_memory,
             encoder_device=settings.encoder_device,
+            tensor_mesh=tensor.mesh if tensor is not None else None,
         )
         load_s = time.perf_counter() - started
         logger.info("loaded %s in %.1f s", settings.model, load_s)
-        return cls(settings, dm, loaded, load_s)
+        editor = cls(settings, dm, loaded, load_s)
+        editor.tensor_group = tensor
+        return editor
 
     def resolve(self, request: EditRequest) -> EditRequest:
         """Fill defaults and validate against this editor's model and loading options."""
@@ -336,7 +353,8 @@ class Editor:
 
         self.dm.reset_peak_memory_stats()
         started = time.perf_counter()
-        with torch.inference_mode():
+        tensor = self.tensor_group
+        with torch.inference_mode(), tensor.collectives() if tensor is not None else contextlib.nullcontext():
             output = self.loaded.pipe(
                 prompt=request.instruction,
                 negative_prompt=request.negative,
@@ -395,6 +413,7 @@ class Editor:
                 "decode_s": round(output.timings["decode_s"], 4),
                 "total_s": round(total_s, 4),
                 **({"cfg_parallel": group.finish_edit()} if group is not None else {}),
+                **({"tensor_parallel": {"size": tensor.size, "ranks": tensor.ranks}} if tensor is not None else {}),
             },
             "memory": memory.as_dict(),
         }

@@ -19,7 +19,7 @@ import torch
 from device_utils import CheckpointError, DeviceManager, dtype_name, load_safetensors
 from hidream_edit.attention import install_attention
 from hidream_edit.errors import ModelFilesError, UserError
-from hidream_edit.placement import ModelSizes, Plan, apply_plan, model_sizes, plan_for_machine
+from hidream_edit.placement import ModelSizes, Plan, apply_plan, machine_budgets, model_sizes, plan_for_machine
 from hidream_edit.spec import LLAMA_ALLOW_PATTERNS, LLAMA_UNUSED_PREFIXES, MODELS, REFINE_WEIGHTS, LoraLayout, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -152,16 +152,22 @@ def _describe_keys(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-def load_e1_1_transformer(i1_dir: Path, e1_dir: Path, dtype: torch.dtype, device: str | None = None) -> Any:
+def load_e1_1_transformer(
+    i1_dir: Path, e1_dir: Path, dtype: torch.dtype, device: str | None = None, split: Any = None
+) -> Any:
     """I1's transformer config with E1.1's sharded weights, built without materialising I1's weights;
-    read straight onto `device` when given (no host copy), else into host memory."""
+    read straight onto `device` when given (no host copy), else into host memory. With `split` (a
+    tensor-parallel mesh) only this rank's slices of the split weights are read, and the model is split."""
     from diffusers import HiDreamImageTransformer2DModel
+
+    from hidream_edit.tensor_split import parallelize_transformer, shard_slices
 
     config = HiDreamImageTransformer2DModel.load_config(i1_dir / "transformer")
     with torch.device("meta"):
         transformer = HiDreamImageTransformer2DModel.from_config(config)
+    slices = shard_slices(transformer, split.size(), split.get_local_rank()) if split is not None else None
     try:
-        state = load_safetensors(e1_dir / "transformer", device)
+        state = load_safetensors(e1_dir / "transformer", device, slices)
     except CheckpointError as exc:
         raise ModelFilesError(str(exc)) from exc
     expected = set(transformer.state_dict())
@@ -175,7 +181,9 @@ def load_e1_1_transformer(i1_dir: Path, e1_dir: Path, dtype: torch.dtype, device
     for key in list(state):
         if state[key].is_floating_point():
             state[key] = state[key].to(dtype)
-    transformer.load_state_dict(state, strict=True, assign=True)
+    if split is not None:
+        parallelize_transformer(transformer, split, state)  # takes the split tensors out of `state`
+    transformer.load_state_dict(state, strict=split is None, assign=True)
     del state
     transformer.max_seq = MODELS["e1.1"].max_seq
     return transformer.eval()
@@ -413,15 +421,19 @@ def load_pipeline(
     max_memory: int | None = None,
     host_memory: int | None = None,
     encoder_device: str | None = None,
+    tensor_mesh: Any = None,
 ) -> LoadedPipeline:
     """Build the E1.1 or E1-Full editing pipeline in the manager's dtype, placed per the memory plan.
 
     The plan is made from the files' headers before any weight is read; `offload` "auto" takes the fastest
-    placement that fits, and a plan that cannot run refuses here, before loading.
+    placement that fits, and a plan that cannot run refuses here, before loading. With `tensor_mesh`
+    (--tensor-parallel) the transformer is split over it: the plan counts this rank's share, and E1.1
+    reads only its slices from disk.
     """
     from transformers import AutoTokenizer, LlamaModel
 
     from hidream_edit.pipeline import HiDreamImageEditingPipeline
+    from hidream_edit.tensor_split import check_resident, parallelize_transformer, plan_tensor_rank, tensor_share
 
     spec = sources.spec
     if refine_weights not in REFINE_WEIGHTS:
@@ -443,9 +455,16 @@ def load_pipeline(
     _raise_if_incomplete(problems + _problems_for("edit", spec, edit_path))
     lora_path = edit_path / spec.lora.file if spec.lora is not None and edit_path.is_dir() else edit_path
     sizes = model_sizes(spec, dm.dtype_name, llama_dir, i1_dir, lora_path, LLAMA_UNUSED_PREFIXES, base_refine)
-    plan = plan_for_machine(spec, sizes, *plan_args)
+    if tensor_mesh is None:
+        plan = plan_for_machine(spec, sizes, *plan_args)
+    else:
+        sizes = tensor_share(sizes, i1_dir, tensor_mesh.size())
+        own = machine_budgets(dm.device_type, dm.index, max_memory, host_memory, all_cards=False)
+        plan = plan_tensor_rank(spec, sizes, own, offload, attention, encoder_device)
     if plan.error:
         raise UserError(plan.error)
+    if tensor_mesh is not None:
+        check_resident(plan.placement)
     if plan.warning:
         logger.warning("memory plan: %s", plan.warning)
     logger.info("memory plan: %s", plan.reason)
@@ -453,17 +472,19 @@ def load_pipeline(
     dtype = dm.dtype
     switch: Any
     if spec.lora is None:
-        transformer = load_e1_1_transformer(i1_dir, edit_path, dtype, plan.load_device("transformer"))
+        transformer = load_e1_1_transformer(i1_dir, edit_path, dtype, plan.load_device("transformer"), tensor_mesh)
         switch = SameWeights()
         if base_refine:
             switch = BaseWeightsE1_1(transformer, differing_base_tensors(transformer, i1_dir))
     else:
         lora_file = edit_path / spec.lora.file if edit_path.is_dir() else edit_path
-        transformer, switch = load_e1_full_transformer(
-            i1_dir, lora_file, dtype, refine_weights, plan.load_device("transformer")
-        )
+        # split: read whole into host memory, then each rank moves only its slices to its card
+        device = None if tensor_mesh is not None else plan.load_device("transformer")
+        transformer, switch = load_e1_full_transformer(i1_dir, lora_file, dtype, refine_weights, device)
         if fuse_lora:
             transformer.fuse_lora(lora_scale=1.0)
+        if tensor_mesh is not None:  # read whole (I1 through diffusers, then the LoRA file), then split
+            parallelize_transformer(transformer, tensor_mesh)
     tokenizer_4 = AutoTokenizer.from_pretrained(llama_dir)
     # the base model: prompt encoding reads hidden states only, the lm_head would be 1 GiB never used
     text_encoder_4 = LlamaModel.from_pretrained(

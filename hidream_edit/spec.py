@@ -152,6 +152,7 @@ REAL_PARAMETERS: dict[str, int] = {
 # from the real configs with diffusers 0.42.1 / transformers 5.24.
 REAL_TRANSFORMER_LARGEST_BLOCK = 424_089_600  # one double-stream block; a single-stream block is 305_438_720
 REAL_TRANSFORMER_UNBLOCKED = 32_458_304  # embedders and final layer: outside the ModuleLists group offload streams
+REAL_TRANSFORMER_SPLIT = 14_041_251_840  # what --tensor-parallel splits (tensor_parallel.BLOCK_PLAN): 82% of it
 REAL_E1_FULL_LORA = 129_737_728  # the LoRA adapter parameters E1-Full adds to the I1 transformer
 REAL_LLAMA_LM_HEAD = 525_336_576  # also the size of the largest single tensor (embed_tokens) of the pipeline
 REAL_T5_WO = 1_006_632_960  # T5's `wo` weights, which transformers keeps in fp32 when loading in fp16

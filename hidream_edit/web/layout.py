@@ -24,6 +24,7 @@ from hidream_edit.editor import MAX_STEPS, USER_ERRORS, Editor, EditorSettings, 
 from hidream_edit.errors import GuidanceGroupError
 from hidream_edit.guidance_parallel import check_cfg_parallel
 from hidream_edit.step_cache import CACHE_MODES
+from hidream_edit.tensor_parallel import refuse_tensor_parallel
 from hidream_edit.web.command_line import editor_settings_from_args, parse_command_line, start_logging
 from hidream_edit.web.service import (
     BATCH_JOBS,
@@ -289,6 +290,7 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
                   file=sys.stderr)
         dist_env = distributed_environment(env)
         check_cfg_parallel(args.cfg_parallel, dist_env.world_size, "the web UI")
+        refuse_tensor_parallel(args.tensor_parallel, "the web UI")
         if dist_env.enabled:
             return serve_with_guidance_group(editor_settings, settings, dist_env, args.cfg_parallel, args.dist_timeout)
         print(f"loading {model_spec(model).title}...", file=sys.stderr, flush=True)

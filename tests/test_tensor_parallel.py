@@ -1,0 +1,510 @@
+"""Tensor parallel (--tensor-parallel K) with real torch.distributed: gloo on CPU, the tiny set, one thread
+per process.
+
+A split transformer must give the edits of one process: each rank multiplies by slices of the weights and
+the row-parallel outputs and the q/k norms' sums of squares are all-reduced, which adds in another order
+than one process does, so pixels may differ by 1/255, never more. The tiny set has 2 heads (K = 2); K = 4
+is checked on a 4-head variant of the tiny transformer (same dimensions, `attention_head_dim` 16 x 4 heads)
+at the level of one forward pass. Few launches: one 2-rank and one 4-rank spawn run every scenario and
+keep their results for several tests; one torchrun launch checks the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch.multiprocessing as torch_mp
+from npu_standin import REPO
+from PIL import Image
+from test_batch_distributed import TORCHRUN, free_port, run_env
+from test_guidance_parallel import (
+    EDITS,
+    MEASURED,
+    RUN_TIMEOUT_S,
+    _edit_all_in_a_fresh_process,
+    _without_measurements,
+)
+
+from hidream_edit.cli import run_edit_cli
+from hidream_edit.config import DistributedEnvironment
+from hidream_edit.errors import UserError
+from hidream_edit.tensor_parallel import ParallelLayout
+from hidream_edit.tensor_split import BLOCK_PLAN, check_head_split
+
+# the tiny model needs little, but the plan checks what is free now, and parallel tests share this machine
+HOST_MEMORY = 64 * 2**30
+# the 4-rank run: --cfg-parallel 2 --tensor-parallel 2 on these edits (guidance on: 3 branches over 2
+# guidance ranks; off: one branch, the second guidance rank idle)
+COMBINED_EDITS = ("e1.1 edit+refine", "e1.1 guidance off")
+
+
+@pytest.mark.parametrize(
+    "world,cfg,tp,single,message",
+    [
+        (1, 1, 2, True, "--tensor-parallel 2 runs under torchrun: torchrun --nproc-per-node 2"),
+        (3, 1, 2, False, "--tensor-parallel 2 needs a number of processes that is a multiple of 2, got 3"),
+        (4, 1, 2, True, "one edit needs --cfg-parallel x --tensor-parallel equal to the number of processes (4)"),
+        (4, 2, 4, False, "--tensor-parallel 4 --cfg-parallel 2 needs a number of processes that is a multiple of 8"),
+        (4, 4, 2, True, "--cfg-parallel must be 1, 2 or 3"),
+    ],
+)
+def test_layouts_that_cannot_form_are_refused(world: int, cfg: int, tp: int, single: bool, message: str) -> None:
+    with pytest.raises(UserError) as error:
+        ParallelLayout(world, cfg, tp).check("one edit" if single else None)
+    assert str(error.value).startswith(message)
+
+
+def test_a_layout_is_data_parallel_replicas_of_guidance_times_tensor_groups() -> None:
+    layout = ParallelLayout(12, 3, 2)
+    layout.check(None)
+    assert (layout.dp, layout.cfg, layout.tp, layout.group_size) == (2, 3, 2, 6)
+    ParallelLayout(4, 2, 2).check("one edit")
+
+
+def test_the_degree_must_divide_the_heads() -> None:
+    check_head_split(20, 4)
+    with pytest.raises(UserError, match=r"^--tensor-parallel 3 must divide the transformer's 20 attention heads "
+                                        r"\(use one of 2, 4, 5, 10, 20\)$"):
+        check_head_split(20, 3)
+
+
+def test_the_plan_splits_every_projection_of_every_block() -> None:
+    """Every attention projection, q/k norm and SwiGLU linear of the blocks is in the plan; nothing else."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from hidream_edit.tensor_split import _plan_for
+    from hidream_edit.tiny import TRANSFORMER_DIMS
+
+    transformer = HiDreamImageTransformer2DModel(**TRANSFORMER_DIMS)
+    plan = _plan_for(transformer)
+    wanted = {name for name, _ in transformer.named_modules()
+              if name.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t",
+                                             "to_out_t", "w1", "w2", "w3", "q_rms_norm", "k_rms_norm",
+                                             "q_rms_norm_t", "k_rms_norm_t"}}
+    assert set(plan) == wanted
+    experts = TRANSFORMER_DIMS["num_routed_experts"]  # "experts.*" patterns match each expert
+    assert len([name for name in plan if name.startswith("double_stream_blocks.0.")]) == len(BLOCK_PLAN) + 3 * (
+        experts - 1)
+
+
+def test_a_degree_that_does_not_divide_the_heads_is_one_line_before_loading(
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny set has 2 heads: K = 3 (under a 3-process launch) is refused from the config, no weights read."""
+    source = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(source)
+    env = {**tiny_env, "WORLD_SIZE": "3", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    code = run_edit_cli(["--tiny", "--image", str(source), "--instruction", "x", "--output",
+                         str(tmp_path / "out.png"), "--tensor-parallel", "3"], "e1.1", env)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: --tensor-parallel 3 must divide the transformer's 2 attention heads "
+                           "(use one of 2)")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_refining_with_base_weights_is_refused_with_tensor_parallel(
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(source)
+    env = {**tiny_env, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    code = run_edit_cli(["--tiny", "--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"),
+                         "--tensor-parallel", "2", "--refine-weights", "base"], "e1.1", env)
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: refining with the base weights swaps whole tensors")
+
+
+# --- real process groups ---------------------------------------------------------------------------
+
+
+def _join(rank: int, world: int, port: int, cfg: int, tp: int, timeout_s: float = 120.0) -> Any:
+    from device_utils import DeviceManager
+    from hidream_edit.tensor_parallel import join_layout
+
+    env = DistributedEnvironment(world, rank, rank, "127.0.0.1", port)
+    return join_layout(DeviceManager("cpu", "fp32"), env, ParallelLayout(world, cfg, tp), timeout_s)
+
+
+def _e1_1_editor(tiny_root: str, group: Any, tensor: Any) -> Any:
+    from hidream_edit.config import resolve_model_sources
+    from hidream_edit.editor import Editor, EditorSettings
+    from hidream_edit.spec import MODELS
+
+    env = {"HIDREAM_TINY_DIR": tiny_root, "HF_HUB_OFFLINE": "1"}
+    settings = EditorSettings(resolve_model_sources(MODELS["e1.1"], tiny=True, env=env), device="cpu", dtype="fp32",
+                              attention="sdpa", host_memory=HOST_MEMORY)
+    return Editor.load(settings, group.dm, tensor)
+
+
+def _split_counts(transformer: Any, tp: int) -> dict[str, int]:
+    """Elements this rank holds of the split weights (local shards), of the whole split weights, and of the rest."""
+    from torch.distributed.tensor import DTensor
+
+    from hidream_edit.tensor_split import HeadSplitRMSNorm
+
+    counts = {"split_local": 0, "split_whole": 0, "replicated": 0, "shards": 0, "storage": 0}
+    norms = {id(p) for m in transformer.modules() if isinstance(m, HeadSplitRMSNorm) for p in m.parameters()}
+    for parameter in transformer.parameters():
+        if isinstance(parameter, DTensor) and parameter.placements[0].is_shard():
+            counts["split_local"] += parameter.to_local().numel()
+            counts["shards"] += parameter.to_local().numel()
+            counts["storage"] += parameter.to_local().untyped_storage().nbytes() // parameter.element_size()
+            counts["split_whole"] += parameter.numel()
+        elif id(parameter) in norms:
+            counts["split_local"] += parameter.numel()
+            counts["split_whole"] += parameter.numel() * tp
+        else:
+            counts["replicated"] += parameter.numel()
+    return counts
+
+
+def _tp_edits(rank: int, world: int, cfg: int, tp: int, port: int, tiny_root: str, image: str, names: tuple[str, ...],
+              result_file: str) -> None:
+    """Every edit of `names` in a layout of cfg x tp ranks; rank 0 writes the images, every rank its counts
+    and the bytes it read from the E1.1 transformer's safetensors files."""
+    import torch
+
+    from hidream_edit import models
+    from hidream_edit.config import resolve_model_sources
+    from hidream_edit.editor import Editor, EditorSettings, EditRequest
+    from hidream_edit.spec import MODELS
+
+    torch.set_num_threads(1)
+    read: list[int] = []
+    whole_read = models.load_safetensors
+
+    def counting_read(path: Any, *args: Any) -> dict[str, Any]:
+        state = whole_read(path, *args)
+        if Path(path).name == "transformer":
+            read.append(sum(tensor.numel() * tensor.element_size() for tensor in state.values()))
+        return state
+
+    models.load_safetensors = counting_read
+    group, tensor = _join(rank, world, port, cfg, tp)
+    try:
+        env = {"HIDREAM_TINY_DIR": tiny_root, "HF_HUB_OFFLINE": "1"}
+        editors = {
+            model: Editor.load(EditorSettings(resolve_model_sources(MODELS[model], tiny=True, env=env), device="cpu",
+                                              dtype="fp32", attention="sdpa", host_memory=HOST_MEMORY), group.dm,
+                               tensor)
+            for model in sorted({EDITS[name][0] for name in names})
+        }
+        for editor in editors.values():
+            if group.guidance is not None:
+                editor.use_guidance_group(group.guidance)
+        results = {}
+        for name in names:
+            model, fields = EDITS[name]
+            result = editors[model].edit(EditRequest(image=image, steps=2, **fields))
+            if result.image is not None:
+                results[name] = (np.asarray(result.image), result.metadata)
+        counts = {model: _split_counts(editor.loaded.pipe.transformer, tp) for model, editor in editors.items()}
+        Path(f"{result_file}.{rank}.json").write_text(json.dumps(
+            {"counts": counts, "writes": sorted(results), "tp_ranks": tensor.ranks, "read": read}))
+        if rank == 0:
+            Path(result_file).write_bytes(pickle.dumps(results))
+        if world == 4:
+            Path(f"{result_file}.{rank}.four_heads.json").write_text(json.dumps(_four_heads_split_four_ways(rank)))
+    finally:
+        group.close()
+
+
+def _four_heads_split_four_ways(rank: int) -> dict[str, float]:
+    """K = 4 on a 4-head tiny transformer: one forward pass split over the 4 ranks equals the same pass whole."""
+    import torch
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from device_utils import DeviceManager
+    from hidream_edit.attention import install_attention
+    from hidream_edit.tensor_split import parallelize_transformer
+    from hidream_edit.tiny import TRANSFORMER_DIMS
+
+    torch.manual_seed(0)
+    transformer = HiDreamImageTransformer2DModel(**{**TRANSFORMER_DIMS, "num_attention_heads": 4}).eval()
+    install_attention(transformer, DeviceManager("cpu", "fp32"), "sdpa")
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(3, 16, 8, 16, generator=generator),
+        "timesteps": torch.full((3,), 500.0),
+        "encoder_hidden_states_t5": torch.randn(3, 10, TRANSFORMER_DIMS["caption_channels"][0], generator=generator),
+        "encoder_hidden_states_llama3": torch.randn(2, 3, 10, TRANSFORMER_DIMS["caption_channels"][1],
+                                                    generator=generator),
+        "pooled_embeds": torch.randn(3, TRANSFORMER_DIMS["text_emb_dim"], generator=generator),
+    }
+    with torch.inference_mode():
+        whole = transformer(**inputs, return_dict=False)[0]
+        mesh = ParallelLayout(4, 1, 4).mesh("cpu", 120.0)
+        parallelize_transformer(transformer, mesh["tp"])
+        split = transformer(**inputs, return_dict=False)[0]
+    return {"difference": float((split - whole).abs().max()), "scale": float(whole.abs().max()),
+            "heads": transformer.double_stream_blocks[0].block.attn1.heads}
+
+
+def _run_layout(world: int, cfg: int, tp: int, names: tuple[str, ...], tiny_root: str, image: Path,
+                result_file: Path) -> dict[str, Any]:
+    torch_mp.spawn(_tp_edits, args=(world, cfg, tp, free_port(), tiny_root, str(image), names, str(result_file)),
+                   nprocs=world)
+    ranks = [json.loads(Path(f"{result_file}.{rank}.json").read_text()) for rank in range(world)]
+    extra = {}
+    if world == 4:
+        extra = {"four_heads": [json.loads(Path(f"{result_file}.{r}.four_heads.json").read_text()) for r in range(4)]}
+    return {"images": pickle.loads(result_file.read_bytes()), "ranks": ranks, **extra}
+
+
+@pytest.fixture(scope="module")
+def source_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("source") / "source.png"
+    ramp = np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8)
+    Image.fromarray(ramp).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_checkpoints: Any, source_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    result_file = tmp_path_factory.mktemp("one") / "r.pkl"
+    _edit_all_in_a_fresh_process(str(tiny_checkpoints.root), source_image, result_file)
+    return pickle.loads(result_file.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_checkpoints: Any, source_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """--tensor-parallel 2: every edit of EDITS (both models, refine on and off, guidance off)."""
+    return _run_layout(2, 1, 2, tuple(EDITS), str(tiny_checkpoints.root), source_image,
+                       tmp_path_factory.mktemp("tp2") / "r.pkl")
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tiny_checkpoints: Any, source_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """--cfg-parallel 2 --tensor-parallel 2 on 4 ranks, then K = 4 on the 4-head transformer."""
+    return _run_layout(4, 2, 2, COMBINED_EDITS, str(tiny_checkpoints.root), source_image,
+                       tmp_path_factory.mktemp("cfg2tp2") / "r.pkl")
+
+
+def _assert_same_edits(group: dict[str, Any], one_process: dict, names: tuple[str, ...]) -> None:
+    assert set(group) == set(names)
+    for name, (pixels, metadata) in group.items():
+        reference_pixels, reference_metadata = one_process[name]
+        difference = np.abs(pixels.astype(int) - reference_pixels.astype(int)).max()
+        assert difference <= 1, (name, difference)
+        # the plan is this rank's: its share of the transformer, so a smaller predicted peak
+        plan, reference_plan = metadata["placement"], reference_metadata["placement"]
+        assert plan["name"] == reference_plan["name"], name
+        assert plan["predicted_peak_bytes"]["host"] < reference_plan["predicted_peak_bytes"]["host"], name
+        assert ({k: v for k, v in _without_measurements(metadata).items() if k != "placement"}
+                == {k: v for k, v in _without_measurements(reference_metadata).items() if k != "placement"}), name
+
+
+def test_tensor_parallel_2_gives_the_images_and_metadata_of_one_process(two_ranks: dict, one_process: dict) -> None:
+    _assert_same_edits(two_ranks["images"], one_process, tuple(EDITS))
+    for _, metadata in two_ranks["images"].values():
+        assert metadata["timings"]["tensor_parallel"] == {"size": 2, "ranks": [0, 1]}
+    assert [rank["writes"] for rank in two_ranks["ranks"]] == [sorted(EDITS), []]  # only the first rank decodes
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_each_rank_holds_a_kth_of_the_split_weights(two_ranks: dict, model: str) -> None:
+    for rank in two_ranks["ranks"]:
+        counts = rank["counts"][model]
+        assert counts["split_local"] * 2 == counts["split_whole"]
+        assert counts["storage"] == counts["shards"]  # no slice keeps the whole tensor alive
+        assert counts["split_whole"] > 0.8 * (counts["split_whole"] + counts["replicated"])  # most of the model
+
+
+def test_each_rank_reads_only_its_slices_of_the_e1_1_transformer(
+    two_ranks: dict, tiny_checkpoints: Any
+) -> None:
+    """What a rank reads is its share: the split tensors' halves and the rest whole."""
+    import torch
+    from diffusers import HiDreamImageTransformer2DModel
+
+    from device_utils import load_safetensors
+    from hidream_edit.tensor_split import shard_slices
+
+    root = tiny_checkpoints.root
+    with torch.device("meta"):
+        meta = HiDreamImageTransformer2DModel.from_config(
+            HiDreamImageTransformer2DModel.load_config(root / "HiDream-I1-Full" / "transformer"))
+    split = shard_slices(meta, 2, 0)
+    whole = load_safetensors(root / "HiDream-E1-1" / "transformer")
+    size = {key: tensor.numel() * tensor.element_size() for key, tensor in whole.items()}
+    assert split and set(split) < set(size)
+    share = sum(size[key] // 2 if key in split else size[key] for key in size)
+    for rank in two_ranks["ranks"]:
+        assert rank["read"] == [share]
+
+
+def test_cfg_parallel_2_with_tensor_parallel_2_on_four_ranks_gives_one_process(
+    four_ranks: dict, one_process: dict
+) -> None:
+    _assert_same_edits(four_ranks["images"], one_process, COMBINED_EDITS)
+    metadata = four_ranks["images"]["e1.1 edit+refine"][1]
+    assert metadata["timings"]["tensor_parallel"] == {"size": 2, "ranks": [0, 1]}
+    assert [r["rank"] for r in metadata["timings"]["cfg_parallel"]["ranks"]] == [0, 2]  # the mesh's cfg dimension
+    assert [rank["tp_ranks"] for rank in four_ranks["ranks"]] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [bool(rank["writes"]) for rank in four_ranks["ranks"]] == [True, False, False, False]
+
+
+def test_tensor_parallel_4_on_a_four_head_transformer_equals_the_whole_forward(four_ranks: dict) -> None:
+    for result in four_ranks["four_heads"]:
+        assert result["heads"] == 1
+        assert result["difference"] <= 1e-5 * max(1.0, result["scale"])
+
+
+def test_torchrun_tensor_parallel_2_writes_the_single_process_image(
+    tiny_env: dict[str, str], source_image: Path, tmp_path: Path, one_process: dict
+) -> None:
+    model, fields = EDITS["e1.1 edit+refine"]
+    output = tmp_path / "tp" / "out.png"
+    output.parent.mkdir()
+    command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.5", "inference_e1_1_npu.py",
+               "--tiny", "--image", str(source_image), "--instruction", fields["instruction"], "--steps", "2",
+               "--refine-strength", str(fields["refine_strength"]), "--seed", str(fields["seed"]),
+               "--tensor-parallel", "2", "--host-memory", "64GiB", "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
+                          timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("saved ") == 1  # one rank saves
+    assert sorted(path.name for path in output.parent.iterdir()) == ["out.png", "out.png.json"]
+    reference_pixels, reference_metadata = one_process["e1.1 edit+refine"]
+    assert np.abs(np.asarray(Image.open(output), dtype=int) - reference_pixels.astype(int)).max() <= 1
+    metadata = json.loads(Path(f"{output}.json").read_text())
+    assert metadata["timings"]["tensor_parallel"]["size"] == 2
+    ignore = (*MEASURED, "output", "placement")
+    assert {k: v for k, v in metadata.items() if k in reference_metadata and k not in ignore} == {
+        k: v for k, v in reference_metadata.items() if k not in ignore
+    }
+
+
+# --- the memory plan of a tensor-parallel group --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tp,host,placement",
+    [(4, "8x32GiB", "encoders"), (2, "8x64GiB", "none"), (4, "8x64GiB", "none"), (2, "8x32GiB", "model")],
+)
+def test_each_card_of_a_group_plans_its_share_of_the_real_model(tp: int, host: str, placement: str) -> None:
+    """K = 4 on 32 GiB cards: the share (12.2 GiB) stays resident and the text encoders visit; K = 2 on 32 GiB
+    cards fits only by moving the transformer, which tensor parallel refuses (its share and the Llama visiting
+    exceed the card)."""
+    from hidream_edit.models import table_sizes
+    from hidream_edit.placement import described_budgets
+    from hidream_edit.spec import MODELS
+    from hidream_edit.tensor_split import RESIDENT_PLACEMENTS, check_resident, plan_tensor_rank, tensor_share
+
+    sizes = table_sizes(MODELS["e1.1"], "bf16")
+    share = tensor_share(sizes, None, tp)
+    whole, split = sizes.components["transformer"], share.components["transformer"]
+    assert whole / tp < split < whole / tp + 0.2 * whole  # its slices plus the 18% that stays whole
+    plan = plan_tensor_rank(MODELS["e1.1"], share, described_budgets(host))
+    assert plan.placement == placement and plan.fits
+    (card,) = plan.chosen.devices
+    assert card.peak_bytes <= card.budget_bytes
+    if placement in RESIDENT_PLACEMENTS:
+        assert "transformer" in card.components
+        check_resident(plan.placement)
+    else:
+        with pytest.raises(UserError, match="only fits the 'model' plan"):
+            check_resident(plan.placement)
+
+
+def test_plan_for_a_group_too_small_refuses_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_edit_cli(["--plan", "--plan-host", "8x32GiB", "--tensor-parallel", "2"], "e1.1",
+                        {"HF_HUB_OFFLINE": "1"})
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "tensor parallel 2: the plan of each card of a group" in captured.out
+    assert captured.err.startswith("error: with --tensor-parallel each card keeps its share of the transformer")
+    assert captured.err.count("\n") == 1
+
+
+# --- failures and hangs ----------------------------------------------------------------------------------
+
+
+def _failing_tensor_rank(rank: int, port: int, tiny_root: str, image: str, mode: str, queue: Any) -> None:
+    """Rank 1 fails (raises) or hangs in its second forward; every rank reports how its edit ended."""
+    import torch
+
+    from hidream_edit.editor import EditRequest
+    from hidream_edit.errors import GuidanceGroupError
+
+    torch.set_num_threads(1)
+    group, tensor = _join(rank, 2, port, 1, 2, timeout_s=6.0)
+    editor = _e1_1_editor(tiny_root, group, tensor)
+    pipe = editor.loaded.pipe
+    calls = []
+    predict = pipe._predict
+
+    def broken_predict(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            queue.put(("broke", mode, time.time()))
+            if mode == "raise":
+                raise RuntimeError("injected failure")
+            time.sleep(25)
+        return predict(*args, **kwargs)
+
+    if rank == 1:
+        pipe._predict = broken_predict
+    try:
+        editor.edit(EditRequest(image=image, instruction="make it snow", steps=3, refine_strength=0.0))
+        queue.put((rank, "finished", time.time()))
+    except GuidanceGroupError as exc:
+        queue.put((rank, str(exc), time.time()))
+    finally:
+        group.close()
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_a_rank_that_fails_or_hangs_ends_its_tensor_parallel_group_within_the_timeout(
+    mode: str, tiny_checkpoints: Any, source_image: Path
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_failing_tensor_rank,
+                                 args=(rank, port, str(tiny_checkpoints.root), str(source_image), mode, queue))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    outcomes = {}
+    for _ in range(3):  # each rank's end and the moment rank 1 broke
+        who, message, when = queue.get(timeout=RUN_TIMEOUT_S)
+        outcomes[who] = (message, when)
+    for process in processes:
+        process.join(timeout=60)
+    message, ended = outcomes[0]
+    assert message.startswith("rank 0 stopped with its tensor-parallel group (ranks [0, 1]): "), message
+    assert "--dist-timeout 6 s" in message and "nothing was saved" in message and "\n" not in message
+    assert ended - outcomes["broke"][1] < 6 + 15  # the timeout and at most one slow step, not the 25 s hang
+    if mode == "raise":
+        assert outcomes[1][0].startswith("rank 1 stopped with its tensor-parallel group (ranks [0, 1]): injected")
+    else:
+        assert outcomes[1][0] != "finished"
+
+
+def test_batches_and_the_web_ui_refuse_tensor_parallel_in_one_line(
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only one edit per launch is built; the other front ends say so instead of ignoring the flag."""
+    from hidream_edit.web.layout import main as web_main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "a.png")
+    env = {**tiny_env, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    assert run_edit_cli(["--tiny", "--input-dir", str(folder), "--instruction", "x", "--output-dir",
+                         str(tmp_path / "out"), "--tensor-parallel", "2"], "e1.1", env) == 2
+    assert capsys.readouterr().err == "error: --tensor-parallel is not supported for batches yet; it runs one " \
+                                      "edit (--image)\n"
+    assert web_main(["--tiny", "--tensor-parallel", "2"], tiny_env) == 2
+    assert capsys.readouterr().err.endswith("error: --tensor-parallel is not supported for the web UI yet; it runs "
+                                            "one edit (--image)\n")
