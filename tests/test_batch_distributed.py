@@ -15,12 +15,13 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
-import torch.multiprocessing as torch_mp
 from npu_standin import REPO
 from PIL import Image
 from torch.distributed import TCPStore
@@ -40,80 +41,107 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _claim_all(rank: int, port: int, count: int, result_file: str, attempt: int = 0) -> None:
-    import torch
-
+def _claim_all(rank: int, port: int, count: int, attempt: int = 0) -> dict | None:
+    """Claim items until none are left; rank 0 returns every rank's claims and the finished count."""
     from hidream_edit.batch import SharedQueue, claimed
     from hidream_edit.distributed import join_process_group
 
-    torch.set_num_threads(1)
     group = join_process_group(DistributedEnvironment(2, rank, rank, "127.0.0.1", port, attempt), "gloo", 60.0)
     try:
         mine = list(claimed(SharedQueue(group), count))
         group.add("finished", len(mine))
         group.publish("claims", json.dumps(mine))
         if rank == 0:
-            claims = [json.loads(text) for text in group.collect("claims")]
-            Path(result_file).write_text(json.dumps({"claims": claims, "finished": group.add("finished", 0)}))
+            return {"claims": [json.loads(text) for text in group.collect("claims")],
+                    "finished": group.add("finished", 0)}
+        return None
     finally:
         group.close()
 
 
-def test_ranks_share_one_counter_so_each_item_goes_to_exactly_one_rank(tmp_path: Path) -> None:
-    result_file = tmp_path / "claims.json"
-    torch_mp.spawn(_claim_all, args=(free_port(), 40, str(result_file)), nprocs=2, join=True)
-    result = json.loads(result_file.read_text())
-    claims = result["claims"]
-    assert len(claims) == 2 and sorted(claims[0] + claims[1]) == list(range(40))
-    assert all(numbers == sorted(numbers) for numbers in claims) and result["finished"] == 40
+def _restarted(rank: int, agent_port: int) -> list[dict | None]:
+    """Two attempts on the store of torchrun's agent, which outlives the workers (--max-restarts)."""
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # the workers connect to it as clients
+    try:
+        return [_claim_all(rank, agent_port, 10, attempt) for attempt in (0, 1)]
+    finally:
+        del os.environ["TORCHELASTIC_USE_AGENT_STORE"]
 
 
-def test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """torchrun --max-restarts: the agent's store (one TCPStore for all attempts) outlives the workers."""
-    port = free_port()
-    agent_store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # the workers connect to it as clients
-    for attempt in (0, 1):
-        result_file = tmp_path / f"attempt{attempt}.json"
-        torch_mp.spawn(_claim_all, args=(port, 10, str(result_file), attempt), nprocs=2, join=True)
-        claims = json.loads(result_file.read_text())["claims"]
-        assert sorted(claims[0] + claims[1]) == list(range(10)), attempt
-    del agent_store
-
-
-@pytest.mark.parametrize(
-    ("address", "url"),
-    [
-        ("10.0.0.1", "tcp://10.0.0.1:29500?rank=1&world_size=4"),
-        ("node-a.cluster", "tcp://node-a.cluster:29500?rank=1&world_size=4"),
-        ("fe80::1", "tcp://[fe80::1]:29500?rank=1&world_size=4"),  # unbracketed, the port would join the address
-        ("[::1]", "tcp://[::1]:29500?rank=1&world_size=4"),
-    ],
-)
-def test_the_rendezvous_url_brackets_an_ipv6_master_address(address: str, url: str) -> None:
-    assert rendezvous_url(DistributedEnvironment(4, 1, 1, address, 29500)) == url
-
-
-def _join_alone(queue: multiprocessing.Queue, port: int) -> None:
+def _join_alone(port: int) -> str:
     from hidream_edit.distributed import join_process_group
 
     try:
         join_process_group(DistributedEnvironment(2, 1, 1, "127.0.0.1", port), "gloo", 2.0)
     except UserError as exc:
-        queue.put(str(exc))
-    else:
-        queue.put("joined")
+        return str(exc)
+    return "joined"
 
 
-def test_a_rank_that_finds_no_group_fails_with_one_line_instead_of_hanging() -> None:
+def _coordination(rank: int, ports: dict[str, int], folder: str) -> None:
+    """Every store-coordination scenario in one spawn of two ranks; each result to `<scenario>.<rank>.json`.
+
+    First rank 1 alone tries a group that nobody else joins; then both claim items, then restart.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    scenarios = {"alone": lambda: _join_alone(ports["alone"]) if rank == 1 else None,
+                 "claims": lambda: _claim_all(rank, ports["claims"], 40),
+                 "restarted": lambda: _restarted(rank, ports["agent"])}
+    for name, run in scenarios.items():
+        try:
+            result = {"result": run()}
+        except Exception:  # recorded for the scenario's test; this rank takes part in nothing more
+            Path(folder, f"{name}.{rank}.json").write_text(json.dumps({"error": traceback.format_exc()}))
+            return
+        Path(folder, f"{name}.{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def coordination(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the scenarios' results; the agent's store lives here, in the test process, as torchrun's."""
+    folder = tmp_path_factory.mktemp("coordination")
+    ports = {name: free_port() for name in ("alone", "claims", "agent")}
+    agent_store = TCPStore("127.0.0.1", ports["agent"], is_master=True, wait_for_workers=False,
+                           timeout=timedelta(seconds=60))
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_join_alone, args=(queue, free_port()))
-    process.start()
-    message = queue.get(timeout=120)
-    process.join(timeout=60)
+    processes = [context.Process(target=_coordination, args=(rank, ports, str(folder))) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=RUN_TIMEOUT_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    del agent_store
+    return folder
+
+
+def scenario_result(folder: Path, name: str, rank: int) -> Any:
+    path = folder / f"{name}.{rank}.json"
+    assert path.exists(), f"rank {rank} never finished the scenario {name!r}"
+    recorded = json.loads(path.read_text())
+    assert "error" not in recorded, f"rank {rank} failed in the scenario {name!r}:\n{recorded['error']}"
+    return recorded["result"]
+
+
+def test_ranks_share_one_counter_so_each_item_goes_to_exactly_one_rank(coordination: Path) -> None:
+    result = scenario_result(coordination, "claims", 0)
+    claims = result["claims"]
+    assert len(claims) == 2 and sorted(claims[0] + claims[1]) == list(range(40))
+    assert all(numbers == sorted(numbers) for numbers in claims) and result["finished"] == 40
+
+
+def test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before(coordination: Path) -> None:
+    """torchrun --max-restarts: the agent's store (one TCPStore for all attempts) outlives the workers."""
+    for attempt, result in enumerate(scenario_result(coordination, "restarted", 0)):
+        claims = result["claims"]
+        assert sorted(claims[0] + claims[1]) == list(range(10)), attempt
+
+
+def test_a_rank_that_finds_no_group_fails_with_one_line_instead_of_hanging(coordination: Path) -> None:
+    message = scenario_result(coordination, "alone", 1)
     assert message.startswith("rank 1 of 2 cannot join the gloo process group at 127.0.0.1:") and "\n" not in message
 
 
@@ -211,12 +239,17 @@ def torchrun(arguments: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process(six_edits: Path, tiny_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The six edits as a batch in one process: the reference for the runs across ranks."""
-    output_dir = tmp_path_factory.mktemp("one-process")
-    command = [sys.executable, *batch_command(six_edits, output_dir)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
-                          timeout=RUN_TIMEOUT_S)
-    assert done.returncode == 0, done.stderr
+    """The six edits as a batch in one process, the reference for the runs across ranks, and beside its
+    folder `single.png`: item p3 by the single-image CLI. The two run at once, each on one core."""
+    output_dir = tmp_path_factory.mktemp("one-process") / "batch"
+    single = [sys.executable, "inference_npu.py", "--tiny", "--image", str(six_edits / "p3.png"), "--instruction",
+              "add a hat", "--seed", "3", "--steps", "2", "--output", str(output_dir.parent / "single.png")]
+    running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                env=run_env(tiny_env))
+               for command in ([sys.executable, *batch_command(six_edits, output_dir)], single)]
+    for process in running:
+        _, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+        assert process.returncode == 0, stderr
     return output_dir
 
 
@@ -237,14 +270,7 @@ def test_two_ranks_give_the_files_of_one_process_and_of_the_single_image_cli(
     assert [item["index"] for item in summary["items"]] == list(range(ITEMS))
     assert {item["rank"] for item in summary["items"]} <= {0, 1}
     assert output_images(output_dir) == output_images(one_process)
-
-    single = tmp_path / "single.png"
-    command = [sys.executable, "inference_npu.py", "--tiny", "--image", str(six_edits / "p3.png"), "--instruction",
-               "add a hat", "--seed", "3", "--steps", "2", "--output", str(single)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
-                          timeout=RUN_TIMEOUT_S)
-    assert done.returncode == 0, done.stderr
-    assert single.read_bytes() == (output_dir / "p3.png").read_bytes()
+    assert (one_process.parent / "single.png").read_bytes() == (output_dir / "p3.png").read_bytes()
 
 
 def finished_outputs(output_dir: Path) -> dict[str, tuple[int, int]]:
@@ -297,3 +323,16 @@ def test_a_rerun_after_a_killed_rank_finishes_only_the_missing_items(
     assert skipped == set(before)
     assert {name: finished_outputs(output_dir)[name] for name in before} == before  # not redone, not rewritten
     assert output_images(output_dir) == output_images(one_process)
+
+
+@pytest.mark.parametrize(
+    ("address", "url"),
+    [
+        ("10.0.0.1", "tcp://10.0.0.1:29500?rank=1&world_size=4"),
+        ("node-a.cluster", "tcp://node-a.cluster:29500?rank=1&world_size=4"),
+        ("fe80::1", "tcp://[fe80::1]:29500?rank=1&world_size=4"),  # unbracketed, the port would join the address
+        ("[::1]", "tcp://[::1]:29500?rank=1&world_size=4"),
+    ],
+)
+def test_the_rendezvous_url_brackets_an_ipv6_master_address(address: str, url: str) -> None:
+    assert rendezvous_url(DistributedEnvironment(4, 1, 1, address, 29500)) == url

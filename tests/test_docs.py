@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -162,25 +163,50 @@ def fresh_copy(destination: Path) -> Path:
     return clone
 
 
-@pytest.mark.parametrize("doc", COMMAND_DOCS)
-def test_fast_tiny_commands_run_on_a_fresh_copy(doc: str, tiny_env: dict[str, str], tmp_path: Path) -> None:
-    blocks = [block for block in code_blocks(doc) if any(is_fast_tiny(shlex.split(c)) for c in commands(block))]
-    assert blocks, f"{doc} shows no fast --tiny command"
-    clone = fresh_copy(tmp_path / "clone")
+def fast_tiny_blocks(doc: str) -> list[str]:
+    return [block for block in code_blocks(doc) if any(is_fast_tiny(shlex.split(c)) for c in commands(block))]
+
+
+def runs_here(command: str) -> bool:
+    words = shlex.split(command)
+    return is_fast_tiny(words) or words[:2] == ["mkdir", "-p"]
+
+
+@pytest.fixture(scope="module")
+def fast_tiny_runs(tiny_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
+    """doc -> [(block, its run, its clone)]: each doc's fast blocks in order in a fresh copy of its own, the
+    docs at the same time (one thread per command, so each uses one of the cores)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFERRED_DEVICE", "PREFERRED_DTYPE")}
-    env.update(tiny_env, PATH=f"{clone / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}")
-    for block in blocks:
-        outputs = []
-        for command in commands(block):
-            words = shlex.split(command)
-            assert is_fast_tiny(words) or words[:2] == ["mkdir", "-p"], f"{doc}: not run here: {command}"
-            if "--output" in words:
-                outputs.append(clone / words[words.index("--output") + 1])
-        result = subprocess.run(["bash", "-e", "-c", block], cwd=clone, env=env, capture_output=True, text=True)
+    env.update(tiny_env, OMP_NUM_THREADS="1")
+
+    def run_doc(doc: str) -> list[tuple[str, subprocess.CompletedProcess[str], Path]]:
+        clone = fresh_copy(tmp_path_factory.mktemp("fresh") / "clone")
+        doc_env = {**env, "PATH": f"{clone / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
+        runs = []
+        for block in fast_tiny_blocks(doc):
+            if all(runs_here(command) for command in commands(block)):
+                runs.append((block, subprocess.run(["bash", "-e", "-c", block], cwd=clone, env=doc_env,
+                                                   capture_output=True, text=True), clone))
+        return runs
+
+    with ThreadPoolExecutor(len(COMMAND_DOCS)) as pool:
+        return dict(zip(COMMAND_DOCS, pool.map(run_doc, COMMAND_DOCS), strict=True))
+
+
+@pytest.mark.parametrize("doc", COMMAND_DOCS)
+def test_fast_tiny_commands_run_on_a_fresh_copy(doc: str, fast_tiny_runs: dict[str, list]) -> None:
+    blocks = fast_tiny_blocks(doc)
+    assert blocks, f"{doc} shows no fast --tiny command"
+    for command in (command for block in blocks for command in commands(block)):
+        assert runs_here(command), f"{doc}: not run here: {command}"
+    assert [block for block, _, _ in fast_tiny_runs[doc]] == blocks
+    for block, result, clone in fast_tiny_runs[doc]:
         assert result.returncode == 0, f"{doc}:\n{block}\n{result.stderr[-2000:]}"
         assert "Traceback" not in result.stderr
-        for output in outputs:
-            assert output.is_file() and Path(f"{output}.json").is_file(), output
+        for words in (shlex.split(command) for command in commands(block)):
+            if "--output" in words:
+                output = clone / words[words.index("--output") + 1]
+                assert output.is_file() and Path(f"{output}.json").is_file(), output
 
 
 # --- claims the docs make about the code, checked against the code ---------------------------------------

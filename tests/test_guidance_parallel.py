@@ -18,13 +18,14 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as torch_mp
 from npu_standin import REPO
 from PIL import Image
 from test_batch_distributed import TORCHRUN, free_port, rank_process, run_env
@@ -32,7 +33,7 @@ from torch.distributed import DistNetworkError
 
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.errors import EditCancelled, GuidanceGroupError, UserError
-from hidream_edit.guidance_parallel import GuidanceGroup, branch_shares, check_cfg_parallel
+from hidream_edit.guidance_parallel import GuidanceGroup, branch_shares, check_cfg_parallel, form_guidance_group
 
 RUN_TIMEOUT_S = 900
 E1_FULL_PROMPT = "Editing Instruction: add a red hat. Target Image Description: a cat wearing a red hat"
@@ -109,16 +110,24 @@ def test_launches_that_form_groups_pass(size: int, world: int, single: bool) -> 
     check_cfg_parallel(size, world, "one edit" if single else None)
 
 
-# --- real process groups ---------------------------------------------------------------------------
+# --- real process groups: one spawn of four ranks plays every scenario ---------------------------------
+#
+# Starting a process, importing torch and diffusers and loading the tiny editors costs more than most
+# scenarios, so one spawn runs them all as stages, each rank writing `<stage>.<rank>.pkl` for the tests
+# to assert on: two groups of two gathering apart (4 ranks, no model); the reference, every edit alone,
+# spread over ranks 0-2; a world of 3 with one group of 3; a world of 2 with one group of 2 (the edits, a
+# Stop, a failing rank) and then a group with a 6 s timeout and a hung rank. A stage that raises is
+# recorded and ends that rank's part, so the tests of later stages fail with its message.
+
+HANG_S = 60.0  # the hung rank sleeps until rank 0 has given up on it, or this long
 
 
-def _two_groups_of_two(rank: int, port: int, items: int, result_file: str) -> None:
+def _two_groups_of_two(rank: int, port: int, items: int) -> dict[str, Any]:
     """4 ranks, --cfg-parallel 2: both groups gather only their own predictions and split a batch's items."""
     import torch
 
     from hidream_edit.batch import GroupQueue, claimed
 
-    torch.set_num_threads(1)
     group = _join(rank, 4, port, 60.0, size=2)
     guidance = group.guidance
     try:
@@ -127,25 +136,13 @@ def _two_groups_of_two(rank: int, port: int, items: int, result_file: str) -> No
 
         gathered = guidance.predictions(3, compute, (2, 3), torch.float32, "a step")
         mine = list(claimed(GroupQueue(group.ranks, guidance), items))
-        Path(f"{result_file}.{rank}").write_text(json.dumps(
-            {"group": guidance.index, "leader": guidance.leader, "gathered": gathered[:, 0, 0].tolist(),
-             "items": mine}))
+        return {"group": guidance.index, "leader": guidance.leader, "gathered": gathered[:, 0, 0].tolist(),
+                "items": mine}
     finally:
         group.close()
 
 
-def test_four_ranks_form_two_groups_that_gather_apart_and_split_the_items(tmp_path: Path) -> None:
-    result_file = tmp_path / "groups.json"
-    torch_mp.spawn(_two_groups_of_two, args=(free_port(), 12, str(result_file)), nprocs=4)
-    ranks = [json.loads(Path(f"{result_file}.{rank}").read_text()) for rank in range(4)]
-    assert [(r["group"], r["leader"]) for r in ranks] == [(0, True), (0, False), (1, True), (1, False)]
-    assert ranks[0]["gathered"] == ranks[1]["gathered"] == [0.0, 1.0, 102.0]  # rank 0 ran branches 0-1, rank 1 #2
-    assert ranks[2]["gathered"] == ranks[3]["gathered"] == [200.0, 201.0, 302.0]
-    assert ranks[0]["items"] == ranks[1]["items"] and ranks[2]["items"] == ranks[3]["items"]
-    assert sorted(ranks[0]["items"] + ranks[2]["items"]) == list(range(12))  # each item to exactly one group
-
-
-def _editors(tiny_root: str, models: tuple[str, ...] = ("e1.1", "e1-full")) -> dict[str, Any]:
+def _editors(tiny_root: str) -> dict[str, Any]:
     from hidream_edit.config import resolve_model_sources
     from hidream_edit.editor import Editor, EditorSettings
     from hidream_edit.spec import MODELS
@@ -154,7 +151,7 @@ def _editors(tiny_root: str, models: tuple[str, ...] = ("e1.1", "e1-full")) -> d
     return {
         model: Editor.load(EditorSettings(resolve_model_sources(MODELS[model], tiny=True, env=env), device="cpu",
                                           dtype="fp32", attention="sdpa"))
-        for model in models
+        for model in ("e1.1", "e1-full")
     }
 
 
@@ -167,47 +164,127 @@ def _join(rank: int, world_size: int, port: int, timeout_s: float, size: int | N
     return CardGroup.join(DeviceManager("cpu", "fp32"), env, size or world_size, timeout_s)
 
 
-def _edit_all(rank: int, size: int, port: int, tiny_root: str, image: str, result_file: str) -> None:
-    """Run every edit of EDITS in a group of `size` ranks (or alone with size 1); the leader writes them."""
-    import torch
-
+def _edit_all(editors: dict[str, Any], image: str, names: list[str]) -> dict[str, Any]:
+    """The named edits of EDITS; what this rank decodes (only a group's leader decodes)."""
     from hidream_edit.editor import EditRequest
 
-    torch.set_num_threads(1)
-    editors = _editors(tiny_root)
-    group = _join(rank, size, port, 120.0) if size > 1 else None
+    results = {}
+    for name in names:
+        model, fields = EDITS[name]
+        result = editors[model].edit(EditRequest(image=image, steps=2, **fields))
+        if result.image is not None:
+            results[name] = (np.asarray(result.image), result.metadata)
+    return results
+
+
+def _use_group(editors: dict[str, Any], guidance: Any) -> None:
+    for editor in editors.values():
+        editor.use_guidance_group(guidance)
+
+
+def _stop_then_edit(editor: Any, rank: int, image: str) -> dict[str, Any]:
+    """The leader asks to stop during the first edit; every rank must stop at the same step, and the
+    group must still work for the next edit."""
+    from hidream_edit.editor import EditRequest
+
+    asked: list[int] = []
+
+    def stop_on_second_ask() -> bool:
+        asked.append(1)
+        return len(asked) == 2
+
+    outcome: dict[str, Any] = {}
+    request = EditRequest(image=image, instruction="make it snow", steps=4, refine_strength=0.5)
     try:
-        if group is not None:
-            for editor in editors.values():
-                editor.use_guidance_group(group.guidance)
-        results = {}
-        for name, (model, fields) in EDITS.items():
-            result = editors[model].edit(EditRequest(image=image, steps=2, **fields))
-            if result.image is not None:
-                results[name] = (np.asarray(result.image), result.metadata)
-        if rank == 0:
-            Path(result_file).write_bytes(pickle.dumps(results))
-        else:
-            assert results == {}  # only the leader decodes
+        editor.edit(request, should_stop=stop_on_second_ask if rank == 0 else None)
+        outcome["first"] = "finished"
+    except EditCancelled as exc:
+        outcome["first"] = str(exc)
+    result = editor.edit(request)
+    outcome["second"] = None if result.image is None else np.asarray(result.image)
+    return outcome
+
+
+def _broken_edit(editor: Any, rank: int, image: str, mode: str, hung_until: Path | None = None) -> tuple[str, float]:
+    """Rank 1 fails (raises) or hangs in its second forward; every rank reports how its edit ended.
+
+    A hung rank sleeps until `hung_until` exists (rank 0 writes it once it has given up) or HANG_S passed.
+    """
+    from hidream_edit.editor import EditRequest
+
+    pipe = editor.loaded.pipe
+    calls = []
+    predict = pipe._predict
+
+    def broken_predict(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            if mode == "raise":
+                raise RuntimeError("injected failure")
+            deadline = time.monotonic() + HANG_S
+            while not (hung_until is not None and hung_until.exists()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return predict(*args, **kwargs)
+
+    if rank == 1:
+        pipe._predict = broken_predict
+    started = time.perf_counter()
+    try:
+        editor.edit(EditRequest(image=image, instruction="make it snow", steps=3, refine_strength=0.0))
+        return "finished", time.perf_counter() - started
+    except GuidanceGroupError as exc:
+        return str(exc), time.perf_counter() - started
     finally:
-        if group is not None:
+        pipe._predict = predict
+
+
+def _scenarios(rank: int, ports: list[int], tiny_root: str, image: str, folder: str) -> None:
+    """Every stage this rank takes part in, in order (see the comment above)."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = Path(folder)
+    state: dict[str, Any] = {}
+
+    def stage(name: str, run: Callable[[], Any]) -> bool:
+        try:
+            result = {"result": run()}
+        except BaseException:  # recorded for the stage's test; this rank takes part in nothing more
+            result = {"error": traceback.format_exc()}
+        (out / f"{name}.{rank}.pkl").write_bytes(pickle.dumps(result))
+        return "error" in result
+
+    if stage("two groups", lambda: _two_groups_of_two(rank, ports[0], 12)) or rank == 3:
+        return
+    if stage("load", lambda: state.update(editors=_editors(tiny_root))):
+        return
+    editors = state["editors"]
+    if stage("one process", lambda: _edit_all(editors, image, list(EDITS)[rank::3])):
+        return
+
+    def in_group(size: int, port: int, run: Callable[[], Any]) -> Any:
+        group = _join(rank, size, port, 120.0)
+        _use_group(editors, group.guidance)
+        try:
+            return run()
+        finally:
             group.close()
 
-
-def _run_group(size: int, tiny_root: str, image: Path, result_file: Path) -> dict[str, Any]:
-    if size == 1:
-        _edit_all_in_a_fresh_process(tiny_root, image, result_file)
-    else:
-        torch_mp.spawn(_edit_all, args=(size, free_port(), tiny_root, str(image), str(result_file)), nprocs=size)
-    return pickle.loads(result_file.read_bytes())
-
-
-def _edit_all_in_a_fresh_process(tiny_root: str, image: Path, result_file: Path) -> None:
-    context = multiprocessing.get_context("spawn")
-    process = context.Process(target=_edit_all, args=(0, 1, 0, tiny_root, str(image), str(result_file)))
-    process.start()
-    process.join(timeout=RUN_TIMEOUT_S)
-    assert process.exitcode == 0
+    if stage("group of 3", lambda: in_group(3, ports[1], lambda: _edit_all(editors, image, list(EDITS)))) or rank == 2:
+        return
+    group = _join(rank, 2, ports[2], 120.0)
+    try:
+        _use_group(editors, group.guidance)
+        e1_1 = editors["e1.1"]
+        if (stage("group of 2", lambda: _edit_all(editors, image, list(EDITS)))
+                or stage("stop", lambda: _stop_then_edit(e1_1, rank, image))
+                or stage("raise", lambda: _broken_edit(e1_1, rank, image, "raise"))):
+            return
+        short = form_guidance_group(rank, 2, 2, torch.device("cpu"), 6.0, group.ranks.store)
+        e1_1.use_guidance_group(short)
+        stage("hang", lambda: _broken_edit(e1_1, rank, image, "hang", out / "hang.0.pkl"))
+    finally:
+        group.close()
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +296,42 @@ def source_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_checkpoints: Any, source_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every edit in one process, one thread: the reference for the groups."""
-    return _run_group(1, str(tiny_checkpoints.root), source_image, tmp_path_factory.mktemp("one") / "r.pkl")
+def scenarios(tiny_checkpoints: Any, source_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of every stage's results, from one spawn of four ranks (one thread each)."""
+    folder = tmp_path_factory.mktemp("scenarios")
+    context = multiprocessing.get_context("spawn")
+    args = ([free_port() for _ in range(3)], str(tiny_checkpoints.root), str(source_image), str(folder))
+    processes = [context.Process(target=_scenarios, args=(rank, *args)) for rank in range(4)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    for process in processes:
+        process.join(timeout=max(1.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return folder
+
+
+def _stage(folder: Path, name: str, ranks: range | tuple[int, ...]) -> list[Any]:
+    """Each rank's result of a stage; a failure names the stage and shows the rank's traceback."""
+    results = []
+    for rank in ranks:
+        path = folder / f"{name}.{rank}.pkl"
+        assert path.exists(), f"rank {rank} never finished the stage {name!r} (an earlier stage failed or hung)"
+        recorded = pickle.loads(path.read_bytes())
+        assert "error" not in recorded, f"rank {rank} failed in the stage {name!r}:\n{recorded['error']}"
+        results.append(recorded["result"])
+    return results
+
+
+def test_four_ranks_form_two_groups_that_gather_apart_and_split_the_items(scenarios: Path) -> None:
+    ranks = _stage(scenarios, "two groups", range(4))
+    assert [(r["group"], r["leader"]) for r in ranks] == [(0, True), (0, False), (1, True), (1, False)]
+    assert ranks[0]["gathered"] == ranks[1]["gathered"] == [0.0, 1.0, 102.0]  # rank 0 ran branches 0-1, rank 1 #2
+    assert ranks[2]["gathered"] == ranks[3]["gathered"] == [200.0, 201.0, 302.0]
+    assert ranks[0]["items"] == ranks[1]["items"] and ranks[2]["items"] == ranks[3]["items"]
+    assert sorted(ranks[0]["items"] + ranks[2]["items"]) == list(range(12))  # each item to exactly one group
 
 
 def _without_measurements(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -229,10 +339,12 @@ def _without_measurements(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("size", [3, 2])
-def test_a_group_gives_the_image_and_metadata_of_one_process(
-    size: int, one_process: dict, tiny_checkpoints: Any, source_image: Path, tmp_path: Path
-) -> None:
-    group = _run_group(size, str(tiny_checkpoints.root), source_image, tmp_path / "group.pkl")
+def test_a_group_gives_the_image_and_metadata_of_one_process(size: int, scenarios: Path) -> None:
+    one_process = {name: edit for share in _stage(scenarios, "one process", range(3)) for name, edit in share.items()}
+    assert set(one_process) == set(EDITS)
+    group = _stage(scenarios, f"group of {size}", range(size))
+    assert all(member == {} for member in group[1:])  # only the leader decodes
+    group = group[0]
     assert set(group) == set(EDITS)
     for name, (pixels, metadata) in group.items():
         reference_pixels, reference_metadata = one_process[name]
@@ -255,114 +367,23 @@ def test_a_group_gives_the_image_and_metadata_of_one_process(
 # --- failures, hangs and Stop ----------------------------------------------------------------------
 
 
-def _failing_member(rank: int, port: int, tiny_root: str, image: str, mode: str, queue: Any) -> None:
-    """Rank 1 fails (raises) or hangs in its second forward; every rank reports how its edit ended."""
-    import torch
-
-    from hidream_edit.editor import EditRequest
-
-    torch.set_num_threads(1)
-    editor = _editors(tiny_root, ("e1.1",))["e1.1"]
-    group = _join(rank, 2, port, 6.0)
-    editor.use_guidance_group(group.guidance)
-    pipe = editor.loaded.pipe
-    calls = []
-    predict = pipe._predict
-
-    def broken_predict(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:
-            if mode == "raise":
-                raise RuntimeError("injected failure")
-            time.sleep(25)
-        return predict(*args, **kwargs)
-
-    if rank == 1:
-        pipe._predict = broken_predict
-    started = time.perf_counter()
-    try:
-        editor.edit(EditRequest(image=image, instruction="make it snow", steps=3, refine_strength=0.0))
-        queue.put((rank, "finished", time.perf_counter() - started))
-    except GuidanceGroupError as exc:
-        queue.put((rank, str(exc), time.perf_counter() - started))
-    finally:
-        group.close()
-
-
-def _outcomes(mode: str, tiny_root: str, image: Path) -> dict[int, tuple[str, float]]:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=_failing_member, args=(rank, port, tiny_root, str(image), mode, queue))
-                 for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    outcomes = {}
-    for _ in processes:
-        rank, message, seconds = queue.get(timeout=RUN_TIMEOUT_S)
-        outcomes[rank] = (message, seconds)
-    for process in processes:
-        process.join(timeout=60)
-    return outcomes
-
-
-def test_a_rank_that_fails_mid_edit_stops_its_whole_group_at_once(tiny_checkpoints: Any, source_image: Path) -> None:
-    outcomes = _outcomes("raise", str(tiny_checkpoints.root), source_image)
+def test_a_rank_that_fails_mid_edit_stops_its_whole_group_at_once(scenarios: Path) -> None:
+    outcomes = _stage(scenarios, "raise", (0, 1))
     assert outcomes[1][0].startswith("rank 1 failed at denoising step 2 of 3: injected failure; ")
     assert outcomes[0][0].startswith("rank 1 of the guidance group (ranks [0, 1]) failed at denoising step 2 of 3")
-    assert all("nothing was saved" in message and "\n" not in message for message, _ in outcomes.values())
+    assert all("nothing was saved" in message and "\n" not in message for message, _ in outcomes)
 
 
-def test_a_hung_rank_ends_the_others_within_the_collective_timeout(
-    tiny_checkpoints: Any, source_image: Path
-) -> None:
-    outcomes = _outcomes("hang", str(tiny_checkpoints.root), source_image)
-    message, seconds = outcomes[0]
+def test_a_hung_rank_ends_the_others_within_the_collective_timeout(scenarios: Path) -> None:
+    (message, seconds), hung = _stage(scenarios, "hang", (0, 1))
     assert message.startswith("rank 0 lost its guidance group (ranks [0, 1]) at denoising step 2 of 3: ")
     assert "--dist-timeout 6 s" in message
-    assert seconds < 25  # it did not wait for the hung rank to wake up
-    assert outcomes[1][0] != "finished"
+    assert seconds < HANG_S  # it did not wait for the hung rank to wake up
+    assert hung[0] != "finished"
 
 
-def _stopping_leader(rank: int, port: int, tiny_root: str, image: str, result_file: str) -> None:
-    """The leader asks to stop during the first edit; every rank must stop at the same step, and the
-    group must still work for the next edit."""
-    import torch
-
-    from hidream_edit.editor import EditRequest
-
-    torch.set_num_threads(1)
-    editor = _editors(tiny_root, ("e1.1",))["e1.1"]
-    group = _join(rank, 2, port, 60.0)
-    editor.use_guidance_group(group.guidance)
-    asked: list[int] = []
-
-    def stop_on_second_ask() -> bool:
-        asked.append(1)
-        return len(asked) == 2
-
-    outcome: dict[str, Any] = {}
-    try:
-        request = EditRequest(image=image, instruction="make it snow", steps=4, refine_strength=0.5)
-        try:
-            editor.edit(request, should_stop=stop_on_second_ask if rank == 0 else None)
-            outcome["first"] = "finished"
-        except EditCancelled as exc:
-            outcome["first"] = str(exc)
-        result = editor.edit(request)
-        outcome["second"] = None if result.image is None else np.asarray(result.image)
-        Path(f"{result_file}.{rank}").write_bytes(pickle.dumps(outcome))
-    finally:
-        group.close()
-
-
-def test_stop_on_the_leader_stops_every_rank_at_the_same_step_and_the_group_goes_on(
-    tiny_checkpoints: Any, source_image: Path, tmp_path: Path
-) -> None:
-    result_file = tmp_path / "stop.pkl"
-    torch_mp.spawn(_stopping_leader, args=(free_port(), str(tiny_checkpoints.root), str(source_image),
-                                           str(result_file)), nprocs=2)
-    leader, member = (pickle.loads(Path(f"{result_file}.{rank}").read_bytes()) for rank in (0, 1))
+def test_stop_on_the_leader_stops_every_rank_at_the_same_step_and_the_group_goes_on(scenarios: Path) -> None:
+    leader, member = _stage(scenarios, "stop", (0, 1))
     assert leader["first"] == member["first"] == "stopped at denoising step 2 of 4"
     assert leader["second"] is not None and leader["second"].shape == (48, 64, 3)
     assert member["second"] is None
@@ -371,11 +392,19 @@ def test_stop_on_the_leader_stops_every_rank_at_the_same_step_and_the_group_goes
 # --- the command lines under torchrun ------------------------------------------------------------------
 
 
-def _cli(arguments: list[str], tiny_env: dict[str, str], processes: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] if processes == 1 else [TORCHRUN, "--standalone", "--nproc-per-node",
-                                                        str(processes), "--monitor-interval", "0.5"]
-    return subprocess.run([*launcher, *arguments], capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
-                          timeout=RUN_TIMEOUT_S)
+def _clis(runs: list[tuple[list[str], int]], tiny_env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """Run (arguments, processes) command lines at the same time (a single process uses one of the cores)."""
+    started = []
+    for arguments, processes in runs:
+        launcher = [sys.executable] if processes == 1 else [TORCHRUN, "--standalone", "--nproc-per-node",
+                                                            str(processes), "--monitor-interval", "0.5"]
+        started.append(subprocess.Popen([*launcher, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, cwd=REPO, env=run_env(tiny_env)))
+    done = []
+    for process in started:
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return done
 
 
 def test_torchrun_cfg_parallel_3_writes_the_single_process_image(
@@ -386,9 +415,9 @@ def test_torchrun_cfg_parallel_3_writes_the_single_process_image(
     single, grouped = tmp_path / "single" / "out.png", tmp_path / "group" / "out.png"
     single.parent.mkdir()
     grouped.parent.mkdir()
-    done = _cli([*edit, "--output", str(single)], tiny_env)
-    assert done.returncode == 0, done.stderr
-    done = _cli([*edit, "--cfg-parallel", "3", "--output", str(grouped)], tiny_env, processes=3)
+    alone, done = _clis([([*edit, "--output", str(single)], 1),
+                         ([*edit, "--cfg-parallel", "3", "--output", str(grouped)], 3)], tiny_env)
+    assert alone.returncode == 0, alone.stderr
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("saved ") == 1  # one rank saves
     assert sorted(path.name for path in grouped.parent.iterdir()) == ["out.png", "out.png.json"]
@@ -403,15 +432,29 @@ def test_torchrun_cfg_parallel_3_writes_the_single_process_image(
 
 
 def test_torchrun_one_edit_with_the_wrong_group_size_is_refused_before_loading(
-    tiny_env: dict[str, str], source_image: Path, tmp_path: Path
+    tiny_env: dict[str, str], source_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """Each rank of `torchrun --nproc-per-node 2` refuses on its own, before joining: so each rank's command line
+    runs here, in this process, with the variables torchrun gives it."""
+    from hidream_edit.cli import run_edit_cli
+    from hidream_edit.distributed import CardGroup
+    from hidream_edit.editor import Editor
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("joined or loaded before refusing")
+
+    monkeypatch.setattr(Editor, "load", staticmethod(never))
+    monkeypatch.setattr(CardGroup, "join", classmethod(never))
     output = tmp_path / "out.png"
-    done = _cli(["inference_e1_1_npu.py", "--tiny", "--image", str(source_image), "--instruction", "x",
-                 "--output", str(output)], tiny_env, processes=2)
-    assert done.returncode != 0
-    refusal = "error: one edit needs --cfg-parallel equal to the number of processes (2);"
-    assert done.stderr.count(refusal) == 2  # one line per rank
-    assert "hidream_edit/" not in done.stderr and "loading" not in done.stderr  # torchrun's own report only
+    argv = ["--tiny", "--image", str(source_image), "--instruction", "x", "--output", str(output)]
+    for rank in ("0", "1"):
+        torchrun_env = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}
+        assert run_edit_cli(argv, "e1.1", env={**tiny_env, **torchrun_env}) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: one edit needs --cfg-parallel equal to the number of processes (2);"), err
+        assert err.count("\n") == 1  # one line, no traceback
     assert not output.exists()
 
 
@@ -424,9 +467,9 @@ def test_torchrun_batch_with_cfg_parallel_2_writes_the_one_process_files(
         Image.open(source_image).rotate(90 * number, expand=True).save(folder / f"p{number}.png")
     batch = ["inference_npu.py", "--tiny", "--input-dir", str(folder), "--instruction", "add a hat", "--steps", "2",
              "--refine-strength", "0.5"]
-    done = _cli([*batch, "--output-dir", str(tmp_path / "one")], tiny_env)
-    assert done.returncode == 0, done.stderr
-    done = _cli([*batch, "--cfg-parallel", "2", "--output-dir", str(tmp_path / "two")], tiny_env, processes=2)
+    alone, done = _clis([([*batch, "--output-dir", str(tmp_path / "one")], 1),
+                         ([*batch, "--cfg-parallel", "2", "--output-dir", str(tmp_path / "two")], 2)], tiny_env)
+    assert alone.returncode == 0, alone.stderr
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["cfg_parallel"] == 2 and summary["counts"] == {"ok": 2, "failed": 0, "skipped": 0}

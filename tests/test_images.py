@@ -302,8 +302,14 @@ def test_a_fifo_says_what_it_is_and_is_never_opened(tmp_path: Path) -> None:
         message = _assert_input_error(excinfo, "pipe.png")
         assert not opened_by_a_reader.is_set()
     finally:
-        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
-        thread.join(timeout=30)
+        # Let the writer go: its open returns while a reader holds the FIFO open (a reader that closed at
+        # once could be missed, and the join would wait out its whole timeout).
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            thread.join(timeout=30)
+        finally:
+            os.close(reader)
+    assert not thread.is_alive()
     assert message.endswith("is a named pipe (FIFO), not an image file")
 
 

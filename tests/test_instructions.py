@@ -556,8 +556,10 @@ def drip_server(request: pytest.FixtureRequest) -> Iterator[DripServer]:
         yield server
     finally:
         server.stop.set()
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (closing alone would not: the join would time out)
         listener.close()
         thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 def test_a_server_that_drips_its_answer_cannot_outlast_the_timeout(drip_server: DripServer, image: Image.Image):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import threading
 import time
 import zipfile
@@ -32,6 +33,7 @@ from hidream_edit.web.service import (
     StopRegistry,
     WebEditor,
     WebSettings,
+    check_results_dir,
     check_text_length,
     device_panel_markdown,
     error_message,
@@ -518,8 +520,6 @@ def test_the_preview_is_shrunk_for_the_page(e1_1_editor: Editor, tmp_path: Path)
         ("{home}", "is or holds the home directory"),
         ("~", "is or holds the home directory"),
         ("{home}/..", "is or holds the home directory"),
-        (str(CODE_DIR), "holds the code"),
-        (str(CODE_DIR.parent), "holds the code"),
     ],
 )
 def test_results_dir_that_would_expose_other_files_is_refused(results_dir: str, message: str,
@@ -528,6 +528,20 @@ def test_results_dir_that_would_expose_other_files_is_refused(results_dir: str, 
     home.mkdir(parents=True)
     with pytest.raises(UserError, match=message):
         parse_command_line(["--results-dir", results_dir.format(home=home)], {"HOME": str(home)})
+
+
+@pytest.mark.parametrize("results_dir", ["code", "code/.."], ids=["the code's folder", "the folder above it"])
+def test_results_dir_that_holds_the_code_is_refused(results_dir: str, tmp_path: Path) -> None:
+    """Code and home laid out apart in tmp_path: a real checkout's parent may also hold pytest's temp folder."""
+    code, home = tmp_path / "checkouts" / "code", tmp_path / "home" / "alice"
+    with pytest.raises(UserError, match="holds the code"):
+        check_results_dir(tmp_path / "checkouts" / results_dir, [home], code_dir=code)
+
+
+def test_the_command_line_refuses_the_checkout_as_results_dir() -> None:
+    """The server checks against its own code; no HOME, so only a home inside the checkout could interfere."""
+    with pytest.raises(UserError, match=re.escape(f"holds the code ({CODE_DIR})")):
+        parse_command_line(["--results-dir", str(CODE_DIR)], {})
 
 
 def test_results_dir_inside_home_or_the_repo_is_fine(tmp_path: Path) -> None:
