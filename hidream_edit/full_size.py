@@ -360,6 +360,7 @@ class MemoryMeter:
 def is_out_of_memory(exc: BaseException) -> bool:
     """An allocation failure of any device: torch's OutOfMemoryError, torch_npu's and the CPU allocator's errors."""
     import torch
+
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
