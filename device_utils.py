@@ -246,6 +246,63 @@ def device_memory(device_type: str, index: int) -> tuple[int, int] | None:
     return int(free), int(total)
 
 
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_host_peak() -> bool:
+    """Start a new host peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM).
+
+    False where the system has no such reset: `host_peak_rss` then reports the peak since the process began.
+    """
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def host_peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM (since the last `reset_host_peak`), else ru_maxrss."""
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def device_memory_now(device: torch.device) -> tuple[int, int] | None:
+    """(allocated, reserved) bytes on one accelerator now; None for the CPU."""
+    if device.type == "cpu":
+        return None
+    module = torch.get_device_module(device.type)
+    return int(module.memory_allocated(device)), int(module.memory_reserved(device))
+
+
+def device_memory_peak(device: torch.device) -> tuple[int, int] | None:
+    """(max allocated, max reserved) bytes on one accelerator since its last reset; None for the CPU."""
+    if device.type == "cpu":
+        return None
+    module = torch.get_device_module(device.type)
+    return int(module.max_memory_allocated(device)), int(module.max_memory_reserved(device))
+
+
+def reset_device_peak(device: torch.device) -> None:
+    """Start a new peak window on one accelerator (its max allocated and max reserved)."""
+    if device.type != "cpu":
+        torch.get_device_module(device.type).reset_peak_memory_stats(device)
+
+
+def synchronize_device(device: torch.device) -> None:
+    """Wait for the work queued on one accelerator, so a clock read afterwards includes it."""
+    if device.type != "cpu":
+        torch.get_device_module(device.type).synchronize(device)
+
+
 class DeviceManager:
     """Chooses and describes the compute device; one instance per process is typical.
 
@@ -424,8 +481,7 @@ class DeviceManager:
             self.device_module.empty_cache()
 
     def synchronize(self) -> None:
-        if self.device_type != "cpu":
-            self.device_module.synchronize(self.index)
+        synchronize_device(self.device)
 
     def load_safetensors(self, path: str | Path, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """Load a .safetensors file, a sharded set (directory or *.index.json), to CPU or `device`."""

@@ -3,6 +3,7 @@
     python test_npu_setup.py                 # all checks, one line each
     python test_npu_setup.py --smoke         # plus a timed two-step edit with the tiny model
     python test_npu_setup.py --json          # machine-readable list of {name, status, detail, fix}
+    python test_npu_setup.py --full-size --json run.json   # E1.1 at the real sizes, random weights: speed, memory
 
 Why: on an Ascend host most failures are environmental (torch / torch_npu mismatch, CANN not sourced,
 no visible NPU, a dtype the card cannot run, incomplete weights, too little device memory). Each check
@@ -38,15 +39,21 @@ from hidream_edit.config import (  # noqa: E402  (after the autoload switch)
     ENV_ATTENTION,
     ENV_DEVICE,
     ENV_DTYPE,
+    EXIT_USER_ERROR,
+    FULL_SIZE_ONLY,
+    OneLineArgumentParser,
     add_device_arguments,
+    add_full_size_arguments,
     add_model_choice_argument,
     add_model_source_arguments,
     attention_from_env,
     edit_path_from_args,
     environment,
+    full_size_settings_from_args,
     model_spec,
 )
 from hidream_edit.errors import UserError  # noqa: E402
+from hidream_edit.full_size import SPEC as FULL_SIZE_SPEC  # noqa: E402
 from hidream_edit.spec import MODELS, REAL_PARAMETERS, ModelSpec  # noqa: E402
 
 if TYPE_CHECKING:
@@ -896,6 +903,62 @@ def check_smoke(device: str | None = None, dtype: str | None = None, timeout: fl
         )
 
 
+# ---------------------------------------------------------------------------------------------- full size
+
+
+def full_size_check(record: dict[str, Any]) -> Check:
+    """A full-size run's record as a check: PASS when the edit ran, FAIL when the plan refused or memory ran out."""
+    label = "full-size run"
+    if record["status"] == "refused":
+        return Check(label, FAIL, f"refused before allocating: {record['error']}",
+                     "more free memory, --offload with a lighter placement, or --blocks N to run part of the model")
+    seconds = record["seconds"]
+    where = record["memory"]["devices"][:1] or [record["memory"]["host"]]
+    peak = where[0].get("peak_reserved", where[0].get("peak_rss"))
+    ratio = where[0].get("ratio_reserved", where[0].get("ratio"))
+    measured = f"peak {gib(peak)} ({ratio:.2f} of predicted)" if peak is not None and ratio is not None else "peak n/a"
+    if record["status"] == "out_of_memory":
+        return Check(label, FAIL, f"out of memory in {record['failed_in']} after {record['steps_done']} steps, "
+                     f"{measured}: {record['error']}", "a lighter --offload placement, or --max-memory to plan lower")
+    cut = " (cut: --blocks)" if record["cut"] else ""
+    return Check(label, PASS, f"{record['placement']}, {record['machine']['dtype']}{cut}: "
+                 f"{seconds['edit_step']:.2f} s per edit step, {seconds['refine_step']:.2f} s per refine step, "
+                 f"{measured}")
+
+
+def run_full_size_check(args: argparse.Namespace) -> int:
+    """--full-size: build, run and measure (hidream_edit.full_size); print the table, write the record."""
+    from device_utils import DeviceError, DeviceManager, preferences_from
+    from hidream_edit.config import configure_logging
+    from hidream_edit.editor import check_new_file, write_new_json
+    from hidream_edit.errors import UserError
+    from hidream_edit.full_size import run_full_size, summary_lines
+
+    configure_logging(verbose=False)
+    try:
+        path = check_new_file(args.json) if args.json not in (None, "-") else None
+        settings = full_size_settings_from_args(args)
+        settings.check()
+        dm = DeviceManager(**preferences_from(environment(), args.device, args.dtype).arguments())
+        record = run_full_size(settings, dm, progress=lambda text: print(f"full-size: {text}", file=sys.stderr,
+                                                                       flush=True))
+        if path is not None:
+            write_new_json(path, record)
+    except (UserError, DeviceError) as exc:
+        print(f"test_npu_setup.py: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    check = full_size_check(record)
+    if args.json == "-":
+        print(json.dumps(record, indent=2))
+    else:
+        print("\n".join(summary_lines(record)))
+        if check.status != PASS:
+            print(f"fix: {check.fix}")
+        if path is not None:
+            print(f"record written to {path}")
+    return exit_code([check])
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -950,7 +1013,7 @@ def exit_code(checks: Sequence[Check]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Check that this machine can run HiDream-E1 (Ascend NPU, CUDA or CPU). Exit 0: nothing failed."
     )
     add_model_choice_argument(parser, "model to check (default e1.1)")
@@ -958,12 +1021,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(parser)
     parser.add_argument("--check-hub", action="store_true", help="also ask the model hub about hub ids (network)")
     parser.add_argument("--smoke", action="store_true", help="run a timed two-step tiny edit through the CLI")
-    parser.add_argument("--json", action="store_true", help="print a JSON list of {name, status, detail, fix}")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="print a JSON list of {name, status, detail, fix}; with --full-size the run's record, "
+                             "written to PATH (a new file) when given")
+    add_full_size_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.full_size:
+        given = [f"--{name.replace('_', '-')}" for name, unset in FULL_SIZE_ONLY.items()
+                 if getattr(args, name) != unset]
+        if args.json not in (None, "-"):
+            given.append("--json PATH")
+        if given:
+            parser.error(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --full-size")
+    elif MODELS[args.model] is not FULL_SIZE_SPEC or args.smoke or args.check_hub:
+        parser.error(f"--full-size runs {FULL_SIZE_SPEC.title} alone: drop --model, --smoke and --check-hub")
+    if args.full_size:
+        return run_full_size_check(args)
     # The checks report device fallbacks themselves; the library's own warnings would repeat them.
     logging.getLogger("device_utils").setLevel(logging.ERROR)
     checks = run_checks(args)

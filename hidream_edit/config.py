@@ -33,12 +33,14 @@ from hidream_edit.spec import (
     MODEL_NAMES,
     MODELS,
     REFINE_WEIGHTS,
+    SIDE_MULTIPLE,
     ModelSpec,
 )
 from hidream_edit.text import LINE_CHARS, shown
 
 if TYPE_CHECKING:
     from hidream_edit.editor import EditorSettings, EditRequest
+    from hidream_edit.full_size import FullSizeSettings
     from hidream_edit.images import ImageSource
     from hidream_edit.models import ModelSources
 
@@ -176,11 +178,22 @@ def add_model_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> Non
     """Where the weights come from and how they are placed: shared by the CLIs and the web UI."""
     add_model_source_arguments(parser, spec)
     add_device_arguments(parser)
-    choices = device_choices()
-    group = parser.add_argument_group("placement and kernels")
+    group = add_placement_arguments(parser)
     if spec.uses_lora:
         group.add_argument("--fuse-lora", action="store_true",
                            help="merge the LoRA into the weights (needs --refine-strength 0)")
+    group.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
+    group.add_argument("--rng", choices=RNG_PLACEMENTS, default="device",
+                       help="where the seed's noise is drawn; cpu gives the same noise on every device")
+    group.add_argument("--refine-weights", choices=REFINE_WEIGHTS, default="edit",
+                       help="refine-stage weights: edit (upstream's measured behaviour) or base (true I1)")
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--attention, --offload, --max-memory, --host-memory, --encoder-device: how the memory plan places a model;
+    shared by the CLIs, the web UI and the doctor's full-size run. Returns the group for more flags."""
+    choices = device_choices()
+    group = parser.add_argument_group("placement and kernels")
     group.add_argument("--attention", choices=choices.attention, help=f"attention kernel (env {ENV_ATTENTION})")
     group.add_argument("--offload", choices=OFFLOAD_CHOICES, default="auto",
                        help="where components live: auto (default: the fastest placement the memory plan says fits), "
@@ -191,11 +204,76 @@ def add_model_arguments(parser: argparse.ArgumentParser, spec: ModelSpec) -> Non
                        help="plan with SIZE of host memory instead of what this machine has available")
     group.add_argument("--encoder-device", metavar="DEVICE",
                        help="second card for the text encoders (split placement), e.g. npu:1")
-    group.add_argument("--vae-tiling", action="store_true", help="decode in tiles to save memory")
-    group.add_argument("--rng", choices=RNG_PLACEMENTS, default="device",
-                       help="where the seed's noise is drawn; cpu gives the same noise on every device")
-    group.add_argument("--refine-weights", choices=REFINE_WEIGHTS, default="edit",
-                       help="refine-stage weights: edit (upstream's measured behaviour) or base (true I1)")
+    return group
+
+
+def at_least_one(flag: str) -> Callable[[str], int]:
+    """argparse type for a count that must be a whole number of at least 1 (a bad one is one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be a whole number of at least 1, got {text!r}")
+        return value
+
+    return parse
+
+
+def source_side_argument(text: str) -> int:
+    """argparse type for --size: the side of the full-size run's square source, a multiple of 16 up to 1024."""
+    from hidream_edit.full_size import SPEC, largest_side
+
+    largest = largest_side(SPEC)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value % SIDE_MULTIPLE or not SIDE_MULTIPLE <= value <= largest:
+        raise argparse.ArgumentTypeError(
+            f"--size must be a multiple of {SIDE_MULTIPLE} from {SIDE_MULTIPLE} to {largest} (pixels), got {text!r}")
+    return value
+
+
+def add_full_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """The doctor's full-size run: E1.1 at the real sizes with random weights (plus the placement flags)."""
+    from hidream_edit.full_size import DEFAULT_STEPS, WARMUP_STEPS
+
+    group = parser.add_argument_group("full-size run (E1.1 at the real sizes, random weights, nothing downloaded)")
+    group.add_argument("--full-size", action="store_true",
+                       help="build the real-size pipeline with random weights on this device, run one edit, and "
+                            "print seconds per step and measured beside predicted peak memory")
+    group.add_argument("--steps", type=at_least_one("--steps"), metavar="N",
+                       help=f"timed steps per stage, edit and refine, after {WARMUP_STEPS} warm-up edit step "
+                            f"(default {DEFAULT_STEPS})")
+    group.add_argument("--blocks", type=at_least_one("--blocks"), metavar="N",
+                       help="keep only N double- and N single-stream transformer blocks and N Llama / T5 layers "
+                            "(for a smaller machine; the record says what was cut)")
+    group.add_argument("--size", type=source_side_argument, metavar="PIXELS",
+                       help="side of the square source (default 1024, E1.1's working size)")
+    add_placement_arguments(parser)
+
+
+# Flags that mean something only with --full-size; the value each has when not given.
+FULL_SIZE_ONLY = {"steps": None, "blocks": None, "size": None, "attention": None, "offload": "auto",
+                  "max_memory": None, "host_memory": None, "encoder_device": None}
+
+
+def full_size_settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> FullSizeSettings:
+    """FullSizeSettings from the doctor's flags (HIDREAM_ATTENTION when --attention is not given)."""
+    from hidream_edit.full_size import FullSizeSettings
+
+    given = {name: getattr(args, name) for name in ("steps", "blocks", "size") if getattr(args, name) is not None}
+    return FullSizeSettings(
+        **given,
+        offload=args.offload,
+        attention=args.attention or environment(env).get(ENV_ATTENTION) or None,
+        max_memory=args.max_memory,
+        host_memory=args.host_memory,
+        encoder_device=args.encoder_device,
+    )
 
 
 def size_argument(text: str) -> int:

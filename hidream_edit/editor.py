@@ -797,3 +797,34 @@ def save_result(result: EditResult, output: str | Path, overwrite: bool = False)
     except _TargetWriteFailed as exc:
         raise UserError(str(exc)) from exc.__cause__
     return path, json_path
+
+
+def check_new_file(path: str | Path) -> Path:
+    """`path` as a file that can be created: its folder exists and nothing has its name (nothing is overwritten).
+
+    Cheap enough to call before a long run whose record `write_new_json` writes at the end.
+    """
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise UserError(f"{target.parent} is not a directory")
+    if os.path.lexists(target):
+        raise UserError(f"{target} already exists")
+    return target
+
+
+def write_new_json(path: str | Path, data: Any) -> Path:
+    """Write `data` as JSON to a new file: complete or not at all, never replacing an existing file."""
+    target = check_new_file(path)
+    temps: list[Path] = []
+    try:
+        with _sigterm_unwinds():
+            try:
+                temp = _write_temp(target, lambda stream: stream.write(json.dumps(data, indent=2).encode()), temps)
+                _publish([(temp, target)], False, temps)
+            finally:
+                for leftover in temps:
+                    with contextlib.suppress(OSError):
+                        os.unlink(leftover)
+    except _TargetWriteFailed as exc:
+        raise UserError(str(exc)) from exc.__cause__
+    return target

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hidream_edit.errors import ImageInputError
+from hidream_edit.spec import SIDE_MULTIPLE
 from hidream_edit.text import shown
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ DEFAULT_MAX_PIXELS: int = 64 * 1024 * 1024
 E1_1_TARGET_SIDE = 1024
 E1_FULL_SIDE = 768
 
-# E1.1 works on latents of 1/8 the image size packed in 2x2 patches, so sides must be multiples of 16.
-_SIDE_MULTIPLE = 16
 
 ImageSource = str | Path | bytes | bytearray | memoryview | BinaryIO | Image.Image
 
@@ -91,8 +90,8 @@ def e1_1_target_size(width: int, height: int, target_side: int = E1_1_TARGET_SID
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    if target_side < _SIDE_MULTIPLE:
-        raise ValueError(f"target_side must be at least {_SIDE_MULTIPLE}, got {target_side}")
+    if target_side < SIDE_MULTIPLE:
+        raise ValueError(f"target_side must be at least {SIDE_MULTIPLE}, got {target_side}")
     width, height = _halved_size(width, height, target_side)
     return _pick_area_size(width, height, target_side)
 
@@ -258,7 +257,7 @@ def _halved_size(width: int, height: int, target_side: int) -> tuple[int, int]:
 
 
 def _floor_to_multiple(value: int) -> int:
-    return value // _SIDE_MULTIPLE * _SIDE_MULTIPLE
+    return value // SIDE_MULTIPLE * SIDE_MULTIPLE
 
 
 def _pick_area_size(width: int, height: int, target_side: int, model: str = "E1.1") -> tuple[int, int]:
@@ -277,7 +276,7 @@ def _pick_area_size(width: int, height: int, target_side: int, model: str = "E1.
     if best is None or best[0] == 0 or best[1] == 0:
         raise ImageInputError(
             f"image of {width}x{height} is too elongated to resize for {model} "
-            f"(a side would be under {_SIDE_MULTIPLE} pixels)"
+            f"(a side would be under {SIDE_MULTIPLE} pixels)"
         )
     return best
 

@@ -493,8 +493,28 @@ def load_pipeline(
     pipe = HiDreamImageEditingPipeline.from_pretrained(
         i1_dir, transformer=transformer, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype
     )
+    placed = place_pipeline(pipe, dm, plan, attention, vae_tiling)
+    return LoadedPipeline(
+        pipe, switch, placed.attention, placed.actions, sources, lora_fused=fuse_lora, vae_dtype=placed.vae_dtype,
+        plan=plan, placement_hooks=placed.hooks,
+    )
+
+
+@dataclass(frozen=True)
+class Placed:
+    """What `place_pipeline` did: the attention kernel installed, the placement's actions and hooks, the VAE dtype."""
+
+    attention: str
+    actions: list[str]
+    hooks: Any
+    vae_dtype: str
+
+
+def place_pipeline(pipe: Any, dm: DeviceManager, plan: Plan, attention: str, vae_tiling: bool = False) -> Placed:
+    """The last steps of building any editing pipeline (real weights or full-size random ones): VAE dtype,
+    attention kernel, placement per the memory plan, VAE tiling."""
     pipe.set_progress_bar_config(disable=True)
-    if dtype == torch.float16:  # fp16 VAE decodes overflow into black images; the VAE is small in fp32
+    if dm.dtype == torch.float16:  # fp16 VAE decodes overflow into black images; the VAE is small in fp32
         pipe.vae.to(dtype=torch.float32)
         logger.info("VAE in fp32 (the model runs in fp16)")
     vae_dtype = dtype_name(pipe.vae.dtype)
@@ -503,7 +523,4 @@ def load_pipeline(
     if vae_tiling:
         pipe.vae.enable_tiling()
         actions.append("VAE tiling")
-    return LoadedPipeline(
-        pipe, switch, attention, actions, sources, lora_fused=fuse_lora, vae_dtype=vae_dtype, plan=plan,
-        placement_hooks=hooks,
-    )
+    return Placed(attention, actions, hooks, vae_dtype)

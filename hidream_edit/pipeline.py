@@ -20,7 +20,7 @@ from diffusers.schedulers import UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from device_utils import dtype_name
+from device_utils import dtype_name, synchronize_device
 from hidream_edit.errors import NonFiniteError
 from hidream_edit.guidance_parallel import GuidanceGroup
 from hidream_edit.spec import refine_prompt_from
@@ -266,6 +266,7 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
             dtype=cond.pooled.dtype,
         )
         timesteps = self._timesteps(num_inference_steps, device)
+        synchronize_device(latents.device)  # on an accelerator the encoders' work may still be queued
         timings["encode_s"] = time.perf_counter() - started
 
         refine_start = refine_start_step(len(timesteps), refine_strength)

@@ -9,6 +9,7 @@ instead of comparing model names. A leaf module: it imports nothing of this proj
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B-Instruct"
 I1_HUB_ID = "HiDream-ai/HiDream-I1-Full"
@@ -36,6 +37,8 @@ CFG_PARALLEL_SIZES = (1, 2, 3)
 
 MAX_PROMPT_CHARS = 2000
 """Longest instruction, negative or target description accepted; the text encoders read 128 tokens."""
+# Model inputs have sides that are multiples of 16: latents are 1/8 of the image, packed in 2x2 patches.
+SIDE_MULTIPLE = 16
 
 # E1-Full's prompt form; the refine stage encodes the text after TARGET_MARKER.
 INSTRUCTION_MARKER = "Editing Instruction:"
@@ -138,14 +141,14 @@ MODELS: dict[str, ModelSpec] = {
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 
-# Parameters of the real components, counted from the real configs on the meta device.
+# Parameters of the real components, counted from the real configs (REAL_CONFIGS below) on the meta device.
 REAL_PARAMETERS: dict[str, int] = {
-    "transformer": 17_106_000_000,
-    "llama": 8_030_000_000,  # of which lm_head 0.525 B, unused by prompt encoding
-    "t5": 4_762_000_000,
-    "clip_l": 124_000_000,
-    "clip_g": 695_000_000,
-    "vae": 84_000_000,
+    "transformer": 17_105_733_184,
+    "llama": 8_030_261_248,  # of which lm_head 0.525 B, unused by prompt encoding
+    "t5": 4_762_310_656,
+    "clip_l": 123_781_632,
+    "clip_g": 694_878_720,
+    "vae": 83_819_683,
 }
 
 # Finer facts of the real components for the memory plan (placement.py), counted on the meta device
@@ -157,6 +160,53 @@ REAL_E1_FULL_LORA = 129_737_728  # the LoRA adapter parameters E1-Full adds to t
 REAL_LLAMA_LM_HEAD = 525_336_576  # also the size of the largest single tensor (embed_tokens) of the pipeline
 REAL_T5_WO = 1_006_632_960  # T5's `wo` weights, which transformers keeps in fp32 when loading in fp16
 
+# The real components' configurations, as keyword arguments of their classes (diffusers
+# HiDreamImageTransformer2DModel and AutoencoderKL; transformers LlamaConfig, T5Config and CLIPTextConfig).
+# Built on the meta device they give exactly REAL_PARAMETERS (the Llama without its lm_head, as loaded), which
+# is what the full-size run (full_size.py) builds with random weights. Values that change no size (rope,
+# norms' epsilon, token ids) are the published ones where known; they have not been checked against the
+# real config files, which this project has not downloaded.
+REAL_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 16, "num_single_layers": 32,
+    "attention_head_dim": 128, "num_attention_heads": 20, "caption_channels": [4096, 4096], "text_emb_dim": 2048,
+    "num_routed_experts": 4, "num_activated_experts": 2, "axes_dims_rope": [64, 32, 32],
+    "max_resolution": [128, 128], "llama_layers": list(range(32)) + [31] * 16,
+}
+REAL_LLAMA_CONFIG: dict[str, Any] = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+}
+REAL_T5_CONFIG: dict[str, Any] = {
+    "d_model": 4096, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "d_kv": 64, "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+}
+REAL_CLIP_L_CONFIG: dict[str, Any] = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "max_position_embeddings": 248, "projection_dim": 768, "hidden_act": "quick_gelu",
+}
+REAL_CLIP_G_CONFIG: dict[str, Any] = {
+    "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+    "max_position_embeddings": 248, "projection_dim": 1280, "hidden_act": "gelu",
+}
+REAL_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+    "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+    "use_post_quant_conv": False, "force_upcast": True, "mid_block_add_attention": True,
+}
+# HiDream-I1-Full's scheduler as the tiny set writes it (UniPC on flow sigmas, shift 3.0).
+I1_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000, "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0,
+    "solver_order": 2, "solver_type": "bh2", "lower_order_final": True, "timestep_spacing": "linspace",
+    "final_sigmas_type": "zero",
+}
+REAL_CONFIGS: dict[str, dict[str, Any]] = {
+    "transformer": REAL_TRANSFORMER_CONFIG, "llama": REAL_LLAMA_CONFIG, "t5": REAL_T5_CONFIG,
+    "clip_l": REAL_CLIP_L_CONFIG, "clip_g": REAL_CLIP_G_CONFIG, "vae": REAL_VAE_CONFIG,
+}
 # Where a component's tensors come from: the names the planner uses (placement.py) and the folders they
 # are read from ("llama" dir, "i1" subfolder, or the edit source).
 TEXT_ENCODERS: tuple[str, ...] = ("clip_l", "clip_g", "t5", "llama")

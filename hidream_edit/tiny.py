@@ -29,7 +29,7 @@ import torch
 
 from hidream_edit import tiny_tokenizers
 from hidream_edit.models import lora_config
-from hidream_edit.spec import E1_FULL_LORA, ModelSpec
+from hidream_edit.spec import E1_FULL_LORA, I1_SCHEDULER_CONFIG, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -291,17 +291,7 @@ def _build_i1(out: Path, seed: int) -> None:
     _save_vae(out / "vae", seed)
     transformer = _new_transformer(seed)
     transformer.save_pretrained(out / "transformer", max_shard_size=_shard_size(transformer))
-    scheduler = UniPCMultistepScheduler(
-        num_train_timesteps=1000,
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        flow_shift=3.0,
-        solver_order=2,
-        solver_type="bh2",
-        lower_order_final=True,
-        timestep_spacing="linspace",
-        final_sigmas_type="zero",
-    )
+    scheduler = UniPCMultistepScheduler(**I1_SCHEDULER_CONFIG)
     scheduler.save_pretrained(out / "scheduler")
     _write_model_index(out)
 

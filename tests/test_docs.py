@@ -49,6 +49,8 @@ HELP_RUNS: dict[str, list[str]] = {
     "test_npu_setup.py": ["test_npu_setup.py", "--help"],
     "device_utils.py": ["device_utils.py", "--help"],
     "tools/mutate.py": ["tools/mutate.py", "--help"],
+    "benchmarks/full_size.py": ["benchmarks/full_size.py", "--help"],
+    "benchmarks/block_working_set.py": ["benchmarks/block_working_set.py", "--help"],
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 CODE_BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
