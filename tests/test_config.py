@@ -190,3 +190,23 @@ def test_an_unwritable_tiny_folder_is_one_line_naming_it_and_the_variable(
     argv = ["--tiny", "--image", "in.png", "--instruction", "x", "--output", str(tmp_path / "out.png"), "--plan"]
     assert run_edit_cli(argv, "e1.1", {"HIDREAM_TINY_DIR": str(folder)}) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_every_flag_says_what_it_does(model: str) -> None:
+    """--help is the CLIs' manual: a flag without a help text (dropped in an edit) is a flag nobody finds."""
+    parser = build_edit_parser(MODELS[model])
+    silent = [action.option_strings for action in parser._actions if action.option_strings and not action.help]
+    assert silent == []
+
+
+def test_only_the_models_with_a_keep_aspect_flag_keep_the_aspect(tmp_path: Path) -> None:
+    from hidream_edit.config import edit_request_from_args
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(image)
+    e1_1 = build_edit_parser(MODELS["e1.1"]).parse_args(["--image", str(image), "--instruction", "x"])
+    assert edit_request_from_args(e1_1, image, "x").keep_aspect is False
+    e1_full = build_edit_parser(MODELS["e1-full"]).parse_args(["--image", str(image), "--instruction", "x",
+                                                               "--keep-aspect"])
+    assert edit_request_from_args(e1_full, image, "x").keep_aspect is True

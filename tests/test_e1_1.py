@@ -273,3 +273,19 @@ def test_unwritable_output_is_a_user_error(
     with pytest.raises(UserError, match="cannot write .*r.png: Permission denied"):
         save_result(result, tmp_path / "r.png")
     assert list(tmp_path.iterdir()) == [source_png]
+
+
+def test_e1_1_needs_only_the_i1_transformer_config_not_its_weights(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    """E1.1 reads its transformer weights from E1.1's folder: an I1 folder without them is complete for it
+    (ARCHITECTURE section 3.5), and only E1-Full, which runs on I1's transformer, reports them missing."""
+    i1 = tmp_path / "I1-config-only"
+    i1.mkdir()
+    for part in tiny_checkpoints.i1.iterdir():
+        if part.name != "transformer":
+            (i1 / part.name).symlink_to(part)
+    (i1 / "transformer").mkdir()
+    (i1 / "transformer" / "config.json").symlink_to(tiny_checkpoints.i1 / "transformer" / "config.json")
+    e1_1 = models.ModelSources("e1.1", str(tiny_checkpoints.llama), str(i1), str(tiny_checkpoints.e1_1))
+    assert models.check_model_files(e1_1) == []
+    e1_full = models.ModelSources("e1-full", str(tiny_checkpoints.llama), str(i1), str(tiny_checkpoints.e1_full))
+    assert any("transformer" in problem for problem in models.check_model_files(e1_full))
