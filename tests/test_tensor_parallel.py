@@ -29,7 +29,8 @@ from test_guidance_parallel import (
     EDITS,
     MEASURED,
     RUN_TIMEOUT_S,
-    _edit_all_in_a_fresh_process,
+    _edit_all,
+    _editors,
     _without_measurements,
 )
 
@@ -266,6 +267,22 @@ def source_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ramp = np.linspace(0, 255, 64 * 48 * 3).reshape(48, 64, 3).astype(np.uint8)
     Image.fromarray(ramp).save(path)
     return path
+
+
+def _one_process_edits(tiny_root: str, image: str, result_file: str) -> None:
+    """Every edit of EDITS in one process and one thread: the reference for the split."""
+    import torch
+
+    torch.set_num_threads(1)
+    Path(result_file).write_bytes(pickle.dumps(_edit_all(_editors(tiny_root), image, list(EDITS))))
+
+
+def _edit_all_in_a_fresh_process(tiny_root: str, image: Path, result_file: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=_one_process_edits, args=(tiny_root, str(image), str(result_file)))
+    process.start()
+    process.join(timeout=RUN_TIMEOUT_S)
+    assert process.exitcode == 0
 
 
 @pytest.fixture(scope="module")
