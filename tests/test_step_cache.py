@@ -274,6 +274,27 @@ def test_every_edit_starts_clean_also_after_a_stop_or_an_error(
     assert again.metadata["cache"] == forced[1]["cache"]
 
 
+@pytest.mark.parametrize(("offload", "attention"), [("group", "math"), ("encoders", "sdpa"), ("model", "math")])
+def test_caching_skips_the_same_steps_under_every_placement_and_kernel(
+    offload: str, attention: str, tiny_env: dict[str, str], source: Image.Image,
+    forced: tuple[np.ndarray, dict[str, Any], int],
+) -> None:
+    """Offload hooks (group offload streams the blocks the cache skips) and the math kernel change nothing of
+    what is cached; the pixels match the resident sdpa edit up to the kernels' rounding."""
+    from hidream_edit.config import resolve_model_sources
+    from hidream_edit.editor import Editor, EditorSettings
+    from hidream_edit.spec import MODELS
+
+    sources = resolve_model_sources(MODELS["e1.1"], tiny=True, env=tiny_env)
+    editor = Editor.load(EditorSettings(sources=sources, device="cpu", dtype="fp32", attention=attention,
+                                        offload=offload))
+    pixels, metadata = _edit(editor, source, **FORCED)
+    assert metadata["placement"]["name"] == offload
+    record = {key: value for key, value in metadata["cache"].items() if key != "per_stage"}
+    assert record == {key: value for key, value in forced[1]["cache"].items() if key != "per_stage"}
+    assert np.abs(pixels.astype(int) - forced[0].astype(int)).max() <= 1
+
+
 def test_caching_works_with_e1_full_lora_and_base_refine_weights(e1_full_editor: Any, source: Image.Image) -> None:
     prompt = "Editing Instruction: add a hat. Target Image Description: a cat in a hat"
     result = e1_full_editor.edit(EditRequest(image=source, **{**BASE, "instruction": prompt}, **FORCED))
