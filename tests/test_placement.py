@@ -181,6 +181,15 @@ def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:
     assert fp32["transformer"] == 2 * bf16["transformer"] == 4 * REAL_PARAMETERS["transformer"]
 
 
+def test_activations_take_as_many_bytes_in_bf16_as_in_fp32() -> None:
+    """Measured on real-width blocks (docs/ARCHITECTURE.md section 5.2): rope, RMS norms and MoE indices work in
+    fp32 / int64, so a bf16 block needs about the bytes of an fp32 one; the VAE decode scales with the dtype."""
+    spec = MODELS["e1.1"]
+    bf16, fp32 = working_set(spec, "bf16", "sdpa"), working_set(spec, "fp32", "sdpa")
+    assert bf16.activations == fp32.activations == 3 * 8576 * (8 * 2560 + 4 * 6912) * 4
+    assert 2 * bf16.decode == fp32.decode == 1024 * 1024 * 128 * 8 * 4
+
+
 def test_cpu_plans_everything_in_host_memory() -> None:
     spec = MODELS["e1.1"]
     sizes = model_sizes(spec, "fp32", None, None, None)
