@@ -63,10 +63,11 @@ PLACEMENT_HELP = {
 COMPONENTS: tuple[str, ...] = ("transformer", "vae", *TEXT_ENCODERS)
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
-# Working-set constants of the reserve formula (see `Reserve`). They are estimates to be calibrated with
-# `test_npu_setup.py --smoke` on real cards, which records predicted and measured peaks.
+# Working-set constants of the reserve formula (see `Reserve`). Which are measured, where and how, and which
+# are still estimates: docs/ARCHITECTURE.md section 5.2 (real-width blocks and a full-size run on the CPU).
 LIVE_WIDTHS, LIVE_FFN_WIDTHS = 8, 4  # per token alive in one block: 8 model-wide and 4 SwiGLU-wide values
-DECODE_LIVE_TENSORS = 6  # full-resolution VAE decoder tensors alive at once
+ACTIVATION_BYTES = 4  # per live value in any dtype: bf16 measured as many bytes as fp32 (fp32 rope, int64 indices)
+DECODE_LIVE_TENSORS = 8  # full-resolution VAE decoder tensors alive at once
 FIXED_RESERVE = 1 * GIB  # allocator fragmentation, kernel workspaces, embeddings and latents
 ENCODE_RESERVE = 1 * GIB  # a text encoder's own working set (128 tokens) on the card that runs it
 HOST_OVERHEAD = 3 * GIB  # Python, torch, the device runtime and tokenizers in host memory
@@ -345,12 +346,12 @@ class Reserve:
 
     reserve = max(activations + attention, decode) + fixed, where for the model's largest input
       tokens      = 3 branches x (max_seq image tokens + 384 text tokens)   (E1.1 8192, E1-Full 4608)
-      activations = tokens x (8 x 2560 + 4 x 6912) values alive in one transformer block x dtype bytes
+      activations = tokens x (8 x 2560 + 4 x 6912) values alive in one transformer block x 4 bytes
       attention   = sdpa / npu_fused: 0 (no score matrix is kept);
                     math: what device_utils.math_attention_workspace says the kernel allocates: one query
                     chunk's fp32 scores and softmax (at most 1 GiB) + fp32 copies of key and value
                     (E1.1 in bf16: 1.5 GiB)
-      decode      = pixels x 128 channels x 6 live tensors x dtype bytes (the VAE decoder at full size)
+      decode      = pixels x 128 channels x 8 live tensors x dtype bytes (the VAE decoder at full size)
       fixed       = 1 GiB (fragmentation, workspaces, embeddings, latents)
     """
 
@@ -377,7 +378,7 @@ def working_set(spec: ModelSpec, dtype: str, attention: str, dims: Dims | None =
     dims = dims or Dims()
     per_branch = spec.max_seq + TEXT_TOKENS
     tokens = EDIT_BRANCHES * per_branch
-    activations = tokens * (LIVE_WIDTHS * dims.width + LIVE_FFN_WIDTHS * dims.ffn_width) * DTYPE_BYTES[dtype]
+    activations = tokens * (LIVE_WIDTHS * dims.width + LIVE_FFN_WIDTHS * dims.ffn_width) * ACTIVATION_BYTES
     scores = 0
     if attention == "math":
         from device_utils import math_attention_workspace

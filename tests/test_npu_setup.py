@@ -639,10 +639,10 @@ def described_plan(host: str, host_memory: int = 512 * 2**30) -> Any:
 def test_memory_plan_check_statuses() -> None:
     """The doctor shows the loader's plan: full speed PASS, offloading WARN, nothing fits FAIL."""
     big = doctor.memory_plan_check(described_plan("1x64GiB"))
-    assert big.status == "PASS" and "--offload auto uses none (npu:0 needs 59.7 GiB of 64.0 GiB" in big.detail
+    assert big.status == "PASS" and "--offload auto uses none (npu:0 needs 62.0 GiB of 64.0 GiB" in big.detail
     card = doctor.memory_plan_check(described_plan("1x48GiB"))
     assert card.status == "WARN" and "uses model" in card.detail
-    assert "encoders: npu:0 needs 49.3 GiB of 48.0 GiB" in card.fix
+    assert "encoders: npu:0 needs 51.6 GiB of 48.0 GiB" in card.fix
     small = doctor.memory_plan_check(described_plan("1x4GiB"))
     assert small.status == "FAIL" and "does not fit" in small.detail
     host = doctor.memory_plan_check(described_plan("1x64GiB", host_memory=8 * 2**30))

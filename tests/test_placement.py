@@ -146,7 +146,7 @@ def test_encoders_peak_is_transformer_vae_largest_encoder_and_reserve() -> None:
 def test_explicit_placement_wins_with_a_warning_when_it_will_not_fit() -> None:
     plan = real_plan("e1.1", "1x32GiB", asked="none")
     assert plan.placement == "none" and not plan.fits and plan.error is None
-    assert plan.warning.startswith("--offload none is not predicted to fit: npu:0 needs 59.7 GiB of 32.0 GiB")
+    assert plan.warning.startswith("--offload none is not predicted to fit: npu:0 needs 62.0 GiB of 32.0 GiB")
     assert plan.warning.endswith("group would fit")
 
 
@@ -267,13 +267,13 @@ def test_host_memory_decides_between_placements() -> None:
 def test_nothing_fits_says_what_would_make_it_fit() -> None:
     capped = real_plan("e1.1", "1x64GiB", max_memory=4 * GIB)
     assert capped.error == (
-        "HiDream-E1.1 in bf16 does not fit: with placement sequential, npu:0 needs 4.3 GiB of 4.0 GiB; "
-        "it needs --max-memory of at least 4.3 GiB"
+        "HiDream-E1.1 in bf16 does not fit: with placement sequential, npu:0 needs 6.6 GiB of 4.0 GiB; "
+        "it needs --max-memory of at least 6.6 GiB"
     )
     small = real_plan("e1.1", "1x4GiB", host_memory=16 * GIB)
-    assert small.error.endswith("it needs a card with at least 4.3 GiB free and at least 59.4 GiB of host memory")
+    assert small.error.endswith("it needs a card with at least 6.6 GiB free and at least 59.4 GiB of host memory")
     capped_and_small = real_plan("e1.1", "1x4GiB", max_memory=2 * GIB)  # raising the cap would not be enough
-    assert capped_and_small.error.endswith("npu:0 needs 4.3 GiB of 2.0 GiB; it needs a card with at least 4.3 GiB free")
+    assert capped_and_small.error.endswith("npu:0 needs 6.6 GiB of 2.0 GiB; it needs a card with at least 6.6 GiB free")
 
 
 def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:
@@ -283,6 +283,15 @@ def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:
     fp32 = model_sizes(spec, "fp32", None, None, None).components
     assert fp16["t5"] > bf16["t5"] and fp16["llama"] == bf16["llama"]
     assert fp32["transformer"] == 2 * bf16["transformer"] == 4 * REAL_PARAMETERS["transformer"]
+
+
+def test_activations_take_as_many_bytes_in_bf16_as_in_fp32() -> None:
+    """Measured on real-width blocks (docs/ARCHITECTURE.md section 5.2): rope, RMS norms and MoE indices work in
+    fp32 / int64, so a bf16 block needs about the bytes of an fp32 one; the VAE decode scales with the dtype."""
+    spec = MODELS["e1.1"]
+    bf16, fp32 = working_set(spec, "bf16", "sdpa"), working_set(spec, "fp32", "sdpa")
+    assert bf16.activations == fp32.activations == 3 * 8576 * (8 * 2560 + 4 * 6912) * 4
+    assert 2 * bf16.decode == fp32.decode == 1024 * 1024 * 128 * 8 * 4
 
 
 def test_cpu_plans_everything_in_host_memory() -> None:
