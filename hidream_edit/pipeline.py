@@ -234,7 +234,8 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
 
         With guidance_scale <= 1 guidance is off, as upstream: one branch per step, conditioned on the
         instruction and the image latents (edit stage) or on the refine prompt (refine stage).
-        `cache` skips blocks in steps that change little (section 3.8); None or mode off runs them all.
+        `cache` skips blocks in steps that change little (docs/ARCHITECTURE.md section 3.8); None or mode off
+        runs them all.
         """
         if not 0.0 <= refine_strength <= 1.0:
             raise ValueError(f"refine_strength must be in [0, 1], got {refine_strength}")

@@ -277,7 +277,7 @@ def test_unwritable_output_is_a_user_error(
 
 def test_e1_1_needs_only_the_i1_transformer_config_not_its_weights(tiny_checkpoints: Any, tmp_path: Path) -> None:
     """E1.1 reads its transformer weights from E1.1's folder: an I1 folder without them is complete for it
-    (ARCHITECTURE section 3.5), and only E1-Full, which runs on I1's transformer, reports them missing."""
+    (docs/ARCHITECTURE.md section 3.5), and only E1-Full, which runs on I1's transformer, reports them missing."""
     i1 = tmp_path / "I1-config-only"
     i1.mkdir()
     for part in tiny_checkpoints.i1.iterdir():
