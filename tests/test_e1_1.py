@@ -170,9 +170,10 @@ def test_save_is_atomic_and_never_overwrites(e1_1_editor: Any, source_png: Path,
 def test_e1_1_loading_holds_one_copy_of_the_transformer(tiny_checkpoints: Any, monkeypatch: pytest.MonkeyPatch):
     loaded_from: list[tuple[str, Any]] = []
 
-    def recording(path: Path, device: Any = None) -> dict[str, torch.Tensor]:
+    def recording(path: Path, device: Any = None, slices: Any = None) -> dict[str, torch.Tensor]:
         loaded_from.append((str(path), device))
-        return load_safetensors(path, device)
+        assert slices is None  # one process reads whole tensors; only tensor-parallel ranks read slices
+        return load_safetensors(path, device, slices)
 
     monkeypatch.setattr(models, "load_safetensors", recording)
     transformer = models.load_e1_1_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_1, torch.float32, "cpu")
