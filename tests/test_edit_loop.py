@@ -68,6 +68,8 @@ class FakeTransformer(torch.nn.Module):
         self.refining = False
         self.poison = poison
         self.forwards: list[Forward] = []
+        self.double_stream_blocks = torch.nn.ModuleList()  # no blocks: the step cache has nothing to count
+        self.single_stream_blocks = torch.nn.ModuleList()
 
     @property
     def device(self) -> torch.device:
