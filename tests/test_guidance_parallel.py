@@ -425,7 +425,7 @@ def test_torchrun_cfg_parallel_3_writes_the_single_process_image(
     assert difference <= 1
     single_metadata, group_metadata = (json.loads(Path(f"{path}.json").read_text()) for path in (single, grouped))
     assert group_metadata["timings"]["cfg_parallel"]["size"] == 3
-    ignore = (*MEASURED, "output")
+    ignore = (*MEASURED, "output", "output_sha256")  # the pixels may differ by 1 (checked above)
     assert {k: v for k, v in group_metadata.items() if k not in ignore} == {
         k: v for k, v in single_metadata.items() if k not in ignore
     }
