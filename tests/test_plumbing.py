@@ -538,8 +538,8 @@ def test_flags_end_to_end_through_the_real_loader(
     calls: list[dict[str, Any]] = []
     real_load = Editor.load.__func__  # type: ignore[attr-defined]
 
-    def load(cls: type[Editor], settings: EditorSettings, dm: Any = None) -> Editor:
-        loaded.append(real_load(cls, settings, dm))
+    def load(cls: type[Editor], settings: EditorSettings, dm: Any = None, tensor: Any = None) -> Editor:
+        loaded.append(real_load(cls, settings, dm, tensor))
         return loaded[-1]
 
     def call(self: HiDreamImageEditingPipeline, **kwargs: Any) -> EditOutput:
