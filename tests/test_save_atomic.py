@@ -7,6 +7,7 @@ lost when an --overwrite fails halfway, mkstemp's 0600 mode.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -55,8 +56,14 @@ def file_size_limit() -> Iterator[Any]:
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    def limit(size: int) -> None:
+    @contextlib.contextmanager
+    def limit(size: int) -> Iterator[None]:
+        """Only around the write: pytest's own output file must not meet the limit while it reports."""
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
     try:
         yield limit
@@ -82,8 +89,8 @@ def test_disk_full_during_the_json_write_changes_nothing(
 ) -> None:
     output = old_output if overwrite else tmp_path / "new.png"
     big = result(padding="x" * 200_000)  # the image is ~100 bytes, its JSON 200 kB
-    file_size_limit(64 * 1024)
-    with pytest.raises(UserError, match=rf"cannot write .*{output.name}\.json: File too large"):
+    too_large = rf"cannot write .*{output.name}\.json: File too large"
+    with file_size_limit(64 * 1024), pytest.raises(UserError, match=too_large):
         save_result(big, output, overwrite=overwrite)
     assert_old_output_intact(old_output)
 
