@@ -8,17 +8,14 @@ allocated. The real-width measurement is a benchmark (benchmarks/block_working_s
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import tempfile
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from npu_standin import REPO, run_standin
+from npu_standin import load_doctor, run_standin
 
 from device_utils import DeviceManager
 from hidream_edit import full_size, pipeline
@@ -40,6 +37,7 @@ from hidream_edit.spec import MODELS, REAL_CONFIGS, REAL_LLAMA_LM_HEAD, REAL_PAR
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 CLIP_IDS = {"vocab_size": 300, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "max_position_embeddings": 248}
+doctor = load_doctor()
 # The real configurations' shape at tiny widths: 2 double- and 3 single-stream blocks, 2-layer encoders.
 SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "transformer": {"patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2, "num_single_layers": 3,
@@ -60,21 +58,6 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
             "norm_num_groups": 4, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,
             "use_quant_conv": False, "use_post_quant_conv": False},
 }
-
-
-def _load_doctor() -> types.ModuleType:
-    """The top-level doctor script, under the name tests/test_npu_setup.py loads it by (it shadows the name)."""
-    if "npu_doctor" in sys.modules:
-        return sys.modules["npu_doctor"]
-    spec = importlib.util.spec_from_file_location("npu_doctor", REPO / "test_npu_setup.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["npu_doctor"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-doctor = _load_doctor()
 
 
 def files_under(root: Path) -> set[Path]:

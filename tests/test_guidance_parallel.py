@@ -142,7 +142,8 @@ def _two_groups_of_two(rank: int, port: int, items: int) -> dict[str, Any]:
         group.close()
 
 
-def _editors(tiny_root: str) -> dict[str, Any]:
+def _editors(tiny_root: str, models: tuple[str, ...] = ("e1.1", "e1-full")) -> dict[str, Any]:
+    """Tiny editors for `models`, loaded on CPU in fp32 with the sdpa kernel."""
     from hidream_edit.config import resolve_model_sources
     from hidream_edit.editor import Editor, EditorSettings
     from hidream_edit.spec import MODELS
@@ -151,7 +152,7 @@ def _editors(tiny_root: str) -> dict[str, Any]:
     return {
         model: Editor.load(EditorSettings(resolve_model_sources(MODELS[model], tiny=True, env=env), device="cpu",
                                           dtype="fp32", attention="sdpa"))
-        for model in ("e1.1", "e1-full")
+        for model in models
     }
 
 

@@ -6,7 +6,6 @@ lookups are monkeypatched; model folders are fakes in tmp_path.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import stat
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from npu_standin import REPO, run_standin
+from npu_standin import REPO, load_doctor, run_standin
 
 import device_utils
 
@@ -39,17 +38,7 @@ USER_SETTINGS = (
 )
 
 
-def _load_doctor() -> types.ModuleType:
-    """The top-level script under another name: this test module is itself called test_npu_setup."""
-    spec = importlib.util.spec_from_file_location("npu_doctor", REPO / "test_npu_setup.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["npu_doctor"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-doctor = _load_doctor()
+doctor = load_doctor()
 
 # Code run in stand-in subprocesses: load the doctor, run checks, print them as JSON.
 STANDIN_PRELUDE = (

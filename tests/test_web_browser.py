@@ -181,7 +181,7 @@ def _prepare_edit(page, image: Path, instruction: str) -> None:
     page.locator("#source input[type=file]").set_input_files(str(image))
     page.wait_for_selector("#source-preview img")  # the app opened the upload with its own checks
     page.locator("#instruction textarea").fill(instruction)
-    page.get_by_text("Advanced settings").first.click()
+    page.get_by_text("Advanced settings", exact=True).first.click()  # the panel mentions it too
 
 
 def _click_edit(page, steps: int) -> None:
@@ -332,7 +332,7 @@ def test_batch_in_the_browser(server: dict, browser, images: list[Path], tmp_pat
     page = _open_app(browser, server["url"])
     with screenshots_on_failure(browser, tmp_path):
         page.get_by_role("tab", name="Batch").click()
-        page.get_by_text("Advanced settings").last.click()
+        page.get_by_text("Advanced settings", exact=True).last.click()
         page.locator("#batch-files input[type=file]").set_input_files([str(p) for p in images])
         page.wait_for_function("document.querySelector('#batch-files').innerText.includes('grass')")
         page.locator("#batch-instructions textarea").fill("make it red\nmake it blue")
