@@ -81,6 +81,34 @@ def test_a_lost_store_ends_a_guidance_group_with_one_line_on_each_rank() -> None
         lost_group(1).finish_edit()
 
 
+def test_device_work_queued_by_the_share_counts_as_compute_not_as_waiting(tmp_path: Path) -> None:
+    """On an accelerator the share's kernels are still queued when compute() returns: the rank waits for
+    them before the gather, so the step's record puts that time in compute_s, not in wait_s."""
+    import torch.distributed as dist
+
+    queued = {"work": False}
+
+    def compute(start: int, stop: int) -> torch.Tensor:
+        queued["work"] = True  # what an accelerator would still be running
+        return torch.ones(stop - start, 2)
+
+    def synchronize() -> None:
+        if queued["work"]:
+            time.sleep(0.3)
+            queued["work"] = False
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        group = GuidanceGroup(1, 0, 0, [0], dist.group.WORLD, torch.device("cpu"), 30.0, synchronize=synchronize)
+        group.begin_edit(None)
+        predictions = group.predictions(3, compute, (2,), torch.float32, "step 1")
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(predictions, torch.ones(3, 2))
+    (step,) = group.steps
+    assert step["compute_s"] >= 0.3 > step["wait_s"], step
+
+
 def test_branches_are_shared_in_contiguous_runs_with_the_remainder_first() -> None:
     assert branch_shares(3, 3) == [range(0, 1), range(1, 2), range(2, 3)]
     assert branch_shares(3, 2) == [range(0, 2), range(2, 3)]

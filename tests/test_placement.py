@@ -220,6 +220,20 @@ def test_base_refine_weights_are_a_second_transformer_copy_in_host_memory() -> N
                              "32.0 GiB; it needs at least 45.4 GiB of host memory")
 
 
+def test_e1_full_base_refine_copy_is_the_full_tensors_of_its_file_not_the_lora(tmp_path: Path) -> None:
+    """E1-Full's file holds LoRA tensors (added to I1's transformer) and full tensors (replacing I1's); only
+    the replaced I1 tensors are kept aside for --refine-weights base."""
+    file = write_checkpoint(tmp_path / "HiDream-E1-Full.safetensors", {
+        "blocks.0.to_q.lora_A.weight": torch.zeros(4, 8), "blocks.0.to_q.lora_B.weight": torch.zeros(8, 4),
+        "blocks.0.norm.weight": torch.zeros(16, 16),
+    })
+    spec = MODELS["e1-full"]
+    edit = model_sizes(spec, "bf16", None, None, file, LLAMA_UNUSED_PREFIXES)
+    base = model_sizes(spec, "bf16", None, None, file, LLAMA_UNUSED_PREFIXES, base_refine_weights=True)
+    assert edit.refine_copy == 0 and base.refine_copy == 16 * 16 * 2
+    assert base.components["transformer"] == edit.components["transformer"]
+
+
 def test_split_takes_the_other_card_with_the_largest_budget() -> None:
     cards = tuple(Card(f"npu:{i}", free * GIB) for i, free in enumerate((30, 40, 60, 20, 45)))
     plan = plan_placement(MODELS["e1.1"], real_sizes(), Budgets("npu", cards, 1, HOST))

@@ -167,6 +167,58 @@ def test_defaults_reach_the_boundaries(model: str, boundary: Boundary, tmp_path:
 
 
 @pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_a_library_users_settings_default_to_the_command_lines(model: str) -> None:
+    """EditorSettings(sources) loads as the CLI does with no flags (the web UI and benchmarks build it directly)."""
+    from dataclasses import asdict
+
+    from hidream_edit.cli import build_edit_parser
+    from hidream_edit.config import editor_settings_from_args
+
+    spec = MODELS[model]
+    args = build_edit_parser(spec).parse_args(["--tiny", "--image", "a.png", "--instruction", "x", "--output", "o.png"])
+    from_cli = asdict(editor_settings_from_args(args, spec, {}))
+    library = asdict(EditorSettings(ModelSources(**from_cli["sources"])))
+    labels = ("device_origin", "dtype_origin")  # where a device came from, only for messages
+    assert {k: v for k, v in library.items() if k not in labels} == {k: v for k, v in from_cli.items()
+                                                                     if k not in labels}
+
+
+def test_e1_full_takes_the_folder_its_download_makes_as_well_as_the_file(tiny_checkpoints: Any,
+                                                                         tmp_path: Path) -> None:
+    """`hf download ... --local-dir /models/HiDream-E1-Full` makes a folder: it is read as the LoRA file in it."""
+    from hidream_edit.models import check_model_files, sizes_on_disk
+
+    def sources(edit: Path) -> ModelSources:
+        return ModelSources("e1-full", str(tiny_checkpoints.llama), str(tiny_checkpoints.i1), str(edit), tiny=True,
+                            offline=True)
+
+    folder, file = tiny_checkpoints.e1_full, tiny_checkpoints.e1_full_lora
+    assert file.parent == folder and check_model_files(sources(folder)) == []
+    assert sizes_on_disk(sources(folder), "fp32", "base") == sizes_on_disk(sources(file), "fp32", "base")
+    empty = tmp_path / "HiDream-E1-Full"
+    empty.mkdir()
+    assert check_model_files(sources(empty)) == [str(empty / file.name)]
+
+
+def test_every_loading_setting_reaches_the_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def load_pipeline(sources: ModelSources, dm: DeviceManager, **kwargs: Any) -> None:
+        seen.update(kwargs, sources=sources)
+        raise UserError("recorded")
+
+    monkeypatch.setattr(editor_module, "load_pipeline", load_pipeline)
+    settings = EditorSettings(ModelSources("e1.1", "L", "I", "E"), offload="group", attention="math",
+                              refine_weights="base", fuse_lora=True, vae_tiling=True, max_memory=7 << 30,
+                              host_memory=9 << 30, encoder_device="npu:1")
+    with pytest.raises(UserError, match="recorded"):
+        Editor.load(settings, DeviceManager("cpu", "fp32"))
+    assert seen == {"sources": settings.sources, "offload": "group", "attention": "math", "refine_weights": "base",
+                    "fuse_lora": True, "vae_tiling": True, "max_memory": 7 << 30, "host_memory": 9 << 30,
+                    "encoder_device": "npu:1", "tensor_mesh": None}
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
 @pytest.mark.parametrize("what,flags,effect", FLAG_EFFECTS, ids=[" ".join(f[1]) for f in FLAG_EFFECTS])
 def test_each_flag_changes_exactly_its_setting(
     model: str, what: str, flags: list[str], effect: dict[str, Any], boundary: Boundary, tmp_path: Path

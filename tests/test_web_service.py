@@ -231,11 +231,13 @@ def test_batch_runs_every_image_lists_failures_and_zips_the_results(web: WebEdit
     with zipfile.ZipFile(outcome.zip_path) as zf:
         names = sorted(name.split("/", 1)[1] for name in zf.namelist())
         assert all(name.split("/", 1)[0] == outcome.batch_dir.name for name in zf.namelist())
-        summary = json.loads(zf.read(f"{outcome.batch_dir.name}/summary.json"))
+        summary_text = zf.read(f"{outcome.batch_dir.name}/summary.json").decode()
+        summary = json.loads(summary_text)
         errors_txt = zf.read(f"{outcome.batch_dir.name}/errors.txt").decode()
     assert names == ["001-first.png", "001-first.png.json", "002-evil.png", "002-evil.png.json", "003-b.png",
                      "003-b.png.json", "errors.txt", "summary.json"]
     assert [entry["status"] for entry in summary] == ["ok", "ok", "ok", "failed"]
+    assert summary_text == json.dumps(summary, indent=2)  # one entry field per line, as the CLI writes its summary
     assert summary[3]["instruction"] == "make it gold"
     assert "holiday.zip/notes.txt: skipped" in errors_txt
     metadata = json.loads((outcome.batch_dir / "003-b.png.json").read_text())
