@@ -101,3 +101,24 @@ def test_a_lost_leader_is_one_line_naming_both_ranks() -> None:
     with pytest.raises(GuidanceGroupError) as error:
         jobs(LostStore(), 1).next_job()
     assert str(error.value) == "rank 3 lost the leader of its edit group (rank 2): Connection reset by peer"
+
+
+def test_edit_groups_are_consecutive_ranks_whose_first_leads() -> None:
+    group = EditGroup.consecutive(5, 4, None, 1.0)  # e.g. --cfg-parallel 2 --tensor-parallel 2 on 8 ranks
+    assert (group.ranks, group.member, group.index, group.rank, group.leader) == ([4, 5, 6, 7], 1, 1, 5, False)
+    assert EditGroup.consecutive(4, 4, None, 1.0).leader
+
+
+def test_the_leader_computes_what_the_group_agrees_on_once_and_its_failure_ends_the_members_wait() -> None:
+    store = dist.HashStore()
+    leader, member = (EditGroup([2, 3], rank, 1, store, 5.0) for rank in (0, 1))
+    assert leader.agree("item1", lambda: "7") == "7"
+    assert member.agree("item1", lambda: pytest.fail("a member computed")) == "7"
+
+    def no_vlm() -> str:
+        raise UserError("the VLM did not answer")
+
+    with pytest.raises(UserError):
+        leader.agree("instruction", no_vlm)
+    with pytest.raises(GuidanceGroupError, match=r"^rank 2 \(the group's leader\) stopped before the edit: the VLM"):
+        member.agree("instruction", lambda: pytest.fail("a member computed"))
