@@ -212,10 +212,9 @@ def _tp_edits(rank: int, world: int, cfg: int, tp: int, port: int, tiny_root: st
             if result.image is not None:
                 results[name] = (np.asarray(result.image), result.metadata)
         counts = {model: _split_counts(editor.loaded.pipe.transformer, tp) for model, editor in editors.items()}
-        stop = {}
-        if world == 2:  # Stop asked on rank 0 alone (the web UI's server) stops both ranks at the same step
-            outcome = _stop_then_edit(editors["e1.1"], rank, image)
-            stop = {"first": outcome["first"], "second_decoded": outcome["second"] is not None}
+        # Stop asked on rank 0 alone (the web UI's server) stops every rank at the same step
+        outcome = _stop_then_edit(editors["e1.1"], rank, image)
+        stop = {"first": outcome["first"], "second_decoded": outcome["second"] is not None}
         Path(f"{result_file}.{rank}.json").write_text(json.dumps(
             {"counts": counts, "writes": sorted(results), "tp_ranks": tensor.ranks, "read": read, "stop": stop,
              "edit_group": [group.edit.ranks, group.edit.leader]}))
@@ -385,6 +384,10 @@ def test_cfg_parallel_2_with_tensor_parallel_2_on_four_ranks_gives_one_process(
     assert [rank["tp_ranks"] for rank in four_ranks["ranks"]] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     # one edit group of all 4 ranks (cfg x tp): rank 0 leads it (claims batch items, saves)
     assert [rank["edit_group"] for rank in four_ranks["ranks"]] == [[[0, 1, 2, 3], member == 0] for member in range(4)]
+    # Stop on rank 0 reaches its tensor-parallel pair, then both guidance pairs in the same step's gather
+    stops = [rank["stop"] for rank in four_ranks["ranks"]]
+    assert [stop["first"] for stop in stops] == ["stopped at denoising step 2 of 4"] * 4
+    assert [stop["second_decoded"] for stop in stops] == [True, False, False, False]
     assert [bool(rank["writes"]) for rank in four_ranks["ranks"]] == [True, False, False, False]
 
 
