@@ -23,7 +23,7 @@ from hidream_edit.config import (
 from hidream_edit.editor import MAX_STEPS, USER_ERRORS, Editor, EditorSettings, device_manager_for
 from hidream_edit.errors import GuidanceGroupError
 from hidream_edit.step_cache import CACHE_MODES
-from hidream_edit.tensor_parallel import ParallelLayout, check_tensor_split
+from hidream_edit.tensor_parallel import ParallelLayout, check_tensor_split, join_layout
 from hidream_edit.web.command_line import editor_settings_from_args, parse_command_line, start_logging
 from hidream_edit.web.service import (
     BATCH_JOBS,
@@ -255,7 +255,6 @@ def serve_with_edit_group(
     """Under torchrun with --cfg-parallel C and/or --tensor-parallel K (C x K processes, one edit group):
     rank 0 serves the page, the other ranks follow its edits."""
     from hidream_edit.group_jobs import GroupJobs, follow_leader
-    from hidream_edit.tensor_parallel import join_layout
 
     group, tensor = join_layout(device_manager_for(editor_settings), dist_env, layout, timeout_s)
     try:
