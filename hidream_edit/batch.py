@@ -49,9 +49,9 @@ from hidream_edit.text import check_path_text, shown
 
 if TYPE_CHECKING:
     from device_utils import DeviceManager
-    from hidream_edit.distributed import RankGroup
+    from hidream_edit.distributed import EditGroup, RankGroup
     from hidream_edit.editor import Editor, EditorSettings
-    from hidream_edit.guidance_parallel import GuidanceGroup
+    from hidream_edit.tensor_parallel import ParallelLayout
 
 logger = logging.getLogger(__name__)
 
@@ -522,16 +522,16 @@ class LocalQueue:
 
 
 class GroupQueue:
-    """Guidance groups: each group's leader claims from the shared counter and tells its members the number."""
+    """Edit groups: each group's leader claims from the shared counter and tells its members the number."""
 
-    def __init__(self, group: RankGroup, guidance: GuidanceGroup) -> None:
+    def __init__(self, group: RankGroup, edit: EditGroup) -> None:
         self.group = group
-        self.guidance = guidance
+        self.edit = edit
         self.claims = 0
 
     def claim(self) -> int:
         self.claims += 1
-        return int(self.guidance.agree(f"item{self.claims}", lambda: str(self.group.take_number("next_item"))))
+        return int(self.edit.agree(f"item{self.claims}", lambda: str(self.group.take_number("next_item"))))
 
 
 class SharedQueue:
@@ -830,20 +830,23 @@ def run_batch(
     dist_env: DistributedEnvironment | None = None,
     dist_timeout_s: float = 1800.0,
     dm: DeviceManager | None = None,
-    cfg_parallel: int = 1,
+    layout: ParallelLayout | None = None,
 ) -> int:
     """Check and lock the output folder, join the group (under torchrun), edit this rank's share, write the summary.
 
     Rank 0 alone holds the output folder's lock and creates its folders; it takes the lock before it
-    joins, so no rank of a second batch edits. With `cfg_parallel` K > 1 the ranks form groups of K that
-    edit one item at a time together (the group's leader claims the items and saves them). Returns the
+    joins, so no rank of a second batch edits. With a `layout` of --cfg-parallel C x --tensor-parallel K
+    above 1 the ranks form edit groups of C x K that edit one item at a time together (the group's leader
+    claims the items and saves them); several groups (data parallel) split the items. Returns the
     exit code: 0 when every item is ok or skipped, 1 when some failed, a rank's records never came or
     the summary could not be written (the counts are printed anyway). Ranks other than 0 return 0 once
     their records are handed over, so torchrun does not stop rank 0 while it merges.
     """
     from hidream_edit.editor import device_manager_for
+    from hidream_edit.tensor_parallel import ParallelLayout
 
     dist_env = dist_env or DistributedEnvironment()
+    layout = layout or ParallelLayout(dist_env.world_size)
     started = time.perf_counter()
     dm = dm or device_manager_for(settings)
     check_inside(items, output_dir)
@@ -853,12 +856,13 @@ def run_batch(
         if holds_lock:
             prepare_output_folders(items)
         records, lost, problem = _edit_share(items, states, settings, overwrite, dist_env, dist_timeout_s, dm,
-                                             cfg_parallel)
+                                             layout)
         if dist_env.rank != 0:
             return 0
         summary = summarize(records, len(items), time.perf_counter() - started, dist_env.world_size, source,
                             settings.model)
-        summary["cfg_parallel"] = cfg_parallel
+        summary["cfg_parallel"] = layout.cfg
+        summary["tensor_parallel"] = layout.tp
         summary["lost_ranks"] = lost
         path = output_dir / SUMMARY_NAME
         unwritten = _write_summary_or_say_why(path, summary)
@@ -877,38 +881,38 @@ def _edit_share(
     dist_env: DistributedEnvironment,
     dist_timeout_s: float,
     dm: DeviceManager,
-    cfg_parallel: int,
+    layout: ParallelLayout,
 ) -> tuple[list[ItemRecord], list[int], str | None]:
     """Join the group (under torchrun) and edit this rank's items; on rank 0, every rank's records.
 
     Returns (records, ranks whose records never came, why); other ranks return only their own.
     """
     from hidream_edit.editor import Editor
+    from hidream_edit.tensor_parallel import join_layout
 
     group: RankGroup | None = None
-    guidance: GuidanceGroup | None = None
+    card_group, tensor = None, None
     if dist_env.enabled:
-        from hidream_edit.distributed import CardGroup
-
-        card_group = CardGroup.join(dm, dist_env, cfg_parallel, dist_timeout_s)
-        group, guidance = card_group.ranks, card_group.guidance
+        card_group, tensor = join_layout(dm, dist_env, layout, dist_timeout_s)
+        group = card_group.ranks
+    edit = card_group.edit if card_group is not None else None
 
     def load_editor() -> Editor:
-        editor = Editor.load(settings, dm)
-        if guidance is not None:
-            editor.use_guidance_group(guidance)
+        editor = Editor.load(settings, dm, tensor)
+        if card_group is not None and card_group.guidance is not None:
+            editor.use_guidance_group(card_group.guidance)
         return editor
 
     try:
         queue: ItemQueue = LocalQueue()
         on_finished = None
         if group is not None:
-            queue = SharedQueue(group) if guidance is None else GroupQueue(group, guidance)
-            if guidance is None or guidance.leader:
+            queue = SharedQueue(group) if edit is None else GroupQueue(group, edit)
+            if edit is None or edit.leader:
                 on_finished = functools.partial(group.add, "finished", 1)
         with BatchProgress(len(items), enabled=dist_env.rank == 0) as progress:
             records = run_items(items, states, load_editor, queue, overwrite, progress, dist_env.rank, on_finished)
-        if guidance is not None and not guidance.leader:
+        if edit is not None and not edit.leader:
             records = []  # the group's leader saved and recorded the items this rank helped with
         if group is None:
             return records, [], None

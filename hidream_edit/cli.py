@@ -50,9 +50,8 @@ from hidream_edit.editor import (
     resolve_request,
 )
 from hidream_edit.errors import GuidanceGroupError, UserError
-from hidream_edit.guidance_parallel import check_cfg_parallel
 from hidream_edit.spec import ModelSpec
-from hidream_edit.tensor_parallel import ParallelLayout, check_tensor_split, join_layout, refuse_tensor_parallel
+from hidream_edit.tensor_parallel import ParallelLayout, check_tensor_split, join_layout
 from hidream_edit.tensor_split import check_refine_weights, check_resident, tensor_share
 from hidream_edit.text import LINE_CHARS, shown
 
@@ -282,8 +281,8 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
         if dist_env.enabled:  # then the group is every process (checked above)
             group, tensor = join_layout(device_manager_for(settings), dist_env, layout, args.dist_timeout)
             guidance = group.guidance
-        if guidance is not None:  # the leader builds the prompt (maybe asking a VLM) once for the group
-            instruction = guidance.agree("instruction", lambda: _instruction_for(args, spec, env))
+        if group is not None and group.edit is not None:  # the leader builds the prompt (maybe asking a VLM)
+            instruction = group.edit.agree("instruction", lambda: _instruction_for(args, spec, env))
         else:
             instruction = _instruction_for(args, spec, env)
         request = edit_request_from_args(args, args.image, instruction)
@@ -334,9 +333,10 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
     try:
         dist_env = distributed_environment(env)
         rank = dist_env.rank
-        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, None)
-        refuse_tensor_parallel(args.tensor_parallel, "batches")
+        layout = ParallelLayout(dist_env.world_size, args.cfg_parallel, args.tensor_parallel)
+        layout.check(None)
         settings = editor_settings_from_args(args, spec, env)
+        check_tensor_split(settings.sources, settings.refine_weights, layout.tp)
         output_dir = Path(args.output_dir).expanduser()
         template = edit_request_from_args(args, "", args.instruction or "")
         if mode == "folder":
@@ -350,7 +350,7 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
             items = manifest_items(manifest, output_dir, template, spec, settings.fuse_lora)
             source = {"manifest": str(manifest)}
         return run_batch(items, settings, output_dir, args.overwrite, source, dist_env, args.dist_timeout,
-                         cfg_parallel=args.cfg_parallel)
+                         layout=layout)
     except GuidanceGroupError as exc:
         print(f"error: {shown(exc, LINE_CHARS)}; finished outputs are kept, rerun the same command to do the rest",
               file=sys.stderr)

@@ -1,5 +1,7 @@
-"""Joining torchrun's process group, the little coordination a batch needs across ranks, and the
-guidance groups of --cfg-parallel (guidance_parallel.py does the per-step sharing).
+"""Joining torchrun's process group, the little coordination a batch needs across ranks, and the edit
+groups: the --cfg-parallel x --tensor-parallel ranks that edit one image together, whose first rank (the
+leader) claims the work, tells the others and saves (guidance_parallel.py and tensor_split.py do the
+per-step sharing).
 
 The group is joined with the device's backend (hccl on Ascend, nccl on CUDA, gloo on CPU). Handing out
 items and collecting per-rank results go through the rendezvous store (a TCPStore on the master that
@@ -9,16 +11,21 @@ every node, and small text results need no device buffers. No model facts here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
-from device_utils import DeviceManager
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.errors import GuidanceGroupError, UserError
-from hidream_edit.guidance_parallel import GuidanceGroup, form_guidance_group
+
+if TYPE_CHECKING:
+    from device_utils import DeviceManager
+    from hidream_edit.guidance_parallel import GuidanceGroup
 
 logger = logging.getLogger(__name__)
 
@@ -128,17 +135,87 @@ def join_process_group(env: DistributedEnvironment, backend: str, timeout_s: flo
     return RankGroup(env, store, timeout, backend)
 
 
+@dataclass(frozen=True)
+class EditGroup:
+    """The ranks that edit one image together (--cfg-parallel x --tensor-parallel of them, consecutive):
+    the first, the leader, decides what the group edits and saves it; the others only share the denoising.
+    Agreement goes through the rendezvous store, so it needs no device and no collective."""
+
+    ranks: list[int]
+    member: int
+    index: int
+    store: dist.Store | None
+    timeout_s: float
+
+    @classmethod
+    def consecutive(cls, rank: int, size: int, store: dist.Store | None, timeout_s: float) -> EditGroup:
+        """Rank `rank`'s group among groups of `size` consecutive ranks (0..size-1, size..2*size-1, ...)."""
+        first = rank - rank % size
+        return cls(list(range(first, first + size)), rank % size, rank // size, store, timeout_s)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def rank(self) -> int:
+        return self.ranks[self.member]
+
+    @property
+    def leader(self) -> bool:
+        """The rank that decodes and saves; the others only share the denoising."""
+        return self.member == 0
+
+    def agree(self, name: str, compute: Callable[[], str]) -> str:
+        """A text the leader computes once and every rank of the group uses (e.g. a VLM-rewritten prompt,
+        which could differ between two asks, or the next batch item). A failure on the leader ends the
+        members' wait at once."""
+        key = f"agree/group{self.index}/{name}"
+        if self.store is None:
+            return compute()
+        if self.leader:
+            try:
+                text = compute()
+            except BaseException as exc:
+                with contextlib.suppress(RuntimeError):  # a lost store: the members find out themselves
+                    self.store.set(key, b"\0" + _first_line(exc).encode())
+                raise
+            try:
+                self.store.set(key, text.encode())
+            except RuntimeError as exc:
+                raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
+            return text
+        try:
+            self.store.wait([key], timedelta(seconds=self.timeout_s))
+            value = self.store.get(key)
+        except dist.DistNetworkError as exc:
+            raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
+        except RuntimeError as exc:
+            raise GuidanceGroupError(
+                f"rank {self.rank} waited {self.timeout_s:g} s for the {name} from rank {self.ranks[0]} "
+                f"({_first_line(exc)}); see --dist-timeout"
+            ) from exc
+        if value.startswith(b"\0"):
+            raise GuidanceGroupError(f"rank {self.ranks[0]} (the group's leader) stopped before the edit: "
+                                     f"{value[1:].decode(errors='replace')}")
+        return value.decode()
+
+
 @dataclass
 class CardGroup:
-    """What a rank under torchrun holds: its device, the joined process group and its guidance group."""
+    """What a rank under torchrun holds: its device, the joined process group, its guidance group and
+    its edit group."""
 
     dm: DeviceManager
     ranks: RankGroup
-    guidance: GuidanceGroup | None  # None with --cfg-parallel 1: every rank edits alone
+    guidance: GuidanceGroup | None  # None with --cfg-parallel 1
+    edit: EditGroup | None = None  # None when every rank edits alone (--cfg-parallel 1 --tensor-parallel 1)
 
     @classmethod
     def join(cls, dm: DeviceManager, env: DistributedEnvironment, cfg_parallel: int, timeout_s: float) -> CardGroup:
         """Join the world with the backend of this rank's card and form the groups of `cfg_parallel` ranks."""
+        from hidream_edit.guidance_parallel import form_guidance_group
+
         ranks = join_process_group(env, dm.distributed_backend, timeout_s)
         if cfg_parallel == 1:
             return cls(dm, ranks, None)
@@ -155,7 +232,7 @@ class CardGroup:
         except BaseException:
             ranks.close()
             raise
-        return cls(dm, ranks, guidance)
+        return cls(dm, ranks, guidance, EditGroup.consecutive(env.rank, cfg_parallel, ranks.store, timeout_s))
 
     def close(self) -> None:
         self.ranks.close()

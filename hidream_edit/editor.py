@@ -246,15 +246,16 @@ class Editor:
         self.tensor_group: TensorParallelGroup | None = None
         self.announce: AnnounceFn | None = None
 
-    def use_guidance_group(self, group: GuidanceGroup, announce: AnnounceFn | None = None) -> None:
-        """Share every edit's guidance branches with the other ranks of `group` (--cfg-parallel).
-
-        `announce(request, model_input, source_size)` tells members that wait for work (the web UI's)
-        which edit to join; command lines need none, as every rank reads the same flags.
-        """
+    def use_guidance_group(self, group: GuidanceGroup) -> None:
+        """Share every edit's guidance branches with the other ranks of `group` (--cfg-parallel)."""
         self.guidance_group = group
-        self.announce = announce
         self.loaded.pipe.guidance_group = group
+
+    def announce_edits(self, announce: AnnounceFn) -> None:
+        """On an edit group's leader: `announce(request, model_input, source_size)` before every edit tells
+        the members that wait for work (the web UI's) which edit to join; command lines need none, as
+        every rank reads the same flags."""
+        self.announce = announce
 
     @property
     def writes_outputs(self) -> bool:
@@ -340,6 +341,9 @@ class Editor:
         generator = self.dm.create_generator(request.seed, on="cpu" if self.settings.rng == "cpu" else "device")
         steps = request.steps
 
+        tensor = self.tensor_group
+        if tensor is not None:  # a Stop asked on any rank of the split reaches all of them at the same step
+            should_stop = tensor.agreed_stop(should_stop, self.dm.device)
         group = self.guidance_group
         if group is not None:
             group.begin_edit(should_stop)  # the group stops all its ranks at the same step
@@ -353,7 +357,6 @@ class Editor:
 
         self.dm.reset_peak_memory_stats()
         started = time.perf_counter()
-        tensor = self.tensor_group
         with torch.inference_mode(), tensor.collectives() if tensor is not None else contextlib.nullcontext():
             output = self.loaded.pipe(
                 prompt=request.instruction,

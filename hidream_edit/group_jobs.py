@@ -1,9 +1,11 @@
-"""Serving with a guidance group: the web UI runs on the group's leader, the members follow its edits.
+"""Serving with an edit group (--cfg-parallel and/or --tensor-parallel): the web UI runs on the group's
+leader, the members follow its edits.
 
 Before each edit the leader's Editor announces it: the resolved request and the model-size input image
 (PNG, lossless) go into the rendezvous store under the next job number. Members poll for that number,
 run the same edit with `Editor.edit_prepared` and so take their share of every step. Stop reaches them
-through the per-step gather (guidance_parallel.py); an empty job means the server has shut down.
+through the per-step gather (guidance_parallel.py) or the per-step all-reduce of a tensor-parallel group
+(tensor_split.py); an empty job means the server has shut down.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from dataclasses import asdict, replace
 import torch.distributed as dist
 from PIL import Image
 
+from hidream_edit.distributed import EditGroup
 from hidream_edit.editor import USER_ERRORS, EditCancelled, Editor, EditRequest
 from hidream_edit.errors import GuidanceGroupError
-from hidream_edit.guidance_parallel import GuidanceGroup
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +31,13 @@ POLL_S = 0.1
 class GroupJobs:
     """Numbered edit jobs from a group's leader to its members, through the store."""
 
-    def __init__(self, store: dist.Store, guidance: GuidanceGroup) -> None:
+    def __init__(self, store: dist.Store, group: EditGroup) -> None:
         self.store = store
-        self.guidance = guidance
+        self.group = group
         self.count = 0
 
     def _key(self, number: int) -> str:
-        return f"jobs/group{self.guidance.index}/{number}"
+        return f"jobs/group{self.group.index}/{number}"
 
     def announce(self, request: EditRequest, model_input: Image.Image, source_size: tuple[int, int]) -> None:
         """Leader: hand this edit to the members (called by the Editor just before it edits)."""
@@ -61,7 +63,7 @@ class GroupJobs:
             payload = self.store.get(key)
         except RuntimeError as exc:
             raise GuidanceGroupError(
-                f"rank {self.guidance.rank} lost the leader of its guidance group (rank {self.guidance.ranks[0]}): "
+                f"rank {self.group.rank} lost the leader of its edit group (rank {self.group.ranks[0]}): "
                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
             ) from exc
         if not payload:
@@ -75,12 +77,12 @@ class GroupJobs:
 
 def follow_leader(editor: Editor, jobs: GroupJobs) -> None:
     """Member: run every edit the leader announces until it closes; a lost group raises GuidanceGroupError."""
-    logger.info("rank %d: following the edits of rank %d", jobs.guidance.rank, jobs.guidance.ranks[0])
+    logger.info("rank %d: following the edits of rank %d", jobs.group.rank, jobs.group.ranks[0])
     while (job := jobs.next_job()) is not None:
         request, model_input, source_size = job
         try:
             editor.edit_prepared(request, model_input, source_size)
         except EditCancelled:
-            logger.info("rank %d: the leader stopped the edit", jobs.guidance.rank)
+            logger.info("rank %d: the leader stopped the edit", jobs.group.rank)
         except USER_ERRORS as exc:  # the leader met the same error and shows it to the user
-            logger.info("rank %d: edit failed: %s", jobs.guidance.rank, exc)
+            logger.info("rank %d: edit failed: %s", jobs.group.rank, exc)

@@ -10,7 +10,6 @@ the loop at the same step instead of waiting out the collective timeout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hidream_edit.distributed import EditGroup
 from hidream_edit.errors import EditCancelled, GroupPeerFailed, GuidanceGroupError, UserError
 from hidream_edit.spec import CFG_PARALLEL_SIZES
 
@@ -106,37 +106,9 @@ class GuidanceGroup:
         self.steps = []
 
     def agree(self, name: str, compute: Callable[[], str]) -> str:
-        """A text the leader computes once and every rank of the group uses (e.g. a VLM-rewritten prompt,
-        which could differ between two asks). A failure on the leader ends the members' wait at once."""
-        key = f"agree/group{self.index}/{name}"
-        if self.store is None:
-            return compute()
-        if self.leader:
-            try:
-                text = compute()
-            except BaseException as exc:
-                with contextlib.suppress(RuntimeError):  # a lost store: the members find out themselves
-                    self.store.set(key, b"\0" + _first_line(exc).encode())
-                raise
-            try:
-                self.store.set(key, text.encode())
-            except RuntimeError as exc:
-                raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
-            return text
-        try:
-            self.store.wait([key], timedelta(seconds=self.timeout_s))
-            value = self.store.get(key)
-        except dist.DistNetworkError as exc:
-            raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
-        except RuntimeError as exc:
-            raise GuidanceGroupError(
-                f"rank {self.rank} waited {self.timeout_s:g} s for the {name} from rank {self.ranks[0]} "
-                f"({_first_line(exc)}); see --dist-timeout"
-            ) from exc
-        if value.startswith(b"\0"):
-            raise GuidanceGroupError(f"rank {self.ranks[0]} (the group's leader) stopped before the edit: "
-                                     f"{value[1:].decode(errors='replace')}")
-        return value.decode()
+        """A text the group's leader computes once and every rank uses (EditGroup.agree: this group is
+        the edit group when only --cfg-parallel is given)."""
+        return EditGroup(self.ranks, self.member, self.index, self.store, self.timeout_s).agree(name, compute)
 
     def predictions(
         self,

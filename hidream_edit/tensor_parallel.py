@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from device_utils import DeviceManager
 from hidream_edit.config import DistributedEnvironment
-from hidream_edit.distributed import CardGroup, join_process_group
+from hidream_edit.distributed import CardGroup, EditGroup, join_process_group
 from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.guidance_parallel import GuidanceGroup, check_cfg_parallel
 from hidream_edit.models import ModelSources
@@ -86,12 +86,6 @@ class ParallelLayout:
         return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=MESH_DIMS)
 
 
-def refuse_tensor_parallel(tp: int, what: str) -> None:
-    """Front ends that tensor parallel does not reach yet say so in one line instead of ignoring the flag."""
-    if tp > 1:
-        raise UserError(f"--tensor-parallel is not supported for {what} yet; it runs one edit (--image)")
-
-
 def check_tensor_split(sources: ModelSources, refine_weights: str, tp: int) -> None:
     """Everything about --tensor-parallel K that can be refused before loading: the refine weights and
     whether K divides the head count (from the I1 transformer's config.json, no weights read)."""
@@ -109,7 +103,8 @@ def join_layout(
     dm: DeviceManager, env: DistributedEnvironment, layout: ParallelLayout, timeout_s: float
 ) -> tuple[CardGroup, TensorParallelGroup | None]:
     """Join the world and build the launch's mesh: the guidance group is its cfg dimension (the ranks
-    with this rank's dp and tp coordinates), the tensor-parallel group its tp dimension."""
+    with this rank's dp and tp coordinates), the tensor-parallel group its tp dimension, the edit group
+    the cfg x tp ranks of this rank's dp coordinate."""
     if layout.tp == 1:
         return CardGroup.join(dm, env, layout.cfg, timeout_s), None
     ranks = join_process_group(env, dm.distributed_backend, timeout_s)
@@ -132,4 +127,5 @@ def join_layout(
         )
     logger.info("rank %d: mesh %s, tensor-parallel ranks %s", env.rank, dict(zip(MESH_DIMS, mesh.mesh.shape,
                 strict=True)), mesh["tp"].mesh.flatten().tolist())
-    return CardGroup(dm, ranks, guidance), TensorParallelGroup(mesh["tp"], timeout_s)
+    edit = EditGroup.consecutive(env.rank, layout.group_size, ranks.store, timeout_s)
+    return CardGroup(dm, ranks, guidance, edit), TensorParallelGroup(mesh["tp"], timeout_s)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -294,6 +295,18 @@ class TensorParallelGroup:
     @property
     def leader(self) -> bool:
         return self.member == 0
+
+    def agreed_stop(self, should_stop: Callable[[], bool] | None, device: torch.device) -> Callable[[], bool]:
+        """`should_stop` (the web UI's Stop, asked on the rank that serves) as every rank of the group sees
+        it: each call all-reduces the ranks' answers, so all ranks stop at the same step instead of the
+        others waiting out the timeout in their next all-reduce. Every rank calls it at the same points."""
+
+        def any_rank() -> bool:
+            flag = torch.tensor([1.0 if should_stop is not None and should_stop() else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.mesh.get_group())
+            return bool(flag.item())
+
+        return any_rank
 
     @contextmanager
     def collectives(self) -> Any:

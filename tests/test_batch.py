@@ -230,7 +230,7 @@ def counted_loads(monkeypatch: pytest.MonkeyPatch, e1_full_editor: Editor) -> li
     """Editor.load stands in the session's tiny E1-Full editor and records each call."""
     calls: list[Any] = []
 
-    def load(settings: Any, dm: Any = None) -> Editor:
+    def load(settings: Any, dm: Any = None, tensor: Any = None) -> Editor:
         calls.append(settings)
         return e1_full_editor
 

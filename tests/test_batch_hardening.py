@@ -47,7 +47,7 @@ CONTEXT = RunContext("e1.1", {"model": "e1.1", "tiny": True}, "device", "edit", 
 def no_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading a model fails the test: the mistake must be found before."""
 
-    def load(settings: Any, dm: Any = None) -> None:
+    def load(settings: Any, dm: Any = None, tensor: Any = None) -> None:
         raise AssertionError("a model was loaded before the mistake was reported")
 
     monkeypatch.setattr(Editor, "load", staticmethod(load))
@@ -298,8 +298,9 @@ def run_as_rank(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group: FakeRankGroup, items: list[BatchItem], local_rank: int = 0
 ) -> int:
     editor = FakeEditor({item.image.name: "ok" for item in items})
-    monkeypatch.setattr(Editor, "load", staticmethod(lambda settings, dm=None: editor))
-    monkeypatch.setattr(CardGroup, "join", staticmethod(lambda *args: SimpleNamespace(ranks=group, guidance=None)))
+    monkeypatch.setattr(Editor, "load", staticmethod(lambda settings, dm=None, tensor=None: editor))
+    joined = SimpleNamespace(ranks=group, guidance=None, edit=None)
+    monkeypatch.setattr(CardGroup, "join", staticmethod(lambda *args: joined))
     env = DistributedEnvironment(group.world_size, group.rank, local_rank, "127.0.0.1", 29500)
     dm = SimpleNamespace(dtype_name="fp32", empty_cache=lambda: None)
     return run_batch(items, FakeSettings(), tmp_path / "out", False, {"manifest": "m.jsonl"}, env, 2.0,  # type: ignore[arg-type]
@@ -344,7 +345,7 @@ def test_a_summary_that_cannot_be_written_is_exit_1_with_the_counts_and_no_stale
 
     monkeypatch.setattr(batch, "write_summary", disk_full)
     editor = FakeEditor({"a.png": "ok"})
-    monkeypatch.setattr(Editor, "load", staticmethod(lambda settings, dm=None: editor))
+    monkeypatch.setattr(Editor, "load", staticmethod(lambda settings, dm=None, tensor=None: editor))
     dm = SimpleNamespace(dtype_name="fp32", empty_cache=lambda: None)
     code = run_batch(items, FakeSettings(), tmp_path / "out", False, {}, dm=dm)  # type: ignore[arg-type]
     out, err = capsys.readouterr()

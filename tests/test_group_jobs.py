@@ -1,4 +1,5 @@
-"""The web UI's guidance group hands edits from its leader to its members through the store.
+"""The web UI's edit group (guidance and/or tensor parallel) hands edits from its leader to its members
+through the store.
 
 The hand-over is store logic, not a collective, so it is tested in one process with an in-memory store;
 tests/test_guidance_parallel.py runs the real web UI under torchrun.
@@ -9,14 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 import torch.distributed as dist
 from PIL import Image
 
+from hidream_edit.distributed import EditGroup
 from hidream_edit.editor import EditCancelled, EditRequest
 from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.group_jobs import GroupJobs, follow_leader
-from hidream_edit.guidance_parallel import GuidanceGroup
 
 RED = EditRequest(image="in.png", instruction="make it red", negative="blurry", steps=3, guidance=4.5,
                   image_guidance=2.0, refine_strength=0.25, clip_cfg_norm=False, seed=7, keep_aspect=True)
@@ -24,9 +24,7 @@ BLUE = EditRequest(image="other.png", instruction="make it blue")
 
 
 def jobs(store: Any, member: int, index: int = 1) -> GroupJobs:
-    group = GuidanceGroup(size=2, member=member, index=index, ranks=[2, 3], process_group=None,
-                          device=torch.device("cpu"), timeout_s=5.0, store=store)
-    return GroupJobs(store, group)
+    return GroupJobs(store, EditGroup(ranks=[2, 3], member=member, index=index, store=store, timeout_s=5.0))
 
 
 def noise(width: int, height: int) -> Image.Image:
@@ -102,4 +100,25 @@ class LostStore:
 def test_a_lost_leader_is_one_line_naming_both_ranks() -> None:
     with pytest.raises(GuidanceGroupError) as error:
         jobs(LostStore(), 1).next_job()
-    assert str(error.value) == "rank 3 lost the leader of its guidance group (rank 2): Connection reset by peer"
+    assert str(error.value) == "rank 3 lost the leader of its edit group (rank 2): Connection reset by peer"
+
+
+def test_edit_groups_are_consecutive_ranks_whose_first_leads() -> None:
+    group = EditGroup.consecutive(5, 4, None, 1.0)  # e.g. --cfg-parallel 2 --tensor-parallel 2 on 8 ranks
+    assert (group.ranks, group.member, group.index, group.rank, group.leader) == ([4, 5, 6, 7], 1, 1, 5, False)
+    assert EditGroup.consecutive(4, 4, None, 1.0).leader
+
+
+def test_the_leader_computes_what_the_group_agrees_on_once_and_its_failure_ends_the_members_wait() -> None:
+    store = dist.HashStore()
+    leader, member = (EditGroup([2, 3], rank, 1, store, 5.0) for rank in (0, 1))
+    assert leader.agree("item1", lambda: "7") == "7"
+    assert member.agree("item1", lambda: pytest.fail("a member computed")) == "7"
+
+    def no_vlm() -> str:
+        raise UserError("the VLM did not answer")
+
+    with pytest.raises(UserError):
+        leader.agree("instruction", no_vlm)
+    with pytest.raises(GuidanceGroupError, match=r"^rank 2 \(the group's leader\) stopped before the edit: the VLM"):
+        member.agree("instruction", lambda: pytest.fail("a member computed"))

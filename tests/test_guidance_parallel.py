@@ -508,17 +508,19 @@ def test_torchrun_batch_with_cfg_parallel_2_writes_the_one_process_files(
         assert np.abs(one - two).max() <= 1
 
 
-def test_the_web_ui_serves_edits_with_a_guidance_group_and_stops_cleanly(
-    e1_1_editor: Any, tiny_env: dict[str, str], source_image: Path, tmp_path: Path
-) -> None:
-    """torchrun --nproc-per-node 2 gradio_demo_npu.py --cfg-parallel 2: rank 0 serves, rank 1 follows its edits."""
+def serve_one_edit(
+    flags: list[str], processes: int, e1_1_editor: Any, tiny_env: dict[str, str], source_image: Path, results: Path
+) -> dict[str, Any]:
+    """torchrun --nproc-per-node `processes` gradio_demo_npu.py --tiny `flags`: one edit through the server's
+    API gives the one-process image (within 1/255), then Ctrl-C on rank 0 ends every rank cleanly (the
+    followers are released, nobody waits out a timeout). Returns the saved edit's metadata."""
     from gradio_client import Client, handle_file
 
     from hidream_edit.editor import EditRequest
 
-    results, port = tmp_path / "results", free_port()
-    command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.5", "gradio_demo_npu.py",
-               "--tiny", "--cfg-parallel", "2", "--port", str(port), "--results-dir", str(results)]
+    port = free_port()
+    command = [TORCHRUN, "--standalone", "--nproc-per-node", str(processes), "--monitor-interval", "0.5",
+               "gradio_demo_npu.py", "--tiny", *flags, "--port", str(port), "--results-dir", str(results)]
     server = subprocess.Popen(command, cwd=REPO, env=run_env(tiny_env), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -536,15 +538,23 @@ def test_the_web_ui_serves_edits_with_a_guidance_group_and_stops_cleanly(
         assert answer[2].startswith("Done in "), answer
         (saved,) = [path for path in results.rglob("*.png")]
         metadata = json.loads(Path(f"{saved}.json").read_text())
-        assert [r["rank"] for r in metadata["timings"]["cfg_parallel"]["ranks"]] == [0, 1]
         alone = e1_1_editor.edit(EditRequest(image=source_image, instruction="make it red", steps=2, seed=11,
                                              refine_strength=0.5))
         difference = np.abs(np.asarray(Image.open(saved), dtype=int) - np.asarray(alone.image, dtype=int)).max()
         assert difference <= 1
         rank_process(server.pid, "0").send_signal(signal.SIGINT)  # Ctrl-C on the server
-        assert server.wait(timeout=120) == 0  # the follower was released, nobody waits out a timeout
+        assert server.wait(timeout=120) == 0  # the followers were released, nobody waits out a timeout
         assert "hidream_edit/" not in (server.stderr.read() if server.stderr else "")
+        return metadata
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_the_web_ui_serves_edits_with_a_guidance_group_and_stops_cleanly(
+    e1_1_editor: Any, tiny_env: dict[str, str], source_image: Path, tmp_path: Path
+) -> None:
+    """torchrun --nproc-per-node 2 gradio_demo_npu.py --cfg-parallel 2: rank 0 serves, rank 1 follows its edits."""
+    metadata = serve_one_edit(["--cfg-parallel", "2"], 2, e1_1_editor, tiny_env, source_image, tmp_path / "results")
+    assert [r["rank"] for r in metadata["timings"]["cfg_parallel"]["ranks"]] == [0, 1]

@@ -29,9 +29,12 @@ from test_guidance_parallel import (
     EDITS,
     MEASURED,
     RUN_TIMEOUT_S,
+    _clis,
     _edit_all,
     _editors,
+    _stop_then_edit,
     _without_measurements,
+    serve_one_edit,
 )
 
 from hidream_edit.cli import run_edit_cli
@@ -209,8 +212,12 @@ def _tp_edits(rank: int, world: int, cfg: int, tp: int, port: int, tiny_root: st
             if result.image is not None:
                 results[name] = (np.asarray(result.image), result.metadata)
         counts = {model: _split_counts(editor.loaded.pipe.transformer, tp) for model, editor in editors.items()}
+        # Stop asked on rank 0 alone (the web UI's server) stops every rank at the same step
+        outcome = _stop_then_edit(editors["e1.1"], rank, image)
+        stop = {"first": outcome["first"], "second_decoded": outcome["second"] is not None}
         Path(f"{result_file}.{rank}.json").write_text(json.dumps(
-            {"counts": counts, "writes": sorted(results), "tp_ranks": tensor.ranks, "read": read}))
+            {"counts": counts, "writes": sorted(results), "tp_ranks": tensor.ranks, "read": read, "stop": stop,
+             "edit_group": [group.edit.ranks, group.edit.leader]}))
         if rank == 0:
             Path(result_file).write_bytes(pickle.dumps(results))
         if world == 4:
@@ -327,6 +334,14 @@ def test_tensor_parallel_2_gives_the_images_and_metadata_of_one_process(two_rank
     assert [rank["writes"] for rank in two_ranks["ranks"]] == [sorted(EDITS), []]  # only the first rank decodes
 
 
+def test_stop_asked_on_the_first_rank_stops_the_pair_at_the_same_step_and_the_pair_goes_on(two_ranks: dict) -> None:
+    """Only the serving rank is asked (the web UI's Stop); each step the pair agrees, so neither waits out the
+    timeout in an all-reduce the other never reaches, and the next edit works."""
+    stops = [rank["stop"] for rank in two_ranks["ranks"]]
+    assert [stop["first"] for stop in stops] == ["stopped after step 2 of 4"] * 2
+    assert [stop["second_decoded"] for stop in stops] == [True, False]
+
+
 @pytest.mark.parametrize("model", ["e1.1", "e1-full"])
 def test_each_rank_holds_a_kth_of_the_split_weights(two_ranks: dict, model: str) -> None:
     for rank in two_ranks["ranks"]:
@@ -367,6 +382,12 @@ def test_cfg_parallel_2_with_tensor_parallel_2_on_four_ranks_gives_one_process(
     assert metadata["timings"]["tensor_parallel"] == {"size": 2, "ranks": [0, 1]}
     assert [r["rank"] for r in metadata["timings"]["cfg_parallel"]["ranks"]] == [0, 2]  # the mesh's cfg dimension
     assert [rank["tp_ranks"] for rank in four_ranks["ranks"]] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    # one edit group of all 4 ranks (cfg x tp): rank 0 leads it (claims batch items, saves)
+    assert [rank["edit_group"] for rank in four_ranks["ranks"]] == [[[0, 1, 2, 3], member == 0] for member in range(4)]
+    # Stop on rank 0 reaches its tensor-parallel pair, then both guidance pairs in the same step's gather
+    stops = [rank["stop"] for rank in four_ranks["ranks"]]
+    assert [stop["first"] for stop in stops] == ["stopped at denoising step 2 of 4"] * 4
+    assert [stop["second_decoded"] for stop in stops] == [True, False, False, False]
     assert [bool(rank["writes"]) for rank in four_ranks["ranks"]] == [True, False, False, False]
 
 
@@ -508,20 +529,87 @@ def test_a_rank_that_fails_or_hangs_ends_its_tensor_parallel_group_within_the_ti
         assert outcomes[1][0] != "finished"
 
 
-def test_batches_and_the_web_ui_refuse_tensor_parallel_in_one_line(
-    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Only one edit per launch is built; the other front ends say so instead of ignoring the flag."""
-    from hidream_edit.web.layout import main as web_main
+# --- batches and the web UI ---------------------------------------------------------------------------
 
+BATCH_EDITS = ("e1.1 edit+refine", "e1.1 edit only", "e1.1 guidance off")  # manifest lines a, b, c
+
+
+def _manifest_of(names: tuple[str, ...], image: Path, path: Path) -> Path:
+    lines = []
+    for number, name in enumerate(names):
+        model, fields = EDITS[name]
+        assert model == "e1.1"
+        lines.append(json.dumps({"image": str(image), **fields, "output": f"{'abc'[number]}.png"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_torchrun_batches_with_tensor_parallel_2_write_the_one_process_files(
+    tiny_env: dict[str, str], source_image: Path, tmp_path: Path, one_process: dict
+) -> None:
+    """Two launches at once: 2 ranks as one tensor-parallel pair, and 4 ranks as 2 pairs (dp 2 x tp 2) that split
+    the items; both write every item's image (within 1/255 of one process) and metadata, and one summary."""
+    manifest = _manifest_of(BATCH_EDITS, source_image, tmp_path / "m.jsonl")
+    batch = ["inference_e1_1_npu.py", "--tiny", "--manifest", str(manifest), "--steps", "2", "--tensor-parallel", "2",
+             "--host-memory", "64GiB"]
+    runs = {"tp2": 2, "dp2tp2": 4}
+    done = _clis([([*batch, "--output-dir", str(tmp_path / name)], processes) for name, processes in runs.items()],
+                 tiny_env)
+    for (name, processes), run in zip(runs.items(), done, strict=True):
+        assert run.returncode == 0, (name, run.stderr)
+        assert run.stdout.count("batch: 3 done, 0 failed, 0 skipped of 3") == 1, run.stdout
+        folder = tmp_path / name
+        assert sorted(path.name for path in folder.iterdir()) == sorted(
+            [*(f"{letter}.png" for letter in "abc"), *(f"{letter}.png.json" for letter in "abc"), "summary.json"])
+        summary = json.loads((folder / "summary.json").read_text())
+        assert (summary["world_size"], summary["cfg_parallel"], summary["tensor_parallel"]) == (processes, 1, 2)
+        assert summary["counts"] == {"ok": 3, "failed": 0, "skipped": 0} and summary["lost_ranks"] == []
+        leaders = {item["rank"] for item in summary["items"]}
+        assert leaders <= set(range(0, processes, 2)), name  # only a pair's first rank saves and records
+        for letter, edit in zip("abc", BATCH_EDITS, strict=True):
+            reference_pixels, reference_metadata = one_process[edit]
+            pixels = np.asarray(Image.open(folder / f"{letter}.png"), dtype=int)
+            assert np.abs(pixels - reference_pixels.astype(int)).max() <= 1, (name, edit)
+            metadata = json.loads((folder / f"{letter}.png.json").read_text())
+            assert metadata["timings"]["tensor_parallel"]["size"] == 2
+            ignore = (*MEASURED, "output", "output_sha256", "placement")  # pixels may differ by 1 (checked above)
+            assert {k: v for k, v in metadata.items() if k in reference_metadata and k not in ignore} == {
+                k: v for k, v in reference_metadata.items() if k not in ignore}, (name, edit)
+    four = json.loads((tmp_path / "dp2tp2" / "summary.json").read_text())
+    assert {item["rank"] for item in four["items"]} <= {0, 2}
+
+
+def test_a_batch_whose_processes_do_not_form_tensor_parallel_groups_is_one_line(
+    tiny_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torchrun --nproc-per-node 3 ... --tensor-parallel 2: each rank refuses on its own before joining or
+    loading, so each rank's command line runs here with the variables torchrun gives it."""
+    from hidream_edit import tensor_parallel
+    from hidream_edit.editor import Editor
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("joined or loaded before refusing")
+
+    monkeypatch.setattr(Editor, "load", staticmethod(never))
+    monkeypatch.setattr(tensor_parallel, "join_layout", never)
     folder = tmp_path / "in"
     folder.mkdir()
     Image.new("RGB", (32, 32)).save(folder / "a.png")
-    env = {**tiny_env, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    assert run_edit_cli(["--tiny", "--input-dir", str(folder), "--instruction", "x", "--output-dir",
-                         str(tmp_path / "out"), "--tensor-parallel", "2"], "e1.1", env) == 2
-    assert capsys.readouterr().err == "error: --tensor-parallel is not supported for batches yet; it runs one " \
-                                      "edit (--image)\n"
-    assert web_main(["--tiny", "--tensor-parallel", "2"], tiny_env) == 2
-    assert capsys.readouterr().err.endswith("error: --tensor-parallel is not supported for the web UI yet; it runs "
-                                            "one edit (--image)\n")
+    for rank in ("0", "2"):
+        env = {**tiny_env, "WORLD_SIZE": "3", "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": "1"}
+        assert run_edit_cli(["--tiny", "--input-dir", str(folder), "--instruction", "x", "--output-dir",
+                             str(tmp_path / "out"), "--tensor-parallel", "2"], "e1.1", env) == 2
+        assert capsys.readouterr().err == ("error: --tensor-parallel 2 needs a number of processes that is a multiple "
+                                           "of 2, got 3\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_web_ui_serves_edits_with_a_tensor_parallel_pair(
+    e1_1_editor: Any, tiny_env: dict[str, str], source_image: Path, tmp_path: Path
+) -> None:
+    """torchrun --nproc-per-node 2 gradio_demo_npu.py --tensor-parallel 2: rank 0 serves, rank 1 follows its edits
+    with the other half of the transformer."""
+    metadata = serve_one_edit(["--tensor-parallel", "2", "--host-memory", "64GiB"], 2, e1_1_editor, tiny_env,
+                              source_image, tmp_path / "results")
+    assert metadata["timings"]["tensor_parallel"] == {"size": 2, "ranks": [0, 1]}

@@ -22,9 +22,8 @@ from hidream_edit.config import (
 )
 from hidream_edit.editor import MAX_STEPS, USER_ERRORS, Editor, EditorSettings, device_manager_for
 from hidream_edit.errors import GuidanceGroupError
-from hidream_edit.guidance_parallel import check_cfg_parallel
 from hidream_edit.step_cache import CACHE_MODES
-from hidream_edit.tensor_parallel import refuse_tensor_parallel
+from hidream_edit.tensor_parallel import ParallelLayout, check_tensor_split, join_layout
 from hidream_edit.web.command_line import editor_settings_from_args, parse_command_line, start_logging
 from hidream_edit.web.service import (
     BATCH_JOBS,
@@ -249,25 +248,29 @@ def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> Non
     )
 
 
-def serve_with_guidance_group(
-    editor_settings: EditorSettings, settings: WebSettings, dist_env: DistributedEnvironment, size: int,
+def serve_with_edit_group(
+    editor_settings: EditorSettings, settings: WebSettings, dist_env: DistributedEnvironment, layout: ParallelLayout,
     timeout_s: float,
 ) -> int:
-    """Under torchrun with --cfg-parallel K: rank 0 serves the page, the other ranks follow its edits."""
-    from hidream_edit.distributed import CardGroup
+    """Under torchrun with --cfg-parallel C and/or --tensor-parallel K (C x K processes, one edit group):
+    rank 0 serves the page, the other ranks follow its edits."""
     from hidream_edit.group_jobs import GroupJobs, follow_leader
 
-    group = CardGroup.join(device_manager_for(editor_settings), dist_env, size, timeout_s)
+    group, tensor = join_layout(device_manager_for(editor_settings), dist_env, layout, timeout_s)
     try:
-        assert group.guidance is not None  # size == world size > 1, checked by the caller
-        jobs = GroupJobs(group.ranks.store, group.guidance)
+        edit = group.edit
+        assert edit is not None  # C x K == world size > 1, checked by the caller
+        jobs = GroupJobs(group.ranks.store, edit)
         if dist_env.rank == 0:
-            print(f"loading {editor_settings.spec.title} on {size} ranks...", file=sys.stderr, flush=True)
-        editor = Editor.load(editor_settings, group.dm)
-        editor.use_guidance_group(group.guidance, jobs.announce if group.guidance.leader else None)
-        if not group.guidance.leader:
+            print(f"loading {editor_settings.spec.title} on {layout.group_size} ranks...", file=sys.stderr,
+                  flush=True)
+        editor = Editor.load(editor_settings, group.dm, tensor)
+        if group.guidance is not None:
+            editor.use_guidance_group(group.guidance)
+        if not edit.leader:
             follow_leader(editor, jobs)
             return 0
+        editor.announce_edits(jobs.announce)
         try:
             launch(build_app(editor, settings), settings)
         finally:
@@ -289,10 +292,11 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
             print(f"warning: serving on {settings.host} without --auth: anyone who can reach it can use the device",
                   file=sys.stderr)
         dist_env = distributed_environment(env)
-        check_cfg_parallel(args.cfg_parallel, dist_env.world_size, "the web UI")
-        refuse_tensor_parallel(args.tensor_parallel, "the web UI")
+        layout = ParallelLayout(dist_env.world_size, args.cfg_parallel, args.tensor_parallel)
+        layout.check("the web UI")
+        check_tensor_split(editor_settings.sources, editor_settings.refine_weights, layout.tp)
         if dist_env.enabled:
-            return serve_with_guidance_group(editor_settings, settings, dist_env, args.cfg_parallel, args.dist_timeout)
+            return serve_with_edit_group(editor_settings, settings, dist_env, layout, args.dist_timeout)
         print(f"loading {model_spec(model).title}...", file=sys.stderr, flush=True)
         editor = Editor.load(editor_settings)
         demo = build_app(editor, settings)
