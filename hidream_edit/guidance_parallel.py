@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hidream_edit.distributed import EditGroup
 from hidream_edit.errors import EditCancelled, GroupPeerFailed, GuidanceGroupError, UserError
 from hidream_edit.spec import CFG_PARALLEL_SIZES
 
@@ -104,11 +103,6 @@ class GuidanceGroup:
         self.edits += 1
         self.should_stop = should_stop
         self.steps = []
-
-    def agree(self, name: str, compute: Callable[[], str]) -> str:
-        """A text the group's leader computes once and every rank uses (EditGroup.agree: this group is
-        the edit group when only --cfg-parallel is given)."""
-        return EditGroup(self.ranks, self.member, self.index, self.store, self.timeout_s).agree(name, compute)
 
     def predictions(
         self,

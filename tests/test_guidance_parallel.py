@@ -32,6 +32,7 @@ from test_batch_distributed import TORCHRUN, free_port, rank_process, run_env
 from torch.distributed import DistNetworkError
 
 from hidream_edit.config import DistributedEnvironment
+from hidream_edit.distributed import EditGroup
 from hidream_edit.errors import EditCancelled, GuidanceGroupError, UserError
 from hidream_edit.guidance_parallel import GuidanceGroup, branch_shares, check_cfg_parallel, form_guidance_group
 
@@ -63,19 +64,23 @@ def lost_group(member: int) -> GuidanceGroup:
                          device=torch.device("cpu"), timeout_s=5.0, store=LostStore())  # type: ignore[arg-type]
 
 
+def lost_edit_group(member: int) -> EditGroup:
+    return EditGroup([4, 5], member, 0, LostStore(), 5.0)  # type: ignore[arg-type]
+
+
 def test_a_lost_store_ends_a_guidance_group_with_one_line_on_each_rank() -> None:
     lost = "lost the rendezvous store (torchrun's agent or rank 0 ended): Broken pipe"
     with pytest.raises(GuidanceGroupError, match=f"^rank 4 {re.escape(lost)}$"):
-        lost_group(0).agree("item1", lambda: "3")  # the leader cannot hand the number over
+        lost_edit_group(0).agree("item1", lambda: "3")  # the leader cannot hand the number over
     with pytest.raises(GuidanceGroupError, match=f"^rank 5 {re.escape(lost)}$"):
-        lost_group(1).agree("item1", lambda: "3")  # the member cannot wait for it
+        lost_edit_group(1).agree("item1", lambda: "3")  # the member cannot wait for it
     claim_failed = GuidanceGroupError("rank 4 lost the rendezvous store at a:1 (...): Broken pipe")
 
     def claim() -> str:
         raise claim_failed
 
     with pytest.raises(GuidanceGroupError) as error:
-        lost_group(0).agree("item1", claim)  # telling the members fails too: the claim's own error stands
+        lost_edit_group(0).agree("item1", claim)  # telling the members fails too: the claim's own error stands
     assert error.value is claim_failed
     with pytest.raises(GuidanceGroupError, match=f"^rank 5 {re.escape(lost)}$"):
         lost_group(1).finish_edit()
