@@ -244,7 +244,7 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
     from tqdm import tqdm
 
     from hidream_edit.editor import save_result
-    from hidream_edit.images import open_image
+    from hidream_edit.images import model_input_size, open_image
 
     env = environment(env)
     spec = model_spec(model)
@@ -273,7 +273,8 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
             check_output_path(output, args.overwrite)
             check_can_create(output)
         _check_prompts(args)
-        open_image(args.image)
+        source = open_image(args.image)
+        model_input_size(spec.resize, source.width, source.height, getattr(args, "keep_aspect", False))
         settings = editor_settings_from_args(args, spec, env)
         check_tensor_split(settings.sources, settings.refine_weights, layout.tp)
         started = time.perf_counter()

@@ -111,6 +111,16 @@ def resize_for_e1_1(image: Image.Image, target_side: int = E1_1_TARGET_SIDE) -> 
     return _cover_and_crop(image, target)
 
 
+def model_input_size(resize: str, width: int, height: int, keep_aspect: bool = False) -> tuple[int, int]:
+    """The working size a `width` x `height` source is brought to (`resize` as in ModelSpec), computed
+    without the pixels so that a shape no model input can have is refused before anything loads."""
+    if resize == "area":
+        return e1_1_target_size(width, height)
+    if keep_aspect:
+        return _pick_area_size(width, height, E1_FULL_SIDE, "E1-Full")
+    return E1_FULL_SIDE, E1_FULL_SIDE
+
+
 def resize_for_e1_full(image: Image.Image, side: int = E1_FULL_SIDE, keep_aspect: bool = False) -> Image.Image:
     """Bring an image to the working size of E1-Full.
 

@@ -57,6 +57,27 @@ def assert_one_error_line(err: str, expected: str) -> None:
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err
 
 
+def test_a_shape_e1_full_cannot_keep_is_refused_before_loading(
+    tiny_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--keep-aspect on a 60000x4 strip would make a side under 16 pixels: one line before the model loads;
+    stretched to 768 x 768 (no --keep-aspect) the same strip goes on to load."""
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (60000, 4), (30, 120, 200)).save(strip)
+    loads: list[Any] = []
+
+    def load(settings: Any, *args: Any) -> None:
+        loads.append(settings)
+        raise UserError("stopped at the load")
+
+    monkeypatch.setattr(cli.Editor, "load", load)
+    code, err = run_cli("e1-full", strip, tmp_path / "out.png", ["--keep-aspect"], tiny_env, capsys)
+    assert code == 2 and loads == []
+    assert_one_error_line(err, "error: image of 60000x4 is too elongated to resize for E1-Full")
+    code, err = run_cli("e1-full", strip, tmp_path / "out.png", [], tiny_env, capsys)
+    assert code == 2 and len(loads) == 1 and "stopped at the load" in err
+
+
 @pytest.mark.parametrize("directory", ["taken.png", "taken.png.json"])
 def test_an_output_that_is_a_directory_is_refused_before_loading(
     directory: str, tiny_env: dict[str, str], source_png: Path, tmp_path: Path, no_loading: None,
