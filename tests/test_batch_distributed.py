@@ -126,6 +126,24 @@ def scenario_result(folder: Path, name: str, rank: int) -> Any:
     return recorded["result"]
 
 
+def test_rank_0_waits_the_groups_timeout_for_results_that_never_come() -> None:
+    """A rank that never hands its results over ends rank 0's wait after --dist-timeout with one line,
+    not after the store's own (longer) timeout with its error."""
+    from torch.distributed import HashStore
+
+    from hidream_edit.distributed import RankGroup
+
+    store = HashStore()
+    store.set_timeout(timedelta(seconds=3))
+    group = RankGroup(DistributedEnvironment(2, 0, 0, "127.0.0.1", 29500), store, timedelta(seconds=0.5), "gloo")
+    group.publish("records", "[]")
+    with pytest.raises(UserError, match=r"^rank 0 waited 0.5 s for the other ranks' results \("):
+        group.collect("records")
+    RankGroup(DistributedEnvironment(2, 1, 1, "127.0.0.1", 29500), store, timedelta(seconds=0.5), "gloo").publish(
+        "records", '["one"]')
+    assert group.collect("records") == ["[]", '["one"]']
+
+
 def test_ranks_share_one_counter_so_each_item_goes_to_exactly_one_rank(coordination: Path) -> None:
     result = scenario_result(coordination, "claims", 0)
     claims = result["claims"]

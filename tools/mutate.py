@@ -82,6 +82,7 @@ GUIDANCE_GROUP_TESTS = ["test_four_ranks_form_two_groups_that_gather_apart_and_s
                         "test_a_rank_that_fails_mid_edit_stops_its_whole_group_at_once",
                         "test_stop_on_the_leader_stops_every_rank_at_the_same_step_and_the_group_goes_on"]
 RANK_STORE_TESTS = ["test_a_rank_that_finds_no_group_fails_with_one_line_instead_of_hanging",
+                    "test_rank_0_waits_the_groups_timeout_for_results_that_never_come",
                     "test_ranks_share_one_counter_so_each_item_goes_to_exactly_one_rank",
                     "test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before"]
 CONFIG_TESTS = [
@@ -112,7 +113,7 @@ TARGETS: dict[str, list[str]] = {
                             "tests/test_e1_1.py::test_device_out_of_memory_is_one_line_with_the_fix"],
     "hidream_edit/placement.py": ["tests/test_placement.py", *_in("test_placement_run.py", PLACEMENT_RUN_TESTS)],
     "hidream_edit/batch.py": ["tests/test_batch.py", "tests/test_batch_hardening.py",
-                              *_in("test_batch_distributed.py", RANK_STORE_TESTS[1:2]),
+                              *_in("test_batch_distributed.py", RANK_STORE_TESTS[2:3]),
                               *_in("test_guidance_parallel.py", GUIDANCE_GROUP_TESTS[:1])],
     "hidream_edit/guidance_parallel.py": [*_in("test_guidance_parallel.py", GUIDANCE_UNIT_TESTS),
                                           "tests/test_group_jobs.py",
