@@ -294,6 +294,7 @@ ANSWER_VARIANTS = {
         f"Target image description: {TARGET_TEXT}"
     ),
     "think": f"<think>Source: maybe a truck?\nTarget: no idea</think>\n{GOOD_ANSWER}",
+    "chatter-naming-a-label": f"Here is the target I suggest:\n{GOOD_ANSWER}\nMy instruction: keep it simple.",
 }
 
 
@@ -458,12 +459,15 @@ def test_missing_choices_or_content_is_an_error(vlm: FakeVLM, image: Image.Image
     assert_one_line(error)
 
 
-def test_http_500_is_retried_then_fails(vlm: FakeVLM, image: Image.Image) -> None:
+def test_http_500_is_retried_then_fails(vlm: FakeVLM, image: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr("hidream_edit.instructions.time.sleep", waits.append)
     vlm.replies = [Reply(status=500, body=b'{"error": "CUDA out of memory"}')]
     with pytest.raises(InstructionRewriteError, match="HTTP 500") as error:
-        rewrite_instruction(image, "make the car blue", vlm.settings(retries=2))
+        rewrite_instruction(image, "make the car blue", vlm.settings(retries=2, backoff_s=0.25))
     assert "CUDA out of memory" in assert_one_line(error)
     assert len(vlm.requests) == 3
+    assert waits == [0.25, 0.5]  # the backoff doubles from one retry to the next
 
 
 def test_http_429_is_retried_and_can_recover(vlm: FakeVLM, image: Image.Image) -> None:
