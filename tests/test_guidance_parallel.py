@@ -168,7 +168,7 @@ def _two_groups_of_two(rank: int, port: int, items: int) -> dict[str, Any]:
             return torch.stack([torch.full((2, 3), 100.0 * rank + b) for b in range(start, stop)])
 
         gathered = guidance.predictions(3, compute, (2, 3), torch.float32, "a step")
-        mine = list(claimed(GroupQueue(group.ranks, guidance), items))
+        mine = list(claimed(GroupQueue(group.ranks, group.edit), items))
         return {"group": guidance.index, "leader": guidance.leader, "gathered": gathered[:, 0, 0].tolist(),
                 "items": mine}
     finally:
