@@ -73,8 +73,7 @@ ENCODE_RESERVE = 1 * GIB  # a text encoder's own working set (128 tokens) on the
 HOST_OVERHEAD = 3 * GIB  # Python, torch, the device runtime and tokenizers in host memory
 GROUPS_ON_CARD = 2  # group offload keeps the running block and prefetches the next one
 
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                      "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_STORED_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _MAX_HEADER_BYTES = 100 * 2**20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
@@ -160,7 +159,7 @@ def tensor_bytes(stored: str, count: int, dtype: str, keep_fp32: bool = False) -
     """Bytes one tensor takes once loaded: floating tensors in the run dtype (or fp32 where kept), others as stored."""
     if stored in _FLOAT_DTYPES:
         return count * (4 if keep_fp32 else DTYPE_BYTES[dtype])
-    return count * _SAFETENSORS_BYTES.get(stored, 8)
+    return count * _STORED_BYTES.get(stored, 8)
 
 
 def _block_of(name: str) -> str | None:

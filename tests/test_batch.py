@@ -293,6 +293,7 @@ def test_failure_resume_skip_and_overwrite_through_the_cli(
     assert run_cli(argv, tiny_env) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [item["status"] for item in summary["items"]] == ["skipped", "ok", "skipped"]
+    assert [item["seconds"] > 0 for item in summary["items"]] == [False, True, False]  # skipping takes no edit time
     assert {name: _stat(out / name) for name in first} == first  # finished outputs untouched
     assert len(counted_loads) == 2
 

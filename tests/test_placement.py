@@ -35,6 +35,7 @@ from hidream_edit.placement import (
     plan_for_machine,
     plan_placement,
     read_safetensors_header,
+    tensor_bytes,
     working_set,
 )
 from hidream_edit.spec import EDIT_BRANCHES, LLAMA_UNUSED_PREFIXES, MODELS, REAL_PARAMETERS
@@ -365,6 +366,10 @@ def test_header_sizes_count_floats_in_the_run_dtype_and_ints_as_stored(tmp_path:
         {"w": torch.zeros(3, 4, dtype=torch.float32), "ids": torch.zeros(5, dtype=torch.int64)},
     )
     assert read_safetensors_header(file) == {"w": ("F32", 12), "ids": ("I64", 5)}
+    assert [tensor_bytes("F32", 12, "bf16"), tensor_bytes("F64", 12, "fp16"), tensor_bytes("BF16", 12, "fp32")] == [
+        24, 24, 48]
+    assert tensor_bytes("F32", 12, "bf16", keep_fp32=True) == 48  # T5's `wo` kept in fp32 under fp16
+    assert [tensor_bytes(stored, 5, "bf16") for stored in ("I64", "U8", "BOOL")] == [40, 5, 5]
 
 
 def test_header_reader_rejects_corrupt_files(tmp_path: Path) -> None:
