@@ -154,10 +154,6 @@ class EditGroup:
         return cls(list(range(first, first + size)), rank % size, rank // size, store, timeout_s)
 
     @property
-    def size(self) -> int:
-        return len(self.ranks)
-
-    @property
     def rank(self) -> int:
         return self.ranks[self.member]
 
