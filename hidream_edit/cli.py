@@ -52,7 +52,7 @@ from hidream_edit.editor import (
 from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.spec import ModelSpec
 from hidream_edit.tensor_parallel import ParallelLayout, check_tensor_split, join_layout
-from hidream_edit.tensor_split import check_refine_weights, check_resident, tensor_share
+from hidream_edit.tensor_split import check_refine_weights, tensor_share
 from hidream_edit.text import LINE_CHARS, shown
 
 logger = logging.getLogger("hidream_edit")
@@ -118,45 +118,53 @@ def edit_mode(args: argparse.Namespace, parser: argparse.ArgumentParser, spec: M
 
 
 def run_plan(args: argparse.Namespace, spec: ModelSpec, env: Mapping[str, str]) -> int:
-    """--plan: print the memory plan for this machine or a --plan-host one; reads headers, never weights."""
+    """--plan: print the memory plan for this machine or a --plan-host one; reads headers, never weights.
+    With --tensor-parallel K: the plan of a group of K cards (the first from --device on)."""
+    from hidream_edit.host_layout import host_dict, host_summary, plan_host
     from hidream_edit.models import sizes_on_disk
-    from hidream_edit.placement import described_budgets, machine_budgets, plan_for_machine, plan_placement
-    from hidream_edit.tensor_split import plan_tensor_rank
+    from hidream_edit.placement import Budgets, described_budgets, machine_budgets, plan_for_machine, plan_placement
+    from hidream_edit.tensor_split import member_budgets, plan_tensor_group
 
     settings = editor_settings_from_args(args, spec, env)
     tp = args.tensor_parallel
     check_refine_weights(settings.refine_weights, tp)
     local_i1 = Path(settings.sources.i1) if Path(settings.sources.i1).is_dir() else None  # else the real model's
     attention = settings.attention or "sdpa"
+    budgets: Budgets | None = None
     if args.plan_host:
-        sizes = tensor_share(sizes_on_disk(settings.sources, plan_dtype(args, env), settings.refine_weights),
-                             local_i1, tp)
+        dtype = plan_dtype(args, env)
         budgets = described_budgets(args.plan_host, args.device, settings.max_memory, settings.host_memory)
-        if tp > 1:
-            plan = plan_tensor_rank(spec, sizes, budgets, settings.offload, attention, settings.encoder_device)
-        else:
-            plan = plan_placement(spec, sizes, budgets, settings.offload, attention, settings.encoder_device)
     else:
         from device_utils import DeviceManager
 
         dm = DeviceManager(
             settings.device, settings.dtype, device_origin=settings.device_origin, dtype_origin=settings.dtype_origin
         )
-        attention = dm.resolve_attention_backend(settings.attention)
-        sizes = tensor_share(sizes_on_disk(settings.sources, dm.dtype_name, settings.refine_weights), local_i1, tp)
-        if tp > 1:
-            budgets = machine_budgets(dm.device_type, dm.index, settings.max_memory, settings.host_memory,
-                                      all_cards=False)
-            plan = plan_tensor_rank(spec, sizes, budgets, settings.offload, attention, settings.encoder_device)
-        else:
-            plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, settings.offload, attention,
-                                    settings.encoder_device, settings.max_memory, settings.host_memory)
-    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.summary())
-    if tp > 1 and not args.json:
-        print(f"tensor parallel {tp}: the plan of each card of a group; its transformer is this "
-              "card's share (its slices of the split weights, the rest whole)")
+        attention, dtype = dm.resolve_attention_backend(settings.attention), dm.dtype_name
+    sizes = tensor_share(sizes_on_disk(settings.sources, dtype, settings.refine_weights), local_i1, tp)
+    choice = (settings.offload, attention, settings.encoder_device)
     if tp > 1:
-        check_resident(plan.placement)
+        if budgets is None:
+            budgets = machine_budgets(dm.device_type, dm.index, settings.max_memory, settings.host_memory)
+        group = plan_tensor_group(spec, sizes, member_budgets(budgets, tp), *choice)
+        print(json.dumps(group.as_dict(), indent=2) if args.json else group.summary())
+        if group.error:
+            raise UserError(group.error)
+        return 0
+    if budgets is not None:
+        plan = plan_placement(spec, sizes, budgets, *choice)
+    else:
+        plan = plan_for_machine(spec, sizes, dm.device_type, dm.index, *choice, settings.max_memory,
+                                settings.host_memory)
+        budgets = machine_budgets(dm.device_type, dm.index, settings.max_memory, settings.host_memory)
+    host = None
+    if budgets.cards and args.cfg_parallel == 1:  # the whole host's layouts, unless one was asked for
+        host = plan_host(spec, sizes, budgets, attention, local_i1)
+    extra = ("--dtype", dtype) if args.dtype else ()
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "host_layouts": host and host_dict(host, spec.script, extra)}, indent=2))
+    else:
+        print(plan.summary() if host is None else f"{plan.summary()}\n\n{host_summary(host, spec.script, extra)}")
     return 0
 
 

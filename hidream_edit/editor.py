@@ -34,6 +34,7 @@ from hidream_edit.errors import EditCancelled, NonFiniteError, UserError
 from hidream_edit.guidance_parallel import GuidanceGroup
 from hidream_edit.images import ImageSource, open_image, resize_for_e1_1, resize_for_e1_full, resize_to
 from hidream_edit.models import LoadedPipeline, ModelSources, load_pipeline
+from hidream_edit.placement import ENCODER_ATTRIBUTES
 from hidream_edit.spec import INSTRUCTION_MARKER, MAX_PROMPT_CHARS, TARGET_MARKER, ModelSpec, is_e1_full_form
 from hidream_edit.step_cache import DEFAULT_THRESHOLD, DEFAULT_WARMUP, CacheSettings, check_cache_values
 from hidream_edit.text import check_path_text, shown
@@ -432,7 +433,24 @@ class Editor:
             "attention": self.loaded.attention,
             "offload": self.settings.offload,
             "placement": self.placement(),
+            "layout": self.layout(),
             "memory": self.dm.memory_stats(log=False).as_dict(),
+        }
+
+    def layout(self) -> dict[str, Any] | None:
+        """The groups this process edits with under torchrun (None: it edits alone), and the text encoders
+        it holds for its tensor-parallel group."""
+        guidance, tensor = self.guidance_group, self.tensor_group
+        if guidance is None and tensor is None:
+            return None
+        pipe = self.loaded.pipe
+        return {
+            "cfg_parallel": guidance.size if guidance is not None else 1,
+            "guidance_ranks": guidance.ranks if guidance is not None else None,
+            "tensor_parallel": tensor.size if tensor is not None else 1,
+            "tensor_ranks": tensor.ranks if tensor is not None else None,
+            "text_encoders_here": [name for name, attribute in ENCODER_ATTRIBUTES.items()
+                                   if getattr(pipe, attribute, None) is not None],
         }
 
     def placement(self) -> dict[str, Any] | None:

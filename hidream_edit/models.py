@@ -19,8 +19,24 @@ import torch
 from device_utils import CheckpointError, DeviceManager, dtype_name, load_safetensors
 from hidream_edit.attention import install_attention
 from hidream_edit.errors import ModelFilesError, UserError
-from hidream_edit.placement import ModelSizes, Plan, apply_plan, machine_budgets, model_sizes, plan_for_machine
-from hidream_edit.spec import LLAMA_ALLOW_PATTERNS, LLAMA_UNUSED_PREFIXES, MODELS, REFINE_WEIGHTS, LoraLayout, ModelSpec
+from hidream_edit.placement import (
+    ENCODER_ATTRIBUTES,
+    ModelSizes,
+    Plan,
+    apply_plan,
+    machine_budgets,
+    model_sizes,
+    plan_for_machine,
+)
+from hidream_edit.spec import (
+    LLAMA_ALLOW_PATTERNS,
+    LLAMA_UNUSED_PREFIXES,
+    MODELS,
+    REFINE_WEIGHTS,
+    TEXT_ENCODERS,
+    LoraLayout,
+    ModelSpec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +449,13 @@ def load_pipeline(
     from transformers import AutoTokenizer, LlamaModel
 
     from hidream_edit.pipeline import HiDreamImageEditingPipeline
-    from hidream_edit.tensor_split import check_resident, parallelize_transformer, plan_tensor_rank, tensor_share
+    from hidream_edit.tensor_split import (
+        SharedEncoders,
+        gather_budgets,
+        parallelize_transformer,
+        plan_tensor_group,
+        tensor_share,
+    )
 
     spec = sources.spec
     if refine_weights not in REFINE_WEIGHTS:
@@ -455,16 +477,22 @@ def load_pipeline(
     _raise_if_incomplete(problems + _problems_for("edit", spec, edit_path))
     lora_path = edit_path / spec.lora.file if spec.lora is not None and edit_path.is_dir() else edit_path
     sizes = model_sizes(spec, dm.dtype_name, llama_dir, i1_dir, lora_path, LLAMA_UNUSED_PREFIXES, base_refine)
+    held = TEXT_ENCODERS
+    shared_encoders = None
     if tensor_mesh is None:
         plan = plan_for_machine(spec, sizes, *plan_args)
     else:
         sizes = tensor_share(sizes, i1_dir, tensor_mesh.size())
         own = machine_budgets(dm.device_type, dm.index, max_memory, host_memory, all_cards=False)
-        plan = plan_tensor_rank(spec, sizes, own, offload, attention, encoder_device)
+        group_plan = plan_tensor_group(spec, sizes, gather_budgets(own, tensor_mesh), offload, attention,
+                                       encoder_device)
+        if group_plan.error:
+            raise UserError(group_plan.error)
+        member = tensor_mesh.get_local_rank()
+        plan, held = group_plan.plans[member], group_plan.held_by(member)
+        shared_encoders = SharedEncoders(group_plan.owners, tensor_mesh)
     if plan.error:
         raise UserError(plan.error)
-    if tensor_mesh is not None:
-        check_resident(plan.placement)
     if plan.warning:
         logger.warning("memory plan: %s", plan.warning)
     logger.info("memory plan: %s", plan.reason)
@@ -489,10 +517,14 @@ def load_pipeline(
     # the base model: prompt encoding reads hidden states only, the lm_head would be 1 GiB never used
     text_encoder_4 = LlamaModel.from_pretrained(
         llama_dir, dtype=dtype, attn_implementation="eager", device_map=plan.load_device("llama")
-    )
+    ) if "llama" in held else None
+    # under --tensor-parallel another rank of the group holds the encoders this one does not load
+    elsewhere = {ENCODER_ATTRIBUTES[name]: None for name in TEXT_ENCODERS if name not in held and name != "llama"}
     pipe = HiDreamImageEditingPipeline.from_pretrained(
-        i1_dir, transformer=transformer, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype
+        i1_dir, transformer=transformer, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype,
+        **elsewhere,
     )
+    pipe.shared_encoders = shared_encoders
     placed = place_pipeline(pipe, dm, plan, attention, vae_tiling)
     return LoadedPipeline(
         pipe, switch, placed.attention, placed.actions, sources, lora_fused=fuse_lora, vae_dtype=placed.vae_dtype,

@@ -129,6 +129,13 @@ class PromptCache(Protocol):
     def store(self, key: PromptKey, value: EncodedPrompts) -> None: ...
 
 
+class EncoderSharing(Protocol):
+    """Under --tensor-parallel each text encoder is loaded by one rank of the group (tensor_split.SharedEncoders):
+    that rank runs `encode`, the others receive its result."""
+
+    def share(self, name: str, encode: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor: ...
+
+
 class HiDreamImageEditingPipeline(HiDreamImagePipeline):
     """Instruction-based image editing with HiDream-E1.1 / E1-Full transformers."""
 
@@ -137,12 +144,41 @@ class HiDreamImageEditingPipeline(HiDreamImagePipeline):
     edit_device: torch.device | None = None  # set by a memory placement (placement.py) that spreads components
     guidance_group: GuidanceGroup | None = None  # set by the Editor under --cfg-parallel: ranks share the branches
     step_cache: StepCache | None = None  # hooked into the transformer by the first edit that caches
+    shared_encoders: EncoderSharing | None = None  # set by the loader under --tensor-parallel
 
     @property
     def _execution_device(self) -> torch.device:
         """The edit card when a placement names it: with text encoders on another card, diffusers' own guess
         (the first non-CPU component by name) would be the encoders' card."""
         return self.edit_device if self.edit_device is not None else super()._execution_device
+
+    def _shared(self, name: str, encode: Callable[[], torch.Tensor], device: torch.device | None) -> torch.Tensor:
+        if self.shared_encoders is None:
+            return encode()
+        return self.shared_encoders.share(name, encode, device or self._execution_device)
+
+    def _get_clip_prompt_embeds(  # type: ignore[override]
+        self, tokenizer: Any, text_encoder: Any, prompt: str | list[str], max_sequence_length: int = 128,
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        encode = super()._get_clip_prompt_embeds
+        name = "clip_l" if tokenizer is self.tokenizer else "clip_g"  # a rank without the encoder holds None
+        return self._shared(
+            name, lambda: encode(tokenizer, text_encoder, prompt, max_sequence_length, device, dtype), device)
+
+    def _get_t5_prompt_embeds(  # type: ignore[override]
+        self, prompt: str | list[str] | None = None, max_sequence_length: int = 128,
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        encode = super()._get_t5_prompt_embeds
+        return self._shared("t5", lambda: encode(prompt, max_sequence_length, device, dtype), device)
+
+    def _get_llama3_prompt_embeds(  # type: ignore[override]
+        self, prompt: str | list[str] | None = None, max_sequence_length: int = 128,
+        device: torch.device | None = None, dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        encode = super()._get_llama3_prompt_embeds
+        return self._shared("llama", lambda: encode(prompt, max_sequence_length, device, dtype), device)
 
     def _encode(
         self, prompt: str, negative_prompt: str, device: torch.device, max_sequence_length: int, guided: bool

@@ -870,7 +870,8 @@ def apply_plan(pipe: Any, plan: Plan, card: Any, host: Any = "cpu") -> tuple[lis
     card = torch.device(card)
     host = torch.device(host)
     placement = plan.placement
-    encoders = {name: getattr(pipe, attribute) for name, attribute in ENCODER_ATTRIBUTES.items()}
+    encoders = {name: getattr(pipe, attribute) for name, attribute in ENCODER_ATTRIBUTES.items()
+                if getattr(pipe, attribute) is not None}  # under --tensor-parallel a rank holds some
     hooks: Any = None
     pipe.edit_device = card
     if placement == "none":

@@ -74,6 +74,7 @@ class ModelSpec:
 
     name: str
     title: str
+    script: str  # the entry script that edits with it (the planner prints commands that run it)
     edit_hub_id: str
     edit_flag: str
     edit_env: str
@@ -115,6 +116,7 @@ MODELS: dict[str, ModelSpec] = {
     "e1.1": ModelSpec(
         name="e1.1",
         title="HiDream-E1.1",
+        script="inference_e1_1_npu.py",
         edit_hub_id="HiDream-ai/HiDream-E1-1",
         edit_flag="--e1-path",
         edit_env="HIDREAM_E1_PATH",
@@ -127,6 +129,7 @@ MODELS: dict[str, ModelSpec] = {
     "e1-full": ModelSpec(
         name="e1-full",
         title="HiDream-E1-Full",
+        script="inference_npu.py",
         edit_hub_id="HiDream-ai/HiDream-E1-Full",
         edit_flag="--lora-path",
         edit_env="HIDREAM_E1_FULL_PATH",

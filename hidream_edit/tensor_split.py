@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from hidream_edit.errors import GuidanceGroupError, UserError
-from hidream_edit.placement import Budgets, ModelSizes, Plan, plan_placement
-from hidream_edit.spec import REAL_PARAMETERS, REAL_TRANSFORMER_SPLIT, ModelSpec
+from hidream_edit.placement import Budgets, ModelSizes, Plan, plan_placement, working_set
+from hidream_edit.spec import REAL_PARAMETERS, REAL_TRANSFORMER_SPLIT, TEXT_ENCODERS, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,20 @@ BLOCK_PLAN: dict[str, str] = {
 BLOCK_PREFIXES = ("double_stream_blocks.*.block.", "single_stream_blocks.*.block.")
 ATTENTION_SUFFIX = ".attn1"
 
+def resident_error(placement: str, card: str = "this card") -> str | None:
+    """Why a plan cannot hold a split transformer: one that streams or moves it (None: it stays resident)."""
+    if placement in RESIDENT_PLACEMENTS:
+        return None
+    return (f"with --tensor-parallel each card keeps its share of the transformer resident, but {card} "
+            f"only fits the '{placement}' plan, which moves it between host and card; use a larger "
+            "--tensor-parallel or cards with more free memory (--plan shows each card's plan)")
+
+
 def check_resident(placement: str) -> None:
     """A split transformer stays on its cards: a plan that streams or moves it refuses before loading."""
-    if placement not in RESIDENT_PLACEMENTS:
-        raise UserError(
-            f"with --tensor-parallel each card keeps its share of the transformer resident, but this card's "
-            f"memory only fits the '{placement}' plan, which moves it between host and card; use a larger "
-            "--tensor-parallel or cards with more free memory (--plan shows each card's plan)"
-        )
+    error = resident_error(placement)
+    if error:
+        raise UserError(error)
 
 
 def config_split_fraction(i1_dir: Path | None) -> float:
@@ -111,6 +117,101 @@ def plan_tensor_rank(
     rank's own card and the host (the group's other cards hold their own shares and plan the same way)."""
     own = replace(budgets, cards=(budgets.edit,), edit_card=0) if budgets.cards else budgets  # no cards: the CPU
     return plan_placement(spec, sizes, own, asked, attention, encoder_device)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """The memory plan of a tensor-parallel group: which member holds each text encoder (each on one card,
+    loaded once for the group, its embeddings broadcast to the others) and each member's own plan (its
+    share of the transformer, the VAE, the encoders it holds, resident where its card has room)."""
+
+    owners: dict[str, int]
+    plans: tuple[Plan, ...]
+
+    @property
+    def error(self) -> str | None:
+        """The first member that cannot run: its plan's error, or a plan that would move its share."""
+        for member, plan in enumerate(self.plans):
+            card = f"card {member + 1} of the group"
+            if plan.error:
+                return f"{card}: {plan.error}"
+            error = resident_error(plan.placement, card)
+            if error:
+                return error
+        return None
+
+    def held_by(self, member: int) -> tuple[str, ...]:
+        return tuple(name for name in TEXT_ENCODERS if self.owners[name] == member)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tensor_parallel": len(self.plans), "encoder_owners": self.owners, "error": self.error,
+                "members": [plan.as_dict() for plan in self.plans]}
+
+    def summary(self) -> str:
+        lines = [f"tensor parallel {len(self.plans)}: the plan of each card of a group; its transformer is this "
+                 "card's share (its slices of the split weights, the rest whole); each text encoder is held by "
+                 "one card of the group, which shares its embeddings with the others"]
+        for member, plan in enumerate(self.plans):
+            lines.append(f"--- card {member + 1} of {len(self.plans)} (group rank {member}) ---")
+            lines.append(plan.summary())
+        return "\n".join(lines)
+
+
+def _room(budgets: Budgets) -> int:
+    """What a member may fill: its card, or host memory on the CPU (unknown: as much as any other member)."""
+    if budgets.cards:
+        return budgets.edit.budget
+    return budgets.host if budgets.host is not None else 0
+
+
+def plan_tensor_group(
+    spec: ModelSpec, sizes: ModelSizes, members: list[Budgets], asked: str = "auto", attention: str = "sdpa",
+    encoder_device: str | None = None,
+) -> GroupPlan:
+    """Place each text encoder on one member of a tensor-parallel group and plan every member.
+
+    `sizes` as tensor_share gives them; `members[i]` the budgets of the group's i-th rank (its own card and
+    the host). The largest encoder goes first, each to the member with the most room left after its share,
+    the VAE, the working set and the encoders already given to it, so an encoder stays resident wherever
+    one card of the group has room for it, and visits its card from host memory otherwise. Every rank of a
+    group computes the same plan from the same gathered budgets, so they agree on the owners.
+    """
+    reserve = working_set(spec, sizes.dtype, attention, sizes.dims)
+    resident = sizes.components["transformer"] + sizes.components["vae"] + reserve.total
+    room = [_room(budgets) - resident for budgets in members]
+    owners: dict[str, int] = {}
+    for name in sorted(TEXT_ENCODERS, key=lambda encoder: -sizes.components[encoder]):
+        member = max(range(len(members)), key=lambda index: (room[index], -index))
+        owners[name] = member
+        room[member] -= sizes.components[name]
+    plans = []
+    for member, budgets in enumerate(members):
+        elsewhere = [name for name in TEXT_ENCODERS if owners[name] != member]
+        own_sizes = replace(sizes, components={**sizes.components, **dict.fromkeys(elsewhere, 0)})
+        plan = plan_tensor_rank(spec, own_sizes, budgets, asked, attention, encoder_device)
+        homes = {**plan.chosen.homes, **{name: _home_of(members, owners[name]) for name in elsewhere}}
+        devices = tuple(replace(peak, components=tuple(c for c in peak.components if c not in elsewhere))
+                        for peak in plan.chosen.devices)
+        host = replace(plan.chosen.host, components=tuple(c for c in plan.chosen.host.components if c not in elsewhere))
+        plans.append(replace(plan, sizes=sizes, chosen=replace(plan.chosen, homes=homes, devices=devices, host=host)))
+    return GroupPlan(owners, tuple(plans))
+
+
+def _home_of(members: list[Budgets], owner: int) -> str:
+    card = members[owner].edit.name if members[owner].cards else "host"
+    return f"{card} (group rank {owner})"
+
+
+def member_budgets(budgets: Budgets, size: int) -> list[Budgets]:
+    """The budgets of the `size` members of a group whose first card is the budgets' edit card (a described
+    host, or --plan on this machine): each member's own card and the shared host."""
+    if not budgets.cards:
+        return [budgets] * size
+    first = budgets.edit_card
+    if first + size > len(budgets.cards):
+        raise UserError(f"a tensor-parallel group of {size} starting at {budgets.edit.name} needs {size} cards, "
+                        f"but only {len(budgets.cards) - first} are there from that card on")
+    return [replace(budgets, cards=(budgets.cards[first + member],), edit_card=0) for member in range(size)]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -271,6 +372,36 @@ def parallelize_transformer(transformer: nn.Module, mesh: Any, shards: dict[str,
             module.heads = heads // size
     logger.info("tensor parallel: %d modules split over %d ranks (%d heads each)", len(plan), size, heads // size)
     return len(plan)
+
+
+def gather_budgets(own: Budgets, mesh: Any) -> list[Budgets]:
+    """Every member's budgets, in group order: each rank measures its own card, and all of them plan the
+    group from the same list, so they agree on which member holds which encoder."""
+    members: list[Any] = [None] * mesh.size()
+    dist.all_gather_object(members, own, group=mesh.get_group())
+    return members
+
+
+class SharedEncoders:
+    """The embeddings of a tensor-parallel group's text encoders: each encoder is loaded by one member
+    (GroupPlan.owners), which encodes and broadcasts; the others receive. Every rank calls `share` for the
+    same encoders in the same order (the pipeline's prompt encoding is the same code on every rank)."""
+
+    def __init__(self, owners: dict[str, int], mesh: Any) -> None:
+        self.owners = owners
+        self.group = mesh.get_group()
+        self.member = int(mesh.get_local_rank())
+
+    def share(self, name: str, encode: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+        owner = self.owners[name]
+        tensor = encode().contiguous() if owner == self.member else None
+        header: list[Any] = [None if tensor is None else (tuple(tensor.shape), tensor.dtype)]
+        dist.broadcast_object_list(header, group=self.group, group_src=owner, device=device)
+        shape, dtype = header[0]
+        if tensor is None:
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(tensor, group=self.group, group_src=owner)
+        return tensor
 
 
 @dataclass

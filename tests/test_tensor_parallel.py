@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import pickle
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ from test_guidance_parallel import (
 from hidream_edit.cli import run_edit_cli
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.errors import UserError
+from hidream_edit.placement import ENCODER_ATTRIBUTES
+from hidream_edit.spec import TEXT_ENCODERS
 from hidream_edit.tensor_parallel import ParallelLayout
 from hidream_edit.tensor_split import BLOCK_PLAN, check_head_split
 
@@ -213,11 +216,14 @@ def _tp_edits(rank: int, world: int, cfg: int, tp: int, port: int, tiny_root: st
             if result.image is not None:
                 results[name] = (np.asarray(result.image), result.metadata)
         counts = {model: _split_counts(editor.loaded.pipe.transformer, tp) for model, editor in editors.items()}
+        held = {model: [name for name, attribute in ENCODER_ATTRIBUTES.items()
+                        if getattr(editor.loaded.pipe, attribute) is not None] for model, editor in editors.items()}
         # Stop asked on rank 0 alone (the web UI's server) stops every rank at the same step
         outcome = _stop_then_edit(editors["e1.1"], rank, image)
         stop = {"first": outcome["first"], "second_decoded": outcome["second"] is not None}
         Path(f"{result_file}.{rank}.json").write_text(json.dumps(
             {"counts": counts, "writes": sorted(results), "tp_ranks": tensor.ranks, "read": read, "stop": stop,
+             "held": held, "layout": editors["e1.1"].layout() if "e1.1" in editors else None,
              "edit_group": [group.edit.ranks, group.edit.leader]}))
         if rank == 0:
             Path(result_file).write_bytes(pickle.dumps(results))
@@ -384,6 +390,23 @@ def test_each_rank_reads_only_its_slices_of_the_e1_1_transformer(
         assert rank["read"] == [share]
 
 
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_each_text_encoder_is_loaded_by_one_rank_of_a_group_which_shares_its_embeddings(
+    two_ranks: dict, four_ranks: dict, model: str
+) -> None:
+    """The group's edits equal one process's (the tests above), yet no rank loads all four encoders: the
+    embeddings of the others reach it from the rank that holds them."""
+    pair = [rank["held"][model] for rank in two_ranks["ranks"]]
+    assert sorted(pair[0] + pair[1]) == sorted(TEXT_ENCODERS) and all(pair)
+    # the web UI's device panel reports the same (Editor.layout)
+    assert [rank["layout"] for rank in two_ranks["ranks"]] == [
+        {"cfg_parallel": 1, "guidance_ranks": None, "tensor_parallel": 2, "tensor_ranks": [0, 1],
+         "text_encoders_here": [rank["held"]["e1.1"] for rank in two_ranks["ranks"]][member]} for member in (0, 1)]
+    if model == "e1.1":  # cfg 2 x tp 2: each tensor-parallel pair holds the four once
+        quad = [rank["held"][model] for rank in four_ranks["ranks"]]
+        assert sorted(quad[0] + quad[1]) == sorted(quad[2] + quad[3]) == sorted(TEXT_ENCODERS)
+
+
 def test_cfg_parallel_2_with_tensor_parallel_2_on_four_ranks_gives_one_process(
     four_ranks: dict, one_process: dict
 ) -> None:
@@ -407,16 +430,30 @@ def test_tensor_parallel_4_on_a_four_head_transformer_equals_the_whole_forward(f
         assert result["difference"] <= 1e-5 * max(1.0, result["scale"])
 
 
-def test_torchrun_tensor_parallel_2_writes_the_single_process_image(
+def test_the_planned_command_for_two_cards_writes_the_single_process_image_under_torchrun(
     tiny_env: dict[str, str], source_image: Path, tmp_path: Path, one_process: dict
 ) -> None:
+    """`--plan --plan-host 2x64GiB` prints a torchrun command with --tensor-parallel 2 for the fastest edit; that
+    command, with the tiny set's flags added and its placeholders filled, gives the one-process image."""
+    from hidream_edit.host_layout import command as planned_command
+    from hidream_edit.host_layout import plan_host
+    from hidream_edit.models import table_sizes
+    from hidream_edit.placement import described_budgets
+    from hidream_edit.spec import MODELS
+
     model, fields = EDITS["e1.1 edit+refine"]
     output = tmp_path / "tp" / "out.png"
     output.parent.mkdir()
-    command = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--monitor-interval", "0.5", "inference_e1_1_npu.py",
-               "--tiny", "--image", str(source_image), "--instruction", fields["instruction"], "--steps", "2",
-               "--refine-strength", str(fields["refine_strength"]), "--seed", str(fields["seed"]),
-               "--tensor-parallel", "2", "--host-memory", "64GiB", "--output", str(output)]
+    spec = MODELS["e1.1"]
+    host = plan_host(spec, table_sizes(spec, "bf16"), described_budgets("2x64GiB"))
+    words = shlex.split(planned_command(host.latency, spec.script, "latency"))
+    assert words[:5] == ["torchrun", "--standalone", "--nproc-per-node", "2", "inference_e1_1_npu.py"]
+    values = {"--image": str(source_image), "--instruction": fields["instruction"], "--output": str(output)}
+    planned = [values.get(words[i - 1], word) for i, word in enumerate(words) if i >= 5]
+    assert "--tensor-parallel" in planned
+    command = [TORCHRUN, *words[1:4], "--monitor-interval", "0.5", words[4], *planned,
+               "--tiny", "--steps", "2", "--refine-strength", str(fields["refine_strength"]),
+               "--seed", str(fields["seed"]), "--host-memory", "64GiB"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=run_env(tiny_env),
                           timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
@@ -435,33 +472,73 @@ def test_torchrun_tensor_parallel_2_writes_the_single_process_image(
 # --- the memory plan of a tensor-parallel group --------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "tp,host,placement",
-    [(4, "8x32GiB", "encoders"), (2, "8x64GiB", "none"), (4, "8x64GiB", "none"), (2, "8x32GiB", "model")],
-)
-def test_each_card_of_a_group_plans_its_share_of_the_real_model(tp: int, host: str, placement: str) -> None:
-    """K = 4 on 32 GiB cards: the share (12.2 GiB) stays resident and the text encoders visit; K = 2 on 32 GiB
-    cards fits only by moving the transformer, which tensor parallel refuses (its share and the Llama visiting
-    exceed the card)."""
+@pytest.mark.parametrize("tp,host", [(4, "8x32GiB"), (2, "8x64GiB"), (4, "8x64GiB")])
+def test_each_card_of_a_group_plans_its_share_and_the_encoders_it_holds(tp: int, host: str) -> None:
+    """K = 4 on 32 GiB cards and K = 2 or 4 on 64 GiB cards: every card keeps its share of the transformer and
+    the encoders it holds resident (nothing visits from host memory), each encoder is on exactly one card,
+    the largest on the card with the most room, and every peak is under its card."""
     from hidream_edit.models import table_sizes
     from hidream_edit.placement import described_budgets
     from hidream_edit.spec import MODELS
-    from hidream_edit.tensor_split import RESIDENT_PLACEMENTS, check_resident, plan_tensor_rank, tensor_share
+    from hidream_edit.tensor_split import member_budgets, plan_tensor_group, tensor_share
 
     sizes = table_sizes(MODELS["e1.1"], "bf16")
     share = tensor_share(sizes, None, tp)
     whole, split = sizes.components["transformer"], share.components["transformer"]
     assert whole / tp < split < whole / tp + 0.2 * whole  # its slices plus the 18% that stays whole
-    plan = plan_tensor_rank(MODELS["e1.1"], share, described_budgets(host))
-    assert plan.placement == placement and plan.fits
-    (card,) = plan.chosen.devices
-    assert card.peak_bytes <= card.budget_bytes
-    if placement in RESIDENT_PLACEMENTS:
-        assert "transformer" in card.components
-        check_resident(plan.placement)
-    else:
-        with pytest.raises(UserError, match="only fits the 'model' plan"):
-            check_resident(plan.placement)
+    group = plan_tensor_group(MODELS["e1.1"], share, member_budgets(described_budgets(host), tp))
+    assert group.error is None
+    spread = ({"llama": 0, "t5": 1, "clip_g": 2, "clip_l": 3} if tp == 4
+              else {"llama": 0, "t5": 1, "clip_g": 1, "clip_l": 1})  # each to the card with the most room left
+    assert group.owners == spread
+    held = [group.held_by(member) for member in range(tp)]
+    assert sorted(sum(held, ())) == sorted(TEXT_ENCODERS)
+    for member, plan in enumerate(group.plans):
+        assert plan.placement == "none" and plan.fits
+        (card,) = plan.chosen.devices
+        assert card.device == f"npu:{member}" and card.peak_bytes <= card.budget_bytes
+        assert set(card.components) == {"transformer", "vae", *held[member]}
+        assert card.peak_bytes == (share.components["transformer"] + share.components["vae"] + plan.reserve.total
+                                   + sum(share.components[name] for name in held[member]))
+        for name in TEXT_ENCODERS:  # the plan shows where each encoder lives, with its full size
+            assert plan.chosen.homes[name].startswith(f"npu:{group.owners[name]}")
+            assert plan.sizes.components[name] == sizes.components[name]
+    # each encoder is loaded once for the group: no rank keeps the others' in host memory
+    assert max(plan.chosen.host.peak_bytes for plan in group.plans) < sizes.encoders
+
+
+def test_a_group_places_encoders_by_the_room_each_card_has_left() -> None:
+    """The largest encoder goes to the card with the most room left, not to the group's first card."""
+    from dataclasses import replace
+
+    from hidream_edit.models import table_sizes
+    from hidream_edit.placement import GIB, described_budgets
+    from hidream_edit.spec import MODELS
+    from hidream_edit.tensor_split import member_budgets, plan_tensor_group, tensor_share
+
+    share = tensor_share(table_sizes(MODELS["e1.1"], "bf16"), None, 2)
+    members = member_budgets(described_budgets("2x64GiB"), 2)
+    members[0] = replace(members[0], cards=(replace(members[0].edit, free=40 * GIB),))
+    group = plan_tensor_group(MODELS["e1.1"], share, members)
+    assert group.owners["llama"] == 1  # equal cards give it to card 0 (the test above)
+    assert group.error is None and [plan.placement for plan in group.plans] == ["none", "none"]
+
+
+def test_a_group_too_small_for_its_encoders_resident_lets_them_visit_or_refuses() -> None:
+    """K = 2 on 32 GiB cards: the share (18.8 GiB) and the Llama (14.0 GiB) do not fit one card even visiting,
+    so the group refuses before loading, naming the card; E1-Full's smaller share lets the T5 visit."""
+    from hidream_edit.models import table_sizes
+    from hidream_edit.placement import described_budgets
+    from hidream_edit.spec import MODELS
+    from hidream_edit.tensor_split import member_budgets, plan_tensor_group, tensor_share
+
+    for model in ("e1.1", "e1-full"):
+        share = tensor_share(table_sizes(MODELS[model], "bf16"), None, 2)
+        group = plan_tensor_group(MODELS[model], share, member_budgets(described_budgets("8x32GiB"), 2))
+        assert group.error is not None and group.error.startswith(
+            "with --tensor-parallel each card keeps its share of the transformer resident, but card 1 of the group "
+            "only fits the 'model' plan")
+    assert group.plans[1].placement == "encoders"  # E1-Full: card 2 holds the T5 and CLIPs visiting
 
 
 def test_plan_for_a_group_too_small_refuses_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:

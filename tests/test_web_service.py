@@ -423,6 +423,20 @@ def test_device_panel_shows_device_memory_and_the_last_timings() -> None:
     assert "5.0 GiB used by this server of 512.0 GiB" in text
     assert "**Now** editing a.png: step 3 of 28" in text
     assert "**Last edit** 2 steps in 2.20 s (1.10 s/step), encode 0.80 s, decode 0.50 s, total 3.50 s" in text
+    assert "**Layout**" not in text  # one process
+
+
+def test_device_panel_shows_the_layout_and_the_groups_under_torchrun() -> None:
+    report = {"device": "npu:1", "device_name": "Ascend910B4", "dtype": "bf16", "attention": "sdpa", "offload": "auto",
+              "memory": {"host_rss": 2**30, "host_total": 2**34},
+              "layout": {"cfg_parallel": 2, "guidance_ranks": [1, 3], "tensor_parallel": 2, "tensor_ranks": [0, 1],
+                         "text_encoders_here": ["t5", "clip_l"]}}
+    lines = device_panel_markdown(report, None, "idle").split("  \n")
+    assert lines[1] == ("**Layout** cfg 2 x tp 2 under torchrun · this server edits with guidance ranks [1, 3] and "
+                        "tensor-parallel ranks [0, 1] · text encoders here: t5, clip_l")
+    alone = {**report["layout"], "tensor_parallel": 1, "tensor_ranks": None, "text_encoders_here": []}
+    assert ("**Layout** cfg 2 x tp 1 under torchrun · this server edits with guidance ranks [1, 3] · "
+            "text encoders here: none") in device_panel_markdown({**report, "layout": alone}, None, "idle")
 
 
 # --- E1-Full prompts and the VLM rewrite ---------------------------------------------------------------

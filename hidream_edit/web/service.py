@@ -295,6 +295,13 @@ def device_panel_markdown(
     if placement:
         peaks = ", ".join(f"{where} {_gib(peak)}" for where, peak in placement["predicted_peak_bytes"].items())
         lines.insert(1, f"**Memory plan** {placement['name']} (asked {placement['asked']}) · predicted peak {peaks}")
+    layout = report.get("layout")
+    if layout:
+        groups = [f"guidance ranks {layout['guidance_ranks']}" if layout["guidance_ranks"] else "",
+                  f"tensor-parallel ranks {layout['tensor_ranks']}" if layout["tensor_ranks"] else ""]
+        lines.insert(1, f"**Layout** cfg {layout['cfg_parallel']} x tp {layout['tensor_parallel']} under torchrun · "
+                        f"this server edits with {' and '.join(group for group in groups if group)} · "
+                        f"text encoders here: {', '.join(layout['text_encoders_here']) or 'none'}")
     if cache is not None:
         lines.append(f"**Step cache** {cache_label(cache.as_dict())} by default (Advanced settings change it per edit)")
     if last:
