@@ -39,7 +39,7 @@ from hidream_edit.tensor_split import (
 )
 
 # Estimates (not measured: no device has run this project; README_NPU.md gives their sources).
-STEP_SECONDS = 1.5  # one edit step (3 branches) on one card: 5e14 FLOP at a 910B's bf16 peak (DESIGN section 5)
+STEP_SECONDS = 1.5  # one edit step (3 branches) on one card: 5e14 FLOP at a 910B's bf16 peak
 CARD_LINK_BYTES_PER_S = 56e9  # one HCCS link between two cards of an A2 server (data sheets; unconfirmed)
 HOST_LINK_BYTES_PER_S = 25e9  # host memory to card (PCIe 4.0 x16, effective; estimate)
 # Counted from the structure: per token and block, the row-parallel outputs all-reduced: one attention, the

@@ -51,6 +51,7 @@ HELP_RUNS: dict[str, list[str]] = {
     "tools/mutate.py": ["tools/mutate.py", "--help"],
     "benchmarks/full_size.py": ["benchmarks/full_size.py", "--help"],
     "benchmarks/block_working_set.py": ["benchmarks/block_working_set.py", "--help"],
+    "tools/plan_table.py": ["tools/plan_table.py", "--help"],
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 CODE_BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
