@@ -311,7 +311,8 @@ def host_summary(host: HostPlan, script: str, extra: tuple[str, ...] = ()) -> st
         cards = f"{layout.cards} card{'s' if layout.cards > 1 else ''}"
         lines.append(f"{goal}: {layout.name} ({cards}), {data['relative_speed']:.2f}x per edit, "
                      f"{data['relative_throughput']:.2f}x edits per hour; step {data['step_seconds']:.2f} s = "
-                     f"compute {data['compute_seconds']:.2f} + collectives {data['collective_seconds']:.2f} + "
+                     f"compute {data['compute_seconds']:.2f} + collectives {data['collective_seconds']:.2f} "
+                     f"({data['collective_bytes_per_step'] / 1e9:.1f} GB all-reduced) + "
                      f"host transfers {data['host_transfer_seconds']:.2f}")
         lines.append(f"  {command(layout, script, key, extra)}")
         for peak in layout.card_peaks():

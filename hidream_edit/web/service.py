@@ -296,7 +296,9 @@ def device_panel_markdown(
         peaks = ", ".join(f"{where} {_gib(peak)}" for where, peak in placement["predicted_peak_bytes"].items())
         lines.insert(1, f"**Memory plan** {placement['name']} (asked {placement['asked']}) · predicted peak {peaks}")
     layout = report.get("layout")
-    if layout:
+    if not layout:
+        lines.insert(1, "**Layout** one process")
+    else:
         groups = [f"guidance ranks {layout['guidance_ranks']}" if layout["guidance_ranks"] else "",
                   f"tensor-parallel ranks {layout['tensor_ranks']}" if layout["tensor_ranks"] else ""]
         lines.insert(1, f"**Layout** cfg {layout['cfg_parallel']} x tp {layout['tensor_parallel']} under torchrun · "
