@@ -378,7 +378,14 @@ def gather_budgets(own: Budgets, mesh: Any) -> list[Budgets]:
     """Every member's budgets, in group order: each rank measures its own card, and all of them plan the
     group from the same list, so they agree on which member holds which encoder."""
     members: list[Any] = [None] * mesh.size()
-    dist.all_gather_object(members, own, group=mesh.get_group())
+    try:
+        dist.all_gather_object(members, own, group=mesh.get_group())
+    except RuntimeError as exc:  # a rank that failed before planning (or died) never joins: the timeout
+        ranks = [int(rank) for rank in mesh.mesh.flatten().tolist()]
+        raise GuidanceGroupError(
+            f"rank {dist.get_rank()} could not plan with its tensor-parallel group (ranks {ranks}): "
+            f"{_first_line(exc)}; another rank failed while loading or took longer than --dist-timeout"
+        ) from exc
     return members
 
 

@@ -551,6 +551,37 @@ def test_plan_for_a_group_too_small_refuses_with_one_line(capsys: pytest.Capture
     assert captured.err.count("\n") == 1
 
 
+def test_a_rank_missing_from_the_group_plan_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group's ranks exchange their cards' budgets while loading; a rank that failed before (or hangs)
+    leaves the others in that exchange until the timeout, which then ends each of them with one line."""
+    import torch
+
+    from hidream_edit import tensor_split
+    from hidream_edit.errors import GuidanceGroupError
+    from hidream_edit.placement import described_budgets
+
+    class Mesh:
+        mesh = torch.tensor([2, 3])
+
+        def size(self) -> int:
+            return 2
+
+        def get_group(self) -> None:
+            return None
+
+    def timed_out(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 6000ms\n"
+                           "Exception raised from recvFromRemote")
+
+    monkeypatch.setattr(tensor_split.dist, "all_gather_object", timed_out)
+    monkeypatch.setattr(tensor_split.dist, "get_rank", lambda: 2)
+    with pytest.raises(GuidanceGroupError) as raised:
+        tensor_split.gather_budgets(described_budgets("2x64GiB"), Mesh())
+    message = str(raised.value)
+    assert message.startswith("rank 2 could not plan with its tensor-parallel group (ranks [2, 3]): ")
+    assert "Timed out waiting 6000ms" in message and "--dist-timeout" in message and "\n" not in message
+
+
 # --- failures and hangs ----------------------------------------------------------------------------------
 
 
