@@ -191,10 +191,6 @@ def moved_bytes(plan: Plan) -> tuple[int, int]:
     return 0, visiting
 
 
-def _one_card(budgets: Budgets, index: int) -> Budgets:
-    return replace(budgets, cards=(budgets.cards[index],), edit_card=0)
-
-
 def plan_host(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, attention: str = "sdpa",
               i1_dir: Path | None = None, heads: int = TRANSFORMER_HEADS, steps: int | None = None) -> HostPlan:
     """Every layout of the host's cards, planned and costed; the latency and throughput choices."""
@@ -218,8 +214,7 @@ def plan_host(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, attention: s
     draft = HostPlan(budgets.described or "this machine", spec.name, steps, tuple(layouts), None, None, baseline)
     fitting = [layout for layout in layouts if layout.error is None]
     latency = min(fitting, key=lambda layout: _rank(layout, draft.relative_speed(layout)), default=None)
-    throughput = min((layout for layout in fitting if layout.split or layout.processes == count),
-                     key=lambda layout: _rank(layout, draft.relative_throughput(layout)), default=None)
+    throughput = min(fitting, key=lambda layout: _rank(layout, draft.relative_throughput(layout)), default=None)
     return replace(draft, latency=latency, throughput=throughput)
 
 
@@ -234,16 +229,25 @@ def _over(plan: Plan) -> str | None:
 
 def _layout(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, replicas: int, cfg: int, tp: int, attention: str,
             i1_dir: Path | None, fraction: float) -> Layout:
-    if tp == 1:
-        plans: tuple[Plan, ...] = (plan_placement(spec, sizes, _one_card(budgets, 0), "auto", attention),)
-        error = plans[0].error
-    else:
-        group = plan_tensor_group(spec, tensor_share(sizes, i1_dir, tp), member_budgets(budgets, tp), "auto",
-                                  attention)
-        plans, error = group.plans, group.error
+    """Plan every card the layout uses (cards 0 .. processes-1: each tensor-parallel group on consecutive
+    cards, each other process on its own card), so a busy or smaller card is seen where it is."""
+    plans: list[Plan] = []
+    error = None
+    share = tensor_share(sizes, i1_dir, tp) if tp > 1 else sizes
+    for first in range(0, replicas * cfg * tp, tp):
+        cards = replace(budgets, cards=budgets.cards[first:first + tp], edit_card=0)
+        if tp == 1:
+            plan = plan_placement(spec, sizes, cards, "auto", attention)
+            plans.append(plan)
+            error = error or (f"{cards.edit.name}: {plan.error}" if plan.error else None)
+            continue
+        group = plan_tensor_group(spec, share, member_budgets(cards, tp), "auto", attention)
+        plans += group.plans
+        error = error or (f"cards {cards.cards[0].name}-{cards.cards[-1].name}: {group.error}" if group.error
+                          else None)
     streamed, per_edit = (max(values) for values in zip(*(moved_bytes(plan) for plan in plans), strict=True))
     cost = step_cost(spec, sizes.dtype, cfg, tp, fraction, streamed, per_edit)
-    return Layout(replicas, cfg, tp, plans, cost, error)
+    return Layout(replicas, cfg, tp, tuple(plans), cost, error)
 
 
 def command(layout: Layout, script: str, goal: str, extra: tuple[str, ...] = ()) -> str:

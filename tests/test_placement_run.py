@@ -297,9 +297,31 @@ def test_plan_on_the_standin_npu_uses_a_second_card_for_the_encoders(tmp_path: P
 
 
 def test_plan_on_the_standin_asks_only_the_edit_card_when_it_is_enough(tmp_path: Path) -> None:
+    """The process's own plan asks the edit card alone (asking a card may create a runtime context on it);
+    only then does --plan ask every card it sees, for the whole host's layouts."""
     config = {"count": 2, "free": [63 * GIB, 10 * GIB], "total": [64 * GIB, 64 * GIB]}
     outcome = plan_on_standin(["--host-memory", "512GiB"], config, tmp_path)
-    assert outcome["plan"]["placement"] == "none" and outcome["mem_get_info"] == [0]
+    assert outcome["plan"]["placement"] == "none" and outcome["mem_get_info"] == [0, 0, 1]
+    # the second card's 10 GiB hold a process only by streaming, so every layout that needs it loses, with why
+    host = outcome["plan"]["host_layouts"]
+    for goal in ("latency", "throughput"):
+        assert host[goal]["command"].startswith("python inference_e1_1_npu.py --offload none ")
+        assert [peak["device"] for peak in host[goal]["card_peaks"]] == ["npu:0"]
+    why = {other["layout"]: other["latency"] for other in host["others"]}
+    assert why["dp 1 x cfg 2 x tp 1"] == "moves the transformer between host and card (none, sequential)"
+    assert why["dp 1 x cfg 1 x tp 2"].startswith("cards npu:0-npu:1: ")
+    assert "npu:1 needs" in why["1 process, text encoders on a second card (split)"]
+
+
+def test_plan_on_the_standin_plans_the_host_from_the_cards_it_sees(tmp_path: Path) -> None:
+    """Two free 64 GiB cards: the fastest edit is the tensor-parallel pair (each card under 90%), as on a
+    described 2x64GiB host."""
+    config = {"count": 2, "free": [64 * GIB, 64 * GIB], "total": [64 * GIB, 64 * GIB]}
+    outcome = plan_on_standin(["--host-memory", "512GiB"], config, tmp_path)
+    latency = outcome["plan"]["host_layouts"]["latency"]
+    assert latency["command"].startswith("torchrun --standalone --nproc-per-node 2 inference_e1_1_npu.py "
+                                         "--tensor-parallel 2 ")
+    assert [peak["device"] for peak in latency["card_peaks"]] == ["npu:0", "npu:1"] and latency["fullest"] < 0.9
 
 
 def test_plan_on_the_standin_caps_each_card(tmp_path: Path) -> None:

@@ -46,11 +46,13 @@ def row(model: str, host: str, plan: dict) -> str:
 
 def layout_cell(layout: dict) -> str:
     predicted = layout["predicted"]
-    peaks = ", ".join(gib(peak["peak_bytes"]) for peak in layout["card_peaks"])
+    group = layout["card_peaks"] if layout["split"] else layout["card_peaks"][:layout["tensor_parallel"]]
+    peaks = ", ".join(gib(peak["peak_bytes"]) for peak in group)  # every group's cards plan the same here
     cards = f"{layout['cards']} card{'s' if layout['cards'] > 1 else ''}"
     return (f"{layout['layout']}, {cards}, {'/'.join(sorted(set(layout['placements'])))}; "
             f"{predicted['relative_speed']:.2f}x per edit, {predicted['relative_throughput']:.2f}x edits/h; "
-            f"card peaks {peaks} GiB: `{layout['command']}`")
+            f"card peaks {peaks} GiB{' per group' if len(group) < len(layout['card_peaks']) else ''}: "
+            f"`{layout['command']}`")
 
 
 def server_rows(host_memory: str) -> list[str]:
