@@ -15,6 +15,7 @@ project. Its constants are marked below; only the sizes and the bytes per step a
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from dataclasses import dataclass, replace
@@ -163,8 +164,16 @@ def _share_fraction(i1_dir: Path | None) -> float:
     return config_split_fraction(i1_dir) if i1_dir is not None else REAL_SPLIT_FRACTION
 
 
+def heads_of(i1_dir: Path | None) -> int:
+    """The attention heads a tensor-parallel degree must divide: a local model's config, else the real one's."""
+    config = i1_dir / "transformer" / "config.json" if i1_dir is not None else None
+    if config is None or not config.is_file():
+        return TRANSFORMER_HEADS
+    return int(json.loads(config.read_text())["num_attention_heads"])
+
+
 def step_cost(spec: ModelSpec, dtype: str, cfg: int, tp: int, split_fraction: float, streamed: int = 0,
-              per_edit: int = 0, width: int = TRANSFORMER_WIDTH) -> StepCost:
+              per_edit: int = 0) -> StepCost:
     """The speed model: compute shrinks with the branches a rank runs (cfg) and its share of the split
     weights (tp); each split block all-reduces its row-parallel outputs over the group's links (a ring moves
     2(K-1)/K of the bytes per card, over the K-1 links a card has in a full mesh); `streamed` bytes cross
@@ -173,7 +182,8 @@ def step_cost(spec: ModelSpec, dtype: str, cfg: int, tp: int, split_fraction: fl
     branches = math.ceil(EDIT_BRANCHES / cfg)
     compute = STEP_SECONDS * branches / EDIT_BRANCHES * ((1 - split_fraction) + split_fraction / tp)
     tokens = spec.max_seq + TEXT_TOKENS
-    reduced = 0 if tp == 1 else branches * tokens * ALL_REDUCED_ROWS_PER_TOKEN * BLOCKS * width * DTYPE_BYTES[dtype]
+    rows = branches * tokens * ALL_REDUCED_ROWS_PER_TOKEN * BLOCKS
+    reduced = 0 if tp == 1 else rows * TRANSFORMER_WIDTH * DTYPE_BYTES[dtype]
     collectives = 0.0 if tp == 1 else reduced * 2 * (tp - 1) / tp / (CARD_LINK_BYTES_PER_S * (tp - 1))
     return StepCost(compute, collectives, streamed / HOST_LINK_BYTES_PER_S, per_edit / HOST_LINK_BYTES_PER_S,
                     reduced)
@@ -192,9 +202,10 @@ def moved_bytes(plan: Plan) -> tuple[int, int]:
 
 
 def plan_host(spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, attention: str = "sdpa",
-              i1_dir: Path | None = None, heads: int = TRANSFORMER_HEADS, steps: int | None = None) -> HostPlan:
+              i1_dir: Path | None = None, heads: int | None = None, steps: int | None = None) -> HostPlan:
     """Every layout of the host's cards, planned and costed; the latency and throughput choices."""
     count = len(budgets.cards)
+    heads = heads or heads_of(i1_dir)
     fraction = _share_fraction(i1_dir)
     steps = steps or spec.defaults.steps
     layouts = []
@@ -257,7 +268,7 @@ def command(layout: Layout, script: str, goal: str, extra: tuple[str, ...] = ())
         flags += ["--cfg-parallel", str(layout.cfg)]
     if layout.tp > 1:
         flags += ["--tensor-parallel", str(layout.tp)]
-    if layout.tp == 1:
+    if layout.tp == 1 and len(set(layout.placements)) == 1:  # cards planned alike; else each rank plans its own
         flags += ["--offload", layout.placements[0]]
     if layout.split:
         flags += ["--encoder-device", layout.plans[0].encoder_device or "npu:1"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,10 +84,13 @@ def test_layouts_that_cannot_work_never_appear(host: str) -> None:
     assert {(layout.cfg, layout.tp) for layout in _plan(host).layouts} >= {(1, 1), (1, 2)}
 
 
-def test_a_model_with_two_heads_is_never_split_four_ways() -> None:
+def test_a_model_with_two_heads_is_never_split_four_ways(tiny_checkpoints: Any) -> None:
+    """The heads come from the local model's config (the tiny set has 2), the real model's 20 otherwise."""
     spec = MODELS["e1.1"]
-    plan = plan_host(spec, table_sizes(spec, "bf16"), described_budgets("4x64GiB"), heads=2)
+    i1_dir = tiny_checkpoints.root / "HiDream-I1-Full"
+    plan = plan_host(spec, table_sizes(spec, "bf16"), described_budgets("4x64GiB"), i1_dir=i1_dir)
     assert {layout.tp for layout in plan.layouts} == {1, 2}
+    assert {layout.tp for layout in _plan("4x64GiB").layouts} == {1, 2, 4}
 
 
 @pytest.mark.parametrize("host", HOSTS)
