@@ -72,6 +72,13 @@ def test_what_each_server_should_run() -> None:
     assert two.latency.fullest <= COMFORT
     one = _plan("1x32GiB")  # nothing else fits one 32 GiB card: streaming is right there
     assert one.latency.placements == ("group",) and one.latency is one.throughput
+    sizes = table_sizes(MODELS["e1.1"], "bf16")  # the transformer crosses the host link every step, encoders per edit
+    assert one.latency.cost.host_transfers == sizes.components["transformer"] / 25e9
+    assert one.latency.cost.per_edit == sizes.encoders / 25e9
+    assert one.relative_speed(one.latency) == pytest.approx(
+        28 * 1.5 / (28 * (1.5 + sizes.components["transformer"] / 25e9) + sizes.encoders / 25e9))
+    resident = a2.latency.cost  # the split transformer and the encoders stay on the cards: nothing moves
+    assert resident.host_transfers == resident.per_edit == 0
 
 
 @pytest.mark.parametrize("host", ["8x32GiB", "8x64GiB", "2x64GiB"])
