@@ -284,7 +284,7 @@ def run_edit_cli(argv: list[str] | None, model: str, env: Mapping[str, str] | No
         source = open_image(args.image)
         model_input_size(spec.resize, source.width, source.height, getattr(args, "keep_aspect", False))
         settings = editor_settings_from_args(args, spec, env)
-        check_tensor_split(settings.sources, settings.refine_weights, layout.tp)
+        check_tensor_split(settings.sources, settings.refine_weights, layout.tp, settings.fuse_lora)
         started = time.perf_counter()
         guidance, tensor = None, None
         if dist_env.enabled:  # then the group is every process (checked above)
@@ -345,7 +345,7 @@ def run_batch_cli(args: argparse.Namespace, spec: ModelSpec, mode: str, env: Map
         layout = ParallelLayout(dist_env.world_size, args.cfg_parallel, args.tensor_parallel)
         layout.check(None)
         settings = editor_settings_from_args(args, spec, env)
-        check_tensor_split(settings.sources, settings.refine_weights, layout.tp)
+        check_tensor_split(settings.sources, settings.refine_weights, layout.tp, settings.fuse_lora)
         output_dir = Path(args.output_dir).expanduser()
         template = edit_request_from_args(args, "", args.instruction or "")
         if mode == "folder":

@@ -277,9 +277,10 @@ class Editor:
         if settings.rng not in ("device", "cpu"):
             raise UserError(f"unknown rng placement {settings.rng!r}; use device or cpu")
         if tensor is not None:
-            from hidream_edit.tensor_split import check_refine_weights
+            from hidream_edit.tensor_split import check_fuse_lora, check_refine_weights
 
             check_refine_weights(settings.refine_weights, tensor.size)
+            check_fuse_lora(settings.fuse_lora, tensor.size)
         started = time.perf_counter()
         dm = dm or device_manager_for(settings)
         loaded = load_pipeline(

@@ -2,8 +2,9 @@
 
 Where the weights come from is decided by config.py (flags and environment); this module finds the
 files (local folders, or hub ids through the local cache with only the files each model needs),
-checks them, and loads. Loading keeps one copy of the transformer weights in host memory: the E1.1
-transformer is created on the meta device from I1's config and its E1.1 tensors are assigned straight in.
+checks them, and loads. Loading keeps one copy of the transformer weights in host memory: the
+transformer is created on the meta device from I1's config (E1-Full's LoRA added there by PEFT) and its
+tensors (E1.1's; or I1's, the LoRA's and the LoRA file's full tensors) are assigned straight in.
 """
 
 from __future__ import annotations
@@ -168,38 +169,62 @@ def _describe_keys(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-def load_e1_1_transformer(
-    i1_dir: Path, e1_dir: Path, dtype: torch.dtype, device: str | None = None, split: Any = None
-) -> Any:
-    """I1's transformer config with E1.1's sharded weights, built without materialising I1's weights;
-    read straight onto `device` when given (no host copy), else into host memory. With `split` (a
-    tensor-parallel mesh) only this rank's slices of the split weights are read, and the model is split."""
+def _meta_i1_transformer(i1_dir: Path) -> Any:
+    """I1's transformer built from its config on the meta device: shapes and names, no weights."""
     from diffusers import HiDreamImageTransformer2DModel
-
-    from hidream_edit.tensor_split import parallelize_transformer, shard_slices
 
     config = HiDreamImageTransformer2DModel.load_config(i1_dir / "transformer")
     with torch.device("meta"):
-        transformer = HiDreamImageTransformer2DModel.from_config(config)
-    slices = shard_slices(transformer, split.size(), split.get_local_rank()) if split is not None else None
+        return HiDreamImageTransformer2DModel.from_config(config)
+
+
+def _rank_slices(transformer: Any, split: Any) -> dict[str, tuple[int, int, int]] | None:
+    """This rank's slices of the split tensors of `transformer` (None without a split: read whole)."""
+    from hidream_edit.tensor_split import shard_slices
+
+    return shard_slices(transformer, split.size(), split.get_local_rank()) if split is not None else None
+
+
+def _read_weights(path: Path, device: str | None, slices: dict[str, tuple[int, int, int]] | None) -> dict:
     try:
-        state = load_safetensors(e1_dir / "transformer", device, slices)
+        return load_safetensors(path, device, slices)
     except CheckpointError as exc:
         raise ModelFilesError(str(exc)) from exc
-    expected = set(transformer.state_dict())
+
+
+def _check_same_keys(state: dict, expected: set[str], folder: Path) -> None:
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise ModelFilesError(
-            f"{e1_dir / 'transformer'} does not match the I1 transformer config: "
+            f"{folder} does not match the I1 transformer config: "
             f"missing {_describe_keys(missing) or 'none'}; unexpected {_describe_keys(unexpected) or 'none'}"
         )
+
+
+def _assign(transformer: Any, state: dict[str, torch.Tensor], dtype: torch.dtype, split: Any) -> None:
+    """Assign `state` (whole tensors, or this rank's slices of the split ones) into the meta-device
+    `transformer` in `dtype`; with `split` the model is split over it first."""
+    from hidream_edit.tensor_split import parallelize_transformer
+
     for key in list(state):
         if state[key].is_floating_point():
             state[key] = state[key].to(dtype)
     if split is not None:
         parallelize_transformer(transformer, split, state)  # takes the split tensors out of `state`
     transformer.load_state_dict(state, strict=split is None, assign=True)
+
+
+def load_e1_1_transformer(
+    i1_dir: Path, e1_dir: Path, dtype: torch.dtype, device: str | None = None, split: Any = None
+) -> Any:
+    """I1's transformer config with E1.1's sharded weights, built without materialising I1's weights;
+    read straight onto `device` when given (no host copy), else into host memory. With `split` (a
+    tensor-parallel mesh) only this rank's slices of the split weights are read, and the model is split."""
+    transformer = _meta_i1_transformer(i1_dir)
+    state = _read_weights(e1_dir / "transformer", device, _rank_slices(transformer, split))
+    _check_same_keys(state, set(transformer.state_dict()), e1_dir / "transformer")
+    _assign(transformer, state, dtype, split)
     del state
     transformer.max_seq = MODELS["e1.1"].max_seq
     return transformer.eval()
@@ -336,22 +361,27 @@ def differing_base_tensors(transformer: torch.nn.Module, i1_dir: Path) -> dict[s
 
 
 def load_e1_full_transformer(
-    i1_dir: Path, lora_file: Path, dtype: torch.dtype, refine_weights: str, device: str | None = None
+    i1_dir: Path, lora_file: Path, dtype: torch.dtype, refine_weights: str, device: str | None = None,
+    split: Any = None,
 ) -> tuple[Any, Any]:
-    """I1 transformer + E1-Full LoRA adapter and full tensors; returns (transformer, refine switch)."""
-    from diffusers import HiDreamImageTransformer2DModel
+    """I1 transformer + E1-Full LoRA adapter and full tensors; returns (transformer, refine switch).
 
-    transformer = HiDreamImageTransformer2DModel.from_pretrained(
-        i1_dir, subfolder="transformer", dtype=dtype, device_map=device
-    )
+    Built on the meta device like E1.1's, the adapter added there by PEFT, every tensor read once, straight
+    onto `device` when given. With `split` (a tensor-parallel mesh) only this rank's slices of the split
+    tensors are read, from I1's files and from the LoRA file alike, and the model is split.
+    """
     spec = MODELS["e1-full"]
     assert spec.lora is not None
+    transformer = _meta_i1_transformer(i1_dir)
+    base = _read_weights(i1_dir / "transformer", device, _rank_slices(transformer, split))
+    _check_same_keys(base, set(transformer.state_dict()), i1_dir / "transformer")
     transformer.add_adapter(lora_config(spec.lora))
-    try:
-        checkpoint = load_safetensors(lora_file)
-    except CheckpointError as exc:
-        raise ModelFilesError(str(exc)) from exc
-    model_state = transformer.state_dict()
+    model_state = transformer.state_dict()  # meta tensors: PEFT's names and the whole shapes
+    peft_names = {key.replace(".base_layer.", "."): key for key in model_state if ".base_layer." in key}
+    state = {peft_names.get(key, key): tensor for key, tensor in base.items()}
+    del base
+    slices = _rank_slices(transformer, split)
+    checkpoint = _read_weights(lora_file, device, slices)
     unexpected = sorted(set(checkpoint) - set(model_state))
     if unexpected:
         layout = "does not fit the E1-Full LoRA layout"
@@ -367,13 +397,18 @@ def load_e1_full_transformer(
             lora_file, len(missing), len(lora_keys), _describe_keys(missing),
         )
         for key in missing:
-            checkpoint[key] = torch.zeros_like(model_state[key])
+            shape = list(model_state[key].shape)
+            if slices is not None and key in slices:
+                dim, begin, stop = slices[key]
+                shape[dim] = stop - begin
+            checkpoint[key] = torch.zeros(shape, dtype=dtype, device=device)
     swap = None
     if refine_weights == "base":
-        params = dict(transformer.named_parameters())
-        swap = TensorSwap(transformer, {k: params[k].detach().to("cpu", copy=True) for k in full_keys})
-    transformer.load_state_dict(checkpoint, strict=False)
+        swap = TensorSwap(transformer, {k: state[k].to("cpu", dtype, copy=True) for k in full_keys})
+    state.update(checkpoint)
     del checkpoint
+    _assign(transformer, state, dtype, split)
+    del state
     transformer.max_seq = spec.max_seq
     logger.info("E1-Full: LoRA loaded with %d full tensors", len(full_keys))
     return transformer.eval(), AdaptersOff(transformer, swap)
@@ -443,16 +478,16 @@ def load_pipeline(
 
     The plan is made from the files' headers before any weight is read; `offload` "auto" takes the fastest
     placement that fits, and a plan that cannot run refuses here, before loading. With `tensor_mesh`
-    (--tensor-parallel) the transformer is split over it: the plan counts this rank's share, and E1.1
-    reads only its slices from disk.
+    (--tensor-parallel) the transformer is split over it: the plan counts this rank's share, and each rank
+    reads only its slices of the split tensors from disk (E1-Full's LoRA file too).
     """
     from transformers import AutoTokenizer, LlamaModel
 
     from hidream_edit.pipeline import HiDreamImageEditingPipeline
     from hidream_edit.tensor_split import (
         SharedEncoders,
+        check_fuse_lora,
         gather_budgets,
-        parallelize_transformer,
         plan_tensor_group,
         tensor_share,
     )
@@ -462,6 +497,8 @@ def load_pipeline(
         raise UserError(f"unknown refine weights {refine_weights!r}; use one of: {', '.join(REFINE_WEIGHTS)}")
     if fuse_lora and not spec.uses_lora:
         raise UserError(f"{spec.title} has no LoRA to fuse")
+    if tensor_mesh is not None:
+        check_fuse_lora(fuse_lora, tensor_mesh.size())
     attention = dm.resolve_attention_backend(attention)
     base_refine = refine_weights == "base"
     plan_args = (dm.device_type, dm.index, offload, attention, encoder_device, max_memory, host_memory)
@@ -506,13 +543,11 @@ def load_pipeline(
             switch = BaseWeightsE1_1(transformer, differing_base_tensors(transformer, i1_dir))
     else:
         lora_file = edit_path / spec.lora.file if edit_path.is_dir() else edit_path
-        # split: read whole into host memory, then each rank moves only its slices to its card
-        device = None if tensor_mesh is not None else plan.load_device("transformer")
-        transformer, switch = load_e1_full_transformer(i1_dir, lora_file, dtype, refine_weights, device)
-        if fuse_lora:
+        transformer, switch = load_e1_full_transformer(
+            i1_dir, lora_file, dtype, refine_weights, plan.load_device("transformer"), tensor_mesh
+        )
+        if fuse_lora:  # refused with a split (tensor_split.check_fuse_lora)
             transformer.fuse_lora(lora_scale=1.0)
-        if tensor_mesh is not None:  # read whole (I1 through diffusers, then the LoRA file), then split
-            parallelize_transformer(transformer, tensor_mesh)
     tokenizer_4 = AutoTokenizer.from_pretrained(llama_dir)
     # the base model: prompt encoding reads hidden states only, the lm_head would be 1 GiB never used
     text_encoder_4 = LlamaModel.from_pretrained(

@@ -25,7 +25,13 @@ from hidream_edit.errors import GuidanceGroupError, UserError
 from hidream_edit.guidance_parallel import GuidanceGroup, check_cfg_parallel
 from hidream_edit.models import ModelSources
 from hidream_edit.spec import CFG_PARALLEL_SIZES, I1_TRANSFORMER_CONFIG
-from hidream_edit.tensor_split import TensorParallelGroup, _first_line, check_head_split, check_refine_weights
+from hidream_edit.tensor_split import (
+    TensorParallelGroup,
+    _first_line,
+    check_fuse_lora,
+    check_head_split,
+    check_refine_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +92,15 @@ class ParallelLayout:
         return DeviceMesh.from_group(mine, device_type, mesh=ranks, mesh_dim_names=MESH_DIMS)
 
 
-def check_tensor_split(sources: ModelSources, refine_weights: str, tp: int) -> None:
-    """Everything about --tensor-parallel K that can be refused before loading: the refine weights and
-    whether K divides the head count (from the I1 transformer's config.json, no weights read)."""
+def check_tensor_split(sources: ModelSources, refine_weights: str, tp: int, fuse_lora: bool) -> None:
+    """Everything about --tensor-parallel K that can be refused before loading: the refine weights,
+    --fuse-lora and whether K divides the head count (from the I1 transformer's config.json, no weights read)."""
     from hidream_edit.models import locate
 
     if tp == 1:
         return
     check_refine_weights(refine_weights, tp)
+    check_fuse_lora(fuse_lora, tp)
     config = locate(sources.i1, "i1", sources.offline, I1_TRANSFORMER_CONFIG) / "transformer" / "config.json"
     if config.is_file():  # a missing file is the loader's to report, with the others
         check_head_split(int(json.loads(config.read_text())["num_attention_heads"]), tp)

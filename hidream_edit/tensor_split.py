@@ -75,13 +75,6 @@ def resident_error(placement: str, card: str = "this card") -> str | None:
             "--tensor-parallel or cards with more free memory (--plan shows each card's plan)")
 
 
-def check_resident(placement: str) -> None:
-    """A split transformer stays on its cards: a plan that streams or moves it refuses before loading."""
-    error = resident_error(placement)
-    if error:
-        raise UserError(error)
-
-
 def config_split_fraction(i1_dir: Path | None) -> float:
     """The split share of the transformer described by I1's config.json (built on the meta device, no
     weights), or of the real model without one."""
@@ -237,6 +230,16 @@ def check_refine_weights(refine_weights: str, tp: int) -> None:
         )
 
 
+def check_fuse_lora(fuse_lora: bool, tp: int) -> None:
+    """PEFT's merge multiplies lora_B by lora_A, and under a split one of them is a DTensor slice and the
+    other a whole plain tensor, which torch refuses to mix."""
+    if tp > 1 and fuse_lora:
+        raise UserError(
+            "--fuse-lora cannot merge a LoRA that a tensor-parallel split holds in slices; "
+            "leave it off with --tensor-parallel (the LoRA then runs unfused)"
+        )
+
+
 class HeadSplitRMSNorm(nn.Module):
     """An RMS norm over a width split across the ranks of `group`: the sum of squares is all-reduced, so
     each rank normalises its slice exactly as the whole vector would be normalised in one process."""
@@ -276,15 +279,24 @@ def _style(kind: str) -> Any:
     return style
 
 
-def _split_linear(module: nn.Module, kind: str, mesh: Any) -> None:
-    """Split one linear; a PEFT LoRA layer splits its base like a plain linear and its adapters to match:
-    column-parallel base -> lora_B column-parallel (lora_A whole); row-parallel base -> lora_A row-parallel
-    (its partial sums reduced), lora_B whole."""
+def _split_targets(module: nn.Module, name: str, kind: str) -> list[tuple[str, nn.Module]]:
+    """The linears split with `kind` for the planned linear `name`, by state-dict prefix: the linear itself,
+    or for a PEFT LoRA layer its base and the adapters that match it: column-parallel base -> lora_B
+    column-parallel (lora_A whole); row-parallel base -> lora_A row-parallel (its partial sums reduced),
+    lora_B whole."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return [(name, module)]
+    part = "lora_B" if kind == "colwise" else "lora_A"
+    adapters = getattr(module, part)
+    return [(f"{name}.base_layer", base), *((f"{name}.{part}.{adapter}", adapters[adapter]) for adapter in adapters)]
+
+
+def _split_linear(module: nn.Module, name: str, kind: str, mesh: Any) -> None:
+    """Split one linear (with a PEFT LoRA: its base and matching adapters, see _split_targets)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    base = getattr(module, "base_layer", None)
-    targets = [module] if base is None else [base, *(module.lora_B if kind == "colwise" else module.lora_A).values()]
-    for target in targets:
+    for _, target in _split_targets(module, name, kind):
         parallelize_module(target, mesh, _style(kind))
         _own_storage(target)
 
@@ -314,14 +326,17 @@ def _plan_for(transformer: nn.Module) -> dict[str, str]:
 
 def shard_slices(transformer: nn.Module, size: int, member: int) -> dict[str, tuple[int, int, int]]:
     """State-dict key -> (dim, start, stop) of this rank's slice of every split tensor (shapes only: the
-    transformer may be on the meta device), for reading just those bytes from the safetensors files."""
+    transformer may be on the meta device), for reading just those bytes from the safetensors files. With
+    a PEFT LoRA added the keys are PEFT's (`...to_q.base_layer.weight`) and cover its split adapters."""
     slices = {}
     for name, kind in _plan_for(transformer).items():
-        for parameter_name, parameter in transformer.get_submodule(name).named_parameters(recurse=False):
-            dim = SLICE_DIMS.get((kind, parameter_name))
-            if dim is not None:
-                width = parameter.shape[dim] // size
-                slices[f"{name}.{parameter_name}"] = (dim, member * width, (member + 1) * width)
+        module = transformer.get_submodule(name)
+        for prefix, target in [(name, module)] if kind == "norm" else _split_targets(module, name, kind):
+            for parameter_name, parameter in target.named_parameters(recurse=False):
+                dim = SLICE_DIMS.get((kind, parameter_name))
+                if dim is not None:
+                    width = parameter.shape[dim] // size
+                    slices[f"{prefix}.{parameter_name}"] = (dim, member * width, (member + 1) * width)
     return slices
 
 
@@ -333,15 +348,17 @@ def split_fraction(transformer: nn.Module) -> float:
 
 
 def _from_shards(module: nn.Module, name: str, kind: str, mesh: Any, shards: dict[str, torch.Tensor]) -> None:
-    """Give a (meta) linear its parameters as DTensors made from this rank's slices (and whole biases)."""
+    """Give a (meta) linear its parameters as DTensors made from this rank's slices (and whole biases);
+    a PEFT LoRA layer's base and split adapters likewise (its whole adapters stay for load_state_dict)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    for parameter_name in [n for n, _ in module.named_parameters(recurse=False)]:
-        dim = SLICE_DIMS.get((kind, parameter_name))
-        placement = Replicate() if dim is None else Shard(dim)
-        local = shards.pop(f"{name}.{parameter_name}")
-        module.register_parameter(parameter_name, nn.Parameter(
-            DTensor.from_local(local, mesh, [placement], run_check=False), requires_grad=False))
+    for prefix, target in _split_targets(module, name, kind):
+        for parameter_name in [n for n, _ in target.named_parameters(recurse=False)]:
+            dim = SLICE_DIMS.get((kind, parameter_name))
+            placement = Replicate() if dim is None else Shard(dim)
+            local = shards.pop(f"{prefix}.{parameter_name}")
+            target.register_parameter(parameter_name, nn.Parameter(
+                DTensor.from_local(local, mesh, [placement], run_check=False), requires_grad=False))
 
 
 def parallelize_transformer(transformer: nn.Module, mesh: Any, shards: dict[str, torch.Tensor] | None = None) -> int:
@@ -366,7 +383,7 @@ def parallelize_transformer(transformer: nn.Module, mesh: Any, shards: dict[str,
             continue
         if shards is not None:
             _from_shards(module, name, kind, mesh, shards)
-        _split_linear(module, kind, mesh)
+        _split_linear(module, name, kind, mesh)
     for name, module in transformer.named_modules():
         if name.endswith(ATTENTION_SUFFIX):
             module.heads = heads // size

@@ -35,8 +35,12 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MARKER_NAME = ".tiny-checkpoints.json"
-# Non-LoRA tensors the E1-Full file overrides, as the real file does for a few full tensors.
-E1_FULL_FULL_TENSOR_PREFIXES: tuple[str, ...] = ("x_embedder.", "t_embedder.")
+# Non-LoRA tensors the E1-Full file overrides, as the real file does for a few full tensors, keyed as after
+# `add_adapter`; the last three are in modules a tensor-parallel split slices (column, row, q norm).
+E1_FULL_FULL_TENSOR_PREFIXES: tuple[str, ...] = (
+    "x_embedder.", "t_embedder.", "double_stream_blocks.0.block.attn1.to_q.base_layer.",
+    "double_stream_blocks.0.block.attn1.to_out.base_layer.", "double_stream_blocks.0.block.attn1.q_rms_norm.",
+)
 
 LLAMA_DIR = "Llama-3.1-8B-Instruct"
 I1_DIR = "HiDream-I1-Full"
@@ -352,7 +356,6 @@ def _build_e1_full(lora_file: Path, seed: int) -> None:
     from safetensors.torch import save_file
 
     transformer = _new_transformer(seed)
-    base = {k: v.clone() for k, v in transformer.state_dict().items()}
     transformer.add_adapter(lora_config(E1_FULL_LORA))
     gen = _generator(seed, "e1_full-lora")
     tensors: dict[str, torch.Tensor] = {}
@@ -361,8 +364,8 @@ def _build_e1_full(lora_file: Path, seed: int) -> None:
             tensors[key] = torch.randn(tensor.shape, generator=gen) / math.sqrt(tensor.shape[1])
         elif ".lora_B." in key:
             tensors[key] = torch.randn(tensor.shape, generator=gen) * LORA_B_STD
-    for key, tensor in sorted(base.items()):
-        if key.startswith(E1_FULL_FULL_TENSOR_PREFIXES):
+    for key, tensor in sorted(transformer.state_dict().items()):
+        if ".lora_" not in key and key.startswith(E1_FULL_FULL_TENSOR_PREFIXES):
             tensors[key] = tensor + torch.randn(tensor.shape, generator=gen) * WEIGHT_PERTURBATION
     lora_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(lora_file), metadata={"format": "pt"})

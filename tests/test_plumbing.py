@@ -635,7 +635,9 @@ def check_base_refine_weights(editor: Editor) -> None:
     switch = editor.loaded.refine_switch
     transformer = editor.loaded.pipe.transformer
     sources = editor.settings.sources
-    i1 = load_safetensors(Path(sources.i1) / "transformer")
+    # keyed as the transformer names them: E1-Full's LoRA layers hold I1's tensors as `.base_layer.`
+    files = load_safetensors(Path(sources.i1) / "transformer")
+    i1 = {key: files[key.replace(".base_layer.", ".")] for key in transformer.state_dict() if ".lora_" not in key}
     if sources.model == "e1.1":
         swapped, edit_values = switch.stash, load_safetensors(Path(sources.edit) / "transformer")
     else:

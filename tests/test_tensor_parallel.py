@@ -131,6 +131,20 @@ def test_refining_with_base_weights_is_refused_with_tensor_parallel(
     assert capsys.readouterr().err.startswith("error: refining with the base weights swaps whole tensors")
 
 
+def test_fusing_the_lora_is_refused_with_tensor_parallel(
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (32, 32)).save(source)
+    env = {**tiny_env, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    code = run_edit_cli(["--tiny", "--image", str(source), "--instruction", "x", "--output", str(tmp_path / "o.png"),
+                         "--tensor-parallel", "2", "--fuse-lora", "--refine-strength", "0"], "e1-full", env)
+    assert code == 2
+    assert capsys.readouterr().err == ("error: --fuse-lora cannot merge a LoRA that a tensor-parallel split holds in "
+                                       "slices; leave it off with --tensor-parallel (the LoRA then runs unfused)\n")
+    assert not (tmp_path / "o.png").exists()
+
+
 # --- real process groups ---------------------------------------------------------------------------
 
 
@@ -178,7 +192,7 @@ def _split_counts(transformer: Any, tp: int) -> dict[str, int]:
 def _tp_edits(rank: int, world: int, cfg: int, tp: int, port: int, tiny_root: str, image: str, names: tuple[str, ...],
               result_file: str) -> None:
     """Every edit of `names` in a layout of cfg x tp ranks; rank 0 writes the images, every rank its counts
-    and the bytes it read from the E1.1 transformer's safetensors files."""
+    and the bytes it read from each weights file or folder the loader read (`model folder/name`, in order)."""
     import torch
 
     from hidream_edit import models
@@ -187,13 +201,13 @@ def _tp_edits(rank: int, world: int, cfg: int, tp: int, port: int, tiny_root: st
     from hidream_edit.spec import MODELS
 
     torch.set_num_threads(1)
-    read: list[int] = []
+    read: list[tuple[str, int]] = []
     whole_read = models.load_safetensors
 
     def counting_read(path: Any, *args: Any) -> dict[str, Any]:
         state = whole_read(path, *args)
-        if Path(path).name == "transformer":
-            read.append(sum(tensor.numel() * tensor.element_size() for tensor in state.values()))
+        read.append((f"{Path(path).parent.name}/{Path(path).name}",
+                     sum(tensor.numel() * tensor.element_size() for tensor in state.values())))
         return state
 
     models.load_safetensors = counting_read
@@ -367,27 +381,67 @@ def test_each_rank_holds_a_kth_of_the_split_weights(two_ranks: dict, model: str)
         assert counts["split_whole"] > 0.8 * (counts["split_whole"] + counts["replicated"])  # most of the model
 
 
-def test_each_rank_reads_only_its_slices_of_the_e1_1_transformer(
-    two_ranks: dict, tiny_checkpoints: Any
-) -> None:
-    """What a rank reads is its share: the split tensors' halves and the rest whole."""
+def _share(path: Path, slices: dict[str, tuple[int, int, int]]) -> int:
+    """Bytes of a rank's share of a weights file or folder for K = 2: the split tensors' halves, the rest whole."""
+    from device_utils import load_safetensors
+
+    size = {key: tensor.numel() * tensor.element_size() for key, tensor in load_safetensors(path).items()}
+    assert set(slices) & set(size)
+    return sum(size[key] // 2 if key in slices else size[key] for key in size)
+
+
+def test_each_rank_reads_only_its_slices_of_the_transformer_files(two_ranks: dict, tiny_checkpoints: Any) -> None:
+    """What a rank reads is its share, E1-Full first (I1's transformer, then the LoRA file: lora_B under a
+    column-parallel base, lora_A under a row-parallel one, and the full tensors of split modules), then E1.1."""
+    from device_utils import load_safetensors
+    from hidream_edit.models import _meta_i1_transformer, lora_config
+    from hidream_edit.spec import E1_FULL_LORA
+    from hidream_edit.tensor_split import shard_slices
+
+    meta = _meta_i1_transformer(tiny_checkpoints.i1)
+    split = shard_slices(meta, 2, 0)
+    meta.add_adapter(lora_config(E1_FULL_LORA))
+    lora_split = shard_slices(meta, 2, 0)
+    lora_file = tiny_checkpoints.e1_full_lora
+    split_in_lora_file = set(lora_split) & set(load_safetensors(lora_file))
+    for part in (".lora_A.", ".lora_B.", ".base_layer.", "q_rms_norm."):
+        assert any(part in key for key in split_in_lora_file), part
+    expected = [
+        ["HiDream-I1-Full/transformer", _share(tiny_checkpoints.i1 / "transformer", split)],
+        [f"HiDream-E1-Full/{lora_file.name}", _share(lora_file, lora_split)],
+        ["HiDream-E1-1/transformer", _share(tiny_checkpoints.e1_1 / "transformer", split)],
+    ]
+    for rank in two_ranks["ranks"]:
+        assert rank["read"] == expected
+
+
+def test_a_lora_layer_is_sliced_with_its_base() -> None:
+    """Column-parallel base: its weight, bias and lora_B split on dim 0, lora_A whole; row-parallel base: its
+    weight and lora_A split on dim 1, its bias and lora_B whole; keyed by PEFT's names (`.base_layer.`)."""
     import torch
     from diffusers import HiDreamImageTransformer2DModel
 
-    from device_utils import load_safetensors
+    from hidream_edit.models import lora_config
+    from hidream_edit.spec import E1_FULL_LORA
     from hidream_edit.tensor_split import shard_slices
+    from hidream_edit.tiny import TRANSFORMER_DIMS
 
-    root = tiny_checkpoints.root
     with torch.device("meta"):
-        meta = HiDreamImageTransformer2DModel.from_config(
-            HiDreamImageTransformer2DModel.load_config(root / "HiDream-I1-Full" / "transformer"))
-    split = shard_slices(meta, 2, 0)
-    whole = load_safetensors(root / "HiDream-E1-1" / "transformer")
-    size = {key: tensor.numel() * tensor.element_size() for key, tensor in whole.items()}
-    assert split and set(split) < set(size)
-    share = sum(size[key] // 2 if key in split else size[key] for key in size)
-    for rank in two_ranks["ranks"]:
-        assert rank["read"] == [share]
+        transformer = HiDreamImageTransformer2DModel(**TRANSFORMER_DIMS)
+    before = shard_slices(transformer, 2, 1)
+    transformer.add_adapter(lora_config(E1_FULL_LORA))
+    after = shard_slices(transformer, 2, 1)
+    q, out = "double_stream_blocks.0.block.attn1.to_q", "double_stream_blocks.0.block.attn1.to_out"
+    rows = transformer.get_submodule(f"{q}.base_layer").out_features // 2
+    columns = transformer.get_submodule(f"{out}.base_layer").in_features // 2
+    assert {key: value for key, value in after.items() if key.startswith(f"{q}.")} == {
+        f"{q}.base_layer.weight": (0, rows, 2 * rows), f"{q}.base_layer.bias": (0, rows, 2 * rows),
+        f"{q}.lora_B.default.weight": (0, rows, 2 * rows)}
+    assert {key: value for key, value in after.items() if key.startswith(f"{out}.")} == {
+        f"{out}.base_layer.weight": (1, columns, 2 * columns),
+        f"{out}.lora_A.default.weight": (1, columns, 2 * columns)}
+    assert {key.replace(".base_layer.", "."): value for key, value in after.items() if ".lora_" not in key} == before
+    assert not [key for key in after if key.startswith("final_layer.")]  # a LoRA target that stays whole
 
 
 @pytest.mark.parametrize("model", ["e1.1", "e1-full"])

@@ -256,8 +256,9 @@ def test_e1_full_lora_matches_the_adapter_names(tiny_checkpoints: TinyCheckpoint
     assert "final_layer.linear.lora_B.default.weight" in lora_keys
     assert all(checkpoint[k].abs().sum() > 0 for k in lora_keys if ".lora_B." in k)
 
-    full = {k: v for k, v in checkpoint.items() if k not in lora_keys}
+    full = {k.replace(".base_layer.", "."): v for k, v in checkpoint.items() if k not in lora_keys}  # I1's names
     assert full and all(k in base_sd and not torch.equal(v, base_sd[k]) for k, v in full.items())
+    assert "double_stream_blocks.0.block.attn1.to_out.base_layer.weight" in checkpoint  # in a LoRA layer's base
 
     info = model.load_state_dict(checkpoint, strict=False)
     assert info.unexpected_keys == []

@@ -294,7 +294,8 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         dist_env = distributed_environment(env)
         layout = ParallelLayout(dist_env.world_size, args.cfg_parallel, args.tensor_parallel)
         layout.check("the web UI")
-        check_tensor_split(editor_settings.sources, editor_settings.refine_weights, layout.tp)
+        check_tensor_split(editor_settings.sources, editor_settings.refine_weights, layout.tp,
+                           editor_settings.fuse_lora)
         if dist_env.enabled:
             return serve_with_edit_group(editor_settings, settings, dist_env, layout, args.dist_timeout)
         print(f"loading {model_spec(model).title}...", file=sys.stderr, flush=True)
