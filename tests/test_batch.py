@@ -421,7 +421,8 @@ def test_output_states_compare_the_metadata_json(tmp_path: Path) -> None:
 
 
 def test_summary_counts_and_throughput() -> None:
-    records = [ItemRecord(2, "c", "c.png", "o/c.png", "skipped"), ItemRecord(0, "a", "a.png", "o/a.png", "ok", 3.0),
+    records = [ItemRecord(2, "c", "c.png", "o/c.png", "skipped", 0.0),
+               ItemRecord(0, "a", "a.png", "o/a.png", "ok", 3.0),
                ItemRecord(1, "b", "b.png", "o/b.png", "failed", 1.0, "bad", rank=1)]
     summary = summarize(records, 3, 30.0, 2, {"manifest": "m.jsonl"}, "e1.1")
     assert summary["counts"] == {"ok": 1, "failed": 1, "skipped": 1} and summary["images_per_minute"] == 2.0
