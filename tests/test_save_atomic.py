@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from hidream_edit.editor import EditResult, save_result
+from hidream_edit.editor import EditResult, check_can_create, save_result
 from hidream_edit.errors import UserError
 
 OLD_IMAGE = b"old image bytes"
@@ -224,3 +224,32 @@ def test_a_non_regular_target_is_refused_even_with_overwrite(tmp_path: Path) -> 
     with pytest.raises(UserError, match=r"out\.png exists and is not a regular file"):
         save_result(result(), fifo, overwrite=True)
     assert listing(tmp_path) == ["out.png"] and fifo.is_fifo()
+
+
+def open_descriptors() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def test_the_check_before_loading_creates_a_file_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    before = open_descriptors()
+    check_can_create(tmp_path / "out.png")
+    assert listing(tmp_path) == [] and open_descriptors() == before  # its temp file removed, its descriptor closed
+
+
+def test_the_check_before_loading_refuses_a_folder_that_takes_no_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root ignores permission bits, so a read-only mount is what refuses here: creating any file fails."""
+    real_open = os.open
+
+    def read_only_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT and Path(path).parent == tmp_path:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    with pytest.raises(UserError) as refused:
+        check_can_create(tmp_path / "out.png")
+    assert str(refused.value) == f"cannot create files in {tmp_path}: Read-only file system"
+    assert listing(tmp_path) == []
+
