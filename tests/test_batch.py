@@ -286,8 +286,9 @@ def test_failure_resume_skip_and_overwrite_through_the_cli(
     metadata = json.loads((out / "a.png.json").read_text())
     assert metadata["source_sha256"] == file_sha256(tmp_path / "a.png") and metadata["refine_strength"] == 0.0
     first = {name: _stat(out / name) for name in ("a.png", "c-blue.webp")}
-    stdout = capsys.readouterr().out
-    assert stdout.startswith("batch: 2 done, 1 failed, 0 skipped of 3 in ") and "images/min" in stdout
+    captured = capsys.readouterr()
+    assert captured.out.startswith("batch: 2 done, 1 failed, 0 skipped of 3 in ") and "images/min" in captured.out
+    assert f"failed: m.jsonl line 2: {failed['error']}\n" in captured.err  # told when it happens, above the bar
 
     write_images(tmp_path, ["broken.png"])  # fixed: the rerun edits only this one
     assert run_cli(argv, tiny_env) == 0
