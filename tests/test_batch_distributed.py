@@ -195,6 +195,28 @@ def test_a_rank_that_cannot_form_its_guidance_group_leaves_the_process_group(
         assert raised.value is failure
 
 
+def test_a_member_names_its_own_rank_and_its_groups_leader_when_agreement_fails() -> None:
+    """Ranks 2 and 3 are the second group of two: a member's messages say which two processes to look at."""
+    import torch.distributed as dist
+
+    from hidream_edit.distributed import EditGroup
+
+    store = dist.HashStore()
+    member = EditGroup.consecutive(3, 2, store, 0.2)
+    with pytest.raises(GuidanceGroupError, match=r"^rank 3 waited 0.2 s for the next item from rank 2 \("):
+        member.agree("next item", lambda: "never asked")
+
+    def unreadable() -> str:
+        raise ValueError("manifest line 4 is not JSON")
+
+    with pytest.raises(ValueError):
+        EditGroup.consecutive(2, 2, store, 0.2).agree("prompt", unreadable)
+    with pytest.raises(GuidanceGroupError) as stopped:
+        member.agree("prompt", lambda: "never asked")
+    assert str(stopped.value) == ("rank 2 (the group's leader) stopped before the edit: "
+                                  "manifest line 4 is not JSON")
+
+
 AGENT = """
 import sys, time
 from datetime import timedelta

@@ -121,6 +121,7 @@ TARGETS: dict[str, list[str]] = {
                                           *_in("test_guidance_parallel.py", GUIDANCE_GROUP_TESTS)],
     "hidream_edit/distributed.py": [*_in("test_batch_distributed.py", [
                                         "test_a_rank_that_cannot_form_its_guidance_group_leaves_the_process_group",
+                                        "test_a_member_names_its_own_rank_and_its_groups_leader_when_agreement_fails",
                                         *RANK_STORE_TESTS]),
                                     *_in("test_guidance_parallel.py", GUIDANCE_GROUP_TESTS[:1])],
     "hidream_edit/group_jobs.py": ["tests/test_group_jobs.py"],
