@@ -396,6 +396,7 @@ def test_model_sources_flags_win_over_environment_over_hub_ids(monkeypatch: pyte
     assert (hub.llama, hub.i1, hub.edit) == ("meta-llama/Llama-3.1-8B-Instruct", "HiDream-ai/HiDream-I1-Full",
                                              "HiDream-ai/HiDream-E1-1")
     assert hub.offline is False
+    assert ModelSources(hub.model, hub.llama, hub.i1, hub.edit) == hub  # a library user's sources too: not offline
     assert resolve_model_sources(MODELS["e1-full"], env={"HF_HUB_OFFLINE": "1"}).edit == "HiDream-ai/HiDream-E1-Full"
     assert resolve_model_sources(MODELS["e1-full"], env={"HF_HUB_OFFLINE": "1"}).offline is True
     from_env = resolve_model_sources(MODELS["e1.1"], env=env)
