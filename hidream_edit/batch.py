@@ -108,7 +108,7 @@ class ItemRecord:
     image: str
     output: str
     status: str
-    seconds: float = 0.0
+    seconds: float  # measured for every item, a skipped one too, so it has no default
     error: str | None = None
     rank: int = 0
 
@@ -661,21 +661,23 @@ def _run_item(
     item: BatchItem, state: OutputState, editor: Editor | None, overwrite: bool, progress: BatchProgress, rank: int
 ) -> ItemRecord:
     """Skip, or edit and save, one claimed item; any failure of the edit becomes the record's error."""
-    record = ItemRecord(item.index, item.label, str(item.image), str(item.output), OK, rank=rank)
     started = time.perf_counter()
+    status = OK
+    error: str | None = None
     if state.kind == "done":
-        record.status = SKIPPED
+        status = SKIPPED
     elif editor is not None:  # loaded whenever some state is not "done"
         try:
             edit_item(editor, item, overwrite and state.kind == "different", progress)
         except (EditCancelled, GuidanceGroupError, KeyboardInterrupt):
             raise  # a lost guidance group ends the run on every rank of the group
         except Exception as exc:  # one bad image must not end the batch; the record keeps why
-            record.status, record.error = FAILED, item_error_line(exc)
+            status, error = FAILED, item_error_line(exc)
             logger.debug("item %s failed", item.label, exc_info=True)
             if isinstance(exc, RuntimeError):
                 editor.dm.empty_cache()
-    record.seconds = round(time.perf_counter() - started, 3)
+    seconds = round(time.perf_counter() - started, 3)
+    record = ItemRecord(item.index, item.label, str(item.image), str(item.output), status, seconds, error, rank)
     logger.info("%s %s (%.1f s)", record.status, item.label, record.seconds)
     return record
 

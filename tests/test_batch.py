@@ -286,8 +286,9 @@ def test_failure_resume_skip_and_overwrite_through_the_cli(
     metadata = json.loads((out / "a.png.json").read_text())
     assert metadata["source_sha256"] == file_sha256(tmp_path / "a.png") and metadata["refine_strength"] == 0.0
     first = {name: _stat(out / name) for name in ("a.png", "c-blue.webp")}
-    stdout = capsys.readouterr().out
-    assert stdout.startswith("batch: 2 done, 1 failed, 0 skipped of 3 in ") and "images/min" in stdout
+    captured = capsys.readouterr()
+    assert captured.out.startswith("batch: 2 done, 1 failed, 0 skipped of 3 in ") and "images/min" in captured.out
+    assert f"failed: m.jsonl line 2: {failed['error']}\n" in captured.err  # told when it happens, above the bar
 
     write_images(tmp_path, ["broken.png"])  # fixed: the rerun edits only this one
     assert run_cli(argv, tiny_env) == 0
@@ -421,7 +422,8 @@ def test_output_states_compare_the_metadata_json(tmp_path: Path) -> None:
 
 
 def test_summary_counts_and_throughput() -> None:
-    records = [ItemRecord(2, "c", "c.png", "o/c.png", "skipped"), ItemRecord(0, "a", "a.png", "o/a.png", "ok", 3.0),
+    records = [ItemRecord(2, "c", "c.png", "o/c.png", "skipped", 0.0),
+               ItemRecord(0, "a", "a.png", "o/a.png", "ok", 3.0),
                ItemRecord(1, "b", "b.png", "o/b.png", "failed", 1.0, "bad", rank=1)]
     summary = summarize(records, 3, 30.0, 2, {"manifest": "m.jsonl"}, "e1.1")
     assert summary["counts"] == {"ok": 1, "failed": 1, "skipped": 1} and summary["images_per_minute"] == 2.0

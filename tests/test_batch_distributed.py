@@ -28,7 +28,7 @@ from torch.distributed import TCPStore
 
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.distributed import rendezvous_url
-from hidream_edit.errors import UserError
+from hidream_edit.errors import GuidanceGroupError, UserError
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 ITEMS = 6
@@ -161,6 +161,60 @@ def test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before(coordina
 def test_a_rank_that_finds_no_group_fails_with_one_line_instead_of_hanging(coordination: Path) -> None:
     message = scenario_result(coordination, "alone", 1)
     assert message.startswith("rank 1 of 2 cannot join the gloo process group at 127.0.0.1:") and "\n" not in message
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("timed out waiting for rank 1"), ValueError("ranks out of order")],
+                         ids=["store timeout", "any other error"])
+def test_a_rank_that_cannot_form_its_guidance_group_leaves_the_process_group(
+    failure: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank left in the default group keeps its store connection and gloo threads: torchrun would wait on it."""
+    import torch.distributed as dist
+
+    from device_utils import DeviceManager
+    from hidream_edit import guidance_parallel
+    from hidream_edit.distributed import CardGroup
+
+    def form_nothing(*args: Any, **kwargs: Any) -> None:
+        raise failure
+
+    monkeypatch.setattr(guidance_parallel, "form_guidance_group", form_nothing)
+    env = DistributedEnvironment(1, 0, 0, "127.0.0.1", free_port())
+    try:
+        with pytest.raises(Exception) as raised:
+            CardGroup.join(DeviceManager("cpu", "fp32"), env, 2, 30.0)
+        still_joined = dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert not still_joined
+    if isinstance(failure, RuntimeError):
+        assert isinstance(raised.value, GuidanceGroupError) and str(raised.value) == (
+            "rank 0 cannot form its guidance group of 2: timed out waiting for rank 1; see --dist-timeout")
+    else:
+        assert raised.value is failure
+
+
+def test_a_member_names_its_own_rank_and_its_groups_leader_when_agreement_fails() -> None:
+    """Ranks 2 and 3 are the second group of two: a member's messages say which two processes to look at."""
+    import torch.distributed as dist
+
+    from hidream_edit.distributed import EditGroup
+
+    store = dist.HashStore()
+    member = EditGroup.consecutive(3, 2, store, 0.2)
+    with pytest.raises(GuidanceGroupError, match=r"^rank 3 waited 0.2 s for the next item from rank 2 \("):
+        member.agree("next item", lambda: "never asked")
+
+    def unreadable() -> str:
+        raise ValueError("manifest line 4 is not JSON")
+
+    with pytest.raises(ValueError):
+        EditGroup.consecutive(2, 2, store, 0.2).agree("prompt", unreadable)
+    with pytest.raises(GuidanceGroupError) as stopped:
+        member.agree("prompt", lambda: "never asked")
+    assert str(stopped.value) == ("rank 2 (the group's leader) stopped before the edit: "
+                                  "manifest line 4 is not JSON")
 
 
 AGENT = """

@@ -319,7 +319,8 @@ def test_rank_0_summarises_what_arrived_when_a_rank_never_reports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     items = items_of(tmp_path, ["a.png", "b.png", "c.png"])
-    from_rank_1 = [{"index": 1, "label": "b.png", "image": "b.png", "output": "out/b.png", "status": "ok", "rank": 1}]
+    from_rank_1 = [{"index": 1, "label": "b.png", "image": "b.png", "output": "out/b.png", "status": "ok",
+                    "seconds": 0.5, "rank": 1}]
     group = FakeRankGroup(0, 3, claims=[0, 3], others={1: from_rank_1}, lost=True)
     assert run_as_rank(tmp_path, monkeypatch, group, items) == 1
     out, err = capsys.readouterr()

@@ -19,6 +19,7 @@ from PIL import Image
 
 from hidream_edit.errors import UserError
 from hidream_edit.instructions import (
+    MAX_VLM_TIMEOUT_S,
     SYSTEM_PROMPT,
     InstructionRewriteError,
     RewrittenInstruction,
@@ -360,6 +361,8 @@ def test_settings_hide_key_and_validate() -> None:
         values.update(bad)
         with pytest.raises(InstructionRewriteError, match=message):
             VLMSettings(**values)
+    edges = VLMSettings(url="http://x/v1", model="m", timeout_s=MAX_VLM_TIMEOUT_S, retries=0, backoff_s=0.0)
+    assert (edges.timeout_s, edges.retries, edges.backoff_s) == (MAX_VLM_TIMEOUT_S, 0, 0.0)  # no retry, no wait
 
 
 def test_non_http_url_is_rejected(image: Image.Image) -> None:

@@ -10,6 +10,7 @@ all the flags and checks what the loader really did.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from hidream_edit import editor as editor_module
 from hidream_edit.cli import run_edit_cli
 from hidream_edit.config import resolve_model_sources
 from hidream_edit.editor import MAX_STEPS, Editor, EditorSettings, EditRequest, resolve_request
-from hidream_edit.errors import UserError
+from hidream_edit.errors import EditCancelled, UserError
+from hidream_edit.guidance_parallel import GuidanceGroup, form_guidance_group
 from hidream_edit.images import resize_for_e1_1, resize_for_e1_full
 from hidream_edit.models import LoadedPipeline, ModelSources, SameWeights
 from hidream_edit.pipeline import EditOutput, HiDreamImageEditingPipeline
@@ -46,13 +48,18 @@ class Boundary:
 class RecordingPipe:
     """Takes the pipeline call's arguments and returns a blank image of the model input's size."""
 
+    guidance_group: GuidanceGroup | None = None  # set by Editor.use_guidance_group
+
     def __init__(self, boundary: Boundary) -> None:
         self.boundary = boundary
 
     def __call__(self, **kwargs: Any) -> EditOutput:
         self.boundary.calls.append(kwargs)
         steps = kwargs["num_inference_steps"]
-        for index in range(steps):  # as the pipeline does after each step
+        for index in range(steps):  # as the pipeline does in each step: share the branches, then the callback
+            if self.guidance_group is not None:
+                self.guidance_group.predictions(3, lambda start, stop: torch.zeros(stop - start, 1), (1,),
+                                                torch.float32, f"step {index + 1}")
             kwargs["callback_on_step_end"](self, index, torch.tensor(999 - index), {"latents": torch.zeros(1)})
         timings = {"encode_s": 0.0, "step_s": [0.0] * steps, "decode_s": 0.0}
         return EditOutput([Image.new("RGB", kwargs["image"].size)], timings, False, steps)
@@ -389,6 +396,7 @@ def test_model_sources_flags_win_over_environment_over_hub_ids(monkeypatch: pyte
     assert (hub.llama, hub.i1, hub.edit) == ("meta-llama/Llama-3.1-8B-Instruct", "HiDream-ai/HiDream-I1-Full",
                                              "HiDream-ai/HiDream-E1-1")
     assert hub.offline is False
+    assert ModelSources(hub.model, hub.llama, hub.i1, hub.edit) == hub  # a library user's sources too: not offline
     assert resolve_model_sources(MODELS["e1-full"], env={"HF_HUB_OFFLINE": "1"}).edit == "HiDream-ai/HiDream-E1-Full"
     assert resolve_model_sources(MODELS["e1-full"], env={"HF_HUB_OFFLINE": "1"}).offline is True
     from_env = resolve_model_sources(MODELS["e1.1"], env=env)
@@ -517,6 +525,34 @@ def test_editor_reports_progress_and_stops_between_steps(boundary: Boundary) -> 
     with pytest.raises(EditCancelled, match="^stopped after step 2 of 3$"):
         editor.edit(EditRequest(stripes(), "x", steps=3), should_stop=lambda: asked.append(1) or len(asked) == 2)
     assert len(asked) == 2 and editor.edit(EditRequest(stripes(), "x", steps=2)).metadata["steps"] == 2
+
+
+@pytest.fixture()
+def group_of_one() -> Iterator[GuidanceGroup]:
+    """A guidance group of this process alone, in a one-rank gloo world: the real gather, no other process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield form_guidance_group(0, 1, 1, torch.device("cpu"), 30.0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_edit_gives_the_guidance_group_its_stop_and_its_own_timings(
+    boundary: Boundary, group_of_one: GuidanceGroup
+) -> None:
+    """Under --cfg-parallel the group, not the step callback, stops the ranks: it must get each edit's stop."""
+    editor = recording_editor("e1.1", boundary)
+    editor.use_guidance_group(group_of_one)
+    asked: list[int] = []
+    with pytest.raises(EditCancelled, match="^stopped at step 2$"):
+        editor.edit(EditRequest(stripes(), "x", steps=3), should_stop=lambda: asked.append(1) or len(asked) == 2)
+    assert len(asked) == 2
+    metadata = editor.edit(EditRequest(stripes(), "x", steps=2)).metadata  # the old stop is not asked again
+    assert len(asked) == 2
+    (rank,) = metadata["timings"]["cfg_parallel"]["ranks"]
+    assert [step["branches"] for step in rank["steps"]] == [[0, 3], [0, 3]]  # this edit's two steps only
 
 
 def test_rewrite_instruction_flags_reach_the_vlm_client(

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from hidream_edit.editor import EditResult, save_result
+from hidream_edit.editor import EditResult, check_can_create, check_name_length, save_result, write_new_json
 from hidream_edit.errors import UserError
 
 OLD_IMAGE = b"old image bytes"
@@ -224,3 +224,54 @@ def test_a_non_regular_target_is_refused_even_with_overwrite(tmp_path: Path) -> 
     with pytest.raises(UserError, match=r"out\.png exists and is not a regular file"):
         save_result(result(), fifo, overwrite=True)
     assert listing(tmp_path) == ["out.png"] and fifo.is_fifo()
+
+
+def open_descriptors() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def test_the_check_before_loading_creates_a_file_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    before = open_descriptors()
+    check_can_create(tmp_path / "out.png")
+    assert listing(tmp_path) == [] and open_descriptors() == before  # its temp file removed, its descriptor closed
+
+
+def test_the_check_before_loading_refuses_a_folder_that_takes_no_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root ignores permission bits, so a read-only mount is what refuses here: creating any file fails."""
+    real_open = os.open
+
+    def read_only_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT and Path(path).parent == tmp_path:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    with pytest.raises(UserError) as refused:
+        check_can_create(tmp_path / "out.png")
+    assert str(refused.value) == f"cannot create files in {tmp_path}: Read-only file system"
+    assert listing(tmp_path) == []
+
+
+def test_the_longest_name_a_255_byte_filesystem_takes_is_saved_and_one_byte_more_is_refused(tmp_path: Path) -> None:
+    """The temporary JSON name adds 36 bytes (".", ".json", ".", a pid padded to 7 digits, Linux's largest
+    pid 4194304 has 7, "-", an 8-digit host tag, ".", an 8-digit token, ".tmp"): none more is refused."""
+    if os.pathconf(tmp_path, "PC_NAME_MAX") != 255:
+        pytest.skip("the temporary folder's filesystem does not take 255-byte names")
+    longest = tmp_path / ("n" * 215 + ".png")
+    check_name_length(longest)
+    assert [p.name for p in save_result(result(), longest)] == [longest.name, f"{longest.name}.json"]
+    with pytest.raises(UserError, match="is 220 bytes long; at most 219 fit in "):
+        check_name_length(tmp_path / ("n" * 216 + ".png"))
+
+
+def test_a_record_is_written_new_and_never_over_a_file_or_into_a_missing_folder(tmp_path: Path) -> None:
+    record = tmp_path / "record.json"
+    assert write_new_json(record, {"peak_gib": 1.5}) == record
+    assert json.loads(record.read_text()) == {"peak_gib": 1.5} and listing(tmp_path) == ["record.json"]
+    with pytest.raises(UserError, match="record.json already exists$"):
+        write_new_json(record, {"peak_gib": 2.0})
+    with pytest.raises(UserError, match="missing is not a directory$"):
+        write_new_json(tmp_path / "missing" / "record.json", {})
+    assert json.loads(record.read_text()) == {"peak_gib": 1.5} and listing(tmp_path) == ["record.json"]

@@ -11,6 +11,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -365,6 +366,23 @@ def test_stop_only_affects_jobs_of_the_same_session_submitted_before_it() -> Non
     assert stops.checker("a", before)() is True
     assert stops.checker("a", after)() is False  # a later Edit is not stopped by an old Stop
     assert stops.checker("b", before)() is False  # nor another session's job
+
+
+def test_stops_are_forgotten_a_day_after_the_sessions_last_stop_and_not_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that runs for weeks forgets sessions idle for a day; a forgotten one no longer stops anything."""
+    from hidream_edit.web import service
+
+    now = [5_000_000.0]  # time.monotonic() on a server up for weeks
+    monkeypatch.setattr(service, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    stops = StopRegistry()
+    stops.request("old")
+    now[0] += 3600.0
+    stops.request("recent")
+    now[0] += 86400.0 - 1800.0  # "old" pressed Stop a day and half an hour ago, "recent" 23.5 hours ago
+    stops.request("new")
+    assert [stops.checker(session, 0.0)() for session in ("old", "recent", "new")] == [False, True, True]
 
 
 def test_unexpected_errors_are_one_line_without_traceback(caplog: pytest.LogCaptureFixture) -> None:

@@ -9,6 +9,7 @@ mutant, a passing run means the suite would let that bug through ("survived").
     .venv/bin/python tools/mutate.py                      # the default sample (see TARGETS)
     .venv/bin/python tools/mutate.py --per-file 20 --seed 3 hidream_edit/pipeline.py
     .venv/bin/python tools/mutate.py --list               # only show the sampled mutants
+    .venv/bin/python tools/mutate.py --rerun OLD.json     # only the survivors of an earlier --json run
 
 `make mutate` runs the default sample. It is slow (a test subset per mutant) and not part of `make test`.
 """
@@ -119,7 +120,10 @@ TARGETS: dict[str, list[str]] = {
     "hidream_edit/guidance_parallel.py": [*_in("test_guidance_parallel.py", GUIDANCE_UNIT_TESTS),
                                           "tests/test_group_jobs.py",
                                           *_in("test_guidance_parallel.py", GUIDANCE_GROUP_TESTS)],
-    "hidream_edit/distributed.py": [*_in("test_batch_distributed.py", RANK_STORE_TESTS),
+    "hidream_edit/distributed.py": [*_in("test_batch_distributed.py", [
+                                        "test_a_rank_that_cannot_form_its_guidance_group_leaves_the_process_group",
+                                        "test_a_member_names_its_own_rank_and_its_groups_leader_when_agreement_fails",
+                                        *RANK_STORE_TESTS]),
                                     *_in("test_guidance_parallel.py", GUIDANCE_GROUP_TESTS[:1])],
     "hidream_edit/group_jobs.py": ["tests/test_group_jobs.py"],
     "hidream_edit/config.py": CONFIG_TESTS,
@@ -259,6 +263,27 @@ def sample(paths: list[str], per_file: int, seed: int) -> list[Mutant]:
     return chosen
 
 
+def survivors_of(results_path: Path) -> tuple[list[Mutant], list[str]]:
+    """The survivors recorded in an earlier --json file, found again in today's source by their text.
+
+    Offsets and line numbers move when a file is edited, so each is matched by kind, original and
+    replacement, taking the one nearest its old line. Returns those found and a line for each one gone.
+    """
+    found: list[Mutant] = []
+    gone: list[str] = []
+    for entry in json.loads(results_path.read_text()):
+        if entry["status"] != "survived":
+            continue
+        old = Mutant(**{key: entry[key] for key in Mutant.__dataclass_fields__})
+        matches = [m for m in generate(old.path, (REPO / old.path).read_text())
+                   if (m.kind, m.original, m.replacement) == (old.kind, old.original, old.replacement)]
+        if matches:
+            found.append(min(matches, key=lambda m: abs(m.line - old.line)))
+        else:
+            gone.append(f"{old.describe()}: no longer in the source")
+    return found, gone
+
+
 def _exists(test: str) -> bool:
     """A test file, or a `file::test` id whose file defines that test function."""
     file, _, name = test.partition("::")
@@ -297,15 +322,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="sampling seed (default 1)")
     parser.add_argument("--list", action="store_true", help="print the sampled mutants and exit")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--rerun", type=Path, metavar="OLD_JSON",
+                        help="run only the survivors of an earlier --json file (after tests were added)")
     args = parser.parse_args(argv)
-    files = args.files or list(TARGETS)
+    rerun: list[Mutant] = []
+    if args.rerun:
+        rerun, gone = survivors_of(args.rerun)
+        for line in gone:
+            print(f"gone: {line}", file=sys.stderr)
+    files = sorted({m.path for m in rerun}) if args.rerun else args.files or list(TARGETS)
     for path in files:
         if not _tests_for(path):
             parser.error(f"{path}: no test subset for it in TARGETS")
         missing = [test for test in TARGETS[path] if not _exists(test)]
         if missing:  # a renamed test would otherwise drop out of the subset unnoticed
             print(f"{path}: left out of its subset, not in this checkout: {', '.join(missing)}", file=sys.stderr)
-    mutants = sample(files, args.per_file, args.seed)
+    mutants = rerun if args.rerun else sample(files, args.per_file, args.seed)
     if args.list:
         print("\n".join(m.describe() for m in mutants))
         return 0
