@@ -103,6 +103,14 @@ CONFIG_TESTS = [
 ]
 ATTENTION_TESTS = ["test_sdpa_and_math_match_diffusers_processor", "test_attention_env_and_errors",
                    "test_npu_fused_attention_runs_the_fused_kernel"]
+# the one-process tests of the split and the group's plan (the spawned groups take minutes per mutant)
+TENSOR_SPLIT_TESTS = ["test_the_degree_must_divide_the_heads", "test_the_plan_splits_every_projection_of_every_block",
+                      "test_a_lora_layer_is_sliced_with_its_base",
+                      "test_each_card_of_a_group_plans_its_share_and_the_encoders_it_holds",
+                      "test_a_group_places_encoders_by_the_room_each_card_has_left",
+                      "test_a_group_too_small_for_its_encoders_resident_lets_them_visit_or_refuses",
+                      "test_plan_for_a_group_too_small_refuses_with_one_line",
+                      "test_a_rank_missing_from_the_group_plan_is_one_line"]
 TARGETS: dict[str, list[str]] = {
     "hidream_edit/pipeline.py": ["tests/test_edit_loop.py", *_in("test_pipeline.py", PIPELINE_UNIT_TESTS)],
     "hidream_edit/editor.py": ["tests/test_save_atomic.py", "tests/test_save_signals.py", "tests/test_plumbing.py",
@@ -131,6 +139,8 @@ TARGETS: dict[str, list[str]] = {
     "hidream_edit/attention.py": _in("test_device_utils.py", ATTENTION_TESTS),
     "hidream_edit/instructions.py": ["tests/test_instructions.py",
                                      "tests/test_plumbing.py::test_rewrite_instruction_flags_reach_the_vlm_client"],
+    "hidream_edit/host_layout.py": ["tests/test_host_layout.py"],
+    "hidream_edit/tensor_split.py": _in("test_tensor_parallel.py", TENSOR_SPLIT_TESTS),
 }
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".venv-*", "results", "__pycache__", ".pytest_cache",
                                      ".ruff_cache", "mutants")
