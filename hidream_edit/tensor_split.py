@@ -102,16 +102,6 @@ def tensor_share(sizes: ModelSizes, i1_dir: Path | None, tp: int) -> ModelSizes:
     return replace(sizes, components=components, largest_block=share(sizes.largest_block), dims=dims)
 
 
-def plan_tensor_rank(
-    spec: ModelSpec, sizes: ModelSizes, budgets: Budgets, asked: str = "auto", attention: str = "sdpa",
-    encoder_device: str | None = None,
-) -> Plan:
-    """The memory plan of one rank of a tensor-parallel group: `sizes` as tensor_share gives them, on this
-    rank's own card and the host (the group's other cards hold their own shares and plan the same way)."""
-    own = replace(budgets, cards=(budgets.edit,), edit_card=0) if budgets.cards else budgets  # no cards: the CPU
-    return plan_placement(spec, sizes, own, asked, attention, encoder_device)
-
-
 @dataclass(frozen=True)
 class GroupPlan:
     """The memory plan of a tensor-parallel group: which member holds each text encoder (each on one card,
@@ -181,7 +171,7 @@ def plan_tensor_group(
     for member, budgets in enumerate(members):
         elsewhere = [name for name in TEXT_ENCODERS if owners[name] != member]
         own_sizes = replace(sizes, components={**sizes.components, **dict.fromkeys(elsewhere, 0)})
-        plan = plan_tensor_rank(spec, own_sizes, budgets, asked, attention, encoder_device)
+        plan = plan_placement(spec, own_sizes, budgets, asked, attention, encoder_device)  # its own card only
         homes = {**plan.chosen.homes, **{name: _home_of(members, owners[name]) for name in elsewhere}}
         devices = tuple(replace(peak, components=tuple(c for c in peak.components if c not in elsewhere))
                         for peak in plan.chosen.devices)

@@ -605,6 +605,47 @@ def test_plan_for_a_group_too_small_refuses_with_one_line(capsys: pytest.Capture
     assert captured.err.count("\n") == 1
 
 
+@pytest.mark.parametrize("member", [0, 1])
+def test_an_encoder_runs_on_its_owner_alone_and_the_others_receive_its_embeddings(
+    member: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SharedEncoders' protocol on one rank (the collectives are played by fakes that act as the group): the
+    owner encodes and sends shape and dtype, then the tensor, both from itself; another member only receives,
+    into a tensor of that shape and dtype."""
+    import torch
+
+    from hidream_edit import tensor_split
+
+    embedding = torch.arange(6, dtype=torch.bfloat16).reshape(1, 2, 3)
+    sent: list[tuple[str, int]] = []
+
+    def broadcast_object_list(header: list[Any], group: Any, group_src: int, device: Any) -> None:
+        sent.append(("header", group_src))
+        if header[0] is None:  # a receiver: the owner's header arrives
+            header[0] = (tuple(embedding.shape), embedding.dtype)
+
+    def broadcast(tensor: Any, group: Any, group_src: int) -> None:
+        sent.append(("tensor", group_src))
+        tensor.copy_(embedding)
+
+    class Mesh:
+        def get_group(self) -> str:
+            return "tp"
+
+        def get_local_rank(self) -> int:
+            return member
+
+    monkeypatch.setattr(tensor_split.dist, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(tensor_split.dist, "broadcast", broadcast)
+    encoded: list[str] = []
+    shared = tensor_split.SharedEncoders({"t5": 0, "llama": 1}, Mesh())
+    for name in ("t5", "llama"):
+        result = shared.share(name, lambda name=name: encoded.append(name) or embedding.clone(), torch.device("cpu"))
+        assert torch.equal(result, embedding) and result.dtype == torch.bfloat16
+    assert encoded == [["t5"], ["llama"]][member]
+    assert sent == [("header", 0), ("tensor", 0), ("header", 1), ("tensor", 1)]
+
+
 def test_a_rank_missing_from_the_group_plan_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """The group's ranks exchange their cards' budgets while loading; a rank that failed before (or hangs)
     leaves the others in that exchange until the timeout, which then ends each of them with one line."""
