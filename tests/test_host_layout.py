@@ -70,6 +70,12 @@ def test_what_each_server_should_run() -> None:
     two = _plan("2x64GiB")  # both cards, each under 90%, instead of one card at 97% and one idle
     assert two.latency.cards == two.throughput.cards == 2
     assert two.latency.fullest <= COMFORT
+    from hidream_edit.tensor_split import member_budgets, plan_tensor_group, tensor_share
+
+    pair = plan_tensor_group(MODELS["e1.1"], tensor_share(table_sizes(MODELS["e1.1"], "bf16"), None, 2),
+                             member_budgets(described_budgets("2x64GiB"), 2))  # each card holds its share
+    assert [peak["peak_bytes"] for peak in two.latency.card_peaks()] == [
+        plan.chosen.devices[0].peak_bytes for plan in pair.plans]
     one = _plan("1x32GiB")  # nothing else fits one 32 GiB card: streaming is right there
     assert one.latency.placements == ("group",) and one.latency is one.throughput
     sizes = table_sizes(MODELS["e1.1"], "bf16")  # the transformer crosses the host link every step, encoders per edit
@@ -117,6 +123,14 @@ def test_printed_commands_parse_with_the_cli_parser_and_carry_the_planned_flags(
         if layout.tp == 1:
             assert args.offload == layout.placements[0]
         assert (args.manifest is not None) == (goal == "throughput")
+
+
+def test_the_split_layout_is_one_process_with_its_encoders_on_the_second_card() -> None:
+    (split,) = [layout for layout in _plan("2x64GiB").layouts if layout.split]
+    assert (split.processes, split.cards) == (1, 2)
+    assert _command(_plan("2x64GiB"), split, "latency").startswith(
+        "python inference_e1_1_npu.py --offload split --encoder-device npu:1 --image ")
+    assert [peak["device"] for peak in split.card_peaks()] == ["npu:0", "npu:1"]
 
 
 def _command(plan: HostPlan, layout: Layout, goal: str) -> str:

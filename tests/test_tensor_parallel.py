@@ -646,6 +646,31 @@ def test_an_encoder_runs_on_its_owner_alone_and_the_others_receive_its_embedding
     assert sent == [("header", 0), ("tensor", 0), ("header", 1), ("tensor", 1)]
 
 
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_a_head_split_rms_norm_normalises_each_slice_as_the_whole_vector(
+    with_weight: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each member holds half the width; the all-reduce (a fake that adds the other half's sum of squares)
+    makes the two halves together equal the whole norm, weight included."""
+    import torch
+
+    from hidream_edit import tensor_split
+
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(8, eps=1e-6, elementwise_affine=with_weight)
+    if with_weight:
+        torch.nn.init.uniform_(norm.weight, 0.5, 2.0)
+    x = torch.randn(3, 5, 8) * 3
+    halves = x.chunk(2, dim=-1)
+    outputs = []
+    for member in (0, 1):
+        other = halves[1 - member].float().pow(2).sum(dim=-1, keepdim=True)
+        monkeypatch.setattr(tensor_split.dist, "all_reduce", lambda tensor, group, other=other: tensor.add_(other))
+        split = tensor_split.HeadSplitRMSNorm(norm, "tp", member, 2)
+        outputs.append(split(halves[member]))
+    torch.testing.assert_close(torch.cat(outputs, dim=-1), norm(x))
+
+
 def test_a_rank_missing_from_the_group_plan_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """The group's ranks exchange their cards' budgets while loading; a rank that failed before (or hangs)
     leaves the others in that exchange until the timeout, which then ends each of them with one line."""

@@ -111,7 +111,8 @@ TENSOR_SPLIT_TESTS = ["test_the_degree_must_divide_the_heads", "test_the_plan_sp
                       "test_a_group_too_small_for_its_encoders_resident_lets_them_visit_or_refuses",
                       "test_plan_for_a_group_too_small_refuses_with_one_line",
                       "test_a_rank_missing_from_the_group_plan_is_one_line",
-                      "test_an_encoder_runs_on_its_owner_alone_and_the_others_receive_its_embeddings"]
+                      "test_an_encoder_runs_on_its_owner_alone_and_the_others_receive_its_embeddings",
+                      "test_a_head_split_rms_norm_normalises_each_slice_as_the_whole_vector"]
 TARGETS: dict[str, list[str]] = {
     "hidream_edit/pipeline.py": ["tests/test_edit_loop.py", *_in("test_pipeline.py", PIPELINE_UNIT_TESTS)],
     "hidream_edit/editor.py": ["tests/test_save_atomic.py", "tests/test_save_signals.py", "tests/test_plumbing.py",
