@@ -230,6 +230,16 @@ def test_group_offload_hooks_are_on_the_transformer_blocks(placed_editors: dict[
     assert placed_editors["group"].loaded.memory_actions[0].startswith("transformer group offload onto cpu")
 
 
+def test_model_offload_hooks_every_component(placed_editors: dict[str, Editor]) -> None:
+    """`model`: diffusers' model CPU offload puts accelerate's hook on each component (on the CPU too), so each
+    visits the card when it runs; the pixels test alone would pass with nothing installed."""
+    pipe = placed_editors["model"].loaded.pipe
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"):
+        assert hasattr(getattr(pipe, name), "_hf_hook"), name
+    assert not hasattr(placed_editors["none"].loaded.pipe.transformer, "_hf_hook")
+    assert placed_editors["model"].loaded.memory_actions[0] == "model CPU offload onto cpu"
+
+
 def test_auto_on_the_cpu_is_none_and_the_log_names_the_plan(tiny_env: dict[str, str], caplog) -> None:
     sources = resolve_model_sources(MODELS["e1.1"], tiny=True, env=tiny_env)
     with caplog.at_level("INFO", logger="hidream_edit"):

@@ -76,7 +76,8 @@ PLACEMENT_RUN_TESTS = ["test_nothing_fits_refuses_before_downloading", "test_not
                        "test_plan_on_the_standin_asks_only_the_edit_card_when_it_is_enough",
                        "test_every_placement_gives_the_pixels_of_none",
                        "test_encoders_keep_the_transformer_and_move_each_encoder_once_per_encode",
-                       "test_group_offload_hooks_are_on_the_transformer_blocks"]
+                       "test_group_offload_hooks_are_on_the_transformer_blocks",
+                       "test_model_offload_hooks_every_component"]
 GUIDANCE_UNIT_TESTS = ["test_branches_are_shared_in_contiguous_runs_with_the_remainder_first",
                        "test_device_work_queued_by_the_share_counts_as_compute_not_as_waiting",
                        "test_launches_that_cannot_form_groups_are_refused", "test_launches_that_form_groups_pass"]
