@@ -225,6 +225,20 @@ def test_every_loading_setting_reaches_the_loader(monkeypatch: pytest.MonkeyPatc
                     "encoder_device": "npu:1", "tensor_mesh": None}
 
 
+def test_the_load_time_reported_is_the_time_loading_took(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    from types import SimpleNamespace
+
+    def slow_load(sources: ModelSources, dm: DeviceManager, **kwargs: Any) -> Any:
+        time.sleep(0.05)
+        return SimpleNamespace(pipe=SimpleNamespace())
+
+    monkeypatch.setattr(editor_module, "load_pipeline", slow_load)
+    started = time.perf_counter()
+    editor = Editor.load(EditorSettings(ModelSources("e1.1", "L", "I", "E")), DeviceManager("cpu", "fp32"))
+    assert 0.05 <= editor.load_s <= time.perf_counter() - started
+
+
 @pytest.mark.parametrize("model", ["e1.1", "e1-full"])
 @pytest.mark.parametrize("what,flags,effect", FLAG_EFFECTS, ids=[" ".join(f[1]) for f in FLAG_EFFECTS])
 def test_each_flag_changes_exactly_its_setting(

@@ -428,6 +428,12 @@ def test_command_line(tmp_path: Path) -> None:
         parse_command_line([], {AUTH_ENV: "nopassword"})
 
 
+def test_the_results_folder_is_made_with_its_missing_parents(tmp_path: Path) -> None:
+    results = tmp_path / "new" / "deeper" / "results"
+    WebEditor(stub_editor("e1.1"), WebSettings(results_dir=results))
+    assert results.is_dir()
+
+
 def test_device_panel_shows_device_memory_and_the_last_timings() -> None:
     gib = 2**30
     report = {"device": "npu:0", "device_name": "Ascend910B3", "dtype": "bf16", "attention": "npu_fused",
