@@ -286,6 +286,7 @@ ANSWER_VARIANTS = {
     "case": f"SOURCE: {SOURCE_TEXT}\ninstruction: {INSTRUCTION_TEXT}\nTaRgEt: {TARGET_TEXT}",
     "blank-lines": "\n\n" + GOOD_ANSWER.replace("\n", "\n\n   \n") + "\n\n",
     "numbered": f"1. Source: {SOURCE_TEXT}\n2) Instruction: {INSTRUCTION_TEXT}\n(3) Target: {TARGET_TEXT}",
+    "numbered, no space": f"1.Source: {SOURCE_TEXT}\n2)Instruction: {INSTRUCTION_TEXT}\n(3)Target: {TARGET_TEXT}",
     "bold": f"**Source:** {SOURCE_TEXT}\n**Instruction**: {INSTRUCTION_TEXT}\n- **Target:** {TARGET_TEXT}",
     "chatter": f"Here is my answer:\n```\n{GOOD_ANSWER}\n```\nLet me know if you need anything else.",
     "label-alone": f'Source:\n{SOURCE_TEXT}\nInstruction:\n"{INSTRUCTION_TEXT}"\nTarget:\n{TARGET_TEXT}',

@@ -225,6 +225,17 @@ def test_every_loading_setting_reaches_the_loader(monkeypatch: pytest.MonkeyPatc
                     "encoder_device": "npu:1", "tensor_mesh": None}
 
 
+@pytest.mark.parametrize("field", ["instruction", "negative"])
+def test_an_over_long_prompt_is_refused_by_the_editor_as_well_as_the_command_line(field: str) -> None:
+    """The web UI and library users reach the Editor without the CLI's own check: it refuses each prompt."""
+    from hidream_edit.spec import MAX_PROMPT_CHARS
+
+    request = EditRequest(image="in.png", **{"instruction": "make it red", field: "x" * (MAX_PROMPT_CHARS + 1)})
+    with pytest.raises(UserError, match=f"{'negative prompt' if field == 'negative' else 'instruction'} is "):
+        resolve_request(request, MODELS["e1.1"])
+    resolve_request(replace(request, **{field: "x" * MAX_PROMPT_CHARS}), MODELS["e1.1"])
+
+
 def test_the_load_time_reported_is_the_time_loading_took(monkeypatch: pytest.MonkeyPatch) -> None:
     import time
     from types import SimpleNamespace

@@ -262,8 +262,9 @@ def test_the_longest_name_a_255_byte_filesystem_takes_is_saved_and_one_byte_more
     longest = tmp_path / ("n" * 215 + ".png")
     check_name_length(longest)
     assert [p.name for p in save_result(result(), longest)] == [longest.name, f"{longest.name}.json"]
-    with pytest.raises(UserError, match="is 220 bytes long; at most 219 fit in "):
+    with pytest.raises(UserError, match="is 220 bytes long; at most 219 fit in ") as refused:
         check_name_length(tmp_path / ("n" * 216 + ".png"))
+    assert refused.value.fix == "output_name"  # the command line adds "choose another --output"
 
 
 def test_a_record_is_written_new_and_never_over_a_file_or_into_a_missing_folder(tmp_path: Path) -> None:
