@@ -73,7 +73,7 @@ class StepCost:
 @dataclass(frozen=True)
 class Layout:
     """One way to run on the host: `replicas` groups of cfg x tp processes (one card each), or one process
-    on two cards (`split`). `plans` are the cards of one group (its processes' plans, in rank order)."""
+    on two cards (`split`). `plans`: the plan of every process the layout runs, in rank order."""
 
     replicas: int
     cfg: int
@@ -112,7 +112,7 @@ class Layout:
                     if peak.budget_bytes), default=0.0)
 
     def card_peaks(self) -> list[dict[str, Any]]:
-        """Each card of one group (or of the split process): its peak, budget and what lives there."""
+        """Each card the layout uses: its peak, budget, placement and what lives there."""
         peaks, seen = [], set()
         for plan in self.plans:
             for peak in plan.chosen.devices:
