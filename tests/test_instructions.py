@@ -604,8 +604,9 @@ def test_answer_parts_lose_control_characters() -> None:
     assert parse_vlm_answer(answer) == ("a red car", "make it blue", "a blue car")
 
 
-def test_unreachable_endpoint_names_the_url(image: Image.Image, closed_port: int) -> None:
-    url = f"http://127.0.0.1:{closed_port}/v1"
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_unreachable_endpoint_names_the_url(image: Image.Image, closed_port: int, scheme: str) -> None:
+    url = f"{scheme}://127.0.0.1:{closed_port}/v1"
     settings = VLMSettings(url=url, model="m", timeout_s=2.0, retries=1, backoff_s=0.01)
     with pytest.raises(InstructionRewriteError, match="cannot reach") as error:
         rewrite_instruction(image, "make the car blue", settings)

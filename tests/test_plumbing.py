@@ -676,6 +676,7 @@ def test_flags_end_to_end_through_the_real_loader(
     assert processors and {p.backend for p in processors} == {"math"}
     assert pipe.vae.use_tiling is True and editor.loaded.refine_switch.name == "base"
     assert type(pipe.text_encoder_4).__name__ == "LlamaModel" and pipe.text_encoder_4.dtype == torch.float32
+    assert pipe.text_encoder_4.config._attn_implementation == "eager"  # docs/ARCHITECTURE.md 3.5
     assert pipe.tokenizer_4 is not None and pipe.tokenizer_4.name_or_path == editor.settings.sources.llama
     assert pipe._progress_bar_config == {"disable": True}  # the front ends draw their own progress
     check_base_refine_weights(editor)

@@ -276,3 +276,23 @@ def test_a_record_is_written_new_and_never_over_a_file_or_into_a_missing_folder(
     with pytest.raises(UserError, match="missing is not a directory$"):
         write_new_json(tmp_path / "missing" / "record.json", {})
     assert json.loads(record.read_text()) == {"peak_gib": 1.5} and listing(tmp_path) == ["record.json"]
+
+
+def test_both_files_reach_the_disk_complete_before_they_take_their_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the fsync a power cut after the rename can leave an empty or torn file under the final name."""
+    synced: set[tuple[int, int]] = set()
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        stat = os.fstat(fd)
+        synced.add((stat.st_ino, stat.st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    output = tmp_path / "out.png"
+    save_result(result(), output)
+    for path in (output, Path(f"{output}.json")):
+        stat = path.stat()
+        assert (stat.st_ino, stat.st_size) in synced, path.name

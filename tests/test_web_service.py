@@ -405,6 +405,16 @@ def test_result_names_are_unique_sanitised_and_inside_the_results_dir(tmp_path: 
     assert safe_stem(".bashrc") == "bashrc" and safe_stem("") == "image" and safe_stem("日本.png") == "image"
 
 
+def test_a_name_whose_image_or_sidecar_exists_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hidream_edit.web import service
+
+    tokens = iter(["taken-image", "taken-sidecar", "free"])
+    monkeypatch.setattr(service, "_token", lambda: next(tokens))
+    (tmp_path / "edit-taken-image-cat.png").write_bytes(b"an earlier result")
+    (tmp_path / "edit-taken-sidecar-cat.png.json").write_text("{}")
+    assert unique_result_path(tmp_path, "edit", "cat.png") == (tmp_path / "edit-free-cat.png").resolve()
+
+
 def test_parse_auth() -> None:
     assert parse_auth("alice:s3:cret") == ("alice", "s3:cret")
     assert parse_auth(None) is None and parse_auth("  ") is None
