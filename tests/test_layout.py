@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,3 +121,34 @@ def test_the_circle_check_sees_circles(tmp_path: Path) -> None:
 def test_device_layer_knows_no_model() -> None:
     text = (REPO / "device_utils.py").read_text()
     assert [line for line in text.splitlines() if "hidream" in line.lower()] == []
+
+
+# the dataclasses a run fills in as it goes; every other one is a frozen value (docs/ARCHITECTURE.md section 1)
+MUTABLE_DATACLASSES = {
+    "batch.ItemRecord", "batch.BatchProgress", "distributed.RankGroup", "distributed.CardGroup", "editor.EditResult",
+    "full_size.StepsDone", "guidance_parallel.GuidanceGroup", "models.LoadedPipeline", "pipeline.EditOutput",
+    "placement._Tally", "step_cache.StageRecord", "step_cache._Stage", "tensor_split.TensorParallelGroup",
+    "service.EditOutcome", "service.BatchItem", "service.BatchOutcome",
+}
+
+
+def _dataclasses(path: Path) -> Iterator[tuple[str, bool]]:
+    """(module.Class, frozen) for each class of `path` decorated with @dataclass or @dataclass(...)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for decorator in node.decorator_list:
+            call = decorator if isinstance(decorator, ast.Call) else None
+            target = call.func if call is not None else decorator
+            if isinstance(target, ast.Name) and target.id == "dataclass":
+                frozen = call is not None and any(
+                    k.arg == "frozen" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in call.keywords
+                )
+                yield f"{path.stem}.{node.name}", frozen
+
+
+def test_dataclasses_are_frozen_unless_a_run_fills_them_in() -> None:
+    found = {name: frozen for path in product_files() for name, frozen in _dataclasses(path)}
+    assert len(found) > len(MUTABLE_DATACLASSES)
+    assert {name for name, frozen in found.items() if not frozen} == MUTABLE_DATACLASSES

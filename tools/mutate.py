@@ -92,6 +92,7 @@ RANK_STORE_TESTS = ["test_a_rank_that_finds_no_group_fails_with_one_line_instead
                     "test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before"]
 CONFIG_TESTS = [
     "tests/test_config.py",
+    "tests/test_hardening_cli.py",
     "tests/test_batch.py::test_distributed_environment",
     "tests/test_batch.py::test_wrong_flag_combinations_are_one_line_exit_2",
     "tests/test_hardening_cli.py::test_vlm_timeout_is_validated",
@@ -119,7 +120,8 @@ TENSOR_SPLIT_TESTS = ["test_the_degree_must_divide_the_heads", "test_the_plan_sp
                       "test_a_head_split_rms_norm_normalises_each_slice_as_the_whole_vector"]
 TARGETS: dict[str, list[str]] = {
     "hidream_edit/pipeline.py": ["tests/test_edit_loop.py", *_in("test_pipeline.py", PIPELINE_UNIT_TESTS)],
-    "hidream_edit/editor.py": ["tests/test_save_atomic.py", "tests/test_save_signals.py", "tests/test_plumbing.py",
+    "hidream_edit/editor.py": ["tests/test_save_atomic.py", "tests/test_save_signals.py", "tests/test_hardening_cli.py",
+                               "tests/test_plumbing.py",
                                "tests/test_e1_1.py::test_save_is_atomic_and_never_overwrites"],
     "hidream_edit/models.py": MODEL_LOADING_TESTS,
     "hidream_edit/images.py": ["tests/test_images.py"],
@@ -150,6 +152,8 @@ TARGETS: dict[str, list[str]] = {
     "hidream_edit/host_layout.py": ["tests/test_host_layout.py"],
     "hidream_edit/tensor_split.py": _in("test_tensor_parallel.py", TENSOR_SPLIT_TESTS),
 }
+# the layout rules (tests/test_layout.py) read every product file: under a second, run first for each target
+EVERY_FILE = ["tests/test_layout.py"]
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".venv-*", "results", "__pycache__", ".pytest_cache",
                                      ".ruff_cache", "mutants")
 SWAPS: dict[type, type] = {
@@ -314,8 +318,11 @@ def _exists(test: str) -> bool:
 
 
 def _tests_for(path: str) -> list[str]:
-    """The subset's files and test ids that exist here (another branch's test files may not, yet)."""
-    return [test for test in TARGETS.get(path, []) if _exists(test)]
+    """The subset's files and test ids that exist here (another branch's test files may not, yet), after
+    EVERY_FILE's."""
+    if path not in TARGETS:
+        return []
+    return [test for test in (*EVERY_FILE, *TARGETS[path]) if _exists(test)]
 
 
 def run_tests(workdir: Path, tests: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, float, str]:
