@@ -728,12 +728,14 @@ def _write_summary_or_say_why(path: Path, summary: dict[str, Any]) -> str | None
     try:
         write_summary(path, summary)
     except OSError as exc:
+        reason = f"cannot write {shown(path)} ({exc.strerror or exc})"
         try:
-            path.unlink(missing_ok=True)
-            old = "the previous summary was removed"
+            path.unlink()
+        except FileNotFoundError:
+            return reason
         except OSError:
-            old = "the previous summary is still there and describes an earlier run"
-        return f"cannot write {shown(path)} ({exc.strerror or exc}); {old}"
+            return f"{reason}; the previous summary is still there and describes an earlier run"
+        return f"{reason}; the previous summary was removed"
     return None
 
 

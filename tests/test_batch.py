@@ -429,6 +429,9 @@ def test_summary_counts_and_throughput() -> None:
     assert summary["counts"] == {"ok": 1, "failed": 1, "skipped": 1} and summary["images_per_minute"] == 2.0
     assert [item["index"] for item in summary["items"]] == [0, 1, 2] and summary["items"][1]["rank"] == 1
     assert summary["manifest"] == "m.jsonl" and summary["world_size"] == 2 and summary["model"] == "e1.1"
+    odd = summarize(records, 3, 7.123456, 1, {}, "e1.1")  # milliseconds, and images/min to 3 decimals
+    assert (odd["seconds"], odd["images_per_minute"]) == (7.123, 8.423)
+    assert summarize(records, 3, 0.0, 1, {}, "e1.1")["images_per_minute"] == 0.0
 
 
 # torchrun's variables

@@ -334,12 +334,14 @@ def test_rank_0_summarises_what_arrived_when_a_rank_never_reports(
     ]
 
 
+@pytest.mark.parametrize("earlier", [True, False])
 def test_a_summary_that_cannot_be_written_is_exit_1_with_the_counts_and_no_stale_summary(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], earlier: bool
 ) -> None:
     items = items_of(tmp_path, ["a.png"])
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "summary.json").write_text('{"counts": "of an earlier run"}')
+    if earlier:
+        (tmp_path / "out" / "summary.json").write_text('{"counts": "of an earlier run"}')
 
     def disk_full(path: Path, summary: dict[str, Any]) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -352,11 +354,26 @@ def test_a_summary_that_cannot_be_written_is_exit_1_with_the_counts_and_no_stale
     out, err = capsys.readouterr()
     assert code == 1 and out.startswith("batch: 1 done, 0 failed, 0 skipped of 1 in ")
     assert out.rstrip().endswith("; no summary written")
+    removed = "; the previous summary was removed" if earlier else ""
     assert error_lines(err) == [
-        f"error: cannot write {tmp_path / 'out' / 'summary.json'} (No space left on device); "
-        "the previous summary was removed"
+        f"error: cannot write {tmp_path / 'out' / 'summary.json'} (No space left on device){removed}"
     ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "a.png.json"]
+
+
+def test_a_summary_that_can_be_neither_written_nor_removed_is_said_to_be_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = items_of(tmp_path, ["a.png"])
+    (tmp_path / "out" / "summary.json").mkdir(parents=True)  # a folder: neither replaced nor unlinked
+    (tmp_path / "out" / "summary.json" / "kept").write_text("")
+    editor = FakeEditor({"a.png": "ok"})
+    monkeypatch.setattr(Editor, "load", staticmethod(lambda settings, dm=None, tensor=None: editor))
+    dm = SimpleNamespace(dtype_name="fp32", empty_cache=lambda: None)
+    code = run_batch(items, FakeSettings(), tmp_path / "out", False, {}, dm=dm)  # type: ignore[arg-type]
+    (line,) = error_lines(capsys.readouterr().err)
+    assert code == 1 and line.startswith(f"error: cannot write {tmp_path / 'out' / 'summary.json'} (")
+    assert line.endswith("; the previous summary is still there and describes an earlier run")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero link", "link to a manifest"])
