@@ -114,6 +114,30 @@ def test_device_work_queued_by_the_share_counts_as_compute_not_as_waiting(tmp_pa
     assert step["compute_s"] >= 0.3 > step["wait_s"], step
 
 
+def test_the_groups_buffers_are_made_on_its_card_not_on_torchs_default_device(tmp_path: Path) -> None:
+    """On an NPU a buffer made without device= would be a host tensor that HCCL refuses; here the default
+    device is `meta`, so a buffer made anywhere but on the group's card (the CPU) cannot be gathered."""
+    import torch.distributed as dist
+
+    def compute(start: int, stop: int) -> torch.Tensor:
+        return torch.arange(start, stop, dtype=torch.float32, device="cpu").repeat_interleave(2).view(-1, 2)
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        group = GuidanceGroup(1, 0, 0, [0], dist.group.WORLD, torch.device("cpu"), 30.0)
+        group.begin_edit(None)
+        torch.set_default_device("meta")
+        try:
+            predictions = group.predictions(3, compute, (2,), torch.float32, "step 1")
+            total = group.sum_across(torch.tensor([2.0, 3.0], device="cpu"), "step 1")
+        finally:
+            torch.set_default_device(None)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(predictions, torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
+    assert torch.equal(total, torch.tensor([2.0, 3.0]))
+
+
 def test_branches_are_shared_in_contiguous_runs_with_the_remainder_first() -> None:
     assert branch_shares(3, 3) == [range(0, 1), range(1, 2), range(2, 3)]
     assert branch_shares(3, 2) == [range(0, 2), range(2, 3)]

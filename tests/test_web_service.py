@@ -215,7 +215,7 @@ def test_batch_runs_every_image_lists_failures_and_zips_the_results(web: WebEdit
     outcome = web.batch([str(first), str(archive)], lines, EditParams(steps=1, seed=7), progress=progress)
 
     assert outcome.status.startswith("Batch 3 of 4 images edited in"), outcome.status
-    assert "2 problems" in outcome.status
+    assert "2 problems" in outcome.status and outcome.status.endswith(f"; zip: {outcome.zip_path.name}.")
     errors = dict(outcome.errors)
     assert errors["holiday.zip/notes.txt"] == "skipped: not an image file"
     assert "not a recognised image file" in errors["holiday.zip/pics/broken.png"]
@@ -235,11 +235,13 @@ def test_batch_runs_every_image_lists_failures_and_zips_the_results(web: WebEdit
         summary_text = zf.read(f"{outcome.batch_dir.name}/summary.json").decode()
         summary = json.loads(summary_text)
         errors_txt = zf.read(f"{outcome.batch_dir.name}/errors.txt").decode()
+        assert {info.compress_type for info in zf.infolist()} == {zipfile.ZIP_DEFLATED}
     assert names == ["001-first.png", "001-first.png.json", "002-evil.png", "002-evil.png.json", "003-b.png",
                      "003-b.png.json", "errors.txt", "summary.json"]
     assert [entry["status"] for entry in summary] == ["ok", "ok", "ok", "failed"]
     assert summary_text == json.dumps(summary, indent=2)  # one entry field per line, as the CLI writes its summary
     assert summary[3]["instruction"] == "make it gold"
+    assert summary[3]["error"] == errors["holiday.zip/pics/broken.png"]
     assert "holiday.zip/notes.txt: skipped" in errors_txt
     metadata = json.loads((outcome.batch_dir / "003-b.png.json").read_text())
     assert metadata["instruction"] == "make it blue" and metadata["steps"] == 1 and metadata["seed"] == 7
