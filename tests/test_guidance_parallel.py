@@ -138,6 +138,29 @@ def test_the_groups_buffers_are_made_on_its_card_not_on_torchs_default_device(tm
     assert torch.equal(total, torch.tensor([2.0, 3.0]))
 
 
+def test_settle_is_told_whether_this_ranks_share_failed(tmp_path: Path) -> None:
+    """The step cache joins the group's sum in settle(failed): a failed share must say so, or the other
+    ranks would decide on a sum that lacks it."""
+    import torch.distributed as dist
+
+    settled: list[bool] = []
+
+    def failing(start: int, stop: int) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        group = GuidanceGroup(1, 0, 0, [0], dist.group.WORLD, torch.device("cpu"), 30.0)
+        group.begin_edit(None)
+        group.predictions(2, lambda start, stop: torch.ones(stop - start, 2), (2,), torch.float32, "step 1",
+                          settle=settled.append)
+        with pytest.raises(GuidanceGroupError, match="rank 0 failed at step 2: out of memory"):
+            group.predictions(2, failing, (2,), torch.float32, "step 2", settle=settled.append)
+    finally:
+        dist.destroy_process_group()
+    assert settled == [False, True]
+
+
 def test_branches_are_shared_in_contiguous_runs_with_the_remainder_first() -> None:
     assert branch_shares(3, 3) == [range(0, 1), range(1, 2), range(2, 3)]
     assert branch_shares(3, 2) == [range(0, 2), range(2, 3)]

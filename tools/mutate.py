@@ -82,6 +82,7 @@ PLACEMENT_RUN_TESTS = ["test_nothing_fits_refuses_before_downloading", "test_not
                        "test_model_offload_hooks_every_component"]
 GUIDANCE_UNIT_TESTS = ["test_branches_are_shared_in_contiguous_runs_with_the_remainder_first",
                        "test_the_groups_buffers_are_made_on_its_card_not_on_torchs_default_device",
+                       "test_settle_is_told_whether_this_ranks_share_failed",
                        "test_device_work_queued_by_the_share_counts_as_compute_not_as_waiting",
                        "test_launches_that_cannot_form_groups_are_refused", "test_launches_that_form_groups_pass"]
 GUIDANCE_GROUP_TESTS = ["test_four_ranks_form_two_groups_that_gather_apart_and_split_the_items",
