@@ -66,6 +66,13 @@ def problems_of(manifest: Path, output_dir: Path, spec: Any = E1_1) -> list[str]
     return caught.value.problems
 
 
+def test_a_long_list_of_problems_shows_the_first_twenty_and_counts_the_rest() -> None:
+    error = BatchError([f"line {n}: bad" for n in range(1, 26)])
+    assert str(error) == "line 1: bad (and 24 more)"
+    assert error.lines() == [f"line {n}: bad" for n in range(1, 21)] + ["... and 5 more problems"]
+    assert BatchError(["line 1: bad"]).lines() == ["line 1: bad"] and str(BatchError(["line 1: bad"])) == "line 1: bad"
+
+
 # Reading a manifest
 
 

@@ -683,6 +683,9 @@ def test_flags_end_to_end_through_the_real_loader(
     metadata = json.loads(Path(f"{output}.json").read_text())
     assert metadata["memory_actions"][0] == "model CPU offload onto cpu"  # placements run on the CPU too
     assert metadata["memory_actions"][-1] == "VAE tiling"
+    timings = metadata["timings"]
+    seconds = [timings[key] for key in ("load_s", "encode_s", "decode_s", "total_s")] + timings["step_s"]
+    assert len(seconds) == 5 and all(value == round(value, 4) for value in seconds)  # to 0.1 ms, as README_NPU says
     assert (metadata["attention"], metadata["offload"], metadata["rng"]) == ("math", "model", "cpu")
     (call_kwargs,) = calls
     assert call_kwargs["clip_cfg_norm"] is False and call_kwargs["refine_switch"] is editor.loaded.refine_switch
