@@ -4,8 +4,9 @@ Mutants are generated from the syntax tree of each target file (flipped comparis
 swapped booleans, dropped `not`/minus, `and`/`or` swapped, off-by-one constants, a dropped keyword
 argument, a removed call statement; never in docstrings, log calls or `metavar=`, which only change text
 for a reader), a deterministic sample per file. Each mutant is applied to a
-scratch copy of the repository and that file's fast test subset runs there; a failing run "kills" the
-mutant, a passing run means the suite would let that bug through ("survived").
+scratch copy of the repository and that file's test subset runs there (its listed fast tests, then every
+test anywhere that names what the file defines); a failing run "kills" the mutant, a passing run means the
+suite would let that bug through ("survived").
 
     .venv/bin/python tools/mutate.py                      # the default sample (see TARGETS)
     .venv/bin/python tools/mutate.py --per-file 20 --seed 3 hidream_edit/pipeline.py
@@ -158,6 +159,11 @@ TARGETS: dict[str, list[str]] = {
 }
 # the layout rules (tests/test_layout.py) read every product file: under a second, run first for each target
 EVERY_FILE = ["tests/test_layout.py"]
+# After a target's own subset come the tests anywhere that name what it defines (naming_tests), except the
+# browser tests and these spawned process groups (40 s or more each).
+NAMING_TESTS_LEFT_OUT = {"test_web_browser.py", "test_a_group_gives_the_image_and_metadata_of_one_process",
+                         "test_each_rank_reads_only_its_slices_of_the_transformer_files",
+                         "test_the_planned_command_for_two_cards_writes_the_single_process_image_under_torchrun"}
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", ".venv-*", "results", "__pycache__", ".pytest_cache",
                                      ".ruff_cache", "mutants")
 SWAPS: dict[type, type] = {
@@ -321,12 +327,47 @@ def _exists(test: str) -> bool:
     return not name or f"def {name}(" in (REPO / file).read_text()
 
 
+def _public_names(path: str) -> set[str]:
+    """The functions, classes and UPPER_CASE constants a module defines at its top level, `_private` ones left out."""
+    names: set[str] = set()
+    for node in ast.parse((REPO / path).read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper())
+    return {name for name in names if not name.startswith("_")}
+
+
+def naming_tests(path: str) -> list[str]:
+    """Every test function, in any test file, whose body names something `path` defines (its tests by what
+    they call, wherever they live), except NAMING_TESTS_LEFT_OUT."""
+    names = _public_names(path)
+    found: list[str] = []
+    for file in sorted((REPO / "tests").glob("test_*.py")):
+        if file.name in NAMING_TESTS_LEFT_OUT:
+            continue
+        for node in ast.parse(file.read_text()).body:
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
+            if node.name in NAMING_TESTS_LEFT_OUT:
+                continue
+            used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            used |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+            if used & names:
+                found.append(f"tests/{file.name}::{node.name}")
+    return found
+
+
 def _tests_for(path: str) -> list[str]:
-    """The subset's files and test ids that exist here (another branch's test files may not, yet), after
-    EVERY_FILE's."""
+    """EVERY_FILE's tests, the target's subset (the files and test ids that exist here: another branch's may
+    not, yet), then the naming tests not already in it."""
     if path not in TARGETS:
         return []
-    return [test for test in (*EVERY_FILE, *TARGETS[path]) if _exists(test)]
+    chosen = [test for test in (*EVERY_FILE, *TARGETS[path]) if _exists(test)]
+    whole_files = {test for test in chosen if "::" not in test}
+    extra = [test for test in naming_tests(path) if test not in chosen and test.split("::")[0] not in whole_files]
+    return chosen + extra
 
 
 def run_tests(workdir: Path, tests: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, float, str]:
