@@ -195,6 +195,24 @@ def test_a_rank_that_cannot_form_its_guidance_group_leaves_the_process_group(
         assert raised.value is failure
 
 
+def test_closing_a_card_group_leaves_the_process_group() -> None:
+    """What every front end does last: a rank still in the default group keeps torchrun waiting on it."""
+    import torch.distributed as dist
+
+    from device_utils import DeviceManager
+    from hidream_edit.distributed import CardGroup
+
+    group = CardGroup.join(DeviceManager("cpu", "fp32"), DistributedEnvironment(1, 0, 0, "127.0.0.1", free_port()),
+                           1, 30.0)
+    try:
+        assert dist.is_initialized() and group.guidance is None and group.edit is None
+        group.close()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_a_member_names_its_own_rank_and_its_groups_leader_when_agreement_fails() -> None:
     """Ranks 2 and 3 are the second group of two: a member's messages say which two processes to look at."""
     import torch.distributed as dist
