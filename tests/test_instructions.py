@@ -613,6 +613,22 @@ def test_unreachable_endpoint_names_the_url(image: Image.Image, closed_port: int
     assert url in assert_one_line(error)
 
 
+def test_a_connection_failure_without_a_message_is_named_by_its_type(
+    vlm: FakeVLM, image: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hidream_edit import instructions
+
+    def reset(response: Any, endpoint: str) -> bytes:
+        raise ConnectionResetError()  # str() is empty
+
+    monkeypatch.setattr(instructions, "_read_body", reset)
+    settings = VLMSettings(url=vlm.url, model="m", timeout_s=5.0, retries=1, backoff_s=0.01)
+    with pytest.raises(InstructionRewriteError) as error:
+        rewrite_instruction(image, "make the car blue", settings)
+    assert f"connection to VLM endpoint {vlm.url}" in assert_one_line(error)
+    assert "failed: ConnectionResetError" in str(error.value)
+
+
 def test_empty_instruction_sends_nothing(vlm: FakeVLM, image: Image.Image) -> None:
     with pytest.raises(InstructionRewriteError, match="empty"):
         rewrite_instruction(image, "   ", vlm.settings())

@@ -388,6 +388,25 @@ def test_hub_ids_go_to_the_hub_cache_and_paths_stay_paths(tmp_path: Path, monkey
     assert len(fetched) == 2
 
 
+def test_hub_ids_are_named_as_such_unless_the_cache_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick check (before loading) does not look into the HF cache; the doctor asks it (locate_hub)."""
+    from hidream_edit import models
+
+    asked: list[str] = []
+
+    def locate(source: str, role: str, offline: bool = False) -> Path:
+        asked.append(role)
+        raise models.ModelFilesError(f"{role}: {source} is not in the HF cache")
+
+    monkeypatch.setattr(models, "locate", locate)
+    hub = resolve_model_sources(MODELS["e1.1"], env={})
+    assert models.check_model_files(hub) == [
+        f"{role}: {source} is a hub id; it is fetched at load time unless HF_HUB_OFFLINE=1"
+        for role, source in (("llama", hub.llama), ("i1", hub.i1), ("edit", hub.edit))
+    ] and asked == []
+    assert len(models.check_model_files(hub, locate_hub=True)) == 3 and asked == ["llama", "i1", "edit"]
+
+
 @pytest.mark.parametrize("tokenizer_files,ok", [(["tokenizer.json"], True), (["tokenizer.model"], True), ([], False)])
 def test_llama_folder_needs_one_of_the_tokenizer_files(tokenizer_files: list[str], ok: bool, tmp_path: Path) -> None:
     from hidream_edit.models import check_model_files

@@ -415,6 +415,31 @@ def test_each_rank_reads_only_its_slices_of_the_transformer_files(two_ranks: dic
         assert rank["read"] == expected
 
 
+def test_a_split_over_one_rank_loads_what_a_whole_load_does(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    """The split loading path in one process (a mesh of one): the split tensors become DTensors holding the
+    whole values, everything else is assigned as without a split, and nothing is left on the meta device."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hidream_edit import models
+
+    whole = models.load_e1_1_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_1, torch.float32, "cpu")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        split = models.load_e1_1_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_1, torch.float32, "cpu",
+                                             split=mesh)
+        values = {key: value.full_tensor() if hasattr(value, "full_tensor") else value
+                  for key, value in split.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+    expected = whole.state_dict()
+    assert sorted(values) == sorted(expected) and not any(value.is_meta for value in values.values())
+    assert all(torch.equal(values[key], expected[key]) for key in expected)
+    assert any(hasattr(value, "full_tensor") for value in split.state_dict().values())
+
+
 def test_a_lora_layer_is_sliced_with_its_base() -> None:
     """Column-parallel base: its weight, bias and lora_B split on dim 0, lora_A whole; row-parallel base: its
     weight and lora_A split on dim 1, its bias and lora_B whole; keyed by PEFT's names (`.base_layer.`)."""

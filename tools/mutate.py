@@ -59,6 +59,7 @@ MODEL_LOADING_TESTS = [
     "tests/test_plumbing.py::test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest",
     "tests/test_e1_1.py::test_e1_1_loading_holds_one_copy_of_the_transformer",
     "tests/test_e1_1.py::test_e1_1_bf16_load_casts_every_float_tensor",
+    "tests/test_tensor_parallel.py::test_a_split_over_one_rank_loads_what_a_whole_load_does",
     "tests/test_e1_1.py::test_incomplete_model_directory_lists_what_is_missing",
     "tests/test_e1_1.py::test_e1_1_needs_only_the_i1_transformer_config_not_its_weights",
     "tests/test_placement_run.py::test_encoders_keep_the_transformer_and_move_each_encoder_once_per_encode",
@@ -115,6 +116,7 @@ ATTENTION_TESTS = ["test_sdpa_and_math_match_diffusers_processor", "test_attenti
 # the one-process tests of the split and the group's plan (the spawned groups take minutes per mutant)
 TENSOR_SPLIT_TESTS = ["test_the_degree_must_divide_the_heads", "test_the_plan_splits_every_projection_of_every_block",
                       "test_a_lora_layer_is_sliced_with_its_base",
+                      "test_a_split_over_one_rank_loads_what_a_whole_load_does",
                       "test_each_card_of_a_group_plans_its_share_and_the_encoders_it_holds",
                       "test_a_group_places_encoders_by_the_room_each_card_has_left",
                       "test_a_group_too_small_for_its_encoders_resident_lets_them_visit_or_refuses",
