@@ -102,6 +102,19 @@ def test_plan_for_each_card_size(model: str, host: str, attention: str, cap: int
     assert not any(c.fits for c in plan.rejected)
 
 
+def test_only_tensors_inside_a_module_list_entry_count_toward_its_block() -> None:
+    """Group offload moves one ModuleList entry at a time: its largest one is what the card must hold."""
+    from hidream_edit import placement
+
+    tally = placement._Tally()
+    for name, size in (("double_stream_blocks.3.block.attn1.to_q.weight", 10), ("double_stream_blocks.3.ff.w1.bias", 5),
+                       ("double_stream_blocks.12.adaLN_modulation.1.weight", 7), ("x_embedder.proj.weight", 3),
+                       ("scales.0", 2), ("bias", 1)):  # a ParameterList entry and a bare parameter: no block
+        tally.add(name, size)
+    assert tally.blocks == {"double_stream_blocks.3": 15, "double_stream_blocks.12": 7}
+    assert (tally.unblocked, tally.bytes, tally.largest_tensor) == (6, 28, 10)
+
+
 def test_none_puts_everything_on_the_edit_card_with_the_reserve() -> None:
     plan = real_plan("e1.1", "1x64GiB")
     [card] = plan.chosen.devices

@@ -423,11 +423,18 @@ def test_llama_folder_needs_one_of_the_tokenizer_files(tokenizer_files: list[str
 def test_every_flag_has_help_and_the_progress_bar_counts_to_the_steps(
     boundary: Boundary, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hidream_edit.cli import build_edit_parser
+    from npu_standin import load_doctor
 
+    from hidream_edit.cli import build_edit_parser
+    from hidream_edit.web.command_line import build_parser as build_web_parser
+
+    parsers = {"doctor (with --full-size's flags)": load_doctor().build_parser()}
     for model in ("e1.1", "e1-full"):
-        undocumented = [a.dest for a in build_edit_parser(MODELS[model])._actions if not a.help]
-        assert undocumented == [], model
+        parsers[f"{model} CLI"] = build_edit_parser(MODELS[model])
+        parsers[f"{model} web UI"] = build_web_parser(model)
+    for name, parser in parsers.items():
+        undocumented = [a.dest for a in parser._actions if not a.help]
+        assert undocumented == [], name
     capsys.readouterr()
     run_cli("e1.1", ["--steps", "3"], tmp_path, boundary)
     assert "denoising: 100%" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
