@@ -487,6 +487,9 @@ def test_verbose_sets_our_log_level(verbose: bool, level: str, boundary: Boundar
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    for library in (diffusers_logging, transformers_logging):  # as in a fresh process: an earlier test set them
+        library.enable_progress_bar()
+        library.set_verbosity_warning()
     run_cli("e1.1", ["--verbose"] if verbose else [], tmp_path, boundary)
     for name in ("hidream_edit", "device_utils"):
         assert logging.getLevelName(logging.getLogger(name).level) == level

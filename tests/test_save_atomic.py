@@ -21,7 +21,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from hidream_edit.editor import EditResult, check_can_create, check_name_length, save_result, write_new_json
+from hidream_edit.editor import (
+    EditResult,
+    check_can_create,
+    check_name_length,
+    check_output_path,
+    save_result,
+    write_new_json,
+)
 from hidream_edit.errors import UserError
 
 OLD_IMAGE = b"old image bytes"
@@ -228,6 +235,13 @@ def test_a_non_regular_target_is_refused_even_with_overwrite(tmp_path: Path) -> 
 
 def open_descriptors() -> list[str]:
     return sorted(os.listdir("/proc/self/fd"))
+
+
+def test_the_check_before_loading_refuses_an_extension_no_image_format_has(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"out\.gif: unknown image extension; use one of \.bmp, \.jpeg, \.jpg, \.png,"):
+        check_output_path(tmp_path / "out.gif", overwrite=False)
+    assert check_output_path(tmp_path / "out.PNG", overwrite=False) == (tmp_path / "out.PNG", tmp_path / "out.PNG.json")
+    assert listing(tmp_path) == []
 
 
 def test_the_check_before_loading_creates_a_file_and_leaves_nothing_behind(tmp_path: Path) -> None:

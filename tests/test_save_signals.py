@@ -128,6 +128,15 @@ def test_after_a_save_sigterm_kills_as_before(tmp_path: Path, fails: bool, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if fails else ["out.png", "out.png.json"])
 
 
+def test_a_temp_file_is_stale_after_an_hour_as_readme_npu_says(tmp_path: Path) -> None:
+    now = time.time()
+    for name, age in ((".old.png.abcd_123.tmp", 3600.5), (".young.png.abcd_123.tmp", 3599.5)):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age,) * 2)
+    assert [p.name for p in sweep_stale_temp_files(tmp_path, now=now)] == [".old.png.abcd_123.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == [".young.png.abcd_123.tmp"]
+
+
 def test_sweep_removes_only_our_old_or_orphaned_names(tmp_path: Path) -> None:
     now = time.time()
     names = {

@@ -108,6 +108,7 @@ CONFIG_TESTS = [
     "tests/test_plumbing.py::test_each_flag_changes_exactly_its_setting",
     "tests/test_plumbing.py::test_defaults_reach_the_boundaries",
     "tests/test_plumbing.py::test_every_flag_has_help_and_the_progress_bar_counts_to_the_steps",
+    "tests/test_plumbing.py::test_verbose_sets_our_log_level",
     "tests/test_step_cache.py::test_bad_cache_flags_are_one_line_before_loading",
     "tests/test_full_size.py::test_bad_values_are_one_line_errors",
 ]
