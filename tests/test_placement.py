@@ -133,6 +133,8 @@ def test_split_puts_the_text_encoders_on_the_second_card() -> None:
     assert (main.device, second.device, plan.encoder_device) == ("npu:0", "npu:1", "npu:1")
     assert main.components == ("transformer", "vae") and set(second.components) == {"clip_l", "clip_g", "t5", "llama"}
     assert plan.chosen.homes["llama"] == "npu:1" and plan.chosen.homes["transformer"] == "npu:0"
+    # the second card holds the four encoders and the working set of the one that runs (1 GiB)
+    assert second.peak_bytes == real_sizes("e1.1").encoders + 1 * GIB
 
 
 def test_split_uses_the_encoder_device_asked_for() -> None:

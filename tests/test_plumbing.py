@@ -151,6 +151,9 @@ FLAG_EFFECTS: list[tuple[str, list[str], dict[str, Any]]] = [
     ("image guidance", ["--image-guidance", "1.25"], {"image_guidance_scale": 1.25}),
     ("refine strength", ["--refine-strength", "0.2"], {"refine_strength": 0.2}),
     ("negative", ["--negative", "ugly"], {"negative_prompt": "ugly"}),
+    ("max memory", ["--max-memory", "7GiB"], {"max_memory": 7 << 30}),
+    ("host memory", ["--host-memory", "9GiB"], {"host_memory": 9 << 30}),
+    ("encoder device", ["--offload", "split", "--encoder-device", "cpu"], {"offload": "split", "encoder_device": "cpu"}),
 ]
 
 

@@ -398,6 +398,8 @@ def test_unexpected_errors_are_one_line_without_traceback(caplog: pytest.LogCapt
     (record,) = [record for record in caplog.records if record.getMessage() == "edit failed"]
     assert record.exc_info is not None and "kernel exploded" in caplog.text  # the traceback: in the server log
     assert "ran out of memory" in error_message(RuntimeError("NPU out of memory. Tried to allocate 2 GiB"))
+    long = error_message(ValueError("v" * 5000))  # the page shows 300 characters; the log has the rest
+    assert long == f"internal error (ValueError: {'v' * 300}); details are in the server log"
     assert error_message(UserError("bad\nvalue")) == "bad value"
 
 
