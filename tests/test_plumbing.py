@@ -153,7 +153,8 @@ FLAG_EFFECTS: list[tuple[str, list[str], dict[str, Any]]] = [
     ("negative", ["--negative", "ugly"], {"negative_prompt": "ugly"}),
     ("max memory", ["--max-memory", "7GiB"], {"max_memory": 7 << 30}),
     ("host memory", ["--host-memory", "9GiB"], {"host_memory": 9 << 30}),
-    ("encoder device", ["--offload", "split", "--encoder-device", "cpu"], {"offload": "split", "encoder_device": "cpu"}),
+    ("encoder device", ["--offload", "split", "--encoder-device", "cpu"],
+     {"offload": "split", "encoder_device": "cpu"}),
 ]
 
 
