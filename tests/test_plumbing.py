@@ -392,6 +392,15 @@ def test_hub_ids_go_to_the_hub_cache_and_paths_stay_paths(tmp_path: Path, monkey
     assert len(fetched) == 2
 
 
+def test_missing_model_files_list_six_and_count_the_rest() -> None:
+    from hidream_edit import models
+
+    for count, tail in ((6, "f5"), (7, "f5; and 1 more")):
+        with pytest.raises(models.ModelFilesError) as error:
+            models._raise_if_incomplete([f"f{n}" for n in range(count)])
+        assert str(error.value) == f"model files missing or incomplete: f0; f1; f2; f3; f4; {tail}"
+
+
 def test_hub_ids_are_named_as_such_unless_the_cache_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     """The quick check (before loading) does not look into the HF cache; the doctor asks it (locate_hub)."""
     from hidream_edit import models
