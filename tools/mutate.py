@@ -100,8 +100,6 @@ CONFIG_TESTS = [
     "tests/test_hardening_cli.py",
     "tests/test_batch.py::test_distributed_environment",
     "tests/test_batch.py::test_wrong_flag_combinations_are_one_line_exit_2",
-    "tests/test_hardening_cli.py::test_vlm_timeout_is_validated",
-    "tests/test_hardening_cli.py::test_vlm_timeout_accepts_seconds_and_documents_the_total_budget",
     "tests/test_placement_run.py::test_plan_flag_mistakes_are_one_line",
     "tests/test_plumbing.py::test_model_sources_flags_win_over_environment_over_hub_ids",
     "tests/test_plumbing.py::test_unknown_choices_are_refused_before_loading",
