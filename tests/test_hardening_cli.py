@@ -142,14 +142,19 @@ def test_resolve_request_caps_every_prompt_part(model: str) -> None:
     form = f"Editing Instruction: {at_limit}. Target Image Description: {at_limit}"
     resolve_request(EditRequest(image="a.png", instruction=form), spec)
     too_long = at_limit + "x"
-    cases = {
-        "instruction": EditRequest(image="a.png", instruction=too_long),
-        "negative prompt": EditRequest(image="a.png", instruction="x", negative=too_long),
-        "target description": EditRequest(
+    # only the leading marker is the form's; one the user's text repeats is counted as text
+    quoting = "x" * (MAX_PROMPT_CHARS + 1 - len("Editing Instruction:")) + "Editing Instruction:"
+    cases = [
+        ("instruction", EditRequest(
+            image="a.png", instruction=f"Editing Instruction: {quoting}. Target Image Description: y"
+        )),
+        ("instruction", EditRequest(image="a.png", instruction=too_long)),
+        ("negative prompt", EditRequest(image="a.png", instruction="x", negative=too_long)),
+        ("target description", EditRequest(
             image="a.png", instruction=f"Editing Instruction: x. Target Image Description: {too_long}"
-        ),
-    }
-    for name, request in cases.items():
+        )),
+    ]
+    for name, request in cases:
         with pytest.raises(UserError, match=f"the {name} is {MAX_PROMPT_CHARS + 1} characters long"):
             resolve_request(request, spec)
 
