@@ -26,6 +26,7 @@ from hidream_edit.placement import (
     PLACEMENTS,
     Budgets,
     Card,
+    EncodersElsewhere,
     ModelSizes,
     checkpoint_files,
     described_budgets,
@@ -432,3 +433,14 @@ def test_tiny_e1_full_adds_the_lora_to_the_i1_transformer(tiny_checkpoints) -> N
     lora_values = sum(count for name, (_, count) in read_safetensors_header(tiny_checkpoints.e1_full_lora).items()
                       if ".lora_" in name)
     assert with_lora.components["transformer"] == plain.components["transformer"] + lora_values * DTYPE_BYTES["bf16"]
+
+
+def test_split_moves_each_encoder_to_its_card_and_carries_inputs_there_and_outputs_back() -> None:
+    """On the CPU the "other card" is the meta device: whatever is not moved stays visibly on the CPU."""
+    encoders = {"t5": torch.nn.Linear(2, 2), "llama": torch.nn.Linear(2, 2)}
+    hooks = EncodersElsewhere(encoders, torch.device("meta"), torch.device("cpu"))
+    assert {p.device.type for encoder in encoders.values() for p in encoder.parameters()} == {"meta"}
+    args, kwargs = hooks._inputs(encoders["t5"], (torch.ones(2),), {"mask": torch.ones(2)})
+    assert args[0].device.type == kwargs["mask"].device.type == "meta"
+    back = EncodersElsewhere({}, torch.device("cpu"), torch.device("meta"))
+    assert back._outputs(encoders["t5"], (), torch.ones(2)).device.type == "meta"
