@@ -33,6 +33,7 @@ from hidream_edit.batch import (
     manifest_items,
     run_items,
     summarize,
+    summary_line,
 )
 from hidream_edit.cli import run_edit_cli
 from hidream_edit.config import distributed_environment
@@ -439,6 +440,12 @@ def test_summary_counts_and_throughput() -> None:
     odd = summarize(records, 3, 7.123456, 1, {}, "e1.1")  # milliseconds, and images/min to 3 decimals
     assert (odd["seconds"], odd["images_per_minute"]) == (7.123, 8.423)
     assert summarize(records, 3, 0.0, 1, {}, "e1.1")["images_per_minute"] == 0.0
+    assert summary_line(summary, Path("o/summary.json")) == (
+        "batch: 1 done, 1 failed, 1 skipped of 3 on 2 ranks in 30.0 s (2.00 images/min); summary o/summary.json"
+    )
+    assert summary_line(odd, None) == (
+        "batch: 1 done, 1 failed, 1 skipped of 3 in 7.1 s (8.42 images/min); no summary written"
+    )
 
 
 # torchrun's variables
