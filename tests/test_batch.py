@@ -429,7 +429,7 @@ def test_output_states_compare_the_metadata_json(tmp_path: Path) -> None:
     assert batch.output_state(item, context).reason == "only its metadata a.png.json is there"
 
 
-def test_summary_counts_and_throughput() -> None:
+def test_summary_counts_and_throughput(tmp_path: Path) -> None:
     records = [ItemRecord(2, "c", "c.png", "o/c.png", "skipped", 0.0),
                ItemRecord(0, "a", "a.png", "o/a.png", "ok", 3.0),
                ItemRecord(1, "b", "b.png", "o/b.png", "failed", 1.0, "bad", rank=1)]
@@ -443,6 +443,9 @@ def test_summary_counts_and_throughput() -> None:
     assert summary_line(summary, Path("o/summary.json")) == (
         "batch: 1 done, 1 failed, 1 skipped of 3 on 2 ranks in 30.0 s (2.00 images/min); summary o/summary.json"
     )
+    write_summary(tmp_path / "summary.json", {"counts": {"ok": 1}})  # indented for people reading it
+    assert (tmp_path / "summary.json").read_text() == '{\n  "counts": {\n    "ok": 1\n  }\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
     assert summary_line(odd, None) == (
         "batch: 1 done, 1 failed, 1 skipped of 3 in 7.1 s (8.42 images/min); no summary written"
     )

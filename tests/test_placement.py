@@ -22,12 +22,14 @@ from hidream_edit.errors import ModelFilesError, UserError
 from hidream_edit.placement import (
     COMPONENTS,
     DTYPE_BYTES,
+    ENCODER_ATTRIBUTES,
     GIB,
     PLACEMENTS,
     Budgets,
     Card,
     EncodersElsewhere,
     ModelSizes,
+    apply_plan,
     checkpoint_files,
     described_budgets,
     model_sizes,
@@ -444,3 +446,18 @@ def test_split_moves_each_encoder_to_its_card_and_carries_inputs_there_and_outpu
     assert args[0].device.type == kwargs["mask"].device.type == "meta"
     back = EncodersElsewhere({}, torch.device("cpu"), torch.device("meta"))
     assert back._outputs(encoders["t5"], (), torch.ones(2)).device.type == "meta"
+
+
+@pytest.mark.parametrize("placement", ["none", "sequential"])
+def test_whole_pipeline_placements_on_the_cpu_move_everything_to_the_card(placement: str) -> None:
+    """`none`, and `sequential` where the card is the CPU (accelerate's hooks cannot run there), move the pipeline."""
+    from types import SimpleNamespace
+
+    moved: list[torch.device] = []
+    pipe = SimpleNamespace(to=moved.append, **dict.fromkeys(ENCODER_ATTRIBUTES.values()))
+    plan = SimpleNamespace(placement=placement, encoder_device=None, peaks=lambda: {"cpu": 3 * GIB})
+    actions, hooks = apply_plan(pipe, plan, "cpu")
+    assert moved == [torch.device("cpu")] and hooks is None and pipe.edit_device == torch.device("cpu")
+    assert actions == [{"none": "all components on cpu", "sequential": (
+        "sequential offload skipped: it needs an accelerator (the CPU holds everything anyway)")}[placement],
+        f"placement {placement}: predicted peak cpu 3.0 GiB"]
