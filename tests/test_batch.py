@@ -34,6 +34,7 @@ from hidream_edit.batch import (
     run_items,
     summarize,
     summary_line,
+    write_summary,
 )
 from hidream_edit.cli import run_edit_cli
 from hidream_edit.config import distributed_environment
