@@ -86,6 +86,25 @@ def test_a_lost_store_ends_a_guidance_group_with_one_line_on_each_rank() -> None
         lost_group(1).finish_edit()
 
 
+def test_the_leader_waits_the_groups_timeout_for_timings_not_the_stores(caplog: pytest.LogCaptureFixture) -> None:
+    """A member that never posts its timings costs the leader the group's timeout (here 0.3 s), not the
+    rendezvous store's own, which torchrun sets to minutes."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=60))
+    group = GuidanceGroup(size=2, member=0, index=0, ranks=[0, 1], process_group=None,
+                          device=torch.device("cpu"), timeout_s=0.3, store=store)
+    group.begin_edit(None)
+    started = time.monotonic()
+    timings = group.finish_edit()
+    assert time.monotonic() - started < 30
+    assert timings == {"size": 2, "ranks": [{"rank": 0, "steps": []}]}
+    assert "no per-rank timings from the guidance group" in caplog.text
+
+
 def test_device_work_queued_by_the_share_counts_as_compute_not_as_waiting(tmp_path: Path) -> None:
     """On an accelerator the share's kernels are still queued when compute() returns: the rank waits for
     them before the gather, so the step's record puts that time in compute_s, not in wait_s."""
