@@ -472,6 +472,12 @@ def test_http_500_is_retried_then_fails(vlm: FakeVLM, image: Image.Image, monkey
     assert "CUDA out of memory" in assert_one_line(error)
     assert len(vlm.requests) == 3
     assert waits == [0.25, 0.5]  # the backoff doubles from one retry to the next
+    # the defaults README_NPU.md states: two retries, after 1 s and then 2 s
+    waits.clear()
+    defaults = VLMSettings(vlm.url, "test-vlm", timeout_s=5.0)
+    with pytest.raises(InstructionRewriteError, match="HTTP 500"):
+        rewrite_instruction(image, "make the car blue", defaults)
+    assert waits == [1.0, 2.0]
 
 
 def test_http_429_is_retried_and_can_recover(vlm: FakeVLM, image: Image.Image) -> None:
@@ -658,7 +664,9 @@ def test_a_redirect_is_refused_so_the_key_never_reaches_another_server(
     assert elsewhere in assert_one_line(error) and "sk-secret" not in str(error.value)
     assert other_vlm.requests == []
     assert len(vlm.requests) == 1  # not retried: a redirect is the endpoint's answer, not a transient failure
-    # a failed rewrite like any other: the fallback goes on with the bare instruction
+    # a failed rewrite like any other: an error unless asked to fall back to the bare instruction
+    with pytest.raises(InstructionRewriteError, match="a redirect to "):
+        compose_e1_full_prompt("make the car blue", image, vlm=settings)
     assert compose_e1_full_prompt("make the car blue", image, vlm=settings, fallback=True) == "make the car blue"
     assert other_vlm.requests == []
 

@@ -640,15 +640,19 @@ def test_the_upload_limit_is_in_mib_as_its_messages_say(tmp_path: Path) -> None:
     under = tmp_path / "under.png"
     under.write_bytes(b"\0" * 1_040_000)  # over 1 MB, under 1 MiB: judged by its content, not refused for size
     assert web.preview(under) == (None, "Error: under.png: not a recognised image file")
+    exact = tmp_path / "exact.png"
+    exact.write_bytes(b"\0" * 2**20)  # the limit itself is allowed
+    assert web.preview(exact) == (None, "Error: exact.png: not a recognised image file")
     over = tmp_path / "over.png"
     over.write_bytes(b"\0" * (2**20 + 1))
     assert web.preview(over) == (None, "Error: over.png: 1.0 MiB is over the 1 MiB limit")
     archive = tmp_path / "sizes.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("under.png", b"\0" * 1_040_000)
+        zf.writestr("exact.png", b"\0" * 2**20)
         zf.writestr("over.png", b"\0" * (2**20 + 1))
     items, errors = web.collect_batch([str(archive)])
-    assert [item.name for item in items] == ["sizes.zip/under.png"]
+    assert [item.name for item in items] == ["sizes.zip/exact.png", "sizes.zip/under.png"]
     assert errors == [("sizes.zip/over.png", "skipped: 1.0 MiB is over the 1 MiB limit")]
 
 
