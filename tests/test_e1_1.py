@@ -290,3 +290,13 @@ def test_e1_1_needs_only_the_i1_transformer_config_not_its_weights(tiny_checkpoi
     assert models.check_model_files(e1_1) == []
     e1_full = models.ModelSources("e1-full", str(tiny_checkpoints.llama), str(i1), str(tiny_checkpoints.e1_full))
     assert any("transformer" in problem for problem in models.check_model_files(e1_full))
+
+
+def test_the_device_report_reads_memory_without_logging(e1_1_editor, caplog: pytest.LogCaptureFixture) -> None:
+    """Status panels ask for it every few seconds; a log line each time would bury the server log."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        report = e1_1_editor.device_report()
+    assert caplog.records == []
+    assert report["device"] == "cpu" and report["memory"]["host_rss"] > 0
