@@ -68,8 +68,9 @@ PROMPT = "make the sky a deep orange sunset"
 RECORD_FORMAT = 1
 # Every key of a record; fields not measured (a refused plan) are None.
 RECORD_FIELDS: tuple[str, ...] = (
-    "record", "format", "status", "error", "failed_in", "model", "machine", "settings", "placement", "attention",
-    "work", "cut", "parameters", "seconds", "memory", "working_set", "steps_done", "plan",
+    "record", "format", "status", "error", "failed_in", "model", "machine", "settings", "placement",
+    "placement_actions", "attention", "work", "cut", "parameters", "seconds", "memory", "working_set", "steps_done",
+    "plan",
 )
 PHASES: tuple[str, ...] = ("build", "encode", "warm-up step", "edit step", "refine step", "decode")
 
@@ -479,7 +480,7 @@ def run_full_size(
         for name, module in modules.items():
             materialize(name, module, home_device(plan, name), dm.dtype, settings.seed)
         pipe = assemble(modules)
-        place_pipeline(pipe, dm, plan, attention)
+        record["placement_actions"] = place_pipeline(pipe, dm, plan, attention).actions
         synchronize_device(dm.device)
         seconds["build"] = time.perf_counter() - started
         say(f"built in {seconds['build']:.1f} s; editing")
@@ -579,6 +580,7 @@ def _record_base(settings: FullSizeSettings, dm: DeviceManager, plan: Plan, atte
                     "platform": platform.platform()},
         "settings": asdict(settings),
         "placement": plan.placement,
+        "placement_actions": None,
         "attention": attention,
         "work": {
             "source": [settings.size, settings.size],

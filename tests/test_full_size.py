@@ -32,6 +32,7 @@ from hidream_edit.full_size import (
     run_full_size,
 )
 from hidream_edit.models import table_sizes
+from hidream_edit.placement import gib
 from hidream_edit.spec import MODELS, REAL_CONFIGS, REAL_LLAMA_LM_HEAD, REAL_PARAMETERS
 
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -90,6 +91,8 @@ def test_the_doctor_runs_a_full_size_edit_and_writes_only_its_record(
     assert tuple(record) == RECORD_FIELDS
     assert record["status"] == "ok" and record["error"] is None and record["failed_in"] is None
     assert record["placement"] == "none" and record["attention"] == "sdpa" and record["machine"]["dtype"] == "fp32"
+    host_peak = gib(record["plan"]["host"]["peak_bytes"])
+    assert record["placement_actions"] == ["all components on cpu", f"placement none: predicted peak host {host_peak}"]
     # one warm-up edit step, then the given number of steps in each stage, the edit stage padded to max_seq
     assert record["steps_done"] == 5
     seconds = record["seconds"]
@@ -134,6 +137,7 @@ def test_a_tiny_max_memory_refuses_before_allocating(tmp_path: Path) -> None:
     record = json.loads(record_path.read_text())
     assert record["status"] == "refused" and "--max-memory of at least" in record["error"]
     assert record["seconds"] is None and record["memory"] is None and record["steps_done"] == 0
+    assert record["placement_actions"] is None
     assert record["plan"]["devices"][0]["budget_bytes"] == 2**20
     assert "refused before allocating" in result.stdout
 
