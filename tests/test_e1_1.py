@@ -197,6 +197,17 @@ def test_e1_1_bf16_load_casts_every_float_tensor(tiny_checkpoints: Any) -> None:
     assert {t.dtype for t in transformer.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
 
 
+def test_a_bf16_pipeline_holds_every_component_in_bf16(tiny_checkpoints: Any) -> None:
+    """Each component is loaded in the run's dtype: one left in fp32 would double its memory and mix dtypes."""
+    sources = models.ModelSources("e1.1", str(tiny_checkpoints.llama), str(tiny_checkpoints.i1),
+                                  str(tiny_checkpoints.e1_1))
+    pipe = models.load_pipeline(sources, DeviceManager("cpu", "bf16")).pipe
+    dtypes = {name: {t.dtype for t in component.state_dict().values() if t.is_floating_point()}
+              for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)}
+    assert set(dtypes) >= {"transformer", "vae", "text_encoder", "text_encoder_4"}
+    assert dtypes == dict.fromkeys(dtypes, {torch.bfloat16})
+
+
 def test_incomplete_model_directory_lists_what_is_missing(tiny_checkpoints: Any, tmp_path: Path) -> None:
     import shutil
 
@@ -288,6 +299,9 @@ def test_e1_1_needs_only_the_i1_transformer_config_not_its_weights(tiny_checkpoi
     (i1 / "transformer" / "config.json").symlink_to(tiny_checkpoints.i1 / "transformer" / "config.json")
     e1_1 = models.ModelSources("e1.1", str(tiny_checkpoints.llama), str(i1), str(tiny_checkpoints.e1_1))
     assert models.check_model_files(e1_1) == []
+    models.sizes_on_disk(e1_1, "fp32")  # the plan reads the headers it needs and finds nothing missing
+    with pytest.raises(ModelFilesError, match="I1-config-only/transformer"):  # the base refine reads I1's weights
+        models.sizes_on_disk(e1_1, "fp32", refine_weights="base")
     e1_full = models.ModelSources("e1-full", str(tiny_checkpoints.llama), str(i1), str(tiny_checkpoints.e1_full))
     assert any("transformer" in problem for problem in models.check_model_files(e1_full))
 
@@ -300,3 +314,17 @@ def test_the_device_report_reads_memory_without_logging(e1_1_editor, caplog: pyt
         report = e1_1_editor.device_report()
     assert caplog.records == []
     assert report["device"] == "cpu" and report["memory"]["host_rss"] > 0
+
+
+def test_the_layout_names_each_kind_of_group_a_process_edits_with(e1_1_editor, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    assert e1_1_editor.layout() is None  # alone
+    everything = ["clip_l", "clip_g", "t5", "llama"]
+    monkeypatch.setattr(e1_1_editor, "guidance_group", SimpleNamespace(size=2, ranks=[2, 3]))
+    assert e1_1_editor.layout() == {"cfg_parallel": 2, "guidance_ranks": [2, 3], "tensor_parallel": 1,
+                                    "tensor_ranks": None, "text_encoders_here": everything}
+    monkeypatch.setattr(e1_1_editor, "guidance_group", None)
+    monkeypatch.setattr(e1_1_editor, "tensor_group", SimpleNamespace(size=4, ranks=[0, 1, 2, 3]))
+    assert e1_1_editor.layout() == {"cfg_parallel": 1, "guidance_ranks": None, "tensor_parallel": 4,
+                                    "tensor_ranks": [0, 1, 2, 3], "text_encoders_here": everything}
