@@ -211,6 +211,8 @@ def test_each_stage_runs_the_steps_asked(steps: int) -> None:
     [
         (["--full-size", "--steps", "0"], "--steps must be a whole number of at least 1, got '0'"),
         (["--full-size", "--blocks", "-1"], "--blocks must be a whole number of at least 1, got '-1'"),
+        (["--full-size", "--blocks", "two"], "--blocks must be a whole number of at least 1, got 'two'"),
+        (["--full-size", "--steps", "1.5"], "--steps must be a whole number of at least 1, got '1.5'"),
         (["--full-size", "--size", "7"], "--size must be a multiple of 16 from 16 to 1024 (pixels), got '7'"),
         (["--full-size", "--offload", "nowhere"], "invalid choice: 'nowhere'"),
         (["--steps", "2", "--offload", "model"], "--steps, --offload need --full-size"),
