@@ -727,7 +727,7 @@ def _result(folder: Path, name: str, size: int, age_s: float, now: float) -> Pat
 
 
 def test_old_and_excess_results_are_pruned_oldest_first_and_nothing_else(tmp_path: Path) -> None:
-    now = time.time()
+    now = float(int(time.time()))  # whole seconds: the file times below are exact, so the bounds are too
     edit_old = "edit-20240101-000000-0000000a"
     batch = "batch-20240102-000000-0000000b"
     edit_new = "edit-20240103-000000-0000000c"
@@ -739,6 +739,7 @@ def test_old_and_excess_results_are_pruned_oldest_first_and_nothing_else(tmp_pat
     foreign = [_result(tmp_path, "notes.txt", 5000, 100 * 3600, now),
                _result(tmp_path, "edit-mine.png", 5000, 100 * 3600, now)]
     assert prune_results(tmp_path, None, None, now=now) == []
+    assert prune_results(tmp_path, 810, 10 * 3600, now=now) == []  # exactly at both bounds is within them
     assert prune_results(tmp_path, None, 5 * 3600, now=now) == [edit_old]  # older than five hours
     assert not (tmp_path / f"{edit_old}-cat.png.json").exists()
     assert prune_results(tmp_path, 800, None, keep={batch}, now=now) == []  # in use: kept though oldest
