@@ -52,16 +52,19 @@ MEASURED = ("timings", "memory")
 class LostStore:
     """A store whose host is gone: every call fails as TCPStore's do once torchrun's agent was killed."""
 
+    def __init__(self, reason: str = "Broken pipe") -> None:
+        self.reason = reason
+
     def __getattr__(self, name: str) -> Any:
         def fail(*args: Any, **kwargs: Any) -> None:
-            raise DistNetworkError("Broken pipe")
+            raise DistNetworkError(self.reason)
 
         return fail
 
 
-def lost_group(member: int) -> GuidanceGroup:
+def lost_group(member: int, reason: str = "Broken pipe") -> GuidanceGroup:
     return GuidanceGroup(size=2, member=member, index=0, ranks=[4, 5], process_group=None,
-                         device=torch.device("cpu"), timeout_s=5.0, store=LostStore())  # type: ignore[arg-type]
+                         device=torch.device("cpu"), timeout_s=5.0, store=LostStore(reason))  # type: ignore[arg-type]
 
 
 def lost_edit_group(member: int) -> EditGroup:
@@ -84,6 +87,9 @@ def test_a_lost_store_ends_a_guidance_group_with_one_line_on_each_rank() -> None
     assert error.value is claim_failed
     with pytest.raises(GuidanceGroupError, match=f"^rank 5 {re.escape(lost)}$"):
         lost_group(1).finish_edit()
+    with pytest.raises(GuidanceGroupError) as error:  # a long or many-line reason: its first 200 characters
+        lost_group(1, "z" * 300 + "\nTraceback ...").finish_edit()
+    assert str(error.value).endswith(": " + "z" * 200)
 
 
 def test_the_leader_waits_the_groups_timeout_for_timings_not_the_stores(caplog: pytest.LogCaptureFixture) -> None:

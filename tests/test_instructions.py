@@ -684,6 +684,9 @@ def test_an_overlong_answer_is_a_failed_rewrite_not_the_users_mistake(
         rewrite_instruction(image, "make it blue", vlm.settings())
     assert str(error.value) == f"the VLM answered with {name} of 25999 characters; the limit is {MAX_PROMPT_CHARS}"
     assert compose_e1_full_prompt("make it blue", image, vlm=vlm.settings(), fallback=True) == "make it blue"
+    parts[part] = "x" * MAX_PROMPT_CHARS  # the limit itself is allowed
+    vlm.replies = [Reply(body=chat_body("\n".join(f"{label}: {text}" for label, text in parts.items())))]
+    assert parts[part] in rewrite_instruction(image, "make it blue", vlm.settings()).prompt
 
 
 def test_a_body_over_the_size_cap_is_refused_whatever_its_chunks(vlm: FakeVLM, image: Image.Image) -> None:
