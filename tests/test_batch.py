@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -283,8 +284,11 @@ def test_failure_resume_skip_and_overwrite_through_the_cli(
     manifest = write_manifest(tmp_path / "m.jsonl", lines)
     argv = ["--manifest", str(manifest), "--output-dir", str(out)]
 
+    started = time.perf_counter()
     assert run_cli(argv, tiny_env) == 1  # one item failed, the others were made
+    took = time.perf_counter() - started
     summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["seconds"] <= took and sum(item["seconds"] for item in summary["items"]) <= took
     assert summary["counts"] == {"ok": 2, "failed": 1, "skipped": 0} and summary["items_total"] == 3
     assert [item["status"] for item in summary["items"]] == ["ok", "failed", "ok"]
     failed = summary["items"][1]
