@@ -21,18 +21,13 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 
 from hidream_edit.config import DistributedEnvironment
-from hidream_edit.errors import GuidanceGroupError, UserError
+from hidream_edit.errors import GuidanceGroupError, UserError, first_line
 
 if TYPE_CHECKING:
     from device_utils import DeviceManager
     from hidream_edit.guidance_parallel import GuidanceGroup
 
 logger = logging.getLogger(__name__)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def master_address(env: DistributedEnvironment) -> str:
@@ -68,7 +63,7 @@ class RankGroup:
 
     def _lost(self, exc: RuntimeError) -> GuidanceGroupError:
         """The store's host (torchrun's agent, or rank 0 without one) is gone: no rank can go on."""
-        return GuidanceGroupError.store_lost(self.rank, _first_line(exc), master_address(self.env))
+        return GuidanceGroupError.store_lost(self.rank, first_line(exc), master_address(self.env))
 
     def take_number(self, counter: str) -> int:
         """The next number (0, 1, 2, ...) of a counter all ranks share; no two calls get the same one."""
@@ -98,7 +93,7 @@ class RankGroup:
         except RuntimeError as exc:
             raise UserError(
                 f"rank 0 waited {self.timeout.total_seconds():g} s for the other ranks' results "
-                f"({_first_line(exc)}); see --dist-timeout"
+                f"({first_line(exc)}); see --dist-timeout"
             ) from exc
         return [self.store.get(key).decode() for key in keys]
 
@@ -129,7 +124,7 @@ def join_process_group(env: DistributedEnvironment, backend: str, timeout_s: flo
     except (RuntimeError, ValueError) as exc:  # DistStoreError and DistNetworkError are RuntimeErrors
         raise UserError(
             f"rank {env.rank} of {env.world_size} cannot join the {backend} process group at {where}: "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from exc
     logger.info("rank %d of %d joined the %s process group at %s", rank, world_size, backend, where)
     return RankGroup(env, store, timeout, backend)
@@ -174,22 +169,22 @@ class EditGroup:
                 text = compute()
             except BaseException as exc:
                 with contextlib.suppress(RuntimeError):  # a lost store: the members find out themselves
-                    self.store.set(key, b"\0" + _first_line(exc).encode())
+                    self.store.set(key, b"\0" + first_line(exc).encode())
                 raise
             try:
                 self.store.set(key, text.encode())
             except RuntimeError as exc:
-                raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
+                raise GuidanceGroupError.store_lost(self.rank, first_line(exc)) from exc
             return text
         try:
             self.store.wait([key], timedelta(seconds=self.timeout_s))
             value = self.store.get(key)
         except dist.DistNetworkError as exc:
-            raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
+            raise GuidanceGroupError.store_lost(self.rank, first_line(exc)) from exc
         except RuntimeError as exc:
             raise GuidanceGroupError(
                 f"rank {self.rank} waited {self.timeout_s:g} s for the {name} from rank {self.ranks[0]} "
-                f"({_first_line(exc)}); see --dist-timeout"
+                f"({first_line(exc)}); see --dist-timeout"
             ) from exc
         if value.startswith(b"\0"):
             raise GuidanceGroupError(f"rank {self.ranks[0]} (the group's leader) stopped before the edit: "
@@ -222,7 +217,7 @@ class CardGroup:
         except RuntimeError as exc:  # a rank that never reaches new_group: DistStoreError after the timeout
             ranks.close()
             raise GuidanceGroupError(
-                f"rank {env.rank} cannot form its guidance group of {cfg_parallel}: {_first_line(exc)}; "
+                f"rank {env.rank} cannot form its guidance group of {cfg_parallel}: {first_line(exc)}; "
                 "see --dist-timeout"
             ) from exc
         except BaseException:

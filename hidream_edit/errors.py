@@ -6,6 +6,12 @@ Messages are written in words, without flag names: the web UI shows them to peop
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """An error quoted inside a one-line message: its first line, at most 200 characters (its type if empty)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 class UserError(Exception):
     """A mistake in the user's input or environment; entry scripts print it as one line and exit 2."""
 

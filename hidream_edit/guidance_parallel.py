@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hidream_edit.errors import EditCancelled, GroupPeerFailed, GuidanceGroupError, UserError
+from hidream_edit.errors import EditCancelled, GroupPeerFailed, GuidanceGroupError, UserError, first_line
 from hidream_edit.spec import CFG_PARALLEL_SIZES
 
 logger = logging.getLogger(__name__)
@@ -62,11 +62,6 @@ def check_cfg_parallel(size: int, world_size: int, one_group: str | None) -> Non
             f"{one_group} needs --cfg-parallel equal to the number of processes ({world_size}); "
             "more processes than that are for batches (--input-dir or --manifest)"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 @dataclass
@@ -145,7 +140,7 @@ class GuidanceGroup:
             if failure is not None:
                 raise self._failed_here(failure, where) from failure
             raise GuidanceGroupError(
-                f"rank {self.rank} lost its guidance group (ranks {self.ranks}) at {where}: {_first_line(exc)}; "
+                f"rank {self.rank} lost its guidance group (ranks {self.ranks}) at {where}: {first_line(exc)}; "
                 f"a rank failed, died or took longer than --dist-timeout {self.timeout_s:g} s; nothing was saved"
             ) from exc
         waited = time.perf_counter()
@@ -173,14 +168,14 @@ class GuidanceGroup:
             dist.all_reduce(buffer, group=self.process_group)
         except RuntimeError as exc:
             raise GuidanceGroupError(
-                f"rank {self.rank} lost its guidance group (ranks {self.ranks}) at {where}: {_first_line(exc)}; "
+                f"rank {self.rank} lost its guidance group (ranks {self.ranks}) at {where}: {first_line(exc)}; "
                 f"a rank failed, died or took longer than --dist-timeout {self.timeout_s:g} s; nothing was saved"
             ) from exc
         return buffer.cpu()
 
     def _failed_here(self, failure: Exception, where: str) -> GuidanceGroupError:
         return GuidanceGroupError(
-            f"rank {self.rank} failed at {where}: {_first_line(failure)}; "
+            f"rank {self.rank} failed at {where}: {first_line(failure)}; "
             f"the other ranks of its guidance group (ranks {self.ranks}) stop too; nothing was saved"
         )
 
@@ -195,14 +190,14 @@ class GuidanceGroup:
             try:
                 self.store.set(self._timing_key(self.member), json.dumps(mine))
             except RuntimeError as exc:
-                raise GuidanceGroupError.store_lost(self.rank, _first_line(exc)) from exc
+                raise GuidanceGroupError.store_lost(self.rank, first_line(exc)) from exc
             if self.leader:
                 keys = [self._timing_key(member) for member in range(self.size)]
                 try:
                     self.store.wait(keys, timedelta(seconds=self.timeout_s))
                     ranks = [json.loads(self.store.get(key).decode()) for key in keys]
                 except RuntimeError as exc:
-                    logger.warning("no per-rank timings from the guidance group: %s", _first_line(exc))
+                    logger.warning("no per-rank timings from the guidance group: %s", first_line(exc))
         return {"size": self.size, "ranks": ranks}
 
 

@@ -21,13 +21,12 @@ import torch.distributed as dist
 from device_utils import DeviceManager
 from hidream_edit.config import DistributedEnvironment
 from hidream_edit.distributed import CardGroup, EditGroup, join_process_group
-from hidream_edit.errors import GuidanceGroupError, UserError
+from hidream_edit.errors import GuidanceGroupError, UserError, first_line
 from hidream_edit.guidance_parallel import GuidanceGroup, check_cfg_parallel
 from hidream_edit.models import ModelSources
 from hidream_edit.spec import CFG_PARALLEL_SIZES, I1_TRANSFORMER_CONFIG
 from hidream_edit.tensor_split import (
     TensorParallelGroup,
-    _first_line,
     check_fuse_lora,
     check_head_split,
     check_refine_weights,
@@ -120,7 +119,7 @@ def join_layout(
     except RuntimeError as exc:  # a rank that never reaches new_group: DistStoreError after the timeout
         ranks.close()
         raise GuidanceGroupError(
-            f"rank {env.rank} cannot form its tensor-parallel group of {layout.tp}: {_first_line(exc)}; "
+            f"rank {env.rank} cannot form its tensor-parallel group of {layout.tp}: {first_line(exc)}; "
             "see --dist-timeout"
         ) from exc
     guidance = None

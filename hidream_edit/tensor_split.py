@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hidream_edit.errors import GuidanceGroupError, UserError
+from hidream_edit.errors import GuidanceGroupError, UserError, first_line
 from hidream_edit.placement import Budgets, ModelSizes, Plan, plan_placement, working_set
 from hidream_edit.spec import REAL_PARAMETERS, REAL_TRANSFORMER_SPLIT, TEXT_ENCODERS, ModelSpec
 
@@ -195,11 +195,6 @@ def member_budgets(budgets: Budgets, size: int) -> list[Budgets]:
         raise UserError(f"a tensor-parallel group of {size} starting at {budgets.edit.name} needs {size} cards, "
                         f"but only {len(budgets.cards) - first} are there from that card on")
     return [replace(budgets, cards=(budgets.cards[first + member],), edit_card=0) for member in range(size)]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def check_head_split(heads: int, tp: int) -> None:
@@ -391,7 +386,7 @@ def gather_budgets(own: Budgets, mesh: Any) -> list[Budgets]:
         ranks = [int(rank) for rank in mesh.mesh.flatten().tolist()]
         raise GuidanceGroupError(
             f"rank {dist.get_rank()} could not plan with its tensor-parallel group (ranks {ranks}): "
-            f"{_first_line(exc)}; another rank failed while loading or took longer than --dist-timeout"
+            f"{first_line(exc)}; another rank failed while loading or took longer than --dist-timeout"
         ) from exc
     return members
 
@@ -467,6 +462,6 @@ class TensorParallelGroup:
                 raise
             raise GuidanceGroupError(
                 f"rank {dist.get_rank()} stopped with its tensor-parallel group (ranks {self.ranks}): "
-                f"{_first_line(exc)}; a rank that fails, dies or takes longer than --dist-timeout "
+                f"{first_line(exc)}; a rank that fails, dies or takes longer than --dist-timeout "
                 f"{self.timeout_s:g} s ends the edit on every rank; nothing was saved"
             ) from exc

@@ -90,6 +90,8 @@ def test_a_lost_store_ends_a_guidance_group_with_one_line_on_each_rank() -> None
     with pytest.raises(GuidanceGroupError) as error:  # a long or many-line reason: its first 200 characters
         lost_group(1, "z" * 300 + "\nTraceback ...").finish_edit()
     assert str(error.value).endswith(": " + "z" * 200)
+    with pytest.raises(GuidanceGroupError, match=f"^rank 5 {re.escape(lost[:-len('Broken pipe')])}DistNetworkError$"):
+        lost_group(1, "  ").finish_edit()  # no reason given: its type
 
 
 def test_the_leader_waits_the_groups_timeout_for_timings_not_the_stores(caplog: pytest.LogCaptureFixture) -> None:
