@@ -242,7 +242,7 @@ class Editor:
         self.defaults = settings.spec.defaults
         self.last_metadata: dict[str, Any] | None = None
         self.prompt_cache = PromptEmbeddingCache(settings.model, settings.prompt_cache_entries)
-        loaded.pipe.prompt_cache = self.prompt_cache if settings.prompt_cache_entries > 0 else None
+        loaded.pipe.prompt_cache = self.prompt_cache  # one of 0 entries keeps nothing
         self.guidance_group: GuidanceGroup | None = None
         self.tensor_group: TensorParallelGroup | None = None
         self.announce: AnnounceFn | None = None

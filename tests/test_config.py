@@ -15,10 +15,13 @@ from hidream_edit.cli import build_edit_parser, run_edit_cli
 from hidream_edit.config import (
     DEFAULT_DIST_TIMEOUT_S,
     default_tiny_dir,
+    dist_timeout_seconds,
     distributed_environment,
     editor_settings_from_args,
     hub_offline,
     resolve_model_sources,
+    tensor_parallel_degree,
+    vlm_timeout_seconds,
 )
 from hidream_edit.errors import UserError
 from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID, MODELS
@@ -210,3 +213,14 @@ def test_only_the_models_with_a_keep_aspect_flag_keep_the_aspect(tmp_path: Path)
     e1_full = build_edit_parser(MODELS["e1-full"]).parse_args(["--image", str(image), "--instruction", "x",
                                                                "--keep-aspect"])
     assert edit_request_from_args(e1_full, image, "x").keep_aspect is True
+
+
+def test_number_flags_take_the_ends_of_their_ranges() -> None:
+    """Half a second is a timeout and one process a degree: the lower bounds are open or 1, not off by one."""
+    import argparse
+
+    assert dist_timeout_seconds("0.5") == 0.5 and vlm_timeout_seconds("0.5") == 0.5
+    assert vlm_timeout_seconds("3600") == 3600.0 and tensor_parallel_degree("1") == 1
+    for parse, text in ((dist_timeout_seconds, "0"), (vlm_timeout_seconds, "3600.5"), (tensor_parallel_degree, "0")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
