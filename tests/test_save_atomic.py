@@ -102,11 +102,21 @@ def test_disk_full_during_the_json_write_changes_nothing(
     assert_old_output_intact(old_output)
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
 def test_overwrite_puts_the_old_image_back_when_the_json_cannot_be_moved_into_place(
-    old_output: Path, monkeypatch: pytest.MonkeyPatch
+    old_output: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
 ) -> None:
-    real_replace = os.replace
+    """Also where the filesystem has no hard links, so the old files are kept as copies (removed after)."""
+    real_replace, real_link = os.replace, os.link
     json_path = Path(f"{old_output}.json")
+
+    def link(src: Any, dst: Any) -> None:
+        if Path(src) in (old_output, json_path):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        real_link(src, dst)
+
+    if not hard_links:
+        monkeypatch.setattr(os, "link", link)
 
     def replace(src: Any, dst: Any) -> None:
         if Path(dst) == json_path:
