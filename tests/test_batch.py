@@ -479,6 +479,18 @@ def test_distributed_environment() -> None:
 # Prompt-embedding cache
 
 
+def test_the_progress_bar_counts_images_shows_the_step_and_writes_failures_above_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with BatchProgress(3, enabled=True) as progress:
+        progress.step(2, 4)
+        progress.finished(ItemRecord(0, "a", "a.png", "o/a.png", "ok", 1.0))
+        progress.finished(ItemRecord(1, "b", "b.png", "o/b.png", "failed", 1.0, "bad"), finished_everywhere=3)
+    err = capsys.readouterr().err
+    assert "failed: b: bad\n" in err and "step 2/4" in err
+    assert err.rstrip().splitlines()[-1].split("\r")[-1].startswith("images: 100%") and "3/3" in err
+
+
 def test_prompt_cache_keeps_the_most_recent_entries() -> None:
     cache = PromptEmbeddingCache("e1.1", max_entries=2)
     for prompt in ("a", "b"):

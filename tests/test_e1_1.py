@@ -208,6 +208,24 @@ def test_a_bf16_pipeline_holds_every_component_in_bf16(tiny_checkpoints: Any) ->
     assert dtypes == dict.fromkeys(dtypes, {torch.bfloat16})
 
 
+def test_each_i1_part_missing_its_config_or_weights_is_named(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    parts = ["scheduler/scheduler_config.json", "vae/config.json", "text_encoder/config.json",
+             "text_encoder_2/config.json", "text_encoder_3/config.json", "transformer/config.json"]
+    weights = [str(path.relative_to(tiny_checkpoints.i1)) for path in tiny_checkpoints.i1.glob("*/*.safetensors")
+               if path.parent.name != "transformer"]
+    assert {name.split("/")[0] for name in weights} == {"vae", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    for missing in parts + weights:
+        i1 = tmp_path / missing.replace("/", "-")
+        shutil.copytree(tiny_checkpoints.i1, i1, copy_function=os.symlink)
+        (i1 / missing).unlink()
+        sources = models.ModelSources("e1.1", str(tiny_checkpoints.llama), str(i1), str(tiny_checkpoints.e1_1))
+        named = missing if missing in parts else missing.split("/")[0] + "/"  # a folder without weights is named
+        assert any(named in problem for problem in models.check_model_files(sources)), missing
+
+
 def test_incomplete_model_directory_lists_what_is_missing(tiny_checkpoints: Any, tmp_path: Path) -> None:
     import shutil
 

@@ -61,6 +61,7 @@ MODEL_LOADING_TESTS = [
     "tests/test_e1_1.py::test_e1_1_bf16_load_casts_every_float_tensor",
     "tests/test_tensor_parallel.py::test_a_split_over_one_rank_loads_what_a_whole_load_does",
     "tests/test_e1_1.py::test_incomplete_model_directory_lists_what_is_missing",
+    "tests/test_e1_1.py::test_each_i1_part_missing_its_config_or_weights_is_named",
     "tests/test_full_size.py::test_the_doctor_runs_a_full_size_edit_and_writes_only_its_record",
     "tests/test_e1_1.py::test_a_bf16_pipeline_holds_every_component_in_bf16",
     "tests/test_e1_1.py::test_e1_1_needs_only_the_i1_transformer_config_not_its_weights",
