@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -121,6 +122,29 @@ def test_a_second_batch_on_a_locked_output_dir_names_the_holder_and_loads_nothin
     assert list(out.iterdir()) == []  # the holder removes the lock file
     with batch.output_dir_lock(out):  # free again
         pass
+
+
+def test_a_lock_file_removed_while_it_was_being_locked_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder before removes its file as this batch opens it: this batch must lock a new file under the
+    name, not the removed one (else the next batch would lock the name too)."""
+    out = tmp_path / "out"
+    lock = out / batch.LOCK_NAME
+    real_stat = os.stat
+    removed: list[Path] = []
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if Path(path) == lock and not removed:
+            os.unlink(lock)  # what the finishing holder does
+            removed.append(lock)
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with batch.output_dir_lock(out):
+        assert removed and lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    assert not lock.exists()
 
 
 @pytest.mark.parametrize(
