@@ -14,14 +14,14 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import fields
 
 import torch.distributed as dist
 from PIL import Image
 
 from hidream_edit.distributed import EditGroup
 from hidream_edit.editor import USER_ERRORS, EditCancelled, Editor, EditRequest
-from hidream_edit.errors import GuidanceGroupError
+from hidream_edit.errors import GuidanceGroupError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class GroupJobs:
 
     def announce(self, request: EditRequest, model_input: Image.Image, source_size: tuple[int, int]) -> None:
         """Leader: hand this edit to the members (called by the Editor just before it edits)."""
-        fields = {key: value for key, value in asdict(replace(request, image="")).items() if key != "image"}
-        header = json.dumps({"request": fields, "source_size": list(source_size)}).encode()
+        settings = {field.name: getattr(request, field.name) for field in fields(request) if field.name != "image"}
+        header = json.dumps({"request": settings, "source_size": list(source_size)}).encode()
         png = io.BytesIO()
         model_input.save(png, format="PNG")
         self.count += 1
@@ -64,7 +64,7 @@ class GroupJobs:
         except RuntimeError as exc:
             raise GuidanceGroupError(
                 f"rank {self.group.rank} lost the leader of its edit group (rank {self.group.ranks[0]}): "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                f"{first_line(exc)}"
             ) from exc
         if not payload:
             return None

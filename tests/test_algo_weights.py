@@ -102,6 +102,19 @@ def test_a_swap_that_cannot_be_undone_refuses_every_later_use(faults: Faults) ->
             use()
 
 
+def test_a_parameter_on_meta_that_no_offload_hook_holds_is_one_clear_error() -> None:
+    """Weights waiting on the meta device are swapped in the offload hook's copy; without one (or with a hook
+    that keeps no copies) there is nothing to swap, and the error says so instead of failing obscurely."""
+    module, _, base = toy()
+    module[0].to("meta")
+    swap = TensorSwap(module, {k: v.clone() for k, v in base.items()})
+    with pytest.raises(WeightSwapError, match="^0.weight is on the meta device and no offload hook holds its values$"):
+        swap.use_refine()
+    module[0]._hf_hook = type("HookWithoutCopies", (), {})()
+    with pytest.raises(WeightSwapError, match="no offload hook holds its values"):
+        swap.use_refine()
+
+
 class Adapters:
     """Records adapter switching like PEFT's enable/disable_adapters."""
 

@@ -46,6 +46,25 @@ def test_members_get_each_announced_edit_in_order_then_the_end() -> None:
     assert member.next_job() is None
 
 
+def test_a_waiting_member_polls_the_store_calmly() -> None:
+    """Members wait for the leader's next edit for as long as the web UI is idle: without a pause between
+    looks they would keep a CPU core busy for hours."""
+    import threading
+
+    class CountingStore(dist.HashStore):
+        looks = 0
+
+        def check(self, keys: list[str]) -> bool:
+            CountingStore.looks += 1
+            return super().check(keys)
+
+    store = CountingStore()
+    leader, member = jobs(store, 0), jobs(store, 1)
+    threading.Timer(0.5, leader.close).start()
+    assert member.next_job() is None
+    assert 3 <= CountingStore.looks <= 12  # about one look every 0.1 s
+
+
 def test_groups_do_not_read_each_others_jobs() -> None:
     store = dist.HashStore()
     jobs(store, 0, index=0).announce(RED, noise(4, 4), (4, 4))
