@@ -327,6 +327,7 @@ def test_parse_vlm_answer_keeps_colons_inside_text() -> None:
         ("Source: a car\nInstruction: make it blue", "target"),
         ("Source: a car\nInstruction:\nTarget: a blue car", "instruction"),
         ("Source: a car\nInstruction: make it blue\nTarget:   ", "target"),
+        ('Source: a car\nInstruction: make it blue\nTarget: ""', "target"),  # quotes around nothing
     ],
 )
 def test_parse_vlm_answer_rejects_missing_parts(answer: str, missing: str) -> None:

@@ -133,6 +133,7 @@ def test_overwrite_replaces_both_files(old_output: Path) -> None:
     image_path, json_path = save_result(result((200, 0, 0)), old_output, overwrite=True)
     assert Image.open(image_path).getpixel((0, 0)) == (200, 0, 0)
     assert json.loads(json_path.read_text())["marker"] == "new"
+    assert json_path.read_text().startswith('{\n  "marker": "new",\n  "output": ')  # indented for people
     assert listing(old_output.parent) == ["out.png", "out.png.json"]
 
 
