@@ -65,7 +65,8 @@ def _start_server(command: list[str], root: Path, env: dict[str, str], log_path:
         process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
     deadline = time.monotonic() + START_TIMEOUT_S
-    while _status(url + "/") != 200:
+    # the answer must be ours: a server another test left on a port found free would also answer 200
+    while _status(url + "/") != 200 or "Running on local URL" not in log_path.read_text(errors="replace"):
         if process.poll() is not None:
             if process.returncode == 2 and "cannot serve on" in log_path.read_text():
                 return None
@@ -90,6 +91,7 @@ def server(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "GRADIO_TEMP_DIR": str(root / "gradio-cache"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",  # gradio's "Running on" line reaches the log when it is printed
     }
     for _ in range(5):  # a port found free can be taken before the server binds it
         port = _free_port()
