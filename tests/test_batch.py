@@ -334,17 +334,18 @@ def test_failure_resume_skip_and_overwrite_through_the_cli(
 def test_folder_batch_through_the_cli_matches_single_image_edits(
     tmp_path: Path, tiny_env: dict[str, str], counted_loads: list[Any], e1_full_editor: Editor
 ) -> None:
-    sources = write_images(tmp_path / "in", ["x.png"])
+    sources = write_images(tmp_path / "in", ["sub/x.png"])
     out = tmp_path / "out"
-    argv = ["--input-dir", str(tmp_path / "in"), "--instruction", "add a hat", "--target-description", "a hat",
-            "--output-dir", str(out), "--seed", "9"]
+    argv = ["--input-dir", str(tmp_path / "in"), "--recursive", "--instruction", "add a hat",
+            "--target-description", "a hat", "--output-dir", str(out), "--seed", "9"]
     assert run_cli(argv, tiny_env) == 0
     for source in sources:
         prompt = "Editing Instruction: add a hat. Target Image Description: a hat"
         expected = e1_full_editor.edit(EditRequest(image=source, instruction=prompt, steps=2, seed=9))
-        assert np.array_equal(np.asarray(Image.open(out / source.name)), np.asarray(expected.image))
+        assert np.array_equal(np.asarray(Image.open(out / "sub" / source.name)), np.asarray(expected.image))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["input_dir"] == str(tmp_path / "in") and summary["counts"]["ok"] == 1
+    assert summary["input_dir"] == str(tmp_path / "in") and summary["recursive"] is True
+    assert summary["counts"]["ok"] == 1
 
 
 # The item loop without a model
@@ -374,7 +375,8 @@ class FakeEditor:
         return EditResult(Image.new("RGB", (8, 8)), {"non_finite_output": outcome == "nan"})
 
 
-def test_item_failures_are_recorded_and_the_loop_goes_on(tmp_path: Path) -> None:
+def test_item_failures_are_recorded_and_the_loop_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="hidream_edit.batch")  # --verbose: each failure's traceback in the log
     names = ["oom.png", "nan.png", "bug.png", "fine.png"]
     sources = write_images(tmp_path, names)
     items = [BatchItem(i, name, replace(TEMPLATE, image=path), tmp_path / "out" / name)
@@ -388,6 +390,8 @@ def test_item_failures_are_recorded_and_the_loop_goes_on(tmp_path: Path) -> None
     assert records[1].error.startswith("the output contains NaN/inf (not saved)")
     assert records[2].error == "KeyError: 'boom'" and editor.dm.emptied == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fine.png", "fine.png.json"]
+    tracebacks = {r.getMessage(): r.exc_info[0] for r in caplog.records if r.exc_info is not None}
+    assert tracebacks["item bug.png failed"] is KeyError and tracebacks["item oom.png failed"] is torch.OutOfMemoryError
 
 
 def test_repeated_editor_warnings_are_shown_once_per_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
