@@ -245,9 +245,10 @@ def _two_groups_of_two(rank: int, port: int, items: int) -> dict[str, Any]:
             return torch.stack([torch.full((2, 3), 100.0 * rank + b) for b in range(start, stop)])
 
         gathered = guidance.predictions(3, compute, (2, 3), torch.float32, "a step")
+        summed = guidance.sum_across(torch.tensor([float(rank)]), "a step")  # the step cache's group decision
         mine = list(claimed(GroupQueue(group.ranks, group.edit), items))
         return {"group": guidance.index, "leader": guidance.leader, "gathered": gathered[:, 0, 0].tolist(),
-                "items": mine}
+                "summed": summed.item(), "items": mine}
     finally:
         group.close()
 
@@ -441,6 +442,7 @@ def test_four_ranks_form_two_groups_that_gather_apart_and_split_the_items(scenar
     assert [(r["group"], r["leader"]) for r in ranks] == [(0, True), (0, False), (1, True), (1, False)]
     assert ranks[0]["gathered"] == ranks[1]["gathered"] == [0.0, 1.0, 102.0]  # rank 0 ran branches 0-1, rank 1 #2
     assert ranks[2]["gathered"] == ranks[3]["gathered"] == [200.0, 201.0, 302.0]
+    assert [r["summed"] for r in ranks] == [1.0, 1.0, 5.0, 5.0]  # ranks 0+1 and 2+3: each group sums its own
     assert ranks[0]["items"] == ranks[1]["items"] and ranks[2]["items"] == ranks[3]["items"]
     assert sorted(ranks[0]["items"] + ranks[2]["items"]) == list(range(12))  # each item to exactly one group
 

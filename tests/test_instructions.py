@@ -448,6 +448,16 @@ def test_non_json_body_is_an_error(vlm: FakeVLM, image: Image.Image) -> None:
     assert len(vlm.requests) == 1
 
 
+def test_server_text_is_quoted_whole_up_to_200_characters_then_cut(vlm: FakeVLM, image: Image.Image) -> None:
+    vlm.replies = [Reply(body=b"<" * 200), Reply(body=b"<" * 200 + b"!")]
+    with pytest.raises(InstructionRewriteError) as whole:
+        rewrite_instruction(image, "make the car blue", vlm.settings())
+    assert str(whole.value).endswith("malformed JSON: " + "<" * 200)
+    with pytest.raises(InstructionRewriteError) as cut:
+        rewrite_instruction(image, "make the car blue", vlm.settings())
+    assert str(cut.value).endswith("malformed JSON: " + "<" * 200 + "...")
+
+
 @pytest.mark.parametrize(
     "payload",
     [
@@ -696,3 +706,6 @@ def test_a_body_over_the_size_cap_is_refused_whatever_its_chunks(vlm: FakeVLM, i
     with pytest.raises(InstructionRewriteError, match=r"sent more than 8388608 bytes$") as error:
         rewrite_instruction(image, "make the car blue", vlm.settings())
     assert vlm.url in assert_one_line(error)
+    at_the_cap = chat_body(GOOD_ANSWER)
+    vlm.replies = [Reply(body=at_the_cap + b" " * (8 * 2**20 - len(at_the_cap)))]  # exactly the cap: taken
+    assert rewrite_instruction(image, "make the car blue", vlm.settings()).prompt
