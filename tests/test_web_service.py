@@ -705,6 +705,12 @@ def test_a_zip_of_many_non_images_is_summarised_not_listed(tmp_path: Path) -> No
     assert [item.name for item in items] == ["notes.zip/photo.png"]
     assert errors == [("notes.zip", "skipped 20000 entries that are not image files "
                                     "(note00000.txt, note00001.txt, note00002.txt, and 19997 more)")]
+    few = tmp_path / "few.zip"
+    with zipfile.ZipFile(few, "w") as zf:
+        for name in ("a.txt", "b.txt", "c.txt", "photo.png"):  # three: still named one by one
+            zf.writestr(name, png_bytes() if name == "photo.png" else "")
+    _, errors = web.collect_batch([str(few)])
+    assert errors == [(f"few.zip/{name}", "skipped: not an image file") for name in ("a.txt", "b.txt", "c.txt")]
 
 
 def test_the_page_lists_the_first_problems_and_counts_the_rest() -> None:
