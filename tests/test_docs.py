@@ -499,6 +499,13 @@ def test_quoted_error_lines_are_what_the_code_prints(
     assert unmatched == [], "the code prints:\n" + "\n".join(produced)
 
 
+def test_the_prompt_cache_size_is_what_the_editor_keeps() -> None:
+    from hidream_edit.editor import PROMPT_CACHE_ENTRIES
+
+    (stated,) = re.findall(r"embeddings of the (\d+) most recent prompts", (REPO / "README_NPU.md").read_text())
+    assert int(stated) == PROMPT_CACHE_ENTRIES
+
+
 def test_every_environment_exception_is_documented() -> None:
     """Each variable a file other than config.py reads or sets is named where the rule states its exceptions."""
     device_utils = (REPO / "device_utils.py").read_text(encoding="utf-8")

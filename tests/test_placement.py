@@ -138,6 +138,8 @@ def test_split_puts_the_text_encoders_on_the_second_card() -> None:
     assert plan.chosen.homes["llama"] == "npu:1" and plan.chosen.homes["transformer"] == "npu:0"
     # the second card holds the four encoders and the working set of the one that runs (1 GiB)
     assert second.peak_bytes == real_sizes("e1.1").encoders + 1 * GIB
+    c = plan.sizes.components
+    assert main.peak_bytes == c["transformer"] + c["vae"] + plan.reserve.total
 
 
 def test_split_uses_the_encoder_device_asked_for() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -385,9 +386,9 @@ def test_stops_are_forgotten_a_day_after_the_sessions_last_stop_and_not_before(
     monkeypatch.setattr(service, "time", SimpleNamespace(monotonic=lambda: now[0]))
     stops = StopRegistry()
     stops.request("old")
-    now[0] += 3600.0
+    now[0] += 0.5
     stops.request("recent")
-    now[0] += 86400.0 - 1800.0  # "old" pressed Stop a day and half an hour ago, "recent" 23.5 hours ago
+    now[0] += 86400.0  # "old" pressed Stop a day and half a second ago, "recent" exactly a day ago
     stops.request("new")
     assert [stops.checker(session, 0.0)() for session in ("old", "recent", "new")] == [False, True, True]
 
@@ -691,6 +692,20 @@ def test_a_stopped_batch_opens_and_rewrites_nothing_more(vlm: FakeVLM, tmp_path:
     summary = json.loads((outcome.batch_dir / "summary.json").read_text())
     assert [entry["status"] for entry in summary] == ["stopped: stopped at step 1 of 2", "not run (stopped)",
                                                       "not run (stopped)"]
+
+
+def test_a_batch_whose_zip_cannot_be_written_keeps_its_images_and_says_why(
+    web: WebEditor, results: Path, tmp_path: Path, published: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("hidream_edit.web.service.zipfile.ZipFile", disk_full)
+    outcome = web.batch([str(png(tmp_path / "a.png"))], "make it red", EditParams(steps=1, seed=3))
+    assert outcome.status.endswith("no zip (cannot write it: No space left on device)."), outcome.status
+    assert outcome.zip_path is None and [Path(path) for path, _ in outcome.gallery] == published
+    assert (outcome.batch_dir / "001-a.png").is_file()
+    assert {p.name for p in results.iterdir()} == {outcome.batch_dir.name}  # no zip and no temporary file left
 
 
 def test_a_zip_of_many_non_images_is_summarised_not_listed(tmp_path: Path) -> None:

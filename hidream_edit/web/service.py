@@ -896,9 +896,13 @@ class WebEditor:
             if errors:
                 (batch_dir / "errors.txt").write_text("".join(f"{n}: {m}\n" for n, m in errors), encoding="utf-8")
             (batch_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-            zip_path = self._zip(batch_dir) if gallery else None
-            if zip_path is not None:
-                self._publish([zip_path])
+            zip_path, no_zip = None, "no zip (nothing was edited)"
+            if gallery:
+                try:
+                    zip_path = self._zip(batch_dir)
+                    self._publish([zip_path])
+                except OSError as exc:  # the edited images stay in the gallery and the batch folder
+                    no_zip = f"no zip (cannot write it: {exc.strerror or exc})"
 
             elapsed = time.perf_counter() - started
             parts = [f"{len(gallery)} of {count} images edited in {_fmt_seconds(elapsed)}"]
@@ -906,7 +910,7 @@ class WebEditor:
                 parts.append(f"{len(errors)} problem{'s' if len(errors) != 1 else ''} (listed below)")
             if stopped is not None:
                 parts.append(f"stopped at {stopped}")
-            parts.append(f"zip: {zip_path.name}" if zip_path else "no zip (nothing was edited)")
+            parts.append(f"zip: {zip_path.name}" if zip_path else no_zip)
             self.prune_results()
             return BatchOutcome("Batch " + "; ".join(parts) + ".", gallery, zip_path, errors, batch_dir)
 
