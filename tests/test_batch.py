@@ -489,6 +489,8 @@ def test_the_progress_bar_counts_images_shows_the_step_and_writes_failures_above
     with BatchProgress(3, enabled=True) as progress:
         progress.step(2, 4)
         progress.finished(ItemRecord(0, "a", "a.png", "o/a.png", "ok", 1.0))
+        progress.finished(ItemRecord(0, "a", "a.png", "o/a.png", "ok", 1.0), finished_everywhere=1)  # no news
+        assert progress.bar.n == 1
         progress.finished(ItemRecord(1, "b", "b.png", "o/b.png", "failed", 1.0, "bad"), finished_everywhere=3)
     err = capsys.readouterr().err
     assert "failed: b: bad\n" in err and "step 2/4" in err

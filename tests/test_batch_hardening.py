@@ -84,17 +84,17 @@ def test_outputs_that_cannot_be_saved_are_refused_before_loading(
     out.mkdir()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    output = {"read-only sub-folder": "sub/a.png", "read-only output folder": "a.png",
+    output = {"read-only sub-folder": "deep/sub/a.png", "read-only output folder": "a.png",
               "240-character name": "n" * 236 + ".png", "300-character name": "n" * 296 + ".png",
               "dangling link": "a.png", "linked sub-folder": "link/a.png"}[case]
-    expected = {"read-only sub-folder": f"cannot create files in {out / 'sub'}: Read-only file system",
+    expected = {"read-only sub-folder": f"cannot create files in {out / 'deep' / 'sub'}: Read-only file system",
                 "read-only output folder": f"cannot create files in --output-dir {out}: Read-only file system",
                 "240-character name": "is 240 bytes long; at most ",
                 "300-character name": "is 300 bytes long; at most ",
                 "dangling link": f"{out / 'a.png'} is a symbolic link (outputs are never written through links)",
                 "linked sub-folder": f"would be written to {elsewhere / 'a.png'}, outside --output-dir"}[case]
     if case == "read-only sub-folder":
-        refuse_new_files_in(monkeypatch, out / "sub")
+        refuse_new_files_in(monkeypatch, out / "deep" / "sub")  # made, with its parent, before the check
     if case == "read-only output folder":
         refuse_new_files_in(monkeypatch, out)
     if case == "dangling link":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,18 @@ def test_encoders_peak_is_transformer_vae_largest_encoder_and_reserve() -> None:
     c = plan.sizes.components
     assert plan.chosen.devices[0].peak_bytes == c["transformer"] + c["vae"] + c["llama"] + plan.reserve.total
     assert plan.chosen.homes["t5"] == "host -> npu:0" and "t5" in plan.chosen.host.components
+
+
+def test_group_peak_is_the_vae_the_larger_of_streamed_blocks_and_largest_encoder_and_reserve() -> None:
+    spec, sizes = MODELS["e1.1"], real_sizes("e1.1")
+    budgets = described_budgets("1x64GiB", host_memory=HOST)
+    c = sizes.components
+    real = plan_placement(spec, sizes, budgets, "group")
+    assert real.chosen.devices[0].peak_bytes == c["vae"] + sizes.largest_encoder + real.reserve.total  # the Llama
+    wide = replace(sizes, largest_block=10 * GIB)  # blocks that outweigh the Llama: the running and the next one
+    plan = plan_placement(spec, wide, budgets, "group")
+    streamed = sizes.transformer_unblocked + 2 * 10 * GIB
+    assert plan.chosen.devices[0].peak_bytes == c["vae"] + streamed + plan.reserve.total
 
 
 def test_explicit_placement_wins_with_a_warning_when_it_will_not_fit() -> None:
