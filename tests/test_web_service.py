@@ -500,8 +500,11 @@ def test_e1_full_builds_its_prompt_form_from_the_target_description(tmp_path: Pa
 def test_the_rewrite_asks_the_vlm_and_the_edit_uses_and_shows_its_prompt(e1_full_editor: Editor, vlm: FakeVLM,
                                                                          tmp_path: Path) -> None:
     web = WebEditor(e1_full_editor, WebSettings(results_dir=tmp_path / "r", vlm=vlm.settings()))
-    outcome = web.edit(png(tmp_path / "a.png"), "make it blue", EditParams(steps=1, seed=2, rewrite=True))
+    progress = Recorder()
+    outcome = web.edit(png(tmp_path / "a.png"), "make it blue", EditParams(steps=1, seed=2, rewrite=True),
+                       progress=progress)
     assert outcome.status.startswith("Done in "), outcome.status
+    assert progress.calls[0] == (0.0, "rewriting the instruction with test-vlm")  # the page says what it waits on
     assert outcome.prompt == GOOD_PROMPT
     assert json.loads(outcome.json_path.read_text())["instruction"] == GOOD_PROMPT
     (request,) = vlm.requests
