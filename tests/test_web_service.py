@@ -775,9 +775,8 @@ def test_old_and_excess_results_are_pruned_oldest_first_and_nothing_else(tmp_pat
 def test_a_result_is_kept_while_its_edit_saves_it_and_pruned_like_any_other_after(
     e1_1_editor: Editor, results: Path, tmp_path: Path
 ) -> None:
-    results.mkdir()
-    older = _result(results, "edit-20240101-000000-0000000a-cat.png", 10, 60, time.time())
     web = WebEditor(e1_1_editor, WebSettings(results_dir=results, max_results_gb=1e-9))  # a bound of one byte
+    older = _result(results, "edit-20240101-000000-0000000a-cat.png", 10, 60, time.time())  # after the start's prune
     outcome = web.edit(png(tmp_path / "a.png"), "make it red", EditParams(steps=1))
     assert outcome.image_path is not None and outcome.image_path.exists(), outcome.status
     assert not older.exists()  # the edit's own prune removed the older result but not the one it saved

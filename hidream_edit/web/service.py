@@ -900,9 +900,10 @@ class WebEditor:
             if gallery:
                 try:
                     zip_path = self._zip(batch_dir)
-                    self._publish([zip_path])
                 except OSError as exc:  # the edited images stay in the gallery and the batch folder
                     no_zip = f"no zip (cannot write it: {exc.strerror or exc})"
+                else:
+                    self._publish([zip_path])
 
             elapsed = time.perf_counter() - started
             parts = [f"{len(gallery)} of {count} images edited in {_fmt_seconds(elapsed)}"]
