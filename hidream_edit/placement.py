@@ -75,7 +75,7 @@ GROUPS_ON_CARD = 2  # group offload keeps the running block and prefetches the n
 
 _STORED_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_MAX_HEADER_BYTES = 100 * 2**20
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers too
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 # Decimal units (GB) as written on spec sheets, binary units (GiB) as the runtimes report memory.
 _UNITS = {"": 1, "b": 1, **{f"{p}b": 1000 ** (i + 1) for i, p in enumerate("kmgt")},
@@ -122,7 +122,10 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, int]]:
             (length,) = struct.unpack("<Q", prefix)
             if length > _MAX_HEADER_BYTES:
                 raise ModelFilesError(f"{path}: not a safetensors file (header length {length})")
-            header = json.loads(stream.read(length))
+            text = stream.read(length)
+            if len(text) < length:
+                raise ModelFilesError(f"{path}: truncated (header of {length} bytes, file ends after {len(text)})")
+            header = json.loads(text)
     except OSError as exc:
         raise ModelFilesError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     except ValueError as exc:

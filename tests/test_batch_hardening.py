@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -113,8 +114,12 @@ def test_a_second_batch_on_a_locked_output_dir_names_the_holder_and_loads_nothin
 ) -> None:
     manifest = one_line_manifest(tmp_path)
     out = tmp_path / "out"
+    umask = os.umask(0o022)
+    os.umask(umask)
     with batch.output_dir_lock(out):
         assert run_cli(["--manifest", str(manifest), "--output-dir", str(out)], tiny_env) == 2
+        # made with the permissions of any file the batch writes (0o666 less the umask), not private or open
+        assert stat.S_IMODE((out / batch.LOCK_NAME).stat().st_mode) == 0o666 & ~umask
     assert capsys.readouterr().err == (
         f"error: --output-dir {out} is in use by another batch (process {os.getpid()} on this host); "
         "wait for it to finish or choose another --output-dir\n"

@@ -24,6 +24,7 @@ from hidream_edit.instructions import (
     InstructionRewriteError,
     RewrittenInstruction,
     VLMSettings,
+    _DeadlineSocket,
     compose_e1_full_prompt,
     format_e1_full_prompt,
     parse_vlm_answer,
@@ -709,3 +710,18 @@ def test_a_body_over_the_size_cap_is_refused_whatever_its_chunks(vlm: FakeVLM, i
     at_the_cap = chat_body(GOOD_ANSWER)
     vlm.replies = [Reply(body=at_the_cap + b" " * (8 * 2**20 - len(at_the_cap)))]  # exactly the cap: taken
     assert rewrite_instruction(image, "make the car blue", vlm.settings()).prompt
+
+
+def test_closing_a_finished_answer_hangs_up_at_once() -> None:
+    """http.client closes the answer's file, then the socket: the connection must end then, not when the
+    file object is garbage-collected (a VLM server would keep one connection per finished rewrite)."""
+    ours, peer = socket.socketpair()
+    with peer:
+        wrapped = _DeadlineSocket(ours, time.monotonic() + 5)
+        answer = wrapped.makefile("rb")
+        peer.sendall(b"hello")
+        assert answer.read(5) == b"hello"
+        answer.close()
+        wrapped.close()
+        peer.settimeout(2)
+        assert peer.recv(1) == b""  # `answer` is still referenced here

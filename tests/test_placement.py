@@ -418,6 +418,24 @@ def test_header_reader_rejects_corrupt_files(tmp_path: Path) -> None:
             read_safetensors_header(path)
 
 
+def test_header_reader_takes_headers_up_to_the_safetensors_limit_and_no_longer(tmp_path: Path) -> None:
+    """100,000,000 header bytes are the most the safetensors library loads; a cut-off header is named."""
+    largest = tmp_path / "largest.safetensors"
+    with largest.open("wb") as stream:
+        stream.write(struct.pack("<Q", 100_000_000) + b"{}")
+        stream.write(b" " * (100_000_000 - 2))  # JSON allows the trailing blanks
+    assert read_safetensors_header(largest) == {}
+    largest.unlink()
+    too_long = tmp_path / "too_long.safetensors"
+    too_long.write_bytes(struct.pack("<Q", 100_000_001) + b"{}")
+    with pytest.raises(ModelFilesError, match="not a safetensors file \\(header length 100000001\\)"):
+        read_safetensors_header(too_long)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(struct.pack("<Q", 20) + b'{"w": {')
+    with pytest.raises(ModelFilesError, match="truncated \\(header of 20 bytes, file ends after 7\\)"):
+        read_safetensors_header(cut)
+
+
 def test_checkpoint_files_follow_the_index(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "m-1.safetensors", {"a": torch.zeros(1)})
     write_checkpoint(tmp_path / "stray.safetensors", {"b": torch.zeros(1)})
@@ -477,3 +495,43 @@ def test_whole_pipeline_placements_on_the_cpu_move_everything_to_the_card(placem
     assert actions == [{"none": "all components on cpu", "sequential": (
         "sequential offload skipped: it needs an accelerator (the CPU holds everything anyway)")}[placement],
         f"placement {placement}: predicted peak cpu 3.0 GiB"]
+
+
+class _StubTransformer(torch.nn.Linear):
+    """A transformer stand-in that records how group offload was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.group_offload: dict[str, Any] = {}
+
+    def enable_group_offload(self, **kwargs: Any) -> None:
+        self.group_offload = kwargs
+
+
+@pytest.mark.parametrize("placement", ["split", "encoders", "group"])
+def test_card_placements_put_the_vae_on_the_card_and_the_encoders_where_planned(
+    placement: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The meta device plays the edit card, so whatever stays on the CPU was not moved to the card."""
+    from types import SimpleNamespace
+
+    import hidream_edit.placement as placement_module
+
+    monkeypatch.setattr(placement_module, "_streams_available", lambda card: False)  # meta has no device module
+
+    encoders = {attribute: torch.nn.Linear(2, 2) for attribute in ENCODER_ATTRIBUTES.values()}
+    pipe = SimpleNamespace(transformer=_StubTransformer(), vae=torch.nn.Linear(2, 2), **encoders)
+    plan = SimpleNamespace(placement=placement, encoder_device="cpu", peaks=lambda: {"meta": GIB})
+    _, hooks = apply_plan(pipe, plan, "meta")
+    assert pipe.edit_device == torch.device("meta") and pipe.vae.weight.device.type == "meta"
+    assert {encoder.weight.device.type for encoder in encoders.values()} == {"cpu"}  # split's encoder card, or host
+    transformer = pipe.transformer
+    if placement == "group":
+        assert transformer.weight.device.type == "cpu"  # group offload moves blocks itself, one at a time
+        assert transformer.group_offload["onload_device"] == torch.device("meta")
+        assert transformer.group_offload["offload_device"] == torch.device("cpu")
+    else:
+        assert transformer.weight.device.type == "meta" and transformer.group_offload == {}
+    if placement != "split":
+        hooks.move("t5", "card")
+        assert hooks.encoders["t5"].weight.device.type == "meta"

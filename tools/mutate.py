@@ -180,6 +180,7 @@ SWAPS: dict[type, type] = {
     ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.And: ast.Or, ast.Or: ast.And,
 }
 QUIET_CALLS = ("logger.", "logging.", "print(", "warn_once(", "warnings.warn(")
+LOG_CALLS = ("logger.", "logging.")
 # keyword arguments that only change text for a reader (argparse's metavar names a value in --help), skipped
 # like docstrings: dropping one is not a bug in what the program does
 TEXT_KEYWORDS = ("metavar",)
@@ -243,11 +244,21 @@ def _inside_fstring_or_annotation(tree: ast.AST) -> set[int]:
     return skip
 
 
+def _inside_log_calls(tree: ast.AST) -> set[int]:
+    """Arguments of logger/logging calls: they only change what a log line says."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).startswith(LOG_CALLS):
+            for part in [*node.args, *node.keywords]:
+                skip.update(id(child) for child in ast.walk(part))
+    return skip
+
+
 def generate(path: str, source: str) -> Iterator[Mutant]:
     """Every mutant this tool knows how to make in one file, in source order."""
     tree = ast.parse(source)
     offsets = _offsets(source)
-    skip = _docstring_nodes(tree) | _inside_fstring_or_annotation(tree)
+    skip = _docstring_nodes(tree) | _inside_fstring_or_annotation(tree) | _inside_log_calls(tree)
 
     def span(node: ast.AST) -> tuple[int, int]:
         return (offsets[node.lineno - 1] + node.col_offset, offsets[node.end_lineno - 1] + node.end_col_offset)
