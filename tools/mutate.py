@@ -3,10 +3,10 @@
 Mutants are generated from the syntax tree of each target file (flipped comparisons and arithmetic,
 swapped booleans, dropped `not`/minus, `and`/`or` swapped, off-by-one constants, a dropped keyword
 argument, a removed call statement; never in docstrings, log calls or `metavar=`, which only change text
-for a reader), a deterministic sample per file. Each mutant is applied to a
-scratch copy of the repository and that file's test subset runs there (its listed fast tests, then every
-test anywhere that names what the file defines); a failing run "kills" the mutant, a passing run means the
-suite would let that bug through ("survived").
+for a reader, nor `zip`'s `strict=`, an assertion no right code can trip), a deterministic sample per file.
+Each mutant is applied to a scratch copy of the repository and that file's test subset runs there (its
+listed fast tests, then every test anywhere that names what the file defines); a failing run "kills" the
+mutant, a passing run means the suite would let that bug through ("survived").
 
     .venv/bin/python tools/mutate.py                      # the default sample (see TARGETS)
     .venv/bin/python tools/mutate.py --per-file 20 --seed 3 hidream_edit/pipeline.py
@@ -254,6 +254,12 @@ def _inside_log_calls(tree: ast.AST) -> set[int]:
     return skip
 
 
+def _is_zip_strict(call: ast.Call, keyword: ast.keyword) -> bool:
+    """`zip(..., strict=True)` only asserts what the code already guarantees; without it nothing changes
+    while the code is right, so no test can tell (an equivalent mutant, skipped)."""
+    return isinstance(call.func, ast.Name) and call.func.id == "zip" and keyword.arg == "strict"
+
+
 def generate(path: str, source: str) -> Iterator[Mutant]:
     """Every mutant this tool knows how to make in one file, in source order."""
     tree = ast.parse(source)
@@ -285,7 +291,7 @@ def generate(path: str, source: str) -> Iterator[Mutant]:
             yield mutant(node, repr(node.value + 1), "number")
         elif isinstance(node, ast.Call) and node.keywords:
             for index, keyword in enumerate(node.keywords):
-                if keyword.arg is None or keyword.arg in TEXT_KEYWORDS:
+                if keyword.arg is None or keyword.arg in TEXT_KEYWORDS or _is_zip_strict(node, keyword):
                     continue
                 kept = [k for i, k in enumerate(node.keywords) if i != index]
                 call = ast.Call(node.func, node.args, kept)
