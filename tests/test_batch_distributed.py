@@ -78,6 +78,30 @@ def _join_alone(port: int) -> str:
     return "joined"
 
 
+def _stalled(rank: int, port: int, folder: str) -> dict | None:
+    """Rank 1 joins, then never takes part in a collective: rank 0's must fail after the group's timeout."""
+    import torch
+    import torch.distributed as dist
+
+    from hidream_edit.distributed import join_process_group
+
+    group = join_process_group(DistributedEnvironment(2, rank, rank, "127.0.0.1", port), "gloo", 2.0)
+    try:
+        if rank == 1:
+            ends = time.monotonic() + 60
+            while not Path(folder, "stalled.0.json").exists() and time.monotonic() < ends:
+                time.sleep(0.1)
+            return None
+        started = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1))
+        except RuntimeError as exc:
+            return {"waited_s": time.monotonic() - started, "error": str(exc).splitlines()[0]}
+        return {"waited_s": time.monotonic() - started, "error": None}
+    finally:
+        group.close()
+
+
 def _coordination(rank: int, ports: dict[str, int], folder: str) -> None:
     """Every store-coordination scenario in one spawn of two ranks; each result to `<scenario>.<rank>.json`.
 
@@ -88,7 +112,8 @@ def _coordination(rank: int, ports: dict[str, int], folder: str) -> None:
     torch.set_num_threads(1)
     scenarios = {"alone": lambda: _join_alone(ports["alone"]) if rank == 1 else None,
                  "claims": lambda: _claim_all(rank, ports["claims"], 40),
-                 "restarted": lambda: _restarted(rank, ports["agent"])}
+                 "restarted": lambda: _restarted(rank, ports["agent"]),
+                 "stalled": lambda: _stalled(rank, ports["stalled"], folder)}
     for name, run in scenarios.items():
         try:
             result = {"result": run()}
@@ -102,7 +127,7 @@ def _coordination(rank: int, ports: dict[str, int], folder: str) -> None:
 def coordination(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder of the scenarios' results; the agent's store lives here, in the test process, as torchrun's."""
     folder = tmp_path_factory.mktemp("coordination")
-    ports = {name: free_port() for name in ("alone", "claims", "agent")}
+    ports = {name: free_port() for name in ("alone", "claims", "agent", "stalled")}
     agent_store = TCPStore("127.0.0.1", ports["agent"], is_master=True, wait_for_workers=False,
                            timeout=timedelta(seconds=60))
     context = multiprocessing.get_context("spawn")
@@ -156,6 +181,12 @@ def test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before(coordina
     for attempt, result in enumerate(scenario_result(coordination, "restarted", 0)):
         claims = result["claims"]
         assert sorted(claims[0] + claims[1]) == list(range(10)), attempt
+
+
+def test_a_collective_a_rank_never_joins_fails_after_the_groups_timeout(coordination: Path) -> None:
+    """--dist-timeout bounds every collective, not only the rendezvous: torch's own default is 30 minutes."""
+    result = scenario_result(coordination, "stalled", 0)
+    assert result["error"] is not None and 1.5 < result["waited_s"] < 30, result
 
 
 def test_a_rank_that_finds_no_group_fails_with_one_line_instead_of_hanging(coordination: Path) -> None:

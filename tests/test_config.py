@@ -215,6 +215,45 @@ def test_only_the_models_with_a_keep_aspect_flag_keep_the_aspect(tmp_path: Path)
     assert edit_request_from_args(e1_full, image, "x").keep_aspect is True
 
 
+def test_every_per_edit_flag_reaches_the_edit_request(tmp_path: Path) -> None:
+    """A flag parsed but not passed on is silently ignored: each one, set away from its default, arrives."""
+    from hidream_edit.config import edit_request_from_args
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(image)
+    args = build_edit_parser(MODELS["e1.1"]).parse_args([
+        "--image", str(image), "--instruction", "x", "--negative", "blurry", "--steps", "7", "--guidance", "2.5",
+        "--image-guidance", "1.5", "--refine-strength", "0.25", "--no-clip-cfg-norm", "--seed", "9",
+        "--cache", "dbcache", "--cache-threshold", "0.3", "--cache-warmup", "4", "--cache-max-skip", "2",
+    ])
+    request = edit_request_from_args(args, image, "x")
+    assert (request.negative, request.steps, request.guidance, request.image_guidance, request.refine_strength,
+            request.clip_cfg_norm, request.seed) == ("blurry", 7, 2.5, 1.5, 0.25, False, 9)
+    assert (request.cache, request.cache_threshold, request.cache_warmup, request.cache_max_skip) == (
+        "dbcache", 0.3, 4, 2)
+
+
+def test_every_full_size_flag_reaches_the_run_settings() -> None:
+    """Each --full-size flag, away from its default, arrives in FullSizeSettings; the attention variable
+    fills in only where --attention is not given."""
+    import argparse
+
+    from hidream_edit.config import add_full_size_arguments, full_size_settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_full_size_arguments(parser)  # the doctor's --full-size flags
+    args = parser.parse_args([
+        "--full-size", "--steps", "3", "--blocks", "2", "--size", "512", "--offload", "split", "--attention", "math",
+        "--max-memory", "30GiB", "--host-memory", "100GiB", "--encoder-device", "npu:1",
+    ])
+    settings = full_size_settings_from_args(args, {"HIDREAM_ATTENTION": "sdpa"})
+    assert (settings.steps, settings.blocks, settings.size, settings.offload, settings.attention) == (
+        3, 2, 512, "split", "math")
+    assert (settings.max_memory, settings.host_memory, settings.encoder_device) == (30 * 2**30, 100 * 2**30, "npu:1")
+    defaults = full_size_settings_from_args(parser.parse_args(["--full-size"]), {"HIDREAM_ATTENTION": "sdpa"})
+    assert (defaults.steps, defaults.blocks, defaults.size, defaults.attention) == (2, None, 1024, "sdpa")
+
+
 def test_number_flags_take_the_ends_of_their_ranges() -> None:
     """Half a second is a timeout and one process a degree: the lower bounds are open or 1, not off by one."""
     import argparse

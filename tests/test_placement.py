@@ -535,3 +535,26 @@ def test_card_placements_put_the_vae_on_the_card_and_the_encoders_where_planned(
     if placement != "split":
         hooks.move("t5", "card")
         assert hooks.encoders["t5"].weight.device.type == "meta"
+
+
+def test_a_cached_hub_copy_is_sized_from_its_headers_only_when_complete(
+    tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id already in the local cache is sized from its files; one whose copy lacks a file the run loads
+    (an interrupted download) from the spec's table, as if it were not there."""
+    import shutil
+
+    from hidream_edit import models
+    from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID
+
+    spec = MODELS["e1.1"]
+    partial_i1 = Path(shutil.copytree(tiny_checkpoints.i1, tmp_path / "i1"))
+    for weights in (partial_i1 / "vae").glob("*.safetensors"):
+        weights.unlink()
+    cache = {LLAMA_HUB_ID: tiny_checkpoints.llama, I1_HUB_ID: partial_i1, spec.edit_hub_id: tiny_checkpoints.e1_1}
+    monkeypatch.setattr(models, "locate", lambda source, role, offline, allow_patterns=None: Path(cache[source]))
+    sizes = models.sizes_on_disk(models.ModelSources("e1.1", LLAMA_HUB_ID, I1_HUB_ID, spec.edit_hub_id), "bf16")
+    assert sizes.sources == {"transformer": "headers", "vae": "table", "clip_l": "table", "clip_g": "table",
+                             "t5": "table", "llama": "headers"}
+    from_files = model_sizes(spec, "bf16", tiny_checkpoints.llama, None, tiny_checkpoints.e1_1, LLAMA_UNUSED_PREFIXES)
+    assert sizes.components == from_files.components
