@@ -297,6 +297,7 @@ ANSWER_VARIANTS = {
         f"Target image description: {TARGET_TEXT}"
     ),
     "think": f"<think>Source: maybe a truck?\nTarget: no idea</think>\n{GOOD_ANSWER}",
+    "think-twice": f"<think>a truck?</think>\nSource: a truck\n<think>no, a car</think>\n{GOOD_ANSWER}",
     "chatter-naming-a-label": f"Here is the target I suggest:\n{GOOD_ANSWER}\nMy instruction: keep it simple.",
 }
 
@@ -327,6 +328,7 @@ def test_parse_vlm_answer_keeps_colons_inside_text() -> None:
         ("I cannot help with that.", "source, instruction, target"),
         ("Source: a car\nInstruction: make it blue", "target"),
         ("Source: a car\nInstruction:\nTarget: a blue car", "instruction"),
+        ('Source: a car\nInstruction: ""\nTarget: a blue car', "instruction"),
         ("Source: a car\nInstruction: make it blue\nTarget:   ", "target"),
         ('Source: a car\nInstruction: make it blue\nTarget: ""', "target"),  # quotes around nothing
     ],
@@ -387,7 +389,8 @@ def test_good_answer_gives_refined_instruction(vlm: FakeVLM, image: Image.Image)
 
 @pytest.mark.parametrize(
     ("size", "sent_size"),
-    [((2048, 1024), (1024, 512)), ((600, 1800), (341, 1024)), ((300, 200), (300, 200))],
+    [((2048, 1024), (1024, 512)), ((600, 1800), (341, 1024)), ((300, 200), (300, 200)), ((4096, 2), (1024, 1)),
+     ((2, 4096), (1, 1024))],
 )
 def test_request_carries_model_system_prompt_and_png(
     vlm: FakeVLM, size: tuple[int, int], sent_size: tuple[int, int]

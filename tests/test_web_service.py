@@ -45,6 +45,7 @@ from hidream_edit.web.service import (
     run_cancellable,
     safe_stem,
     stop_key,
+    timing_summary,
     unique_result_path,
 )
 
@@ -453,6 +454,13 @@ def test_the_results_folder_is_made_with_its_missing_parents(tmp_path: Path) -> 
     results = tmp_path / "new" / "deeper" / "results"
     WebEditor(stub_editor("e1.1"), WebSettings(results_dir=results))
     assert results.is_dir()
+
+
+def test_timings_keep_two_decimals_below_ten_seconds_and_one_from_ten() -> None:
+    one = {"timings": {"step_s": [10.0], "encode_s": 9.99, "decode_s": 0.004, "total_s": 12.0}}
+    assert timing_summary(one) == "1 step in 10.0 s (10.00 s/step), encode 9.99 s, decode 0.00 s, total 12.0 s"
+    none = {"timings": {"step_s": [], "encode_s": 0.5, "decode_s": 0.0, "total_s": 0.5}}
+    assert timing_summary(none) == "0 steps in 0.00 s (0.00 s/step), encode 0.50 s, decode 0.00 s, total 0.50 s"
 
 
 def test_device_panel_shows_device_memory_and_the_last_timings() -> None:

@@ -2,11 +2,11 @@
 
 Mutants are generated from the syntax tree of each target file (flipped comparisons and arithmetic,
 swapped booleans, dropped `not`/minus, `and`/`or` swapped, off-by-one constants, a dropped keyword
-argument, a removed call statement; never in docstrings, log calls or `metavar=`, which only change text
-for a reader, nor `zip`'s `strict=`, an assertion no right code can trip), a deterministic sample per file.
-Each mutant is applied to a scratch copy of the repository and that file's test subset runs there (its
-listed fast tests, then every test anywhere that names what the file defines); a failing run "kills" the
-mutant, a passing run means the suite would let that bug through ("survived").
+argument, a removed call statement; never in docstrings, log calls, `metavar=` or `round()`'s digits, which
+only change text for a reader, nor `zip`'s `strict=`, an assertion no right code can trip), a deterministic
+sample per file. Each mutant is applied to a scratch copy of the repository and that file's test subset runs
+there (its listed fast tests, then every test anywhere that names what the file defines); a failing run
+"kills" the mutant, a passing run means the suite would let that bug through ("survived").
 
     .venv/bin/python tools/mutate.py                      # the default sample (see TARGETS)
     .venv/bin/python tools/mutate.py --per-file 20 --seed 3 hidream_edit/pipeline.py
@@ -244,13 +244,17 @@ def _inside_fstring_or_annotation(tree: ast.AST) -> set[int]:
     return skip
 
 
-def _inside_log_calls(tree: ast.AST) -> set[int]:
-    """Arguments of logger/logging calls: they only change what a log line says."""
+def _for_readers_only(tree: ast.AST) -> set[int]:
+    """Arguments of logger/logging calls and `round()`'s digits: they only change what a reader sees."""
     skip: set[int] = set()
     for node in ast.walk(tree):
+        parts: list[ast.AST] = []
         if isinstance(node, ast.Call) and ast.unparse(node.func).startswith(LOG_CALLS):
-            for part in [*node.args, *node.keywords]:
-                skip.update(id(child) for child in ast.walk(part))
+            parts = [*node.args, *node.keywords]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "round":
+            parts = [*node.args[1:], *node.keywords]
+        for part in parts:
+            skip.update(id(child) for child in ast.walk(part))
     return skip
 
 
@@ -264,7 +268,7 @@ def generate(path: str, source: str) -> Iterator[Mutant]:
     """Every mutant this tool knows how to make in one file, in source order."""
     tree = ast.parse(source)
     offsets = _offsets(source)
-    skip = _docstring_nodes(tree) | _inside_fstring_or_annotation(tree) | _inside_log_calls(tree)
+    skip = _docstring_nodes(tree) | _inside_fstring_or_annotation(tree) | _for_readers_only(tree)
 
     def span(node: ast.AST) -> tuple[int, int]:
         return (offsets[node.lineno - 1] + node.col_offset, offsets[node.end_lineno - 1] + node.end_col_offset)
