@@ -429,3 +429,24 @@ def test_the_manifest_is_read_only_if_it_is_a_regular_file(tmp_path: Path, kind:
         assert [item.label for item in found[0]] == ["given.jsonl line 1"]
     else:
         assert found == [f"--manifest {manifest}: is not a regular file"]
+
+
+def test_each_output_folder_is_checked_once_with_its_longest_name_first_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The longest output name gives a folder's longest temporary name, the one a save there could fail on;
+    among names as long, the first listed is the one the message names."""
+    checked: list[str] = []
+
+    def refuse(output: Path) -> None:
+        checked.append(output.name)
+        raise UserError(f"cannot write {output.name}")
+
+    monkeypatch.setattr(batch, "check_can_create", refuse)
+    template = replace(TEMPLATE, image=tmp_path / "in.png")
+    outputs = ["a/b.png", "a/cc.png", "a/dd.png", "e/f.png"]
+    items = [BatchItem(i, f"line {i + 1}", template, tmp_path / "out" / name) for i, name in enumerate(outputs)]
+    with pytest.raises(batch.BatchError) as refused:
+        batch.prepare_output_folders(items)
+    assert checked == ["cc.png", "f.png"]
+    assert refused.value.problems == ["line 2: cannot write cc.png", "line 4: cannot write f.png"]

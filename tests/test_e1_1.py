@@ -79,6 +79,7 @@ def _base_env() -> dict[str, str]:
         (["--device", "npu"], "torch_npu is not installed"),
         (["--llama-path", "/nowhere"], "--tiny uses the built-in tiny checkpoints; drop --llama-path"),
         (["--dtype", "fp8"], "invalid choice"),
+        (["--cfg-parallel", "4"], "argument --cfg-parallel: invalid choice: 4 (choose from 1, 2, 3)"),
     ],
 )
 def test_cli_user_mistakes_are_one_line_exit_2(

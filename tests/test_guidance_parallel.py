@@ -176,6 +176,24 @@ def test_the_groups_buffers_are_made_on_its_card_not_on_torchs_default_device(tm
     assert torch.equal(total, torch.tensor([2.0, 3.0]))
 
 
+def test_the_step_caches_numbers_are_summed_on_the_groups_card_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step cache hands over float64 host numbers; HCCL sums only on the card. The meta device plays the
+    card (the fake collective records what it was given, then fails the way a lost peer would)."""
+    import torch.distributed as dist
+
+    given: list[tuple[str, torch.dtype]] = []
+
+    def all_reduce(buffer: torch.Tensor, group: Any = None) -> None:
+        given.append((buffer.device.type, buffer.dtype))
+        raise RuntimeError("peer gone")
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    group = GuidanceGroup(2, 0, 0, [0, 1], None, torch.device("meta"), 30.0)
+    with pytest.raises(GuidanceGroupError, match=r"^rank 0 lost its guidance group \(ranks \[0, 1\]\) at step 4: peer"):
+        group.sum_across(torch.tensor([1.0, 2.0], dtype=torch.float64), "step 4")
+    assert given == [("meta", torch.float32)]
+
+
 def test_settle_is_told_whether_this_ranks_share_failed(tmp_path: Path) -> None:
     """The step cache joins the group's sum in settle(failed): a failed share must say so, or the other
     ranks would decide on a sum that lacks it."""
@@ -197,6 +215,39 @@ def test_settle_is_told_whether_this_ranks_share_failed(tmp_path: Path) -> None:
     finally:
         dist.destroy_process_group()
     assert settled == [False, True]
+
+
+@pytest.mark.parametrize(("share_fails", "message"), [
+    (False, "rank 0 lost its guidance group (ranks [0]) at step 1: peer gone; a rank failed, died or took longer "
+            "than --dist-timeout 30 s; nothing was saved"),
+    (True, "rank 0 failed at step 1: out of memory; the other ranks of its guidance group (ranks [0]) stop too; "
+           "nothing was saved"),
+], ids=["gather fails", "share and gather fail"])
+def test_a_failed_gather_names_this_ranks_own_failure_first(
+    share_fails: bool, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the gather breaks (a peer died) the message says so, unless this rank's share failed first:
+    then its own cause is the one worth reading."""
+    import torch.distributed as dist
+
+    def compute(start: int, stop: int) -> torch.Tensor:
+        if share_fails:
+            raise ValueError("out of memory")
+        return torch.ones(stop - start, 2)
+
+    def broken_gather(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("peer gone\nmore detail")
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        group = GuidanceGroup(1, 0, 0, [0], dist.group.WORLD, torch.device("cpu"), 30.0)
+        group.begin_edit(None)
+        monkeypatch.setattr(dist, "all_gather", broken_gather)
+        with pytest.raises(GuidanceGroupError) as failed:
+            group.predictions(2, compute, (2,), torch.float32, "step 1")
+    finally:
+        dist.destroy_process_group()
+    assert str(failed.value) == message
 
 
 def test_branches_are_shared_in_contiguous_runs_with_the_remainder_first() -> None:
