@@ -349,7 +349,11 @@ def test_resolve_request_accepts_the_edges_and_refuses_just_beyond(model: str) -
     assert resolve_request(replace(request, refine_strength=0.0), MODELS[model], lora_fused=True).refine_strength == 0.0
 
 
-def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(tiny_checkpoints: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("drop,extra", [(5, True), (5, False), (0, True)],
+                         ids=["both", "missing only", "unexpected only"])
+def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(
+    drop: int, extra: bool, tiny_checkpoints: Any, tmp_path: Path
+) -> None:
     from safetensors.torch import save_file
 
     from device_utils import load_safetensors
@@ -357,13 +361,16 @@ def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(tiny_ch
     from hidream_edit.models import load_e1_1_transformer
 
     state = load_safetensors(tiny_checkpoints.e1_1 / "transformer")
-    dropped = sorted(state)[:5]
-    kept = {key: value for key, value in state.items() if key not in dropped} | {"extra.weight": torch.zeros(1)}
+    dropped = sorted(state)[:drop]
+    kept = {key: value for key, value in state.items() if key not in dropped}
+    if extra:
+        kept["extra.weight"] = torch.zeros(1)
     (tmp_path / "transformer").mkdir()
     save_file(kept, str(tmp_path / "transformer" / "model.safetensors"))
     with pytest.raises(ModelFilesError) as error:
         load_e1_1_transformer(tiny_checkpoints.i1, tmp_path, torch.float32)
-    assert str(error.value).endswith(f"missing {', '.join(dropped[:3])} (and 2 more); unexpected extra.weight")
+    missing = f"{', '.join(dropped[:3])} (and 2 more)" if drop else "none"
+    assert str(error.value).endswith(f"missing {missing}; unexpected {'extra.weight' if extra else 'none'}")
 
 
 def test_hub_ids_go_to_the_hub_cache_and_paths_stay_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
