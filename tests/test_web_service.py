@@ -450,6 +450,16 @@ def test_command_line(tmp_path: Path) -> None:
         parse_command_line([], {AUTH_ENV: "nopassword"})
 
 
+def test_a_server_started_without_flags_has_the_library_defaults(tmp_path: Path) -> None:
+    """WebSettings' defaults (what a library user gets) and the command line's are written in two places;
+    a server must not change with the way it was started."""
+    _, _, settings = parse_command_line(["--results-dir", str(tmp_path / "r")], {})
+    assert settings == WebSettings(results_dir=(tmp_path / "r").resolve())
+    assert settings.max_upload_bytes == 50 * 2**20
+    unbounded = WebSettings(results_dir=tmp_path, max_results_gb=0, keep_results_hours=0)
+    assert (unbounded.max_results_bytes, unbounded.keep_results_s) == (None, None)
+
+
 def test_the_results_folder_is_made_with_its_missing_parents(tmp_path: Path) -> None:
     results = tmp_path / "new" / "deeper" / "results"
     WebEditor(stub_editor("e1.1"), WebSettings(results_dir=results))

@@ -2,11 +2,11 @@
 
 Mutants are generated from the syntax tree of each target file (flipped comparisons and arithmetic,
 swapped booleans, dropped `not`/minus, `and`/`or` swapped, off-by-one constants, a dropped keyword
-argument, a removed call statement; never in docstrings, log calls, `metavar=` or `round()`'s digits, which
-only change text for a reader, nor `zip`'s `strict=`, an assertion no right code can trip), a deterministic
-sample per file. Each mutant is applied to a scratch copy of the repository and that file's test subset runs
-there (its listed fast tests, then every test anywhere that names what the file defines); a failing run
-"kills" the mutant, a passing run means the suite would let that bug through ("survived").
+argument, a removed call statement; never in docstrings, log calls, `metavar=`, `indent=` or `round()`'s
+digits, which only change text for a reader, nor `zip`'s `strict=`, an assertion no right code can trip),
+a deterministic sample per file. Each mutant is applied to a scratch copy of the repository and that file's
+test subset runs there (its listed fast tests, then every test anywhere that names what the file defines);
+a failing run "kills" the mutant, a passing run means the suite would let that bug through ("survived").
 
     .venv/bin/python tools/mutate.py                      # the default sample (see TARGETS)
     .venv/bin/python tools/mutate.py --per-file 20 --seed 3 hidream_edit/pipeline.py
@@ -182,9 +182,9 @@ SWAPS: dict[type, type] = {
 }
 QUIET_CALLS = ("logger.", "logging.", "print(", "warn_once(", "warnings.warn(")
 LOG_CALLS = ("logger.", "logging.")
-# keyword arguments that only change text for a reader (argparse's metavar names a value in --help), skipped
-# like docstrings: dropping one is not a bug in what the program does
-TEXT_KEYWORDS = ("metavar",)
+# keyword arguments that only change text for a reader (argparse's metavar names a value in --help, json's
+# indent lays out the same document), skipped like docstrings: dropping one is not a bug in what the program does
+TEXT_KEYWORDS = ("metavar", "indent")
 
 
 @dataclass(frozen=True)
@@ -294,7 +294,7 @@ def generate(path: str, source: str) -> Iterator[Mutant]:
             yield mutant(node, str(not node.value), "bool")
         elif isinstance(node, ast.Constant) and type(node.value) in (int, float) and id(node) not in skip:
             yield mutant(node, repr(node.value + 1), "number")
-        elif isinstance(node, ast.Call) and node.keywords:
+        elif isinstance(node, ast.Call) and node.keywords and not ast.unparse(node.func).startswith(LOG_CALLS):
             for index, keyword in enumerate(node.keywords):
                 if keyword.arg is None or keyword.arg in TEXT_KEYWORDS or _is_zip_strict(node, keyword):
                     continue
