@@ -375,7 +375,8 @@ def test_parse_size_rejects(text: str) -> None:
 
 def test_parse_host() -> None:
     assert parse_host("2x64GiB") == (2, 64 * GIB)
-    for bad in ("64GiB", "0x64GiB", "ax64GiB", "2x"):
+    assert (parse_host("1x32GiB"), parse_host("64x1GiB")) == ((1, 32 * GIB), (64, GIB))  # 1 to 64 cards
+    for bad in ("64GiB", "0x64GiB", "65x1GiB", "ax64GiB", "2x"):
         with pytest.raises(ValueError):
             parse_host(bad)
 
