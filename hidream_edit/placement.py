@@ -827,10 +827,6 @@ class EncoderVisits:
             self.move(self.visitor, "host")
             self.visitor = None
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
 
 class EncodersElsewhere:
     """`split`: text encoders resident on another card; their inputs go there, their outputs come back."""

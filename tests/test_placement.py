@@ -518,7 +518,7 @@ def test_card_placements_put_the_vae_on_the_card_and_the_encoders_where_planned(
 
     import hidream_edit.placement as placement_module
 
-    monkeypatch.setattr(placement_module, "_streams_available", lambda card: False)  # meta has no device module
+    monkeypatch.setattr(placement_module, "_streams_available", lambda card: True)  # as an NPU or CUDA card
 
     encoders = {attribute: torch.nn.Linear(2, 2) for attribute in ENCODER_ATTRIBUTES.values()}
     pipe = SimpleNamespace(transformer=_StubTransformer(), vae=torch.nn.Linear(2, 2), **encoders)
@@ -529,8 +529,9 @@ def test_card_placements_put_the_vae_on_the_card_and_the_encoders_where_planned(
     transformer = pipe.transformer
     if placement == "group":
         assert transformer.weight.device.type == "cpu"  # group offload moves blocks itself, one at a time
-        assert transformer.group_offload["onload_device"] == torch.device("meta")
-        assert transformer.group_offload["offload_device"] == torch.device("cpu")
+        assert transformer.group_offload == {
+            "onload_device": torch.device("meta"), "offload_device": torch.device("cpu"), "offload_type": "block_level",
+            "num_blocks_per_group": 1, "use_stream": True, "non_blocking": True}  # one block ahead, overlapped
     else:
         assert transformer.weight.device.type == "meta" and transformer.group_offload == {}
     if placement != "split":
