@@ -113,6 +113,23 @@ def test_the_leader_waits_the_groups_timeout_for_timings_not_the_stores(caplog: 
     assert "no per-rank timings from the guidance group" in caplog.text
 
 
+def test_the_leader_collects_every_members_timings_through_the_store() -> None:
+    """The edit's metadata lists each rank's steps: a member that did not post its own would leave the
+    leader waiting out the timeout and the record with the leader's alone."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    leader, member = (GuidanceGroup(size=2, member=m, index=0, ranks=[4, 5], process_group=None,
+                                    device=torch.device("cpu"), timeout_s=1.0, store=store) for m in (0, 1))
+    for group, branches in ((leader, [0, 2]), (member, [2, 3])):
+        group.begin_edit(None)
+        group.steps.append({"branches": branches, "compute_s": 0.1, "wait_s": 0.0})
+    assert member.finish_edit() == {"size": 2, "ranks": [{"rank": 5, "steps": member.steps}]}
+    timings = leader.finish_edit()
+    assert [(r["rank"], [s["branches"] for s in r["steps"]]) for r in timings["ranks"]] == [(4, [[0, 2]]),
+                                                                                         (5, [[2, 3]])]
+
+
 def test_device_work_queued_by_the_share_counts_as_compute_not_as_waiting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -174,6 +191,25 @@ def test_the_groups_buffers_are_made_on_its_card_not_on_torchs_default_device(tm
         dist.destroy_process_group()
     assert torch.equal(predictions, torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
     assert torch.equal(total, torch.tensor([2.0, 3.0]))
+
+
+def test_predictions_come_back_in_the_dtype_asked_for_at_its_precision(tmp_path: Path) -> None:
+    """The shares travel in the model's dtype: a buffer in torch's default float32 would round a float64
+    (or widen a bfloat16) prediction before the guidance rule sees it."""
+    import torch.distributed as dist
+
+    def compute(start: int, stop: int) -> torch.Tensor:
+        return torch.full((stop - start, 2), 1 / 3, dtype=torch.float64)
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        group = GuidanceGroup(1, 0, 0, [0], dist.group.WORLD, torch.device("cpu"), 30.0)
+        group.begin_edit(None)
+        predictions = group.predictions(2, compute, (2,), torch.float64, "step 1")
+    finally:
+        dist.destroy_process_group()
+    assert predictions.dtype == torch.float64
+    assert torch.equal(predictions, torch.full((2, 2), 1 / 3, dtype=torch.float64))
 
 
 def test_the_step_caches_numbers_are_summed_on_the_groups_card_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -277,6 +313,33 @@ def test_launches_that_cannot_form_groups_are_refused(size: int, world: int, sin
 @pytest.mark.parametrize("size,world,single", [(1, 1, True), (3, 3, True), (2, 2, True), (3, 6, False), (1, 4, False)])
 def test_launches_that_form_groups_pass(size: int, world: int, single: bool) -> None:
     check_cfg_parallel(size, world, "one edit" if single else None)
+
+
+def test_each_guidance_group_is_made_with_the_dist_timeout_not_the_worlds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--dist-timeout bounds how long a rank waits for a hung peer of its group; a group made without it
+    would wait the world's (minutes under torchrun; 99 s here) instead. The spawn's "hang" stage shows it live."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    made: list[tuple[list[int], timedelta | None]] = []
+    new_group = dist.new_group
+
+    def recording_new_group(ranks: list[int], **kwargs: Any) -> Any:
+        made.append((ranks, kwargs.get("timeout")))
+        return new_group(ranks, **kwargs)
+
+    monkeypatch.setattr(dist, "new_group", recording_new_group)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            timeout=timedelta(seconds=99))
+    try:
+        group = form_guidance_group(0, 1, 1, torch.device("cpu"), 6.5)
+    finally:
+        dist.destroy_process_group()
+    assert made == [([0], timedelta(seconds=6.5))]
+    assert (group.ranks, group.member, group.index, group.timeout_s, group.leader) == ([0], 0, 0, 6.5, True)
 
 
 # --- real process groups: one spawn of four ranks plays every scenario ---------------------------------
