@@ -393,6 +393,13 @@ def test_a_command_line_without_edit_flags_asks_what_an_empty_library_request_as
     assert from_cli == resolve_request(EditRequest("x.png", "make it blue"), spec)
 
 
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_the_progress_bar_knows_the_default_step_count(model: str) -> None:
+    """The CLI's denoising bar is sized from --steps before the editor fills its defaults: without a number
+    there it shows no total and no percentage."""
+    assert build_edit_parser(MODELS[model]).parse_args(BASE).steps == MODELS[model].defaults.steps
+
+
 def test_the_web_uis_step_cache_defaults_are_the_librarys(tmp_path: Path) -> None:
     """The web UI builds its CacheSettings from the flags' defaults: they must be CacheSettings' own."""
     from hidream_edit.step_cache import CacheSettings
