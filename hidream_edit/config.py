@@ -633,7 +633,8 @@ def _non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:
     if value is None or not value.strip():
         return default
     text = value.strip()
-    if not (text.isascii() and text.isdigit()) or len(text) > sys.get_int_max_str_digits():
+    limit = sys.get_int_max_str_digits()  # 0: no limit (python -X int_max_str_digits=0)
+    if not (text.isascii() and text.isdigit()) or 0 < limit < len(text):
         raise UserError(f"{name}={value[:40]!r} is not a non-negative integer")
     return int(text)
 

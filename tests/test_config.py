@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,10 +21,14 @@ from hidream_edit.config import (
     distributed_environment,
     editor_settings_from_args,
     hub_offline,
+    plan_dtype,
     resolve_model_sources,
+    source_side_argument,
     tensor_parallel_degree,
+    vlm_api_key,
     vlm_timeout_seconds,
 )
+from hidream_edit.editor import EditRequest, resolve_request
 from hidream_edit.errors import UserError
 from hidream_edit.spec import I1_HUB_ID, LLAMA_HUB_ID, MODELS
 
@@ -81,11 +87,52 @@ def test_editor_settings_from_flags_and_environment(tiny_env: dict[str, str]) ->
     assert editor_settings_from_args(args, MODELS["e1.1"], env).attention == "sdpa"
 
 
-def test_tiny_dir_and_offline_switch(tmp_path: Path) -> None:
+def test_model_path_variables_reach_the_editor_settings_and_flags_win() -> None:
+    """The command line hands its environment on: HIDREAM_*_PATH fill in where no path flag is given."""
+    env = {"HIDREAM_LLAMA_PATH": "/env/llama", "HIDREAM_I1_PATH": "/env/i1", "HIDREAM_E1_PATH": "/env/e1"}
+    args = build_edit_parser(MODELS["e1.1"]).parse_args([*BASE, "--i1-path", "/flag/i1"])
+    sources = editor_settings_from_args(args, MODELS["e1.1"], env).sources
+    assert (sources.llama, sources.i1, sources.edit) == ("/env/llama", "/flag/i1", "/env/e1")
+
+
+def test_fuse_lora_reaches_the_editor_settings_only_for_lora_models() -> None:
+    """--fuse-lora is a switch of the LoRA model alone; set, it must reach the loader's settings."""
+    e1_full = build_edit_parser(E1_FULL)
+    fused = e1_full.parse_args([*BASE, "--fuse-lora", "--refine-strength", "0"])
+    assert editor_settings_from_args(fused, E1_FULL, {}).fuse_lora is True
+    assert editor_settings_from_args(e1_full.parse_args(BASE), E1_FULL, {}).fuse_lora is False
+    with pytest.raises(SystemExit):
+        build_edit_parser(MODELS["e1.1"]).parse_args([*BASE, "--fuse-lora"])
+
+
+def test_the_tiny_set_is_offline_without_hf_hub_offline(tiny_env: dict[str, str]) -> None:
+    """The tiny checkpoints are local folders: nothing about them may be looked up on the hub."""
+    sources = resolve_model_sources(MODELS["e1.1"], tiny=True, env={"HIDREAM_TINY_DIR": tiny_env["HIDREAM_TINY_DIR"]})
+    assert sources.tiny is True and sources.offline is True
+
+
+def test_tiny_dir_and_offline_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_tiny_dir({"HIDREAM_TINY_DIR": str(tmp_path)}) == tmp_path
     assert default_tiny_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "hidream-e1-npu" / "tiny"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # neither variable: the user's ~/.cache
+    assert default_tiny_dir({}) == tmp_path / "home" / ".cache" / "hidream-e1-npu" / "tiny"
     values = ("1", "true", "ON", "0", "")
     assert [hub_offline({"HF_HUB_OFFLINE": v}) for v in values] == [True, True, True, False, False]
+
+
+def test_the_vlm_key_comes_from_the_environment_and_an_empty_one_is_none() -> None:
+    """An empty OPENAI_API_KEY must not be sent as a key: the endpoint would refuse it instead of ignoring it."""
+    assert vlm_api_key({"OPENAI_API_KEY": "sk-1"}) == "sk-1"
+    assert vlm_api_key({"OPENAI_API_KEY": ""}) is None and vlm_api_key({}) is None
+
+
+def test_the_plan_dtype_is_the_flag_then_the_variable_then_bf16() -> None:
+    """--plan describes a host it may not run on: auto (or nothing) plans in bf16, what a 910B runs."""
+    parser = build_edit_parser(MODELS["e1.1"])
+    flag, no_flag = parser.parse_args([*BASE, "--dtype", "fp32"]), parser.parse_args(BASE)
+    assert plan_dtype(flag, {"PREFERRED_DTYPE": "fp16"}) == "fp32"
+    assert plan_dtype(no_flag, {"PREFERRED_DTYPE": " FP16 "}) == "fp16"
+    assert plan_dtype(no_flag, {"PREFERRED_DTYPE": "auto"}) == plan_dtype(no_flag, {}) == "bf16"
 
 
 def test_library_errors_name_no_flags_and_the_cli_adds_them() -> None:
@@ -148,6 +195,34 @@ def test_the_port_range_ends_are_accepted() -> None:
         assert distributed_environment({**TORCHRUN_ENV, "MASTER_PORT": str(port)}).master_port == port
 
 
+def test_one_process_and_the_torchrun_variables_that_may_be_left_unset() -> None:
+    """Without torchrun this is rank 0 of 1; LOCAL_RANK and the restart count default to 0, RANK does not."""
+    single = distributed_environment({})
+    assert (single.world_size, single.rank, single.local_rank, single.master_addr, single.master_port,
+            single.attempt) == (1, 0, 0, None, None, 0)
+    first_try = distributed_environment(TORCHRUN_ENV)  # no LOCAL_RANK, no TORCHELASTIC_RESTART_COUNT
+    assert (first_try.rank, first_try.local_rank, first_try.attempt) == (0, 0, 0)
+    with pytest.raises(UserError, match="WORLD_SIZE=2 needs RANK between 0 and 1"):
+        distributed_environment({name: value for name, value in TORCHRUN_ENV.items() if name != "RANK"})
+
+
+def test_the_longest_number_python_reads_is_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digit cap only keeps int() from raising: up to it, and with no cap at all, a number is read."""
+    longest = "1" * sys.get_int_max_str_digits()
+    assert distributed_environment({**TORCHRUN_ENV, "LOCAL_RANK": longest}).local_rank == int(longest)
+    monkeypatch.setattr(sys, "get_int_max_str_digits", lambda: 0)  # python -X int_max_str_digits=0: no cap
+    assert distributed_environment({**TORCHRUN_ENV, "LOCAL_RANK": "3"}).local_rank == 3
+
+
+def test_parallel_flags_default_to_one_process_and_are_numbers() -> None:
+    """The layout compares these with process counts: "2" is not 2, and a default above 1 needs torchrun."""
+    parser = build_edit_parser(MODELS["e1.1"])
+    default = parser.parse_args(BASE)
+    assert (default.cfg_parallel, default.tensor_parallel) == (1, 1)
+    asked = parser.parse_args([*BASE, "--cfg-parallel", "3", "--tensor-parallel", "2"])
+    assert (asked.cfg_parallel, asked.tensor_parallel) == (3, 2)
+
+
 def test_dist_timeout_is_above_zero_and_defaults_to_half_an_hour(capsys: pytest.CaptureFixture[str]) -> None:
     """Real loading takes minutes: a short default would end healthy runs while a rank still loads."""
     parser = build_edit_parser(MODELS["e1.1"])
@@ -193,6 +268,22 @@ def test_an_unwritable_tiny_folder_is_one_line_naming_it_and_the_variable(
     argv = ["--tiny", "--image", "in.png", "--instruction", "x", "--output", str(tmp_path / "out.png"), "--plan"]
     assert run_edit_cli(argv, "e1.1", {"HIDREAM_TINY_DIR": str(folder)}) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_tiny_folder_error_without_a_file_name_is_the_errors_own_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk names no file: the message must not read "...: None"."""
+    full_disk = OSError(errno.ENOSPC, "No space left on device")
+
+    def fail(folder: Path) -> None:
+        raise full_disk
+
+    monkeypatch.setattr("hidream_edit.tiny.ensure_tiny_checkpoints", fail)
+    with pytest.raises(UserError) as error:
+        resolve_model_sources(MODELS["e1.1"], tiny=True, env={"HIDREAM_TINY_DIR": str(tmp_path)})
+    assert str(error.value) == (f"cannot build the tiny checkpoints in {tmp_path}: {full_disk}; "
+                                "set HIDREAM_TINY_DIR to a writable folder of their own")
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -263,3 +354,79 @@ def test_number_flags_take_the_ends_of_their_ranges() -> None:
     for parse, text in ((dist_timeout_seconds, "0"), (vlm_timeout_seconds, "3600.5"), (tensor_parallel_degree, "0")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_full_size_counts_and_side_take_the_ends_of_their_ranges() -> None:
+    """One step, one block and the 16-pixel side are the smallest runs; 1024 the largest side; 24 (not a multiple
+    of 16) and 1040 (past 1024) are refused."""
+    from hidream_edit.config import add_full_size_arguments
+
+    parser = argparse.ArgumentParser()
+    add_full_size_arguments(parser)
+    smallest = parser.parse_args(["--full-size", "--steps", "1", "--blocks", "1", "--size", "16"])
+    assert (smallest.steps, smallest.blocks, smallest.size) == (1, 1, 16)
+    assert parser.parse_args(["--full-size", "--size", "1024"]).size == 1024
+    for bad in ("0", "24", "1040"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--size must be a multiple of 16 from 16 to 1024"):
+            source_side_argument(bad)
+
+
+def test_cache_flags_take_the_ends_of_their_ranges() -> None:
+    """0 is a real setting for each (threshold 0 caches nothing, 0 warm-up steps, 0: no skip limit)."""
+    from hidream_edit.step_cache import MAX_COUNT, MAX_THRESHOLD
+
+    parser = build_edit_parser(MODELS["e1.1"])
+    for threshold, steps in ((0.0, 0), (MAX_THRESHOLD, MAX_COUNT)):
+        args = parser.parse_args([*BASE, "--cache", "dbcache", "--cache-threshold", f"{threshold:g}",
+                                  "--cache-warmup", str(steps), "--cache-max-skip", str(steps)])
+        assert (args.cache_threshold, args.cache_warmup, args.cache_max_skip) == (threshold, steps, steps)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_a_command_line_without_edit_flags_asks_what_an_empty_library_request_asks(model: str) -> None:
+    """The CLI's defaults and the library's (None: the model's default) must be one edit, step cache included."""
+    from hidream_edit.config import edit_request_from_args
+
+    spec = MODELS[model]
+    args = build_edit_parser(spec).parse_args(BASE)
+    from_cli = resolve_request(edit_request_from_args(args, "x.png", "make it blue"), spec)
+    assert from_cli == resolve_request(EditRequest("x.png", "make it blue"), spec)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_the_progress_bar_knows_the_default_step_count(model: str) -> None:
+    """The CLI's denoising bar is sized from --steps before the editor fills its defaults: without a number
+    there it shows no total and no percentage."""
+    assert build_edit_parser(MODELS[model]).parse_args(BASE).steps == MODELS[model].defaults.steps
+
+
+def test_the_web_uis_step_cache_defaults_are_the_librarys(tmp_path: Path) -> None:
+    """The web UI builds its CacheSettings from the flags' defaults: they must be CacheSettings' own."""
+    from hidream_edit.step_cache import CacheSettings
+    from hidream_edit.web.command_line import parse_command_line
+
+    settings = parse_command_line(["--tiny", "--results-dir", str(tmp_path / "r")], {})[2]
+    assert settings.cache == CacheSettings()
+
+
+def test_an_unknown_web_model_is_argparses_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped --model must be refused with the choices, not end in a traceback."""
+    from hidream_edit.web.command_line import parse_command_line
+
+    with pytest.raises(SystemExit) as exited:
+        parse_command_line(["--model", "e2", "--results-dir", str(tmp_path / "r")], {})
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "argument --model: invalid choice: 'e2'" in err and err.count("\n") == 1
+
+
+def test_a_log_line_reads_level_logger_and_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our warnings go to the user's terminal: one readable line each, "LEVEL logger: message"."""
+    import logging
+
+    from hidream_edit.config import configure_logging
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a fresh process (pytest's handlers come back after)
+    configure_logging(verbose=False)
+    record = logging.LogRecord("hidream_edit.cli", logging.WARNING, __file__, 1, "the host is slow", None, None)
+    assert [handler.format(record) for handler in logging.root.handlers] == [
+        "WARNING hidream_edit.cli: the host is slow"]
