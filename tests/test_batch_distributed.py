@@ -266,6 +266,29 @@ def test_a_member_names_its_own_rank_and_its_groups_leader_when_agreement_fails(
                                   "manifest line 4 is not JSON")
 
 
+def test_a_member_gives_up_on_its_leader_after_the_groups_timeout_not_the_stores() -> None:
+    """--dist-timeout bounds a member's wait for what its leader decides: the rendezvous store's own
+    timeout (torchrun sets minutes) would keep a member of a dead leader waiting that long. A leader
+    that answers only later finds the member gone."""
+    import threading
+
+    import torch.distributed as dist
+
+    from hidream_edit.distributed import EditGroup
+
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=10))
+    leader, member = (EditGroup.consecutive(rank, 2, store, 0.2) for rank in (0, 1))
+    late_answer = threading.Timer(3.0, leader.agree, args=("next item", lambda: "7"))
+    late_answer.start()
+    try:
+        with pytest.raises(GuidanceGroupError, match=r"^rank 1 waited 0.2 s for the next item from rank 0 \("):
+            member.agree("next item", lambda: "never asked")
+    finally:
+        late_answer.cancel()
+        late_answer.join()
+
+
 AGENT = """
 import sys, time
 from datetime import timedelta
