@@ -93,11 +93,13 @@ GUIDANCE_UNIT_TESTS = ["test_branches_are_shared_in_contiguous_runs_with_the_rem
                        "test_launches_that_cannot_form_groups_are_refused", "test_launches_that_form_groups_pass"]
 GUIDANCE_GROUP_TESTS = ["test_four_ranks_form_two_groups_that_gather_apart_and_split_the_items",
                         "test_a_rank_that_fails_mid_edit_stops_its_whole_group_at_once",
-                        "test_stop_on_the_leader_stops_every_rank_at_the_same_step_and_the_group_goes_on"]
+                        "test_stop_on_the_leader_stops_every_rank_at_the_same_step_and_the_group_goes_on",
+                        "test_a_hung_rank_ends_the_others_within_the_collective_timeout"]
 RANK_STORE_TESTS = ["test_a_rank_that_finds_no_group_fails_with_one_line_instead_of_hanging",
                     "test_rank_0_waits_the_groups_timeout_for_results_that_never_come",
                     "test_ranks_share_one_counter_so_each_item_goes_to_exactly_one_rank",
-                    "test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before"]
+                    "test_a_restarted_group_does_not_read_the_keys_of_the_attempt_before",
+                    "test_a_collective_a_rank_never_joins_fails_after_the_groups_timeout"]
 CONFIG_TESTS = [
     "tests/test_config.py",
     "tests/test_hardening_cli.py",
