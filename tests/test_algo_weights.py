@@ -78,6 +78,17 @@ def test_a_failed_swap_rolls_back_every_tensor(faults: Faults, failing_call: int
     assert not swap.refining and holds(module, edit)
 
 
+def test_a_swap_puts_base_values_in_the_dtype_the_model_runs_in() -> None:
+    """Base values kept in another dtype (a checkpoint's float64, say) arrive in the parameter's own dtype:
+    a layer switched to another dtype mid-edit would fail in its matmul or silently run slower."""
+    module, edit, base = toy()
+    swap = TensorSwap(module, {k: v.double() for k, v in base.items()})
+    swap.use_refine()
+    assert {p.dtype for p in module.parameters()} == {torch.float32} and holds(module, base)
+    swap.use_edit()
+    assert {p.dtype for p in module.parameters()} == {torch.float32} and holds(module, edit)
+
+
 def test_a_failed_swap_back_keeps_the_refine_weights_whole(faults: Faults) -> None:
     module, edit, base = toy()
     swap = TensorSwap(module, {k: v.clone() for k, v in base.items()})

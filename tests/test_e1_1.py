@@ -209,6 +209,17 @@ def test_a_bf16_pipeline_holds_every_component_in_bf16(tiny_checkpoints: Any) ->
     assert dtypes == dict.fromkeys(dtypes, {torch.bfloat16})
 
 
+def test_an_fp16_pipeline_keeps_its_vae_in_fp32(tiny_checkpoints: Any) -> None:
+    """On fp16 cards (Atlas 300I/310P) the VAE decode overflows into black images: it is loaded in fp32, the
+    rest in fp16, and the result records the VAE's dtype for the metadata."""
+    sources = models.ModelSources("e1.1", str(tiny_checkpoints.llama), str(tiny_checkpoints.i1),
+                                  str(tiny_checkpoints.e1_1))
+    loaded = models.load_pipeline(sources, DeviceManager("cpu", "fp16"))
+    vae = {t.dtype for t in loaded.pipe.vae.state_dict().values() if t.is_floating_point()}
+    transformer = {t.dtype for t in loaded.pipe.transformer.state_dict().values() if t.is_floating_point()}
+    assert (vae, transformer, loaded.vae_dtype) == ({torch.float32}, {torch.float16}, "fp32")
+
+
 def test_each_i1_part_missing_its_config_or_weights_is_named(tiny_checkpoints: Any, tmp_path: Path) -> None:
     import os
     import shutil

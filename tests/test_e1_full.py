@@ -60,6 +60,16 @@ def test_lora_changes_output_and_base_refine_restores_i1(e1_full_editor: Any, ti
     torch.testing.assert_close(transformer_output(transformer), edit_out)
 
 
+def test_each_lora_layer_adds_its_whole_rank_16_change(tiny_checkpoints: Any) -> None:
+    """E1-Full's adapter is rank 16 with alpha 16 (docs/ARCHITECTURE.md section 3.5): each layer adds B·A at
+    scale 1, neither halved nor doubled, on the rank the real file's tensors have."""
+    transformer, _ = models.load_e1_full_transformer(tiny_checkpoints.i1, tiny_checkpoints.e1_full_lora,
+                                                     torch.float32, "edit")
+    layers = lora_layers(transformer)
+    assert layers and {(layer.r["default"], layer.scaling["default"]) for layer in layers} == {(16, 1.0)}
+    assert {tuple(layer.lora_A["default"].weight.shape)[0] for layer in layers} == {16}
+
+
 def lora_layers(transformer: Any) -> list[Any]:
     return [m for m in transformer.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
 
@@ -122,6 +132,23 @@ def test_bad_lora_files_name_their_keys(tiny_checkpoints: Any, tmp_path: Path) -
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ModelFilesError, match="unexpected double_stream_blocks.0.block.attn1.to_zz"):
         models.load_e1_full_transformer(tiny_checkpoints.i1, tmp_path / "extra.safetensors", torch.float32, "edit")
+
+
+def test_an_i1_transformer_that_does_not_fit_its_config_is_named(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    """E1-Full runs on I1's transformer weights: a file that lacks a key or has one too many is a model-files
+    error naming the keys, not a stack trace from load_state_dict."""
+    state = load_safetensors(tiny_checkpoints.i1 / "transformer")
+    dropped = sorted(state)[0]
+    i1 = tmp_path / "I1"
+    (i1 / "transformer").mkdir(parents=True)
+    for part in tiny_checkpoints.i1.iterdir():
+        if part.name != "transformer":
+            (i1 / part.name).symlink_to(part)
+    (i1 / "transformer" / "config.json").symlink_to(tiny_checkpoints.i1 / "transformer" / "config.json")
+    kept = {key: value for key, value in state.items() if key != dropped} | {"extra.weight": torch.zeros(1)}
+    save_file(kept, str(i1 / "transformer" / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ModelFilesError, match=f"transformer does not match .*: missing {dropped}; unexpected extra"):
+        models.load_e1_full_transformer(i1, tiny_checkpoints.e1_full_lora, torch.float32, "edit")
 
 
 def lora_modules(state: dict[str, torch.Tensor], part: str) -> list[str]:

@@ -194,6 +194,21 @@ def test_a_library_users_settings_default_to_the_command_lines(model: str) -> No
                                                                      if k not in labels}
 
 
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_a_library_users_sources_are_the_command_lines_for_the_same_paths(model: str) -> None:
+    """ModelSources(model, llama, i1, edit) is what the paths flags give without --tiny or HF_HUB_OFFLINE:
+    the real models, and hub ids fetched when missing."""
+    from hidream_edit.cli import build_edit_parser
+    from hidream_edit.config import editor_settings_from_args
+
+    spec = MODELS[model]
+    args = build_edit_parser(spec).parse_args(["--image", "a.png", "--instruction", "x", "--output", "o.png",
+                                               *PATH_FLAGS[model]])
+    from_cli = editor_settings_from_args(args, spec, {}).sources
+    assert ModelSources(model, from_cli.llama, from_cli.i1, from_cli.edit) == from_cli
+    assert (from_cli.tiny, from_cli.offline) == (False, False)
+
+
 def test_e1_full_takes_the_folder_its_download_makes_as_well_as_the_file(tiny_checkpoints: Any,
                                                                          tmp_path: Path) -> None:
     """`hf download ... --local-dir /models/HiDream-E1-Full` makes a folder: it is read as the LoRA file in it."""
@@ -349,8 +364,8 @@ def test_resolve_request_accepts_the_edges_and_refuses_just_beyond(model: str) -
     assert resolve_request(replace(request, refine_strength=0.0), MODELS[model], lora_fused=True).refine_strength == 0.0
 
 
-@pytest.mark.parametrize("drop,extra", [(5, True), (5, False), (0, True)],
-                         ids=["both", "missing only", "unexpected only"])
+@pytest.mark.parametrize("drop,extra", [(5, True), (5, False), (0, True), (3, False)],
+                         ids=["both", "missing only", "unexpected only", "three missing"])
 def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(
     drop: int, extra: bool, tiny_checkpoints: Any, tmp_path: Path
 ) -> None:
@@ -369,7 +384,7 @@ def test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest(
     save_file(kept, str(tmp_path / "transformer" / "model.safetensors"))
     with pytest.raises(ModelFilesError) as error:
         load_e1_1_transformer(tiny_checkpoints.i1, tmp_path, torch.float32)
-    missing = f"{', '.join(dropped[:3])} (and 2 more)" if drop else "none"
+    missing = ", ".join(dropped[:3]) + {0: "none", 3: "", 5: " (and 2 more)"}[drop]  # three are named, no count
     assert str(error.value).endswith(f"missing {missing}; unexpected {'extra.weight' if extra else 'none'}")
 
 
@@ -425,6 +440,35 @@ def test_hub_ids_are_named_as_such_unless_the_cache_is_asked(monkeypatch: pytest
         for role, source in (("llama", hub.llama), ("i1", hub.i1), ("edit", hub.edit))
     ] and asked == []
     assert len(models.check_model_files(hub, locate_hub=True)) == 3 and asked == ["llama", "i1", "edit"]
+
+
+def test_the_cache_check_never_downloads_and_names_each_source_it_cannot_get(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The doctor's check (locate_hub) only asks the local HF cache: a check must never start a download of
+    tens of GB. A source not there is one line naming the model and the hub's first line, tied to its flag."""
+    import huggingface_hub
+
+    from hidream_edit import models
+    from hidream_edit.errors import ModelFilesError
+
+    asked: list[tuple[str, bool]] = []
+
+    def snapshot_download(repo_id: str, local_files_only: bool = False, allow_patterns: Any = None) -> str:
+        asked.append((repo_id, local_files_only))
+        raise FileNotFoundError("not in the local cache\nsee the hub documentation")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub = resolve_model_sources(MODELS["e1.1"], env={})
+    assert models.check_model_files(hub, locate_hub=True) == [
+        f"{name}: cannot get {source} (not in the local cache)"
+        for name, source in (("Llama-3.1-8B-Instruct", hub.llama), ("HiDream-I1-Full", hub.i1),
+                             ("edit weights", hub.edit))
+    ]
+    assert asked == [(hub.llama, True), (hub.i1, True), (hub.edit, True)]
+    with pytest.raises(ModelFilesError) as error:
+        models.locate(hub.i1, "i1", offline=False)
+    assert error.value.role == "i1" and asked[-1] == (hub.i1, False)
 
 
 @pytest.mark.parametrize("tokenizer_files,ok", [(["tokenizer.json"], True), (["tokenizer.model"], True), ([], False)])
@@ -689,6 +733,36 @@ def test_fuse_lora_merges_the_adapter_at_load(tiny_env: dict[str, str]) -> None:
         editor = Editor.load(EditorSettings(sources=sources, device="cpu", fuse_lora=fuse))
         layers = [m for m in editor.loaded.pipe.transformer.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
         assert layers and {layer.merged for layer in layers} == {fuse} and editor.loaded.lora_fused is fuse
+
+
+def test_the_loader_refuses_to_fuse_a_lora_split_over_ranks() -> None:
+    """A library caller passing a tensor-parallel mesh gets the one-line refusal before any file is looked for:
+    PEFT's merge would fail on the slices only after minutes of loading."""
+    from hidream_edit.models import load_pipeline
+
+    class TwoRanks:
+        def size(self) -> int:
+            return 2
+
+    with pytest.raises(UserError, match="^--fuse-lora cannot merge a LoRA that a tensor-parallel split holds"):
+        load_pipeline(ModelSources("e1-full", "L", "I", "F"), DeviceManager("cpu", "fp32"), fuse_lora=True,
+                      tensor_mesh=TwoRanks())
+
+
+def test_e1_full_loads_from_the_folder_its_download_makes(tiny_checkpoints: Any) -> None:
+    """The folder `hf download --local-dir` makes loads its LoRA file; a library call without settings loads
+    untiled, and the result says how the VAE runs and what the memory plan was (the metadata records them)."""
+    from device_utils import load_safetensors
+    from hidream_edit.models import load_pipeline
+
+    sources = ModelSources("e1-full", str(tiny_checkpoints.llama), str(tiny_checkpoints.i1),
+                           str(tiny_checkpoints.e1_full))
+    loaded = load_pipeline(sources, DeviceManager("cpu", "fp32"))
+    lora = load_safetensors(tiny_checkpoints.e1_full_lora)
+    transformer = loaded.pipe.transformer
+    assert lora and all(torch.equal(transformer.get_parameter(key).detach(), value) for key, value in lora.items())
+    assert loaded.pipe.vae.use_tiling is False and "VAE tiling" not in loaded.memory_actions
+    assert loaded.vae_dtype == "fp32" and loaded.plan is not None and loaded.plan.placement == "none"
 
 
 @pytest.mark.parametrize("model", ["e1.1", "e1-full"])

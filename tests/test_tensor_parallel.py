@@ -440,6 +440,36 @@ def test_a_split_over_one_rank_loads_what_a_whole_load_does(tiny_checkpoints: An
     assert any(hasattr(value, "full_tensor") for value in split.state_dict().values())
 
 
+def test_a_lora_file_lacking_tensors_loads_split_over_one_rank_as_whole(tiny_checkpoints: Any, tmp_path: Path) -> None:
+    """A missing LoRA tensor is made as zeros of this rank's shape: a whole one (a column-parallel layer's
+    lora_A) as well as a split one (its lora_B), and the split load holds what a whole load of the file does."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from device_utils import load_safetensors
+    from hidream_edit import models
+
+    state = load_safetensors(tiny_checkpoints.e1_full_lora)
+    dropped = {k for k in state if (".to_q." in k and ".lora_A." in k) or (".to_k." in k and ".lora_B." in k)}
+    assert dropped
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in state.items() if k not in dropped}, str(partial))
+    whole, _ = models.load_e1_full_transformer(tiny_checkpoints.i1, partial, torch.float32, "edit", "cpu")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        split, _ = models.load_e1_full_transformer(tiny_checkpoints.i1, partial, torch.float32, "edit", "cpu",
+                                                   split=init_device_mesh("cpu", (1,)))
+        values = {key: value.full_tensor() if hasattr(value, "full_tensor") else value
+                  for key, value in split.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+    expected = whole.state_dict()
+    assert sorted(values) == sorted(expected) and all(torch.equal(values[k], expected[k]) for k in expected)
+    assert not any(values[key].any() for key in dropped)
+
+
 def test_a_lora_layer_is_sliced_with_its_base() -> None:
     """Column-parallel base: its weight, bias and lora_B split on dim 0, lora_A whole; row-parallel base: its
     weight and lora_A split on dim 1, its bias and lora_B whole; keyed by PEFT's names (`.base_layer.`)."""
