@@ -57,6 +57,7 @@ MODEL_LOADING_TESTS = [
     "tests/test_plumbing.py::test_flags_end_to_end_through_the_real_loader",
     "tests/test_plumbing.py::test_fuse_lora_merges_the_adapter_at_load",
     "tests/test_plumbing.py::test_mismatched_e1_1_checkpoint_names_three_keys_and_counts_the_rest",
+    "tests/test_plumbing.py::test_missing_model_files_list_six_and_count_the_rest",
     "tests/test_e1_1.py::test_e1_1_loading_holds_one_copy_of_the_transformer",
     "tests/test_e1_1.py::test_e1_1_bf16_load_casts_every_float_tensor",
     "tests/test_tensor_parallel.py::test_a_split_over_one_rank_loads_what_a_whole_load_does",
