@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import socket
@@ -357,6 +358,7 @@ def test_settings_hide_key_and_validate() -> None:
         ({"timeout_s": float("nan")}, timeout),
         ({"timeout_s": -1.0}, timeout),
         ({"timeout_s": 1e9}, timeout),
+        ({"timeout_s": 3600.5}, timeout),  # an hour at most, as README_NPU.md says
         ({"retries": -1}, "retries must be 0 or more, got -1"),
         ({"backoff_s": -1.0}, "backoff must be 0 or more, got -1.0"),
         ({"url": " "}, "the VLM URL is empty"),
@@ -368,6 +370,31 @@ def test_settings_hide_key_and_validate() -> None:
             VLMSettings(**values)
     edges = VLMSettings(url="http://x/v1", model="m", timeout_s=MAX_VLM_TIMEOUT_S, retries=0, backoff_s=0.0)
     assert (edges.timeout_s, edges.retries, edges.backoff_s) == (MAX_VLM_TIMEOUT_S, 0, 0.0)  # no retry, no wait
+
+
+def test_settings_defaults_are_the_documented_ones() -> None:
+    """README_NPU.md promises a 60 s budget with two retries after 1 s and 2 s when no flag is given."""
+    settings = VLMSettings(url="http://x/v1", model="m")
+    assert (settings.timeout_s, settings.retries, settings.backoff_s) == (60.0, 2, 1.0)
+    assert settings.api_key is None
+
+
+def test_settings_and_results_cannot_be_changed_after_their_checks() -> None:
+    """Settings are validated once, at construction: a later assignment would slip past that check."""
+    settings = VLMSettings(url="http://x/v1", model="m")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.timeout_s = -1.0  # type: ignore[misc]
+    rewritten = RewrittenInstruction(*EXPECTED_PARTS, prompt=GOOD_PROMPT)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rewritten.prompt = "make it blue"  # type: ignore[misc]
+    assert rewritten.prompt == GOOD_PROMPT
+
+
+def test_a_rewrite_error_message_is_always_one_line() -> None:
+    """Callers print it as one line (and log it on fallback), whatever text it was built from."""
+    error = InstructionRewriteError("cannot encode the source image:\n  broken\x1b[2J  PNG\r\n")
+    assert str(error) == "cannot encode the source image: broken PNG"
+    assert isinstance(error, UserError)
 
 
 def test_non_http_url_is_rejected(image: Image.Image) -> None:
@@ -520,6 +547,18 @@ def test_a_hung_server_uses_up_the_whole_timeout_once(vlm: FakeVLM, image: Image
         rewrite_instruction(image, "make the car blue", vlm.settings(timeout_s=0.3, retries=1))
     assert vlm.url in assert_one_line(error)
     assert len(vlm.requests) == 1
+
+
+def test_a_long_retry_after_is_capped_at_30_s(
+    vlm: FakeVLM, image: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server asking for an hour's pause cannot stall the caller: the wait is cut to the documented 30 s."""
+    waits: list[float] = []
+    monkeypatch.setattr("hidream_edit.instructions.time.sleep", waits.append)
+    vlm.replies = [Reply(status=503, body=b"busy", headers={"Retry-After": "3600"}), Reply(body=chat_body(GOOD_ANSWER))]
+    rewritten = rewrite_instruction(image, "make the car blue", vlm.settings(timeout_s=60.0, retries=1))
+    assert rewritten.prompt == GOOD_PROMPT
+    assert waits == [30.0]
 
 
 def test_a_retry_that_would_end_after_the_timeout_is_not_started(vlm: FakeVLM, image: Image.Image) -> None:
@@ -686,6 +725,43 @@ def test_a_redirect_is_refused_so_the_key_never_reaches_another_server(
     assert other_vlm.requests == []
 
 
+def test_a_refused_redirect_hangs_up_at_once(image: Image.Image) -> None:
+    """The refused answer's connection must end with the error, not whenever its traceback is collected:
+    a keep-alive endpoint would otherwise hold one open connection per failed rewrite."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    hung_up = threading.Event()
+
+    def answer_with_a_redirect() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(5)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += connection.recv(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            (length,) = [line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+            while len(body) < int(length.split(b":")[1]):
+                body += connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/v1/chat/completions\r\n"
+                b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+            )
+            connection.settimeout(2)
+            with contextlib.suppress(OSError):
+                if connection.recv(1) == b"":
+                    hung_up.set()
+
+    thread = threading.Thread(target=answer_with_a_redirect, daemon=True)
+    thread.start()
+    with listener:
+        with pytest.raises(InstructionRewriteError, match="a redirect to ") as error:
+            rewrite_instruction(image, "make the car blue", VLMSettings(url=url, model="m", timeout_s=5.0))
+        thread.join(timeout=5)
+    assert hung_up.is_set(), "the connection stayed open after the redirect was refused"
+    assert error.value  # the traceback, and whatever it references, is still alive here
+
+
 @pytest.mark.parametrize("part", ["Instruction", "Target"])
 def test_an_overlong_answer_is_a_failed_rewrite_not_the_users_mistake(
     vlm: FakeVLM, image: Image.Image, part: str
@@ -725,6 +801,7 @@ def test_closing_a_finished_answer_hangs_up_at_once() -> None:
         peer.sendall(b"hello")
         assert answer.read(5) == b"hello"
         answer.close()
+        assert answer.closed
         wrapped.close()
         peer.settimeout(2)
         assert peer.recv(1) == b""  # `answer` is still referenced here
