@@ -300,6 +300,8 @@ ANSWER_VARIANTS = {
     "think": f"<think>Source: maybe a truck?\nTarget: no idea</think>\n{GOOD_ANSWER}",
     "think-twice": f"<think>a truck?</think>\nSource: a truck\n<think>no, a car</think>\n{GOOD_ANSWER}",
     "chatter-naming-a-label": f"Here is the target I suggest:\n{GOOD_ANSWER}\nMy instruction: keep it simple.",
+    "star-bullets": f"* Source: {SOURCE_TEXT}\n* Instruction: {INSTRUCTION_TEXT}\n* Target: {TARGET_TEXT}",
+    "numbers-alone": f"1\nSource: {SOURCE_TEXT}\n2\nInstruction: {INSTRUCTION_TEXT}\n(3\nTarget: {TARGET_TEXT}",
 }
 
 
@@ -311,6 +313,13 @@ def test_parse_vlm_answer_variants(answer: str) -> None:
 def test_parse_vlm_answer_keeps_decimal_numbers() -> None:
     answer = f"Source:\n3.5 inch floppy disks on a desk.\nInstruction: {INSTRUCTION_TEXT}\nTarget: {TARGET_TEXT}"
     assert parse_vlm_answer(answer)[0] == "3.5 inch floppy disks on a desk."
+
+
+@pytest.mark.parametrize("source", [".NET logo on a laptop screen.", "...and a dog asleep on the sofa.", ") sign."])
+def test_parse_vlm_answer_keeps_leading_punctuation_without_a_number(source: str) -> None:
+    """Only a number followed by "." or ")" is list numbering; a dot or bracket alone belongs to the text."""
+    answer = f"Source:\n{source}\nInstruction: {INSTRUCTION_TEXT}\nTarget: {TARGET_TEXT}"
+    assert parse_vlm_answer(answer)[0] == source
 
 
 def test_parse_vlm_answer_keeps_colons_inside_text() -> None:
@@ -457,6 +466,18 @@ def test_content_as_list_of_parts(vlm: FakeVLM, image: Image.Image) -> None:
     assert rewrite_instruction(image, "make the car blue", vlm.settings()).prompt == GOOD_PROMPT
 
 
+def test_only_the_text_parts_of_a_list_answer_are_read(vlm: FakeVLM, image: Image.Image) -> None:
+    """Reasoning, images and refusals that some servers add as parts are neither the answer nor an error."""
+    parts = [
+        {"type": "reasoning", "text": "Source: maybe a truck?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
+        {"type": "text", "text": GOOD_ANSWER},
+        {"type": "refusal", "refusal": "none"},
+    ]
+    vlm.replies = [Reply(body=chat_body(parts))]
+    assert rewrite_instruction(image, "make the car blue", vlm.settings()).prompt == GOOD_PROMPT
+
+
 def test_unparseable_answer_is_an_error_and_not_retried(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(body=chat_body("Sure! The car would look great in blue."))]
     with pytest.raises(InstructionRewriteError, match="cannot parse the VLM answer") as error:
@@ -532,6 +553,14 @@ def test_http_429_is_retried_and_can_recover(vlm: FakeVLM, image: Image.Image) -
     assert len(vlm.requests) == 2
 
 
+def test_an_error_body_that_is_not_utf8_is_still_quoted(vlm: FakeVLM, image: Image.Image) -> None:
+    """A gateway's error page in another encoding must not turn a clean failure into a crash."""
+    vlm.replies = [Reply(status=400, body=b"\xff\xfe bad gateway \xe9t\xe9")]
+    with pytest.raises(InstructionRewriteError, match="HTTP 400") as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings())
+    assert "bad gateway" in assert_one_line(error)
+
+
 def test_http_400_is_not_retried(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(status=400, body=b'{"error": "unknown model test-vlm"}')]
     with pytest.raises(InstructionRewriteError, match="HTTP 400") as error:
@@ -549,16 +578,39 @@ def test_a_hung_server_uses_up_the_whole_timeout_once(vlm: FakeVLM, image: Image
     assert len(vlm.requests) == 1
 
 
-def test_a_long_retry_after_is_capped_at_30_s(
-    vlm: FakeVLM, image: Image.Image, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("retry_after", "wait_s"),
+    [
+        ("3600", 30.0),  # a server asking for an hour cannot stall the caller: cut to the documented 30 s
+        ("2", 2.0),  # a longer pause than the backoff is honoured
+        ("-5", 0.25),  # nonsense is ignored: the backoff applies
+        ("0", 0.25),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.25),  # the HTTP-date form is not understood, so not waited for
+    ],
+)
+def test_retry_after_is_honoured_within_bounds(
+    vlm: FakeVLM, image: Image.Image, monkeypatch: pytest.MonkeyPatch, retry_after: str, wait_s: float
 ) -> None:
-    """A server asking for an hour's pause cannot stall the caller: the wait is cut to the documented 30 s."""
     waits: list[float] = []
     monkeypatch.setattr("hidream_edit.instructions.time.sleep", waits.append)
-    vlm.replies = [Reply(status=503, body=b"busy", headers={"Retry-After": "3600"}), Reply(body=chat_body(GOOD_ANSWER))]
-    rewritten = rewrite_instruction(image, "make the car blue", vlm.settings(timeout_s=60.0, retries=1))
+    busy = Reply(status=503, body=b"busy", headers={"Retry-After": retry_after})
+    vlm.replies = [busy, Reply(body=chat_body(GOOD_ANSWER))]
+    rewritten = rewrite_instruction(image, "make the car blue", vlm.settings(timeout_s=60.0, retries=1, backoff_s=0.25))
     assert rewritten.prompt == GOOD_PROMPT
-    assert waits == [30.0]
+    assert waits == [wait_s]
+
+
+def test_a_network_failure_is_retried_after_the_backoff(
+    image: Image.Image, closed_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server asked for a pause, so the retries wait the configured backoff and nothing longer."""
+    waits: list[float] = []
+    monkeypatch.setattr("hidream_edit.instructions.time.sleep", waits.append)
+    url = f"http://127.0.0.1:{closed_port}/v1"
+    settings = VLMSettings(url=url, model="m", timeout_s=5.0, retries=2, backoff_s=0.25)
+    with pytest.raises(InstructionRewriteError, match="cannot reach"):
+        rewrite_instruction(image, "make the car blue", settings)
+    assert waits == [0.25, 0.5]
 
 
 def test_a_retry_that_would_end_after_the_timeout_is_not_started(vlm: FakeVLM, image: Image.Image) -> None:
