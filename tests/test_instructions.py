@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import socket
@@ -299,6 +300,8 @@ ANSWER_VARIANTS = {
     "think": f"<think>Source: maybe a truck?\nTarget: no idea</think>\n{GOOD_ANSWER}",
     "think-twice": f"<think>a truck?</think>\nSource: a truck\n<think>no, a car</think>\n{GOOD_ANSWER}",
     "chatter-naming-a-label": f"Here is the target I suggest:\n{GOOD_ANSWER}\nMy instruction: keep it simple.",
+    "star-bullets": f"* Source: {SOURCE_TEXT}\n* Instruction: {INSTRUCTION_TEXT}\n* Target: {TARGET_TEXT}",
+    "numbers-alone": f"1\nSource: {SOURCE_TEXT}\n2\nInstruction: {INSTRUCTION_TEXT}\n(3\nTarget: {TARGET_TEXT}",
 }
 
 
@@ -310,6 +313,13 @@ def test_parse_vlm_answer_variants(answer: str) -> None:
 def test_parse_vlm_answer_keeps_decimal_numbers() -> None:
     answer = f"Source:\n3.5 inch floppy disks on a desk.\nInstruction: {INSTRUCTION_TEXT}\nTarget: {TARGET_TEXT}"
     assert parse_vlm_answer(answer)[0] == "3.5 inch floppy disks on a desk."
+
+
+@pytest.mark.parametrize("source", [".NET logo on a laptop screen.", "...and a dog asleep on the sofa.", ") sign."])
+def test_parse_vlm_answer_keeps_leading_punctuation_without_a_number(source: str) -> None:
+    """Only a number followed by "." or ")" is list numbering; a dot or bracket alone belongs to the text."""
+    answer = f"Source:\n{source}\nInstruction: {INSTRUCTION_TEXT}\nTarget: {TARGET_TEXT}"
+    assert parse_vlm_answer(answer)[0] == source
 
 
 def test_parse_vlm_answer_keeps_colons_inside_text() -> None:
@@ -357,6 +367,7 @@ def test_settings_hide_key_and_validate() -> None:
         ({"timeout_s": float("nan")}, timeout),
         ({"timeout_s": -1.0}, timeout),
         ({"timeout_s": 1e9}, timeout),
+        ({"timeout_s": 3600.5}, timeout),  # an hour at most, as README_NPU.md says
         ({"retries": -1}, "retries must be 0 or more, got -1"),
         ({"backoff_s": -1.0}, "backoff must be 0 or more, got -1.0"),
         ({"url": " "}, "the VLM URL is empty"),
@@ -368,6 +379,31 @@ def test_settings_hide_key_and_validate() -> None:
             VLMSettings(**values)
     edges = VLMSettings(url="http://x/v1", model="m", timeout_s=MAX_VLM_TIMEOUT_S, retries=0, backoff_s=0.0)
     assert (edges.timeout_s, edges.retries, edges.backoff_s) == (MAX_VLM_TIMEOUT_S, 0, 0.0)  # no retry, no wait
+
+
+def test_settings_defaults_are_the_documented_ones() -> None:
+    """README_NPU.md promises a 60 s budget with two retries after 1 s and 2 s when no flag is given."""
+    settings = VLMSettings(url="http://x/v1", model="m")
+    assert (settings.timeout_s, settings.retries, settings.backoff_s) == (60.0, 2, 1.0)
+    assert settings.api_key is None
+
+
+def test_settings_and_results_cannot_be_changed_after_their_checks() -> None:
+    """Settings are validated once, at construction: a later assignment would slip past that check."""
+    settings = VLMSettings(url="http://x/v1", model="m")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.timeout_s = -1.0  # type: ignore[misc]
+    rewritten = RewrittenInstruction(*EXPECTED_PARTS, prompt=GOOD_PROMPT)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rewritten.prompt = "make it blue"  # type: ignore[misc]
+    assert rewritten.prompt == GOOD_PROMPT
+
+
+def test_a_rewrite_error_message_is_always_one_line() -> None:
+    """Callers print it as one line (and log it on fallback), whatever text it was built from."""
+    error = InstructionRewriteError("cannot encode the source image:\n  broken\x1b[2J  PNG\r\n")
+    assert str(error) == "cannot encode the source image: broken PNG"
+    assert isinstance(error, UserError)
 
 
 def test_non_http_url_is_rejected(image: Image.Image) -> None:
@@ -427,6 +463,18 @@ def test_full_chat_completions_url_is_used_as_is(vlm: FakeVLM, image: Image.Imag
 
 def test_content_as_list_of_parts(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(body=chat_body([{"type": "text", "text": GOOD_ANSWER}]))]
+    assert rewrite_instruction(image, "make the car blue", vlm.settings()).prompt == GOOD_PROMPT
+
+
+def test_only_the_text_parts_of_a_list_answer_are_read(vlm: FakeVLM, image: Image.Image) -> None:
+    """Reasoning, images and refusals that some servers add as parts are neither the answer nor an error."""
+    parts = [
+        {"type": "reasoning", "text": "Source: maybe a truck?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
+        {"type": "text", "text": GOOD_ANSWER},
+        {"type": "refusal", "refusal": "none"},
+    ]
+    vlm.replies = [Reply(body=chat_body(parts))]
     assert rewrite_instruction(image, "make the car blue", vlm.settings()).prompt == GOOD_PROMPT
 
 
@@ -505,6 +553,14 @@ def test_http_429_is_retried_and_can_recover(vlm: FakeVLM, image: Image.Image) -
     assert len(vlm.requests) == 2
 
 
+def test_an_error_body_that_is_not_utf8_is_still_quoted(vlm: FakeVLM, image: Image.Image) -> None:
+    """A gateway's error page in another encoding must not turn a clean failure into a crash."""
+    vlm.replies = [Reply(status=400, body=b"\xff\xfe bad gateway \xe9t\xe9")]
+    with pytest.raises(InstructionRewriteError, match="HTTP 400") as error:
+        rewrite_instruction(image, "make the car blue", vlm.settings())
+    assert "bad gateway" in assert_one_line(error)
+
+
 def test_http_400_is_not_retried(vlm: FakeVLM, image: Image.Image) -> None:
     vlm.replies = [Reply(status=400, body=b'{"error": "unknown model test-vlm"}')]
     with pytest.raises(InstructionRewriteError, match="HTTP 400") as error:
@@ -520,6 +576,41 @@ def test_a_hung_server_uses_up_the_whole_timeout_once(vlm: FakeVLM, image: Image
         rewrite_instruction(image, "make the car blue", vlm.settings(timeout_s=0.3, retries=1))
     assert vlm.url in assert_one_line(error)
     assert len(vlm.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "wait_s"),
+    [
+        ("3600", 30.0),  # a server asking for an hour cannot stall the caller: cut to the documented 30 s
+        ("2", 2.0),  # a longer pause than the backoff is honoured
+        ("-5", 0.25),  # nonsense is ignored: the backoff applies
+        ("0", 0.25),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.25),  # the HTTP-date form is not understood, so not waited for
+    ],
+)
+def test_retry_after_is_honoured_within_bounds(
+    vlm: FakeVLM, image: Image.Image, monkeypatch: pytest.MonkeyPatch, retry_after: str, wait_s: float
+) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr("hidream_edit.instructions.time.sleep", waits.append)
+    busy = Reply(status=503, body=b"busy", headers={"Retry-After": retry_after})
+    vlm.replies = [busy, Reply(body=chat_body(GOOD_ANSWER))]
+    rewritten = rewrite_instruction(image, "make the car blue", vlm.settings(timeout_s=60.0, retries=1, backoff_s=0.25))
+    assert rewritten.prompt == GOOD_PROMPT
+    assert waits == [wait_s]
+
+
+def test_a_network_failure_is_retried_after_the_backoff(
+    image: Image.Image, closed_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server asked for a pause, so the retries wait the configured backoff and nothing longer."""
+    waits: list[float] = []
+    monkeypatch.setattr("hidream_edit.instructions.time.sleep", waits.append)
+    url = f"http://127.0.0.1:{closed_port}/v1"
+    settings = VLMSettings(url=url, model="m", timeout_s=5.0, retries=2, backoff_s=0.25)
+    with pytest.raises(InstructionRewriteError, match="cannot reach"):
+        rewrite_instruction(image, "make the car blue", settings)
+    assert waits == [0.25, 0.5]
 
 
 def test_a_retry_that_would_end_after_the_timeout_is_not_started(vlm: FakeVLM, image: Image.Image) -> None:
@@ -686,6 +777,43 @@ def test_a_redirect_is_refused_so_the_key_never_reaches_another_server(
     assert other_vlm.requests == []
 
 
+def test_a_refused_redirect_hangs_up_at_once(image: Image.Image) -> None:
+    """The refused answer's connection must end with the error, not whenever its traceback is collected:
+    a keep-alive endpoint would otherwise hold one open connection per failed rewrite."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    hung_up = threading.Event()
+
+    def answer_with_a_redirect() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(5)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += connection.recv(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            (length,) = [line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+            while len(body) < int(length.split(b":")[1]):
+                body += connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/v1/chat/completions\r\n"
+                b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+            )
+            connection.settimeout(2)
+            with contextlib.suppress(OSError):
+                if connection.recv(1) == b"":
+                    hung_up.set()
+
+    thread = threading.Thread(target=answer_with_a_redirect, daemon=True)
+    thread.start()
+    with listener:
+        with pytest.raises(InstructionRewriteError, match="a redirect to ") as error:
+            rewrite_instruction(image, "make the car blue", VLMSettings(url=url, model="m", timeout_s=5.0))
+        thread.join(timeout=5)
+    assert hung_up.is_set(), "the connection stayed open after the redirect was refused"
+    assert error.value  # the traceback, and whatever it references, is still alive here
+
+
 @pytest.mark.parametrize("part", ["Instruction", "Target"])
 def test_an_overlong_answer_is_a_failed_rewrite_not_the_users_mistake(
     vlm: FakeVLM, image: Image.Image, part: str
@@ -725,6 +853,7 @@ def test_closing_a_finished_answer_hangs_up_at_once() -> None:
         peer.sendall(b"hello")
         assert answer.read(5) == b"hello"
         answer.close()
+        assert answer.closed
         wrapped.close()
         peer.settimeout(2)
         assert peer.recv(1) == b""  # `answer` is still referenced here
