@@ -549,6 +549,57 @@ def test_editor_fills_every_unset_request_field_with_the_models_default(model: s
     assert (call["refine_strength"], call["clip_cfg_norm"]) == (d.refine_strength, d.clip_cfg_norm)
     assert boundary.generators[-1] == (d.seed, "device")
     assert (result.metadata["negative"], result.metadata["seed"]) == (d.negative, d.seed)
+    stretched = resize_for_e1_1(stripes()) if model == "e1.1" else resize_for_e1_full(stripes())
+    assert call["image"].size == stretched.size and result.metadata["keep_aspect"] is False  # keep-aspect is opt-in
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_the_step_cache_a_request_asks_for_reaches_the_pipeline_with_its_defaults(
+    model: str, boundary: Boundary
+) -> None:
+    """Unset cache fields mean: off, or the documented threshold and warm-up with no max-skip limit."""
+    from hidream_edit.step_cache import DEFAULT_THRESHOLD, DEFAULT_WARMUP, CacheSettings
+
+    editor = recording_editor(model, boundary)
+    asked = {
+        (): CacheSettings("off", DEFAULT_THRESHOLD, DEFAULT_WARMUP, 0),
+        (("cache", "dbcache"),): CacheSettings("dbcache", DEFAULT_THRESHOLD, DEFAULT_WARMUP, 0),
+        (("cache", "taylorseer"), ("cache_threshold", 0.2), ("cache_warmup", 3), ("cache_max_skip", 2)):
+            CacheSettings("taylorseer", 0.2, 3, 2),
+    }
+    for fields, expected in asked.items():
+        request = EditRequest(stripes(), "x", steps=1, refine_strength=0.0, **dict(fields))
+        editor.edit(request)
+        assert boundary.calls[-1]["cache"] == expected == request.cache_settings, fields
+
+
+@pytest.mark.parametrize("setting", [{"refine_weights": "base"}, {"fuse_lora": True}])
+def test_a_library_load_split_over_ranks_refuses_what_a_split_cannot_hold_before_loading(
+    setting: dict[str, Any], boundary: Boundary
+) -> None:
+    """The web UI loads through Editor.load, not the CLI: it must refuse these before reading any weights."""
+    from types import SimpleNamespace
+
+    split = SimpleNamespace(size=2, mesh=None)
+    settings = EditorSettings(ModelSources("e1-full", "L", "I", "E"), device="cpu", **setting)
+    with pytest.raises(UserError, match="^refining with the base weights|^--fuse-lora cannot merge"):
+        Editor.load(settings, tensor=split)  # type: ignore[arg-type]
+    assert boundary.loads == []
+
+
+def test_an_edit_records_the_time_it_took_and_reads_memory_without_logging(
+    boundary: Boundary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The front ends print their own memory summary; the edit's total is its own duration, not a clock value."""
+    import logging
+    import time
+
+    editor = recording_editor("e1.1", boundary)
+    started = time.perf_counter()
+    with caplog.at_level(logging.DEBUG, logger="device_utils"):
+        metadata = editor.edit(EditRequest(stripes(), "x", steps=1)).metadata
+    assert 0 <= metadata["timings"]["total_s"] <= time.perf_counter() - started + 1e-4
+    assert not [record for record in caplog.records if record.getMessage().startswith("memory: ")]
 
 
 @pytest.mark.parametrize("flag,value", [("--offload", "disk"), ("--attention", "flash"), ("--rng", "gpu"),
