@@ -10,6 +10,7 @@ all the flags and checks what the loader really did.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -721,6 +722,21 @@ def test_editor_refuses_a_refine_stage_with_a_fused_lora(boundary: Boundary) -> 
     assert boundary.calls == []
     editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.0))
     assert boundary.calls[-1]["refine_strength"] == 0.0
+
+
+@pytest.mark.parametrize("setting,named", [
+    ({"device": "tpu", "device_origin": "PREFERRED_DEVICE"}, "PREFERRED_DEVICE=tpu"),
+    ({"dtype": "fp7", "dtype_origin": "--dtype"}, "--dtype=fp7"),
+])
+def test_a_bad_device_or_dtype_is_refused_naming_where_it_was_set(
+    setting: dict[str, str], named: str, boundary: Boundary
+) -> None:
+    """The web UI and the doctor build EditorSettings themselves: the message must name their flag or variable."""
+    from device_utils import DeviceError
+
+    with pytest.raises(DeviceError, match=re.escape(named)):
+        Editor.load(EditorSettings(ModelSources("e1.1", "L", "I", "E"), **{"device": "cpu", **setting}))
+    assert boundary.loads == []
 
 
 def test_editor_passes_loading_settings_to_the_loader(boundary: Boundary) -> None:
