@@ -681,6 +681,27 @@ def test_each_edit_gives_the_guidance_group_its_stop_and_its_own_timings(
     assert [step["branches"] for step in rank["steps"]] == [[0, 3], [0, 3]]  # this edit's two steps only
 
 
+@pytest.mark.parametrize("kind", ["guidance", "tensor"])
+@pytest.mark.parametrize("leader", [True, False])
+def test_only_the_rank_that_saves_has_the_image_decoded(kind: str, leader: bool, boundary: Boundary) -> None:
+    """A guidance group's other ranks and a tensor-parallel group's later ranks only help denoise: decoding
+    there would cost a VAE pass and its memory for an image nobody saves."""
+    import contextlib
+    from types import SimpleNamespace
+
+    editor = recording_editor("e1.1", boundary)
+    if kind == "guidance":
+        editor.guidance_group = SimpleNamespace(  # type: ignore[assignment]
+            leader=leader, begin_edit=lambda should_stop: None, finish_edit=lambda: {})
+    else:
+        editor.tensor_group = SimpleNamespace(  # type: ignore[assignment]
+            leader=leader, size=2, ranks=[0, 1], collectives=contextlib.nullcontext,
+            agreed_stop=lambda should_stop, device: should_stop)
+    result = editor.edit(EditRequest(stripes(), "x", steps=1))
+    assert boundary.calls[-1]["output_type"] == ("pil" if leader else "latent")
+    assert editor.writes_outputs is leader and (result.image is not None) is leader
+
+
 def test_rewrite_instruction_flags_reach_the_vlm_client(
     boundary: Boundary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -307,6 +307,14 @@ def test_the_check_before_loading_refuses_a_missing_folder_and_names_outputs_tha
     assert check_output_path(tmp_path / "out.png", overwrite=True) == (tmp_path / "out.png", tmp_path / "out.png.json")
 
 
+@pytest.mark.parametrize(("name", "why"), [("o\0.png", "contains a NUL character"),
+                                           ("o\ud800.png", "is not valid Unicode text")])
+def test_the_check_before_loading_refuses_a_name_no_file_can_have(tmp_path: Path, name: str, why: str) -> None:
+    """A user error in words, not the ValueError or UnicodeEncodeError of the first file operation."""
+    with pytest.raises(UserError, match=f"^the output '.*' {why}"):
+        check_output_path(tmp_path / name, overwrite=True)
+
+
 def test_the_check_before_loading_creates_a_file_and_leaves_nothing_behind(tmp_path: Path) -> None:
     before = open_descriptors()
     check_can_create(tmp_path / "out.png")
