@@ -681,6 +681,18 @@ def test_each_edit_gives_the_guidance_group_its_stop_and_its_own_timings(
     assert [step["branches"] for step in rank["steps"]] == [[0, 3], [0, 3]]  # this edit's two steps only
 
 
+def test_a_leader_announces_each_edit_with_the_resolved_request_and_the_model_input(boundary: Boundary) -> None:
+    """The web UI's waiting members run what is announced: the same filled-in request and the same input."""
+    editor = recording_editor("e1-full", boundary)
+    announced: list[tuple[EditRequest, Image.Image, tuple[int, int]]] = []
+    editor.announce_edits(lambda request, model_input, size: announced.append((request, model_input, size)))
+    editor.edit(EditRequest(stripes(), "  make it blue ", steps=1, refine_strength=0.0))
+    ((request, model_input, size),) = announced
+    defaults = MODELS["e1-full"].defaults
+    assert (request.instruction, request.seed, request.negative) == ("make it blue", defaults.seed, defaults.negative)
+    assert model_input is boundary.calls[-1]["image"] and size == (200, 100)
+
+
 @pytest.mark.parametrize("kind", ["guidance", "tensor"])
 @pytest.mark.parametrize("leader", [True, False])
 def test_only_the_rank_that_saves_has_the_image_decoded(kind: str, leader: bool, boundary: Boundary) -> None:
