@@ -681,6 +681,25 @@ def test_each_edit_gives_the_guidance_group_its_stop_and_its_own_timings(
     assert [step["branches"] for step in rank["steps"]] == [[0, 3], [0, 3]]  # this edit's two steps only
 
 
+def test_the_device_peak_an_edit_records_is_its_own_not_the_loads(boundary: Boundary) -> None:
+    """Loading peaks far above an edit; a peak kept from it would make every edit look as large as the load."""
+    gib = 1 << 30
+    card = {"in_use": 0, "peak": 0}  # a card's allocator: bytes in use now and the peak since the last reset
+
+    def use(size: int) -> None:
+        card.update(in_use=size, peak=max(card["peak"], size))
+
+    dm = DeviceManager("cpu", "fp32")
+    real_stats = dm.memory_stats
+    dm.reset_peak_memory_stats = lambda: card.update(peak=card["in_use"])  # type: ignore[method-assign]
+    dm.memory_stats = lambda log=True: replace(real_stats(log=False), peak=card["peak"])  # type: ignore[method-assign]
+    editor = Editor.load(EditorSettings(ModelSources("e1.1", "L", "I", "E")), dm)
+    use(10 * gib)  # the load's peak...
+    use(2 * gib)  # ...and what stays resident
+    result = editor.edit(EditRequest(stripes(), "x", steps=2), on_step=lambda done, total: use((2 + done) * gib))
+    assert result.metadata["memory"]["peak"] == 4 * gib
+
+
 def test_a_leader_announces_each_edit_with_the_resolved_request_and_the_model_input(boundary: Boundary) -> None:
     """The web UI's waiting members run what is announced: the same filled-in request and the same input."""
     editor = recording_editor("e1-full", boundary)
