@@ -700,6 +700,16 @@ def test_the_device_peak_an_edit_records_is_its_own_not_the_loads(boundary: Boun
     assert result.metadata["memory"]["peak"] == 4 * gib
 
 
+def test_the_edit_time_includes_work_still_queued_on_the_device(boundary: Boundary) -> None:
+    """An accelerator returns before its queued kernels finish: the total is read after waiting for them."""
+    import time
+
+    dm = DeviceManager("cpu", "fp32")
+    dm.synchronize = lambda: time.sleep(0.05)  # type: ignore[method-assign]  # the queue drains in 50 ms
+    editor = Editor.load(EditorSettings(ModelSources("e1.1", "L", "I", "E")), dm)
+    assert editor.edit(EditRequest(stripes(), "x", steps=1)).metadata["timings"]["total_s"] >= 0.05
+
+
 def test_a_leader_announces_each_edit_with_the_resolved_request_and_the_model_input(boundary: Boundary) -> None:
     """The web UI's waiting members run what is announced: the same filled-in request and the same input."""
     editor = recording_editor("e1-full", boundary)
