@@ -508,6 +508,10 @@ def test_prompt_cache_keeps_the_most_recent_entries() -> None:
     disabled = PromptEmbeddingCache("e1.1", max_entries=0)
     disabled.store(("a", "n", 128), "a")  # type: ignore[arg-type]
     assert disabled.lookup(("a", "n", 128)) is None
+    single = PromptEmbeddingCache("e1.1", max_entries=1)
+    for prompt in ("a", "b"):
+        single.store((prompt, "n", 128), prompt)  # type: ignore[arg-type]
+    assert single.lookup(("b", "n", 128)) == "b" and single.lookup(("a", "n", 128)) is None and len(single) == 1
 
 
 def test_one_instruction_is_encoded_once_and_gives_the_same_image(

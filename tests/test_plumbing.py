@@ -10,6 +10,7 @@ all the flags and checks what the loader really did.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -593,6 +594,57 @@ def test_editor_fills_every_unset_request_field_with_the_models_default(model: s
     assert (call["refine_strength"], call["clip_cfg_norm"]) == (d.refine_strength, d.clip_cfg_norm)
     assert boundary.generators[-1] == (d.seed, "device")
     assert (result.metadata["negative"], result.metadata["seed"]) == (d.negative, d.seed)
+    stretched = resize_for_e1_1(stripes()) if model == "e1.1" else resize_for_e1_full(stripes())
+    assert call["image"].size == stretched.size and result.metadata["keep_aspect"] is False  # keep-aspect is opt-in
+
+
+@pytest.mark.parametrize("model", ["e1.1", "e1-full"])
+def test_the_step_cache_a_request_asks_for_reaches_the_pipeline_with_its_defaults(
+    model: str, boundary: Boundary
+) -> None:
+    """Unset cache fields mean: off, or the documented threshold and warm-up with no max-skip limit."""
+    from hidream_edit.step_cache import DEFAULT_THRESHOLD, DEFAULT_WARMUP, CacheSettings
+
+    editor = recording_editor(model, boundary)
+    asked = {
+        (): CacheSettings("off", DEFAULT_THRESHOLD, DEFAULT_WARMUP, 0),
+        (("cache", "dbcache"),): CacheSettings("dbcache", DEFAULT_THRESHOLD, DEFAULT_WARMUP, 0),
+        (("cache", "taylorseer"), ("cache_threshold", 0.2), ("cache_warmup", 3), ("cache_max_skip", 2)):
+            CacheSettings("taylorseer", 0.2, 3, 2),
+    }
+    for fields, expected in asked.items():
+        request = EditRequest(stripes(), "x", steps=1, refine_strength=0.0, **dict(fields))
+        editor.edit(request)
+        assert boundary.calls[-1]["cache"] == expected == request.cache_settings, fields
+
+
+@pytest.mark.parametrize("setting", [{"refine_weights": "base"}, {"fuse_lora": True}])
+def test_a_library_load_split_over_ranks_refuses_what_a_split_cannot_hold_before_loading(
+    setting: dict[str, Any], boundary: Boundary
+) -> None:
+    """The web UI loads through Editor.load, not the CLI: it must refuse these before reading any weights."""
+    from types import SimpleNamespace
+
+    split = SimpleNamespace(size=2, mesh=None)
+    settings = EditorSettings(ModelSources("e1-full", "L", "I", "E"), device="cpu", **setting)
+    with pytest.raises(UserError, match="^refining with the base weights|^--fuse-lora cannot merge"):
+        Editor.load(settings, tensor=split)  # type: ignore[arg-type]
+    assert boundary.loads == []
+
+
+def test_an_edit_records_the_time_it_took_and_reads_memory_without_logging(
+    boundary: Boundary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The front ends print their own memory summary; the edit's total is its own duration, not a clock value."""
+    import logging
+    import time
+
+    editor = recording_editor("e1.1", boundary)
+    started = time.perf_counter()
+    with caplog.at_level(logging.DEBUG, logger="device_utils"):
+        metadata = editor.edit(EditRequest(stripes(), "x", steps=1)).metadata
+    assert 0 <= metadata["timings"]["total_s"] <= time.perf_counter() - started + 1e-4
+    assert not [record for record in caplog.records if record.getMessage().startswith("memory: ")]
 
 
 @pytest.mark.parametrize("flag,value", [("--offload", "disk"), ("--attention", "flash"), ("--rng", "gpu"),
@@ -673,6 +725,68 @@ def test_each_edit_gives_the_guidance_group_its_stop_and_its_own_timings(
     assert [step["branches"] for step in rank["steps"]] == [[0, 3], [0, 3]]  # this edit's two steps only
 
 
+def test_the_device_peak_an_edit_records_is_its_own_not_the_loads(boundary: Boundary) -> None:
+    """Loading peaks far above an edit; a peak kept from it would make every edit look as large as the load."""
+    gib = 1 << 30
+    card = {"in_use": 0, "peak": 0}  # a card's allocator: bytes in use now and the peak since the last reset
+
+    def use(size: int) -> None:
+        card.update(in_use=size, peak=max(card["peak"], size))
+
+    dm = DeviceManager("cpu", "fp32")
+    real_stats = dm.memory_stats
+    dm.reset_peak_memory_stats = lambda: card.update(peak=card["in_use"])  # type: ignore[method-assign]
+    dm.memory_stats = lambda log=True: replace(real_stats(log=False), peak=card["peak"])  # type: ignore[method-assign]
+    editor = Editor.load(EditorSettings(ModelSources("e1.1", "L", "I", "E")), dm)
+    use(10 * gib)  # the load's peak...
+    use(2 * gib)  # ...and what stays resident
+    result = editor.edit(EditRequest(stripes(), "x", steps=2), on_step=lambda done, total: use((2 + done) * gib))
+    assert result.metadata["memory"]["peak"] == 4 * gib
+
+
+def test_the_edit_time_includes_work_still_queued_on_the_device(boundary: Boundary) -> None:
+    """An accelerator returns before its queued kernels finish: the total is read after waiting for them."""
+    import time
+
+    dm = DeviceManager("cpu", "fp32")
+    dm.synchronize = lambda: time.sleep(0.05)  # type: ignore[method-assign]  # the queue drains in 50 ms
+    editor = Editor.load(EditorSettings(ModelSources("e1.1", "L", "I", "E")), dm)
+    assert editor.edit(EditRequest(stripes(), "x", steps=1)).metadata["timings"]["total_s"] >= 0.05
+
+
+def test_a_leader_announces_each_edit_with_the_resolved_request_and_the_model_input(boundary: Boundary) -> None:
+    """The web UI's waiting members run what is announced: the same filled-in request and the same input."""
+    editor = recording_editor("e1-full", boundary)
+    announced: list[tuple[EditRequest, Image.Image, tuple[int, int]]] = []
+    editor.announce_edits(lambda request, model_input, size: announced.append((request, model_input, size)))
+    editor.edit(EditRequest(stripes(), "  make it blue ", steps=1, refine_strength=0.0))
+    ((request, model_input, size),) = announced
+    defaults = MODELS["e1-full"].defaults
+    assert (request.instruction, request.seed, request.negative) == ("make it blue", defaults.seed, defaults.negative)
+    assert model_input is boundary.calls[-1]["image"] and size == (200, 100)
+
+
+@pytest.mark.parametrize("kind", ["guidance", "tensor"])
+@pytest.mark.parametrize("leader", [True, False])
+def test_only_the_rank_that_saves_has_the_image_decoded(kind: str, leader: bool, boundary: Boundary) -> None:
+    """A guidance group's other ranks and a tensor-parallel group's later ranks only help denoise: decoding
+    there would cost a VAE pass and its memory for an image nobody saves."""
+    import contextlib
+    from types import SimpleNamespace
+
+    editor = recording_editor("e1.1", boundary)
+    if kind == "guidance":
+        editor.guidance_group = SimpleNamespace(  # type: ignore[assignment]
+            leader=leader, begin_edit=lambda should_stop: None, finish_edit=lambda: {})
+    else:
+        editor.tensor_group = SimpleNamespace(  # type: ignore[assignment]
+            leader=leader, size=2, ranks=[0, 1], collectives=contextlib.nullcontext,
+            agreed_stop=lambda should_stop, device: should_stop)
+    result = editor.edit(EditRequest(stripes(), "x", steps=1))
+    assert boundary.calls[-1]["output_type"] == ("pil" if leader else "latent")
+    assert editor.writes_outputs is leader and (result.image is not None) is leader
+
+
 def test_rewrite_instruction_flags_reach_the_vlm_client(
     boundary: Boundary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -714,6 +828,21 @@ def test_editor_refuses_a_refine_stage_with_a_fused_lora(boundary: Boundary) -> 
     assert boundary.calls == []
     editor.edit(EditRequest(stripes(), "x", steps=1, refine_strength=0.0))
     assert boundary.calls[-1]["refine_strength"] == 0.0
+
+
+@pytest.mark.parametrize("setting,named", [
+    ({"device": "tpu", "device_origin": "PREFERRED_DEVICE"}, "PREFERRED_DEVICE=tpu"),
+    ({"dtype": "fp7", "dtype_origin": "--dtype"}, "--dtype=fp7"),
+])
+def test_a_bad_device_or_dtype_is_refused_naming_where_it_was_set(
+    setting: dict[str, str], named: str, boundary: Boundary
+) -> None:
+    """The web UI and the doctor build EditorSettings themselves: the message must name their flag or variable."""
+    from device_utils import DeviceError
+
+    with pytest.raises(DeviceError, match=re.escape(named)):
+        Editor.load(EditorSettings(ModelSources("e1.1", "L", "I", "E"), **{"device": "cpu", **setting}))
+    assert boundary.loads == []
 
 
 def test_editor_passes_loading_settings_to_the_loader(boundary: Boundary) -> None:

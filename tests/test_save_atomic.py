@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import resource
@@ -208,7 +209,19 @@ def test_the_image_is_not_left_behind_when_the_json_name_is_taken_meanwhile(
     assert listing(tmp_path) == ["out.png.json"] and Path(f"{output}.json").read_bytes() == rival_json
 
 
-def test_an_image_created_meanwhile_is_not_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def no_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make os.link fail as it does on a filesystem without hard links (FAT, some network mounts)."""
+    def link(src: Any, dst: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", link)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_an_image_created_meanwhile_is_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+) -> None:
+    """Also without hard links, where the last check before the rename is the existence test."""
     output = tmp_path / "out.png"
     real_save = Image.Image.save
 
@@ -217,9 +230,37 @@ def test_an_image_created_meanwhile_is_not_replaced(tmp_path: Path, monkeypatch:
         real_save(self, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", rival_appears)
-    with pytest.raises(UserError, match=r"out\.png already exists"):
+    if not hard_links:
+        no_hard_links(monkeypatch)
+    with pytest.raises(UserError, match=r"out\.png already exists") as refused:
         save_result(result(), output)
+    assert refused.value.fix == "output_exists"  # the command line adds "choose another --output or pass --overwrite"
     assert listing(tmp_path) == ["out.png"] and output.read_bytes() == OLD_IMAGE
+
+
+def test_a_filesystem_without_hard_links_still_gets_both_new_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_hard_links(monkeypatch)
+    image_path, json_path = save_result(result((0, 200, 0)), tmp_path / "out.png")
+    assert Image.open(image_path).getpixel((0, 0)) == (0, 200, 0)
+    assert json.loads(json_path.read_text())["marker"] == "new"
+    assert listing(tmp_path) == ["out.png", "out.png.json"]
+
+
+def test_a_result_without_metadata_is_saved_with_the_output_and_its_checksum(tmp_path: Path) -> None:
+    """A library caller may build EditResult(image) alone; the checksum is what a resumed batch compares."""
+    image_path, json_path = save_result(EditResult(Image.new("RGB", (8, 8), (1, 2, 3))), tmp_path / "out.png")
+    digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
+    assert json.loads(json_path.read_text()) == {"output": str(image_path), "output_sha256": digest}
+
+
+def test_a_jpeg_output_drops_the_alpha_channel_and_a_png_keeps_it(tmp_path: Path) -> None:
+    """JPEG has no alpha: the image is converted rather than refused; formats with alpha get it unchanged."""
+    translucent = EditResult(Image.new("RGBA", (8, 8), (10, 20, 30, 128)), {})
+    jpeg, _ = save_result(translucent, tmp_path / "out.jpg")
+    png, _ = save_result(translucent, tmp_path / "out.png")
+    assert Image.open(jpeg).mode == "RGB" and Image.open(png).getpixel((0, 0)) == (10, 20, 30, 128)
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
@@ -239,8 +280,9 @@ def test_outputs_honour_the_umask(tmp_path: Path, umask: int, mode: int, overwri
 def test_a_non_regular_target_is_refused_even_with_overwrite(tmp_path: Path) -> None:
     fifo = tmp_path / "out.png"
     os.mkfifo(fifo)
-    with pytest.raises(UserError, match=r"out\.png exists and is not a regular file"):
+    with pytest.raises(UserError, match=r"out\.png exists and is not a regular file") as refused:
         save_result(result(), fifo, overwrite=True)
+    assert refused.value.fix == "output_name"  # the command line adds "choose another --output"
     assert listing(tmp_path) == ["out.png"] and fifo.is_fifo()
 
 
@@ -253,6 +295,24 @@ def test_the_check_before_loading_refuses_an_extension_no_image_format_has(tmp_p
         check_output_path(tmp_path / "out.gif", overwrite=False)
     assert check_output_path(tmp_path / "out.PNG", overwrite=False) == (tmp_path / "out.PNG", tmp_path / "out.PNG.json")
     assert listing(tmp_path) == []
+
+
+def test_the_check_before_loading_refuses_a_missing_folder_and_names_outputs_that_exist(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="missing is not a directory$"):
+        check_output_path(tmp_path / "missing" / "out.png", overwrite=True)
+    Path(f"{tmp_path / 'out.png'}.json").write_bytes(OLD_JSON)
+    with pytest.raises(UserError, match=r"out\.png\.json already exists$") as refused:
+        check_output_path(tmp_path / "out.png", overwrite=False)
+    assert refused.value.fix == "output_exists"
+    assert check_output_path(tmp_path / "out.png", overwrite=True) == (tmp_path / "out.png", tmp_path / "out.png.json")
+
+
+@pytest.mark.parametrize(("name", "why"), [("o\0.png", "contains a NUL character"),
+                                           ("o\ud800.png", "is not valid Unicode text")])
+def test_the_check_before_loading_refuses_a_name_no_file_can_have(tmp_path: Path, name: str, why: str) -> None:
+    """A user error in words, not the ValueError or UnicodeEncodeError of the first file operation."""
+    with pytest.raises(UserError, match=f"^the output '.*' {why}"):
+        check_output_path(tmp_path / name, overwrite=True)
 
 
 def test_the_check_before_loading_creates_a_file_and_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -292,6 +352,19 @@ def test_the_longest_name_a_255_byte_filesystem_takes_is_saved_and_one_byte_more
     assert refused.value.fix == "output_name"  # the command line adds "choose another --output"
 
 
+def test_a_filesystem_that_cannot_tell_its_name_limit_is_taken_to_allow_255_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Linux filesystems allow: the same longest name as on a 255-byte filesystem that says so."""
+    def pathconf(path: Any, name: str) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "pathconf", pathconf)
+    check_name_length(tmp_path / ("n" * 215 + ".png"))
+    with pytest.raises(UserError, match="is 220 bytes long; at most 219 fit in "):
+        check_name_length(tmp_path / ("n" * 216 + ".png"))
+
+
 def test_a_record_is_written_new_and_never_over_a_file_or_into_a_missing_folder(tmp_path: Path) -> None:
     record = tmp_path / "record.json"
     assert write_new_json(record, {"peak_gib": 1.5}) == record
@@ -321,3 +394,20 @@ def test_both_files_reach_the_disk_complete_before_they_take_their_names(
     for path in (output, Path(f"{output}.json")):
         stat = path.stat()
         assert (stat.st_ino, stat.st_size) in synced, path.name
+
+
+def test_a_record_whose_name_is_taken_while_it_is_written_is_refused_and_the_other_file_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check before a long run is not the last word: the record is linked, never renamed over a file."""
+    record = tmp_path / "record.json"
+    real_fsync = os.fsync
+
+    def rival_appears(fd: int) -> None:
+        record.write_bytes(OLD_JSON)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", rival_appears)
+    with pytest.raises(UserError, match="record.json already exists$"):
+        write_new_json(record, {"peak_gib": 1.5})
+    assert record.read_bytes() == OLD_JSON and listing(tmp_path) == ["record.json"]

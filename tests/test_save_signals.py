@@ -18,7 +18,7 @@ import pytest
 from npu_standin import REPO
 from PIL import Image
 
-from hidream_edit.editor import STALE_TEMP_AGE_S, EditResult, save_result, sweep_stale_temp_files
+from hidream_edit.editor import _HOST_TAG, STALE_TEMP_AGE_S, EditResult, save_result, sweep_stale_temp_files
 from hidream_edit.errors import UserError
 
 CHILD = r"""
@@ -129,12 +129,35 @@ def test_after_a_save_sigterm_kills_as_before(tmp_path: Path, fails: bool, monke
 
 
 def test_a_temp_file_is_stale_after_an_hour_as_readme_npu_says(tmp_path: Path) -> None:
-    now = time.time()
-    for name, age in ((".old.png.abcd_123.tmp", 3600.5), (".young.png.abcd_123.tmp", 3599.5)):
+    now = float(int(time.time()))  # whole seconds: the ages below are exact, also the hour itself
+    ages = {".old.png.abcd_123.tmp": 3600.5, ".hour.png.abcd_123.tmp": 3600.0, ".young.png.abcd_123.tmp": 3599.5}
+    for name, age in ages.items():
         (tmp_path / name).write_bytes(b"x")
         os.utime(tmp_path / name, (now - age,) * 2)
     assert [p.name for p in sweep_stale_temp_files(tmp_path, now=now)] == [".old.png.abcd_123.tmp"]
-    assert [p.name for p in tmp_path.iterdir()] == [".young.png.abcd_123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hour.png.abcd_123.tmp", ".young.png.abcd_123.tmp"]
+
+
+def test_a_fresh_temp_file_of_this_process_or_of_one_we_cannot_signal_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread of this process may be saving (the web UI saves concurrently), and a pid we may not signal is
+    another user's live process: neither writer is gone, so only age can make their temp files stale."""
+    other_users_pid = 4194301
+    real_kill = os.kill
+
+    def kill(pid: int, sig: int) -> None:
+        if pid == other_users_pid:
+            raise PermissionError(1, "Operation not permitted")
+        real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    names = [f".mine.png.{os.getpid():07d}-{_HOST_TAG}.0a1b2c3d.tmp",
+             f".theirs.png.json.{other_users_pid:07d}-{_HOST_TAG}.0a1b2c3d.tmp"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert sweep_stale_temp_files(tmp_path) == []
+    assert temp_files(tmp_path) == sorted(names)
 
 
 def test_sweep_removes_only_our_old_or_orphaned_names(tmp_path: Path) -> None:
