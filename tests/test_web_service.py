@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import pwd
 import re
 import threading
 import time
@@ -40,6 +41,7 @@ from hidream_edit.web.service import (
     check_text_length,
     device_panel_markdown,
     error_message,
+    home_dirs,
     parse_auth,
     prune_results,
     run_cancellable,
@@ -248,6 +250,8 @@ def test_batch_runs_every_image_lists_failures_and_zips_the_results(web: WebEdit
     assert [entry["status"] for entry in summary] == ["ok", "ok", "ok", "failed"]
     assert summary_text == json.dumps(summary, indent=2)  # one entry field per line, as the CLI writes its summary
     assert summary[3]["instruction"] == "make it gold"
+    assert (summary[0]["output"], summary[0]["seed"]) == ("001-first.png", 7)  # what made each image, for a rerun
+    assert len(summary[0]["timings"]["step_s"]) == 1
     assert summary[3]["error"] == errors["holiday.zip/pics/broken.png"]
     assert "holiday.zip/notes.txt: skipped" in errors_txt
     metadata = json.loads((outcome.batch_dir / "003-b.png.json").read_text())
@@ -336,6 +340,17 @@ def test_zip_entries_over_the_size_limit_are_skipped(web: WebEditor, tmp_path: P
     assert errors == [("big.zip/huge.png", "skipped: 2.0 MiB is over the 1 MiB limit")]
 
 
+def test_a_zip_that_unpacks_to_exactly_four_uploads_is_accepted(tmp_path: Path) -> None:
+    """The bound is "more than 4 x the upload limit": four entries each at the limit are still a batch."""
+    web = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path / "r", max_upload_mb=1, max_batch=4))
+    archive = tmp_path / "four.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for index in range(4):
+            zf.writestr(f"{index}.png", b"\0" * 2**20)
+    items, errors = web.collect_batch([str(archive)])
+    assert [item.name for item in items] == [f"four.zip/{index}.png" for index in range(4)] and errors == []
+
+
 def test_instruction_lines() -> None:
     assert WebEditor.instructions_for("make it red\n\n", 3) == ["make it red"] * 3
     assert WebEditor.instructions_for(" a \n b ", 2) == ["a", "b"]
@@ -415,6 +430,7 @@ def test_result_names_are_unique_sanitised_and_inside_the_results_dir(tmp_path: 
         assert path.parent == tmp_path.resolve()
         assert path.name.startswith("edit-") and path.name.endswith("-pass_wd.png")
     assert safe_stem(".bashrc") == "bashrc" and safe_stem("") == "image" and safe_stem("日本.png") == "image"
+    assert safe_stem("a" * 300 + ".png") == "a" * 40  # a long upload name still makes a short result name
 
 
 def test_a_name_whose_image_or_sidecar_exists_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -454,6 +470,16 @@ def test_the_results_folder_is_made_with_its_missing_parents(tmp_path: Path) -> 
     results = tmp_path / "new" / "deeper" / "results"
     WebEditor(stub_editor("e1.1"), WebSettings(results_dir=results))
     assert results.is_dir()
+
+
+def test_the_password_databases_home_is_kept_out_of_even_without_home_set(tmp_path: Path) -> None:
+    """A service started with no $HOME (systemd, cron) must still refuse the user's home as the results dir."""
+    try:
+        pw_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        pytest.skip("this uid has no entry in the password database")
+    assert home_dirs({}) == [pw_home]
+    assert home_dirs({"HOME": str(tmp_path)}) == [tmp_path, pw_home]
 
 
 def test_timings_keep_two_decimals_below_ten_seconds_and_one_from_ten() -> None:
@@ -665,6 +691,7 @@ def test_the_upload_limit_is_in_mib_as_its_messages_say(tmp_path: Path) -> None:
         zf.writestr("over.png", b"\0" * (2**20 + 1))
     items, errors = web.collect_batch([str(archive)])
     assert [item.name for item in items] == ["sizes.zip/exact.png", "sizes.zip/under.png"]
+    assert items[0].source == b"\0" * 2**20  # an entry at the limit is read whole, not cut short
     assert errors == [("sizes.zip/over.png", "skipped: 1.0 MiB is over the 1 MiB limit")]
 
 
@@ -685,6 +712,76 @@ class StoppingEditor:
         self.press_stop()
         assert should_stop is not None and should_stop()
         raise EditCancelled("stopped at step 1 of 2")
+
+
+class ScriptedEditor:
+    """An Editor without a model: keeps each request, runs two steps noting the panel's "Now" line, then fails."""
+
+    def __init__(self, model: str) -> None:
+        stub = stub_editor(model)
+        self.settings, self.defaults = stub.settings, stub.defaults
+        self.requests: list[Any] = []
+        self.activity: list[str] = []
+        self.web: WebEditor | None = None
+
+    def resolve(self, request: Any) -> Any:
+        self.requests.append(request)
+        return request
+
+    def edit(self, request: Any, on_step=None, should_stop=None) -> Any:
+        assert self.web is not None and on_step is not None
+        self.activity.append(self.web.activity)
+        for done in (1, 2):
+            on_step(done, 2)
+            self.activity.append(self.web.activity)
+        raise UserError("no model here")
+
+
+def scripted_web(tmp_path: Path) -> tuple[WebEditor, ScriptedEditor]:
+    editor = ScriptedEditor("e1.1")
+    web = WebEditor(editor, WebSettings(results_dir=tmp_path / "r"))  # type: ignore[arg-type]
+    editor.web = web
+    return web, editor
+
+
+def test_the_advanced_settings_reach_the_edit_request(tmp_path: Path) -> None:
+    web, editor = scripted_web(tmp_path)
+    params = EditParams(negative="blurry", steps=3.0, guidance=4.5, image_guidance=2.0, refine_strength=0.25,
+                        clip_cfg_norm=False, seed=9.0, keep_aspect=True)  # the browser sends numbers as floats
+    assert web.edit(png(tmp_path / "a.png"), "make it red", params).status == "Error: no model here"
+    request = editor.requests[-1]
+    assert (request.instruction, request.negative, request.steps, request.guidance, request.image_guidance,
+            request.refine_strength, request.clip_cfg_norm, request.seed, request.keep_aspect) == (
+        "make it red", "blurry", 3, 4.5, 2.0, 0.25, False, 9, True)
+    assert request.image.size == (48, 32)
+
+
+def test_random_seeds_stay_exact_in_the_browser_and_an_empty_seed_box_draws_one(tmp_path: Path) -> None:
+    web = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path))
+    seeds = {web.choose_seed(EditParams(seed=5, random_seed=True)) for _ in range(64)}
+    assert len(seeds) > 1 and all(0 <= seed < 2**31 for seed in seeds)  # below 2**31: typed back, it is the same
+    assert 0 <= web.choose_seed(EditParams(seed=float("nan"))) < 2**31  # what an emptied number box sends
+    assert web.choose_seed(EditParams(seed=12.0)) == 12
+
+
+def test_the_panels_now_line_follows_an_edit_step_by_step_and_says_when_it_decodes(tmp_path: Path) -> None:
+    web, editor = scripted_web(tmp_path)
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(steps=2, seed=1))
+    assert editor.activity == ["editing a.png: encoding", "editing a.png: step 1 of 2",
+                               "editing a.png: step 2 of 2, decoding"]
+    assert web.activity == "idle"
+
+
+def test_batch_progress_counts_each_images_steps_as_its_share_of_the_batch(tmp_path: Path) -> None:
+    web, editor = scripted_web(tmp_path)
+    progress = Recorder()
+    images = [str(png(tmp_path / f"{name}.png")) for name in ("a", "b")]
+    web.batch(images, "make it red", EditParams(steps=2, seed=1), progress=progress)
+    assert progress.calls == [(0.0, "image 1 of 2: encoding"), (0.25, "image 1 of 2 (a.png): step 1 of 2"),
+                              (0.5, "image 1 of 2 (a.png): step 2 of 2"), (0.5, "image 2 of 2: encoding"),
+                              (0.75, "image 2 of 2 (b.png): step 1 of 2"), (1.0, "image 2 of 2 (b.png): step 2 of 2")]
+    assert editor.activity[-2:] == ["batch image 2 of 2 (b.png): step 1 of 2",
+                                    "batch image 2 of 2 (b.png): step 2 of 2, decoding"]
 
 
 def test_a_stopped_batch_opens_and_rewrites_nothing_more(vlm: FakeVLM, tmp_path: Path) -> None:
@@ -745,6 +842,8 @@ def test_the_page_lists_the_first_problems_and_counts_the_rest() -> None:
     assert len(lines) == LISTED_PROBLEMS + 1 and lines[0] == "big0.png: skipped: over the limit"
     assert lines[-1] == f"... and {500 - LISTED_PROBLEMS} more"
     assert BatchOutcome("Batch", errors=[("a.png", "x")]).errors_text == "a.png: x"
+    exactly = BatchOutcome("Batch", errors=[(f"{number}.png", "x") for number in range(LISTED_PROBLEMS)])
+    assert exactly.errors_text.splitlines()[-1] == f"{LISTED_PROBLEMS - 1}.png: x"  # all listed: no "and 0 more"
 
 
 def _result(folder: Path, name: str, size: int, age_s: float, now: float) -> Path:
@@ -803,5 +902,7 @@ def test_the_results_bound_applies_from_the_start_and_is_a_flag(tmp_path: Path) 
     _, _, settings = parse_command_line(["--results-dir", str(results), "--max-results-gb", "0.5",
                                          "--keep-results-hours", "0"], {})
     assert (settings.max_results_bytes, settings.keep_results_s) == (2**29, None)
+    _, _, settings = parse_command_line(["--results-dir", str(results), "--max-results-gb", "0"], {})
+    assert settings.max_results_bytes is None  # 0: no size bound, not a bound of 0 bytes that removes everything
     with pytest.raises(UserError, match="--max-results-gb must be a finite number, 0 or more"):
         parse_command_line(["--max-results-gb", "-1"], {})
