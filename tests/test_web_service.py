@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pwd
+import random
 import re
 import threading
 import time
@@ -22,7 +23,7 @@ from PIL import Image
 from web_helpers import GOOD_PROMPT, FakeVLM, files_under, png, png_bytes, running_fake_vlm, stub_editor
 
 from hidream_edit.config import ENV_WEB_AUTH as AUTH_ENV
-from hidream_edit.editor import Editor
+from hidream_edit.editor import Editor, EditResult
 from hidream_edit.errors import EditCancelled, UserError
 from hidream_edit.instructions import VLMSettings
 from hidream_edit.spec import MODELS
@@ -152,6 +153,7 @@ def test_stop_cancels_between_steps_and_saves_nothing(web: WebEditor, results: P
     outcome = web.edit(png(tmp_path / "a.png"), "make it red", FAST, stops.checker("session-a", submitted),
                        Recorder(press_stop_after_first_step))
     assert outcome.status == "Stopped after step 1 of 2; nothing was saved."
+    assert (outcome.seed, outcome.prompt) == (5, "make it red")  # still shown, to run it again
     assert outcome.image_path is None and outcome.files is None
     assert files_under(results) == []
     assert web.activity == "idle"
@@ -392,6 +394,17 @@ def test_stop_only_affects_jobs_of_the_same_session_submitted_before_it() -> Non
     assert stops.checker("b", before)() is False  # nor another session's job
 
 
+def test_a_stop_in_the_same_clock_tick_as_the_submission_stops_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coarse monotonic clock can give the Edit and a Stop pressed right after it the same time."""
+    from hidream_edit.web import service
+
+    monkeypatch.setattr(service, "time", SimpleNamespace(monotonic=lambda: 1234.5))
+    stops = StopRegistry()
+    check = stops.checker("s", None)
+    stops.request("s")
+    assert check()
+
+
 def test_stops_are_forgotten_a_day_after_the_sessions_last_stop_and_not_before(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -466,6 +479,11 @@ def test_command_line(tmp_path: Path) -> None:
         parse_command_line([], {AUTH_ENV: "nopassword"})
 
 
+def test_settings_made_in_code_get_the_limits_the_server_gets_from_no_flags(tmp_path: Path) -> None:
+    _, _, settings = parse_command_line(["--results-dir", str(tmp_path)], {})
+    assert WebSettings(results_dir=tmp_path.resolve()) == settings
+
+
 def test_the_results_folder_is_made_with_its_missing_parents(tmp_path: Path) -> None:
     results = tmp_path / "new" / "deeper" / "results"
     WebEditor(stub_editor("e1.1"), WebSettings(results_dir=results))
@@ -503,6 +521,11 @@ def test_device_panel_shows_device_memory_and_the_last_timings() -> None:
     assert "**Now** editing a.png: step 3 of 28" in text
     assert "**Last edit** 2 steps in 2.20 s (1.10 s/step), encode 0.80 s, decode 0.50 s, total 3.50 s" in text
     assert "**Layout** one process" in text
+
+
+def test_before_the_first_edit_the_panel_says_how_long_the_model_took_to_load(tmp_path: Path) -> None:
+    panel = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path)).device_panel()
+    assert panel.split("  \n")[-1] == "**Last edit** none yet (model loaded in 1.50 s)"
 
 
 def test_device_panel_shows_the_layout_and_the_groups_under_torchrun() -> None:
@@ -547,6 +570,16 @@ def test_the_rewrite_asks_the_vlm_and_the_edit_uses_and_shows_its_prompt(e1_full
     # without the option ticked the VLM is not asked and the bare instruction is what the model gets
     outcome = web.edit(png(tmp_path / "a.png"), "make it blue", EditParams(steps=1, seed=2))
     assert outcome.prompt == "make it blue" and len(vlm.requests) == 1
+
+
+def test_settings_wrong_for_the_model_fail_before_the_vlm_is_asked(vlm: FakeVLM, tmp_path: Path) -> None:
+    class RefusingEditor(ScriptedEditor):
+        def resolve(self, request: Any) -> Any:
+            raise UserError("steps must be between 1 and 1000, got 0")
+
+    web = WebEditor(RefusingEditor("e1-full"), WebSettings(results_dir=tmp_path, vlm=vlm.settings()))  # type: ignore[arg-type]
+    outcome = web.edit(png(tmp_path / "a.png"), "make it blue", EditParams(steps=0, rewrite=True))
+    assert outcome.status == "Error: steps must be between 1 and 1000, got 0" and vlm.requests == []
 
 
 def test_a_failed_rewrite_is_an_error_or_with_the_fallback_the_bare_instruction(vlm: FakeVLM, tmp_path: Path) -> None:
@@ -723,6 +756,7 @@ class ScriptedEditor:
         self.requests: list[Any] = []
         self.activity: list[str] = []
         self.web: WebEditor | None = None
+        self.result: EditResult | None = None  # what an edit returns after its steps; None: it fails
 
     def resolve(self, request: Any) -> Any:
         self.requests.append(request)
@@ -734,7 +768,9 @@ class ScriptedEditor:
         for done in (1, 2):
             on_step(done, 2)
             self.activity.append(self.web.activity)
-        raise UserError("no model here")
+        if self.result is None:
+            raise UserError("no model here")
+        return self.result
 
 
 def scripted_web(tmp_path: Path) -> tuple[WebEditor, ScriptedEditor]:
@@ -754,6 +790,8 @@ def test_the_advanced_settings_reach_the_edit_request(tmp_path: Path) -> None:
             request.refine_strength, request.clip_cfg_norm, request.seed, request.keep_aspect) == (
         "make it red", "blurry", 3, 4.5, 2.0, 0.25, False, 9, True)
     assert request.image.size == (48, 32)
+    outcome = web.edit(png(tmp_path / "a.png"), "make it red", params)
+    assert (outcome.seed, outcome.prompt) == (9, "make it red")  # the page shows them even when the edit failed
 
 
 def test_random_seeds_stay_exact_in_the_browser_and_an_empty_seed_box_draws_one(tmp_path: Path) -> None:
@@ -766,7 +804,10 @@ def test_random_seeds_stay_exact_in_the_browser_and_an_empty_seed_box_draws_one(
 
 def test_the_panels_now_line_follows_an_edit_step_by_step_and_says_when_it_decodes(tmp_path: Path) -> None:
     web, editor = scripted_web(tmp_path)
-    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(steps=2, seed=1))
+    progress = Recorder()
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(steps=2, seed=1), progress=progress)
+    assert progress.calls == [(0.0, "encoding the instruction and the image"), (0.5, "step 1 of 2"),
+                              (1.0, "step 2 of 2")]
     assert editor.activity == ["editing a.png: encoding", "editing a.png: step 1 of 2",
                                "editing a.png: step 2 of 2, decoding"]
     assert web.activity == "idle"
@@ -782,6 +823,25 @@ def test_batch_progress_counts_each_images_steps_as_its_share_of_the_batch(tmp_p
                               (0.75, "image 2 of 2 (b.png): step 1 of 2"), (1.0, "image 2 of 2 (b.png): step 2 of 2")]
     assert editor.activity[-2:] == ["batch image 2 of 2 (b.png): step 1 of 2",
                                     "batch image 2 of 2 (b.png): step 2 of 2, decoding"]
+    (batch_dir,) = (tmp_path / "r").iterdir()
+    summary = json.loads((batch_dir / "summary.json").read_text())
+    failed = [(entry["status"], entry["error"], entry["seed"]) for entry in summary]
+    assert failed == [("failed", "no model here", 1)] * 2  # a failed image's seed is kept for a rerun
+
+
+def test_the_status_says_how_long_the_edit_or_batch_took(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hidream_edit.web import service
+
+    web, editor = scripted_web(tmp_path)
+    editor.result = EditResult(Image.new("RGB", (48, 32)), {"timings": {"step_s": [1.0, 1.0], "encode_s": 0.5,
+                                                                         "decode_s": 0.5, "total_s": 3.0}})
+    clock = iter([100.0, 103.5, 200.0, 212.25])
+    monkeypatch.setattr(service, "time", SimpleNamespace(perf_counter=lambda: next(clock), strftime=time.strftime,
+                                                         monotonic=time.monotonic, time=time.time))
+    outcome = web.edit(png(tmp_path / "a.png"), "make it red", EditParams(steps=2, seed=1))
+    assert outcome.status.startswith("Done in 3.50 s with seed 1: 2 steps in 2.00 s"), outcome.status
+    batch = web.batch([str(png(tmp_path / "b.png"))], "make it red", EditParams(steps=2, seed=1))
+    assert batch.status.startswith("Batch 1 of 1 images edited in 12.2 s; zip: batch-"), batch.status
 
 
 def test_a_stopped_batch_opens_and_rewrites_nothing_more(vlm: FakeVLM, tmp_path: Path) -> None:
@@ -877,6 +937,16 @@ def test_old_and_excess_results_are_pruned_oldest_first_and_nothing_else(tmp_pat
     assert prune_results(tmp_path, 500, None, now=now) == [batch]  # 700 bytes of results: the oldest goes
     left = sorted(path.name for path in tmp_path.iterdir())
     assert left == sorted([f"{edit_new}-dog.png", *(path.name for path in foreign)])
+
+
+def test_the_size_bound_removes_the_oldest_results_whatever_order_the_folder_lists_them_in(tmp_path: Path) -> None:
+    now = float(int(time.time()))
+    ages = list(range(1, 11))
+    random.Random(3).shuffle(ages)  # created in a shuffled order, names sorting opposite to age
+    for age in ages:
+        _result(tmp_path, f"edit-20240101-000000-{age:08x}-cat.png", 100, age * 60, now)
+    removed = prune_results(tmp_path, 500, None, now=now)
+    assert removed == [f"edit-20240101-000000-{age:08x}" for age in range(10, 5, -1)]  # the five oldest
 
 
 def test_a_result_is_kept_while_its_edit_saves_it_and_pruned_like_any_other_after(
