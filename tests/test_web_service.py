@@ -27,6 +27,7 @@ from hidream_edit.editor import Editor, EditResult
 from hidream_edit.errors import EditCancelled, UserError
 from hidream_edit.instructions import VLMSettings
 from hidream_edit.spec import MODELS
+from hidream_edit.step_cache import CacheSettings
 from hidream_edit.web.command_line import parse_command_line
 from hidream_edit.web.service import (
     CODE_DIR,
@@ -792,6 +793,22 @@ def test_the_advanced_settings_reach_the_edit_request(tmp_path: Path) -> None:
     assert request.image.size == (48, 32)
     outcome = web.edit(png(tmp_path / "a.png"), "make it red", params)
     assert (outcome.seed, outcome.prompt) == (9, "make it red")  # the page shows them even when the edit failed
+
+
+def test_the_step_cache_fields_the_page_leaves_empty_come_from_the_servers_flags(tmp_path: Path) -> None:
+    editor = ScriptedEditor("e1.1")
+    web = WebEditor(editor, WebSettings(results_dir=tmp_path / "r",  # type: ignore[arg-type]
+                                        cache=CacheSettings("dbcache", 0.08, 8, 3)))
+    editor.web = web
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(cache="", cache_threshold=""))
+    request = editor.requests[-1]
+    assert (request.cache, request.cache_threshold, request.cache_warmup, request.cache_max_skip) == (
+        "dbcache", 0.08, 8, 3)
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(cache="taylorseer", cache_threshold=0.2,
+                                                               cache_warmup=2.0, cache_max_skip=0))
+    request = editor.requests[-1]
+    assert (request.cache, request.cache_threshold, request.cache_warmup, request.cache_max_skip) == (
+        "taylorseer", 0.2, 2, 0)  # the page's values win, a max-skip of 0 included
 
 
 def test_random_seeds_stay_exact_in_the_browser_and_an_empty_seed_box_draws_one(tmp_path: Path) -> None:
