@@ -354,6 +354,17 @@ def test_a_zip_that_unpacks_to_exactly_four_uploads_is_accepted(tmp_path: Path) 
     assert [item.name for item in items] == [f"four.zip/{index}.png" for index in range(4)] and errors == []
 
 
+def test_a_zip_without_images_says_so(tmp_path: Path) -> None:
+    web = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path / "r"))
+    archive = tmp_path / "mac.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("__MACOSX/._photo.png", b"resource fork")
+        zf.writestr(".DS_Store", b"")
+    assert web.collect_batch([str(archive)]) == ([], [("mac.zip", "contains no images")])
+    outcome = web.batch([str(archive)], "make it red", FAST)
+    assert outcome.status == "Error: no images to edit (mac.zip: contains no images)"
+
+
 def test_instruction_lines() -> None:
     assert WebEditor.instructions_for("make it red\n\n", 3) == ["make it red"] * 3
     assert WebEditor.instructions_for(" a \n b ", 2) == ["a", "b"]
@@ -583,6 +594,16 @@ def test_settings_wrong_for_the_model_fail_before_the_vlm_is_asked(vlm: FakeVLM,
     assert outcome.status == "Error: steps must be between 1 and 1000, got 0" and vlm.requests == []
 
 
+def test_a_target_description_is_used_without_saying_the_vlm_rewrites(vlm: FakeVLM, tmp_path: Path) -> None:
+    editor = ScriptedEditor("e1-full")
+    web = WebEditor(editor, WebSettings(results_dir=tmp_path, vlm=vlm.settings()))  # type: ignore[arg-type]
+    editor.web = web
+    progress = Recorder()
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(rewrite=True, target_description="a red square"),
+             progress=progress)
+    assert vlm.requests == [] and progress.calls[0] == (0.0, "encoding the instruction and the image")
+
+
 def test_a_failed_rewrite_is_an_error_or_with_the_fallback_the_bare_instruction(vlm: FakeVLM, tmp_path: Path) -> None:
     vlm.reply = (400, b'{"error": "no such model"}')
     image = Image.new("RGB", (8, 8))
@@ -793,6 +814,9 @@ def test_the_advanced_settings_reach_the_edit_request(tmp_path: Path) -> None:
     assert request.image.size == (48, 32)
     outcome = web.edit(png(tmp_path / "a.png"), "make it red", params)
     assert (outcome.seed, outcome.prompt) == (9, "make it red")  # the page shows them even when the edit failed
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(seed=1))  # an untouched page: the model's defaults
+    request = editor.requests[-1]
+    assert (request.negative, request.steps, request.guidance, request.keep_aspect) == (None, None, None, False)
 
 
 def test_the_step_cache_fields_the_page_leaves_empty_come_from_the_servers_flags(tmp_path: Path) -> None:
