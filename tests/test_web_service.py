@@ -7,6 +7,8 @@ import errno
 import json
 import logging
 import os
+import pwd
+import random
 import re
 import threading
 import time
@@ -21,10 +23,11 @@ from PIL import Image
 from web_helpers import GOOD_PROMPT, FakeVLM, files_under, png, png_bytes, running_fake_vlm, stub_editor
 
 from hidream_edit.config import ENV_WEB_AUTH as AUTH_ENV
-from hidream_edit.editor import Editor
+from hidream_edit.editor import Editor, EditResult
 from hidream_edit.errors import EditCancelled, UserError
 from hidream_edit.instructions import VLMSettings
 from hidream_edit.spec import MODELS
+from hidream_edit.step_cache import CacheSettings
 from hidream_edit.web.command_line import parse_command_line
 from hidream_edit.web.service import (
     CODE_DIR,
@@ -40,6 +43,7 @@ from hidream_edit.web.service import (
     check_text_length,
     device_panel_markdown,
     error_message,
+    home_dirs,
     parse_auth,
     prune_results,
     run_cancellable,
@@ -150,6 +154,7 @@ def test_stop_cancels_between_steps_and_saves_nothing(web: WebEditor, results: P
     outcome = web.edit(png(tmp_path / "a.png"), "make it red", FAST, stops.checker("session-a", submitted),
                        Recorder(press_stop_after_first_step))
     assert outcome.status == "Stopped after step 1 of 2; nothing was saved."
+    assert (outcome.seed, outcome.prompt) == (5, "make it red")  # still shown, to run it again
     assert outcome.image_path is None and outcome.files is None
     assert files_under(results) == []
     assert web.activity == "idle"
@@ -248,6 +253,8 @@ def test_batch_runs_every_image_lists_failures_and_zips_the_results(web: WebEdit
     assert [entry["status"] for entry in summary] == ["ok", "ok", "ok", "failed"]
     assert summary_text == json.dumps(summary, indent=2)  # one entry field per line, as the CLI writes its summary
     assert summary[3]["instruction"] == "make it gold"
+    assert (summary[0]["output"], summary[0]["seed"]) == ("001-first.png", 7)  # what made each image, for a rerun
+    assert len(summary[0]["timings"]["step_s"]) == 1
     assert summary[3]["error"] == errors["holiday.zip/pics/broken.png"]
     assert "holiday.zip/notes.txt: skipped" in errors_txt
     metadata = json.loads((outcome.batch_dir / "003-b.png.json").read_text())
@@ -336,6 +343,28 @@ def test_zip_entries_over_the_size_limit_are_skipped(web: WebEditor, tmp_path: P
     assert errors == [("big.zip/huge.png", "skipped: 2.0 MiB is over the 1 MiB limit")]
 
 
+def test_a_zip_that_unpacks_to_exactly_four_uploads_is_accepted(tmp_path: Path) -> None:
+    """The bound is "more than 4 x the upload limit": four entries each at the limit are still a batch."""
+    web = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path / "r", max_upload_mb=1, max_batch=4))
+    archive = tmp_path / "four.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for index in range(4):
+            zf.writestr(f"{index}.png", b"\0" * 2**20)
+    items, errors = web.collect_batch([str(archive)])
+    assert [item.name for item in items] == [f"four.zip/{index}.png" for index in range(4)] and errors == []
+
+
+def test_a_zip_without_images_says_so(tmp_path: Path) -> None:
+    web = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path / "r"))
+    archive = tmp_path / "mac.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("__MACOSX/._photo.png", b"resource fork")
+        zf.writestr(".DS_Store", b"")
+    assert web.collect_batch([str(archive)]) == ([], [("mac.zip", "contains no images")])
+    outcome = web.batch([str(archive)], "make it red", FAST)
+    assert outcome.status == "Error: no images to edit (mac.zip: contains no images)"
+
+
 def test_instruction_lines() -> None:
     assert WebEditor.instructions_for("make it red\n\n", 3) == ["make it red"] * 3
     assert WebEditor.instructions_for(" a \n b ", 2) == ["a", "b"]
@@ -377,6 +406,17 @@ def test_stop_only_affects_jobs_of_the_same_session_submitted_before_it() -> Non
     assert stops.checker("b", before)() is False  # nor another session's job
 
 
+def test_a_stop_in_the_same_clock_tick_as_the_submission_stops_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coarse monotonic clock can give the Edit and a Stop pressed right after it the same time."""
+    from hidream_edit.web import service
+
+    monkeypatch.setattr(service, "time", SimpleNamespace(monotonic=lambda: 1234.5))
+    stops = StopRegistry()
+    check = stops.checker("s", None)
+    stops.request("s")
+    assert check()
+
+
 def test_stops_are_forgotten_a_day_after_the_sessions_last_stop_and_not_before(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -415,6 +455,7 @@ def test_result_names_are_unique_sanitised_and_inside_the_results_dir(tmp_path: 
         assert path.parent == tmp_path.resolve()
         assert path.name.startswith("edit-") and path.name.endswith("-pass_wd.png")
     assert safe_stem(".bashrc") == "bashrc" and safe_stem("") == "image" and safe_stem("日本.png") == "image"
+    assert safe_stem("a" * 300 + ".png") == "a" * 40  # a long upload name still makes a short result name
 
 
 def test_a_name_whose_image_or_sidecar_exists_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -466,6 +507,16 @@ def test_the_results_folder_is_made_with_its_missing_parents(tmp_path: Path) -> 
     assert results.is_dir()
 
 
+def test_the_password_databases_home_is_kept_out_of_even_without_home_set(tmp_path: Path) -> None:
+    """A service started with no $HOME (systemd, cron) must still refuse the user's home as the results dir."""
+    try:
+        pw_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        pytest.skip("this uid has no entry in the password database")
+    assert home_dirs({}) == [pw_home]
+    assert home_dirs({"HOME": str(tmp_path)}) == [tmp_path, pw_home]
+
+
 def test_timings_keep_two_decimals_below_ten_seconds_and_one_from_ten() -> None:
     one = {"timings": {"step_s": [10.0], "encode_s": 9.99, "decode_s": 0.004, "total_s": 12.0}}
     assert timing_summary(one) == "1 step in 10.0 s (10.00 s/step), encode 9.99 s, decode 0.00 s, total 12.0 s"
@@ -487,6 +538,11 @@ def test_device_panel_shows_device_memory_and_the_last_timings() -> None:
     assert "**Now** editing a.png: step 3 of 28" in text
     assert "**Last edit** 2 steps in 2.20 s (1.10 s/step), encode 0.80 s, decode 0.50 s, total 3.50 s" in text
     assert "**Layout** one process" in text
+
+
+def test_before_the_first_edit_the_panel_says_how_long_the_model_took_to_load(tmp_path: Path) -> None:
+    panel = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path)).device_panel()
+    assert panel.split("  \n")[-1] == "**Last edit** none yet (model loaded in 1.50 s)"
 
 
 def test_device_panel_shows_the_layout_and_the_groups_under_torchrun() -> None:
@@ -531,6 +587,26 @@ def test_the_rewrite_asks_the_vlm_and_the_edit_uses_and_shows_its_prompt(e1_full
     # without the option ticked the VLM is not asked and the bare instruction is what the model gets
     outcome = web.edit(png(tmp_path / "a.png"), "make it blue", EditParams(steps=1, seed=2))
     assert outcome.prompt == "make it blue" and len(vlm.requests) == 1
+
+
+def test_settings_wrong_for_the_model_fail_before_the_vlm_is_asked(vlm: FakeVLM, tmp_path: Path) -> None:
+    class RefusingEditor(ScriptedEditor):
+        def resolve(self, request: Any) -> Any:
+            raise UserError("steps must be between 1 and 1000, got 0")
+
+    web = WebEditor(RefusingEditor("e1-full"), WebSettings(results_dir=tmp_path, vlm=vlm.settings()))  # type: ignore[arg-type]
+    outcome = web.edit(png(tmp_path / "a.png"), "make it blue", EditParams(steps=0, rewrite=True))
+    assert outcome.status == "Error: steps must be between 1 and 1000, got 0" and vlm.requests == []
+
+
+def test_a_target_description_is_used_without_saying_the_vlm_rewrites(vlm: FakeVLM, tmp_path: Path) -> None:
+    editor = ScriptedEditor("e1-full")
+    web = WebEditor(editor, WebSettings(results_dir=tmp_path, vlm=vlm.settings()))  # type: ignore[arg-type]
+    editor.web = web
+    progress = Recorder()
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(rewrite=True, target_description="a red square"),
+             progress=progress)
+    assert vlm.requests == [] and progress.calls[0] == (0.0, "encoding the instruction and the image")
 
 
 def test_a_failed_rewrite_is_an_error_or_with_the_fallback_the_bare_instruction(vlm: FakeVLM, tmp_path: Path) -> None:
@@ -675,6 +751,7 @@ def test_the_upload_limit_is_in_mib_as_its_messages_say(tmp_path: Path) -> None:
         zf.writestr("over.png", b"\0" * (2**20 + 1))
     items, errors = web.collect_batch([str(archive)])
     assert [item.name for item in items] == ["sizes.zip/exact.png", "sizes.zip/under.png"]
+    assert items[0].source == b"\0" * 2**20  # an entry at the limit is read whole, not cut short
     assert errors == [("sizes.zip/over.png", "skipped: 1.0 MiB is over the 1 MiB limit")]
 
 
@@ -695,6 +772,122 @@ class StoppingEditor:
         self.press_stop()
         assert should_stop is not None and should_stop()
         raise EditCancelled("stopped at step 1 of 2")
+
+
+class ScriptedEditor:
+    """An Editor without a model: keeps each request, runs two steps noting the panel's "Now" line, then fails."""
+
+    def __init__(self, model: str) -> None:
+        stub = stub_editor(model)
+        self.settings, self.defaults = stub.settings, stub.defaults
+        self.requests: list[Any] = []
+        self.activity: list[str] = []
+        self.web: WebEditor | None = None
+        self.result: EditResult | None = None  # what an edit returns after its steps; None: it fails
+
+    def resolve(self, request: Any) -> Any:
+        self.requests.append(request)
+        return request
+
+    def edit(self, request: Any, on_step=None, should_stop=None) -> Any:
+        assert self.web is not None and on_step is not None
+        self.activity.append(self.web.activity)
+        for done in (1, 2):
+            on_step(done, 2)
+            self.activity.append(self.web.activity)
+        if self.result is None:
+            raise UserError("no model here")
+        return self.result
+
+
+def scripted_web(tmp_path: Path) -> tuple[WebEditor, ScriptedEditor]:
+    editor = ScriptedEditor("e1.1")
+    web = WebEditor(editor, WebSettings(results_dir=tmp_path / "r"))  # type: ignore[arg-type]
+    editor.web = web
+    return web, editor
+
+
+def test_the_advanced_settings_reach_the_edit_request(tmp_path: Path) -> None:
+    web, editor = scripted_web(tmp_path)
+    params = EditParams(negative="blurry", steps=3.0, guidance=4.5, image_guidance=2.0, refine_strength=0.25,
+                        clip_cfg_norm=False, seed=9.0, keep_aspect=True)  # the browser sends numbers as floats
+    assert web.edit(png(tmp_path / "a.png"), "make it red", params).status == "Error: no model here"
+    request = editor.requests[-1]
+    assert (request.instruction, request.negative, request.steps, request.guidance, request.image_guidance,
+            request.refine_strength, request.clip_cfg_norm, request.seed, request.keep_aspect) == (
+        "make it red", "blurry", 3, 4.5, 2.0, 0.25, False, 9, True)
+    assert request.image.size == (48, 32)
+    outcome = web.edit(png(tmp_path / "a.png"), "make it red", params)
+    assert (outcome.seed, outcome.prompt) == (9, "make it red")  # the page shows them even when the edit failed
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(seed=1))  # an untouched page: the model's defaults
+    request = editor.requests[-1]
+    assert (request.negative, request.steps, request.guidance, request.keep_aspect) == (None, None, None, False)
+
+
+def test_the_step_cache_fields_the_page_leaves_empty_come_from_the_servers_flags(tmp_path: Path) -> None:
+    editor = ScriptedEditor("e1.1")
+    web = WebEditor(editor, WebSettings(results_dir=tmp_path / "r",  # type: ignore[arg-type]
+                                        cache=CacheSettings("dbcache", 0.08, 8, 3)))
+    editor.web = web
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(cache="", cache_threshold=""))
+    request = editor.requests[-1]
+    assert (request.cache, request.cache_threshold, request.cache_warmup, request.cache_max_skip) == (
+        "dbcache", 0.08, 8, 3)
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(cache="taylorseer", cache_threshold=0.2,
+                                                               cache_warmup=2.0, cache_max_skip=0))
+    request = editor.requests[-1]
+    assert (request.cache, request.cache_threshold, request.cache_warmup, request.cache_max_skip) == (
+        "taylorseer", 0.2, 2, 0)  # the page's values win, a max-skip of 0 included
+
+
+def test_random_seeds_stay_exact_in_the_browser_and_an_empty_seed_box_draws_one(tmp_path: Path) -> None:
+    web = WebEditor(stub_editor("e1.1"), WebSettings(results_dir=tmp_path))
+    seeds = {web.choose_seed(EditParams(seed=5, random_seed=True)) for _ in range(64)}
+    assert len(seeds) > 1 and all(0 <= seed < 2**31 for seed in seeds)  # below 2**31: typed back, it is the same
+    assert 0 <= web.choose_seed(EditParams(seed=float("nan"))) < 2**31  # what an emptied number box sends
+    assert web.choose_seed(EditParams(seed=12.0)) == 12
+
+
+def test_the_panels_now_line_follows_an_edit_step_by_step_and_says_when_it_decodes(tmp_path: Path) -> None:
+    web, editor = scripted_web(tmp_path)
+    progress = Recorder()
+    web.edit(png(tmp_path / "a.png"), "make it red", EditParams(steps=2, seed=1), progress=progress)
+    assert progress.calls == [(0.0, "encoding the instruction and the image"), (0.5, "step 1 of 2"),
+                              (1.0, "step 2 of 2")]
+    assert editor.activity == ["editing a.png: encoding", "editing a.png: step 1 of 2",
+                               "editing a.png: step 2 of 2, decoding"]
+    assert web.activity == "idle"
+
+
+def test_batch_progress_counts_each_images_steps_as_its_share_of_the_batch(tmp_path: Path) -> None:
+    web, editor = scripted_web(tmp_path)
+    progress = Recorder()
+    images = [str(png(tmp_path / f"{name}.png")) for name in ("a", "b")]
+    web.batch(images, "make it red", EditParams(steps=2, seed=1), progress=progress)
+    assert progress.calls == [(0.0, "image 1 of 2: encoding"), (0.25, "image 1 of 2 (a.png): step 1 of 2"),
+                              (0.5, "image 1 of 2 (a.png): step 2 of 2"), (0.5, "image 2 of 2: encoding"),
+                              (0.75, "image 2 of 2 (b.png): step 1 of 2"), (1.0, "image 2 of 2 (b.png): step 2 of 2")]
+    assert editor.activity[-2:] == ["batch image 2 of 2 (b.png): step 1 of 2",
+                                    "batch image 2 of 2 (b.png): step 2 of 2, decoding"]
+    (batch_dir,) = (tmp_path / "r").iterdir()
+    summary = json.loads((batch_dir / "summary.json").read_text())
+    failed = [(entry["status"], entry["error"], entry["seed"]) for entry in summary]
+    assert failed == [("failed", "no model here", 1)] * 2  # a failed image's seed is kept for a rerun
+
+
+def test_the_status_says_how_long_the_edit_or_batch_took(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hidream_edit.web import service
+
+    web, editor = scripted_web(tmp_path)
+    editor.result = EditResult(Image.new("RGB", (48, 32)), {"timings": {"step_s": [1.0, 1.0], "encode_s": 0.5,
+                                                                         "decode_s": 0.5, "total_s": 3.0}})
+    clock = iter([100.0, 103.5, 200.0, 212.25])
+    monkeypatch.setattr(service, "time", SimpleNamespace(perf_counter=lambda: next(clock), strftime=time.strftime,
+                                                         monotonic=time.monotonic, time=time.time))
+    outcome = web.edit(png(tmp_path / "a.png"), "make it red", EditParams(steps=2, seed=1))
+    assert outcome.status.startswith("Done in 3.50 s with seed 1: 2 steps in 2.00 s"), outcome.status
+    batch = web.batch([str(png(tmp_path / "b.png"))], "make it red", EditParams(steps=2, seed=1))
+    assert batch.status.startswith("Batch 1 of 1 images edited in 12.2 s; zip: batch-"), batch.status
 
 
 def test_a_stopped_batch_opens_and_rewrites_nothing_more(vlm: FakeVLM, tmp_path: Path) -> None:
@@ -755,6 +948,8 @@ def test_the_page_lists_the_first_problems_and_counts_the_rest() -> None:
     assert len(lines) == LISTED_PROBLEMS + 1 and lines[0] == "big0.png: skipped: over the limit"
     assert lines[-1] == f"... and {500 - LISTED_PROBLEMS} more"
     assert BatchOutcome("Batch", errors=[("a.png", "x")]).errors_text == "a.png: x"
+    exactly = BatchOutcome("Batch", errors=[(f"{number}.png", "x") for number in range(LISTED_PROBLEMS)])
+    assert exactly.errors_text.splitlines()[-1] == f"{LISTED_PROBLEMS - 1}.png: x"  # all listed: no "and 0 more"
 
 
 def _result(folder: Path, name: str, size: int, age_s: float, now: float) -> Path:
@@ -790,6 +985,16 @@ def test_old_and_excess_results_are_pruned_oldest_first_and_nothing_else(tmp_pat
     assert left == sorted([f"{edit_new}-dog.png", *(path.name for path in foreign)])
 
 
+def test_the_size_bound_removes_the_oldest_results_whatever_order_the_folder_lists_them_in(tmp_path: Path) -> None:
+    now = float(int(time.time()))
+    ages = list(range(1, 11))
+    random.Random(3).shuffle(ages)  # created in a shuffled order, names sorting opposite to age
+    for age in ages:
+        _result(tmp_path, f"edit-20240101-000000-{age:08x}-cat.png", 100, age * 60, now)
+    removed = prune_results(tmp_path, 500, None, now=now)
+    assert removed == [f"edit-20240101-000000-{age:08x}" for age in range(10, 5, -1)]  # the five oldest
+
+
 def test_a_result_is_kept_while_its_edit_saves_it_and_pruned_like_any_other_after(
     e1_1_editor: Editor, results: Path, tmp_path: Path
 ) -> None:
@@ -813,5 +1018,7 @@ def test_the_results_bound_applies_from_the_start_and_is_a_flag(tmp_path: Path) 
     _, _, settings = parse_command_line(["--results-dir", str(results), "--max-results-gb", "0.5",
                                          "--keep-results-hours", "0"], {})
     assert (settings.max_results_bytes, settings.keep_results_s) == (2**29, None)
+    _, _, settings = parse_command_line(["--results-dir", str(results), "--max-results-gb", "0"], {})
+    assert settings.max_results_bytes is None  # 0: no size bound, not a bound of 0 bytes that removes everything
     with pytest.raises(UserError, match="--max-results-gb must be a finite number, 0 or more"):
         parse_command_line(["--max-results-gb", "-1"], {})
