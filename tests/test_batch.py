@@ -428,6 +428,18 @@ def test_each_edit_shows_its_steps_and_saves_into_folders_made_as_needed(
     assert "step 1/2" in capsys.readouterr().err
 
 
+def test_with_overwrite_a_different_output_is_replaced(tmp_path: Path) -> None:
+    sources = write_images(tmp_path, ["a.png", "b.png"])
+    items = [BatchItem(i, p.name, replace(TEMPLATE, image=p), tmp_path / "out" / p.name) for i, p in enumerate(sources)]
+    (tmp_path / "out").mkdir()
+    items[0].output.write_bytes(b"an earlier, different output")
+    editor = FakeEditor({"a.png": "ok", "b.png": "ok"})
+    states = [OutputState("different", "seed was 1, now 2"), OutputState("absent")]
+    records = run_items(items, states, lambda: editor, LocalQueue(), True, BatchProgress(2, False))  # type: ignore
+    assert [r.status for r in records] == ["ok", "ok"], records
+    assert Image.open(items[0].output).size == (8, 8)
+
+
 def test_repeated_editor_warnings_are_shown_once_per_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sources = write_images(tmp_path, ["a.png", "b.png"])
     items = [BatchItem(i, p.name, replace(TEMPLATE, image=p), tmp_path / "out" / p.name) for i, p in enumerate(sources)]
