@@ -185,6 +185,14 @@ def test_folder_lists_supported_images_sorted_skipping_hidden_and_outputs(tmp_pa
     assert deep[2].output == source / "out" / "sub" / "c.png"
 
 
+def test_folder_items_are_in_path_order_whatever_order_the_folder_lists(tmp_path: Path) -> None:
+    """Item numbers, the ranks' shares and the summary's order follow the path, not the filesystem."""
+    names = ["d.png", "b.png", "f.png", "a.png", "e.png", "c.png"]
+    write_images(tmp_path / "in", names)
+    items = folder_items(tmp_path / "in", tmp_path / "out", False, replace(TEMPLATE, instruction="x"), E1_1, False)
+    assert [item.label for item in items] == sorted(names) and [item.index for item in items] == list(range(6))
+
+
 def test_folder_mistakes(tmp_path: Path) -> None:
     request = replace(TEMPLATE, instruction="x")
     (tmp_path / "empty" / "sub").mkdir(parents=True)
