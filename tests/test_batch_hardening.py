@@ -9,6 +9,7 @@ stand-in group in this process (the collectives are not the point here).
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -127,6 +128,24 @@ def test_a_second_batch_on_a_locked_output_dir_names_the_holder_and_loads_nothin
     assert list(out.iterdir()) == []  # the holder removes the lock file
     with batch.output_dir_lock(out):  # free again
         pass
+
+
+@pytest.mark.parametrize(("line", "holder"), [("4242 build-node-7\n", "process 4242 on build-node-7"),
+                                             ("4242\n", "process 4242 on an unknown host"),
+                                             ("", "another process")])
+def test_the_lock_holder_is_named_from_its_line_when_it_runs_elsewhere(tmp_path: Path, line: str, holder: str) -> None:
+    """A holder on another host of a shared folder (or one that has not written its line yet)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / batch.LOCK_NAME, "w") as held:
+        held.write(line)
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with (
+            pytest.raises(UserError, match=rf"is in use by another batch \({holder}\); wait"),
+            batch.output_dir_lock(out),
+        ):
+            pass
 
 
 def test_a_lock_file_removed_while_it_was_being_locked_is_made_again(
