@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -446,11 +447,14 @@ def test_rank_0_whose_wait_failed_but_got_every_record_reports_no_loss(
     from_rank_1 = [{"index": 1, "label": "b.png", "image": "b.png", "output": "out/b.png", "status": "ok",
                     "seconds": 0.5, "rank": 1}]
     group = FakeRankGroup(0, 2, claims=[0, 2], others={1: from_rank_1}, lost=True)  # all there in the end
+    started = time.perf_counter()
     assert run_as_rank(tmp_path, monkeypatch, group, items) == 0
+    took = time.perf_counter() - started
     out, err = capsys.readouterr()
     assert error_lines(err) == [] and "images:" in err and group.closed  # rank 0 draws the bar
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["counts"]["ok"] == 2 and summary["lost_ranks"] == []
+    assert 0 < summary["seconds"] <= took and 0 <= summary["items"][0]["seconds"] <= took  # durations, rank 0's own
 
 
 @pytest.mark.parametrize("earlier", [True, False])
