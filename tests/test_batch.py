@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +76,7 @@ def test_a_long_list_of_problems_shows_the_first_twenty_and_counts_the_rest() ->
     assert str(error) == "line 1: bad (and 24 more)"
     assert error.lines() == [f"line {n}: bad" for n in range(1, 21)] + ["... and 5 more problems"]
     assert BatchError(["line 1: bad"]).lines() == ["line 1: bad"] and str(BatchError(["line 1: bad"])) == "line 1: bad"
+    assert str(BatchError(["line 1: bad", "line 2: bad"])) == "line 1: bad (and 1 more)"
 
 
 # Reading a manifest
@@ -176,9 +179,18 @@ def test_folder_lists_supported_images_sorted_skipping_hidden_and_outputs(tmp_pa
     flat = folder_items(source, source / "out", False, replace(TEMPLATE, instruction="x"), E1_1, False)
     assert [item.label for item in flat] == ["a.JPG", "b.png"] and [i.index for i in flat] == [0, 1]
     assert flat[0].output == source / "out" / "a.JPG" and flat[0].request.instruction == "x"
+    assert flat[0].image == source / "a.JPG"  # each item edits its own image, not the template's
     deep = folder_items(source, source / "out", True, replace(TEMPLATE, instruction="x"), E1_1, False)
     assert [item.label for item in deep] == ["a.JPG", "b.png", "sub/c.png"]
     assert deep[2].output == source / "out" / "sub" / "c.png"
+
+
+def test_folder_items_are_in_path_order_whatever_order_the_folder_lists(tmp_path: Path) -> None:
+    """Item numbers, the ranks' shares and the summary's order follow the path, not the filesystem."""
+    names = ["d.png", "b.png", "f.png", "a.png", "e.png", "c.png"]
+    write_images(tmp_path / "in", names)
+    items = folder_items(tmp_path / "in", tmp_path / "out", False, replace(TEMPLATE, instruction="x"), E1_1, False)
+    assert [item.label for item in items] == sorted(names) and [item.index for item in items] == list(range(6))
 
 
 def test_folder_mistakes(tmp_path: Path) -> None:
@@ -394,6 +406,48 @@ def test_item_failures_are_recorded_and_the_loop_goes_on(tmp_path: Path, caplog:
     assert tracebacks["item bug.png failed"] is KeyError and tracebacks["item oom.png failed"] is torch.OutOfMemoryError
 
 
+def test_an_item_error_is_one_line_and_only_out_of_memory_gets_the_memory_hint() -> None:
+    assert batch.item_error_line(RuntimeError("NPU kernel failed\n  at op 7")) == "RuntimeError: NPU kernel failed"
+    assert batch.item_error_line(RuntimeError("NPU out of memory")).startswith("out of device memory (NPU out of")
+    assert batch.item_error_line(UserError("the output contains NaN")) == "the output contains NaN"
+    assert batch.item_error_line(ValueError()) == "ValueError"
+
+
+def test_each_edit_shows_its_steps_and_saves_into_folders_made_as_needed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output folder removed after the checks (or never made, outside run_batch) is made at save time."""
+    sources = write_images(tmp_path, ["a.png", "b.png"])
+    items = [BatchItem(i, p.name, replace(TEMPLATE, image=p), tmp_path / "out" / "deep" / p.name)
+             for i, p in enumerate(sources)]
+
+    class SteppingEditor(FakeEditor):
+        def edit(self, request: EditRequest, on_step: Any = None) -> EditResult:
+            on_step(1, 2)
+            return super().edit(request, on_step)
+
+    editor = SteppingEditor({"a.png": "ok", "b.png": "ok"})
+    with BatchProgress(2, enabled=True) as progress:
+        records = run_items(items, [OutputState("absent")] * 2, lambda: editor, LocalQueue(), False,  # type: ignore
+                            progress)
+    assert [r.status for r in records] == ["ok", "ok"]
+    assert sorted(p.name for p in (tmp_path / "out" / "deep").iterdir()) == ["a.png", "a.png.json", "b.png",
+                                                                            "b.png.json"]
+    assert "step 1/2" in capsys.readouterr().err
+
+
+def test_with_overwrite_a_different_output_is_replaced(tmp_path: Path) -> None:
+    sources = write_images(tmp_path, ["a.png", "b.png"])
+    items = [BatchItem(i, p.name, replace(TEMPLATE, image=p), tmp_path / "out" / p.name) for i, p in enumerate(sources)]
+    (tmp_path / "out").mkdir()
+    items[0].output.write_bytes(b"an earlier, different output")
+    editor = FakeEditor({"a.png": "ok", "b.png": "ok"})
+    states = [OutputState("different", "seed was 1, now 2"), OutputState("absent")]
+    records = run_items(items, states, lambda: editor, LocalQueue(), True, BatchProgress(2, False))  # type: ignore
+    assert [r.status for r in records] == ["ok", "ok"], records
+    assert Image.open(items[0].output).size == (8, 8)
+
+
 def test_repeated_editor_warnings_are_shown_once_per_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     sources = write_images(tmp_path, ["a.png", "b.png"])
     items = [BatchItem(i, p.name, replace(TEMPLATE, image=p), tmp_path / "out" / p.name) for i, p in enumerate(sources)]
@@ -449,12 +503,16 @@ def test_summary_counts_and_throughput(tmp_path: Path) -> None:
     odd = summarize(records, 3, 7.123456, 1, {}, "e1.1")  # milliseconds, and images/min to 3 decimals
     assert (odd["seconds"], odd["images_per_minute"]) == (7.123, 8.423)
     assert summarize(records, 3, 0.0, 1, {}, "e1.1")["images_per_minute"] == 0.0
+    assert summarize(records, 3, 0.5, 1, {}, "e1.1")["images_per_minute"] == 120.0  # a sub-second run has a rate
     assert summary_line(summary, Path("o/summary.json")) == (
         "batch: 1 done, 1 failed, 1 skipped of 3 on 2 ranks in 30.0 s (2.00 images/min); summary o/summary.json"
     )
     write_summary(tmp_path / "summary.json", {"counts": {"ok": 1}})  # indented for people reading it
     assert (tmp_path / "summary.json").read_text() == '{\n  "counts": {\n    "ok": 1\n  }\n}'
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o666 & ~umask  # like any file it writes
     assert summary_line(odd, None) == (
         "batch: 1 done, 1 failed, 1 skipped of 3 in 7.1 s (8.42 images/min); no summary written"
     )
@@ -495,6 +553,7 @@ def test_the_progress_bar_counts_images_shows_the_step_and_writes_failures_above
     err = capsys.readouterr().err
     assert "failed: b: bad\n" in err and "step 2/4" in err
     assert err.rstrip().splitlines()[-1].split("\r")[-1].startswith("images: 100%") and "3/3" in err
+    assert "image/s" in err or "s/image" in err  # the rate counts images, not tqdm's "it"
 
 
 def test_prompt_cache_keeps_the_most_recent_entries() -> None:

@@ -9,11 +9,13 @@ stand-in group in this process (the collectives are not the point here).
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
 import stat
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -129,6 +131,24 @@ def test_a_second_batch_on_a_locked_output_dir_names_the_holder_and_loads_nothin
         pass
 
 
+@pytest.mark.parametrize(("line", "holder"), [("4242 build-node-7\n", "process 4242 on build-node-7"),
+                                             ("4242\n", "process 4242 on an unknown host"),
+                                             ("", "another process")])
+def test_the_lock_holder_is_named_from_its_line_when_it_runs_elsewhere(tmp_path: Path, line: str, holder: str) -> None:
+    """A holder on another host of a shared folder (or one that has not written its line yet)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / batch.LOCK_NAME, "w") as held:
+        held.write(line)
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with (
+            pytest.raises(UserError, match=rf"is in use by another batch \({holder}\); wait"),
+            batch.output_dir_lock(out),
+        ):
+            pass
+
+
 def test_a_lock_file_removed_while_it_was_being_locked_is_made_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,6 +170,49 @@ def test_a_lock_file_removed_while_it_was_being_locked_is_made_again(
     with batch.output_dir_lock(out):
         assert removed and lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
     assert not lock.exists()
+
+
+def open_descriptors() -> int:
+    """How many file descriptors this process holds (Linux): a leak shows as a higher count."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_lock_makes_nested_output_folders_and_replaces_a_stale_holder_line(tmp_path: Path) -> None:
+    """A holder killed without clean-up leaves its lock file (the flock goes with it): the next batch takes
+    it, and the holder line then names only the new holder, with nothing of the old one's longer line."""
+    out = tmp_path / "new" / "nested" / "out"
+    out.mkdir(parents=True)
+    (out / batch.LOCK_NAME).write_text("123456789 a-much-longer-host-name-of-the-killed-holder.example.org\n")
+    with batch.output_dir_lock(out):
+        assert (out / batch.LOCK_NAME).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    deeper = tmp_path / "made" / "by" / "the" / "lock"
+    with batch.output_dir_lock(deeper):  # --output-dir may name folders that do not exist yet
+        assert deeper.is_dir()
+
+
+def test_the_lock_leaves_no_file_descriptor_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taken, refused or retried, the lock closes every descriptor it opened (a long-lived process runs
+    many batches)."""
+    out = tmp_path / "out"
+    before = open_descriptors()
+    with batch.output_dir_lock(out):
+        with pytest.raises(UserError, match="is in use by another batch"), batch.output_dir_lock(out):
+            pass
+        assert open_descriptors() == before + 1  # the holder's own
+    assert open_descriptors() == before
+    lock, real_stat = out / batch.LOCK_NAME, os.stat
+    moved: list[bool] = []
+
+    def stat_(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if Path(path) == lock and not moved:  # the name now leads to another file: lock again
+            moved.append(True)
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_)
+    with batch.output_dir_lock(out):
+        assert moved
+    assert open_descriptors() == before
 
 
 @pytest.mark.parametrize(
@@ -296,12 +359,15 @@ class FakeRankGroup:
         self.claims = iter(claims)
         self.texts = {other: json.dumps(records) for other, records in others.items()}
         self.lost = lost
+        self.counters: dict[str, int] = {}
+        self.closed = False
 
     def take_number(self, counter: str) -> int:
         return next(self.claims)
 
     def add(self, counter: str, amount: int) -> int:
-        return 0
+        self.counters[counter] = self.counters.get(counter, 0) + amount
+        return self.counters[counter]
 
     def publish(self, name: str, text: str) -> None:
         self.texts[self.rank] = text
@@ -315,7 +381,7 @@ class FakeRankGroup:
         return dict(self.texts)
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def error_lines(err: str) -> list[str]:
@@ -363,6 +429,34 @@ def test_rank_0_summarises_what_arrived_when_a_rank_never_reports(
     ]
 
 
+def test_a_rank_counts_each_finished_item_once_shows_no_bar_and_leaves_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rank 0's bar counts what every rank finished, from the shared counter; the other ranks draw none."""
+    items = items_of(tmp_path, ["a.png", "b.png", "c.png"])
+    group = FakeRankGroup(1, 2, claims=[0, 2, 3], others={})
+    assert run_as_rank(tmp_path, monkeypatch, group, items) == 0
+    assert group.counters["finished"] == 2 and group.closed
+    assert "images:" not in capsys.readouterr().err
+
+
+def test_rank_0_whose_wait_failed_but_got_every_record_reports_no_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = items_of(tmp_path, ["a.png", "b.png"])
+    from_rank_1 = [{"index": 1, "label": "b.png", "image": "b.png", "output": "out/b.png", "status": "ok",
+                    "seconds": 0.5, "rank": 1}]
+    group = FakeRankGroup(0, 2, claims=[0, 2], others={1: from_rank_1}, lost=True)  # all there in the end
+    started = time.perf_counter()
+    assert run_as_rank(tmp_path, monkeypatch, group, items) == 0
+    took = time.perf_counter() - started
+    out, err = capsys.readouterr()
+    assert error_lines(err) == [] and "images:" in err and group.closed  # rank 0 draws the bar
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["counts"]["ok"] == 2 and summary["lost_ranks"] == []
+    assert 0 < summary["seconds"] <= took and 0 <= summary["items"][0]["seconds"] <= took  # durations, rank 0's own
+
+
 @pytest.mark.parametrize("earlier", [True, False])
 def test_a_summary_that_cannot_be_written_is_exit_1_with_the_counts_and_no_stale_summary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], earlier: bool
@@ -403,6 +497,7 @@ def test_a_summary_that_can_be_neither_written_nor_removed_is_said_to_be_stale(
     (line,) = error_lines(capsys.readouterr().err)
     assert code == 1 and line.startswith(f"error: cannot write {tmp_path / 'out' / 'summary.json'} (")
     assert line.endswith("; the previous summary is still there and describes an earlier run")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "a.png.json", "summary.json"]  # no temp
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero link", "link to a manifest"])
@@ -429,6 +524,56 @@ def test_the_manifest_is_read_only_if_it_is_a_regular_file(tmp_path: Path, kind:
         assert [item.label for item in found[0]] == ["given.jsonl line 1"]
     else:
         assert found == [f"--manifest {manifest}: is not a regular file"]
+
+
+def test_a_file_is_read_up_to_its_limit_and_refused_beyond(tmp_path: Path) -> None:
+    exact, over = tmp_path / "exact", tmp_path / "over"
+    exact.write_bytes(b"12345")
+    over.write_bytes(b"123456")
+    assert batch.read_regular_file(exact, 5) == b"12345"
+    with pytest.raises(UserError, match="^is 6 bytes; at most 5 are read$"):
+        batch.read_regular_file(over, 5)
+
+
+def test_a_manifest_over_256_mib_is_refused_unread(tmp_path: Path) -> None:
+    manifest = tmp_path / "huge.jsonl"
+    with manifest.open("wb") as stream:
+        stream.truncate(256 * 2**20 + 1)  # sparse: nothing is written, and nothing may be read
+    with pytest.raises(UserError, match=r": is 268435457 bytes; at most 268435456 are read$"):
+        batch.manifest_items(manifest, tmp_path / "out", TEMPLATE, MODELS["e1.1"], False)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_for_manifests_and_folders(tmp_path: Path) -> None:
+    manifest = one_line_manifest(tmp_path)
+    out = tmp_path / "out"
+    out.write_text("")
+    with pytest.raises(UserError, match=f"^--output-dir {out} exists and is not a folder$"):
+        batch.manifest_items(manifest, out, TEMPLATE, MODELS["e1.1"], False)
+    with pytest.raises(UserError, match=f"^--output-dir {out} exists and is not a folder$"):
+        folder_items(tmp_path, out, False, replace(TEMPLATE, instruction="x"), MODELS["e1.1"], False)
+
+
+def test_a_manifest_output_name_too_long_to_save_is_a_problem_of_its_line(tmp_path: Path) -> None:
+    problems = problems_of(one_line_manifest(tmp_path, output="n" * 296 + ".png"), tmp_path / "out")
+    assert len(problems) == 1 and problems[0].startswith("m.jsonl line 1: the output file name "), problems
+    assert "is 300 bytes long; at most " in problems[0]
+
+
+def test_output_folders_that_cannot_be_made_and_outputs_that_are_links_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "file").write_text("")  # where a sub-folder is needed
+    (out / "link.png").symlink_to(tmp_path / "nowhere.png")
+    (out / "fine.png").write_text("")  # whether it may be replaced is check_outputs' business, not this check's
+    template = replace(TEMPLATE, image=tmp_path / "in.png")
+    outputs = [out / "file" / "a.png", out / "link.png", out / "fine.png"]
+    items = [BatchItem(i, f"line {i + 1}", template, output) for i, output in enumerate(outputs)]
+    with pytest.raises(batch.BatchError) as refused:
+        batch.prepare_output_folders(items)
+    assert refused.value.problems == [
+        f"line 1: cannot create {out / 'file'}: File exists",
+        f"line 2: {out / 'link.png'} is a symbolic link (outputs are never written through links)",
+    ]
 
 
 def test_each_output_folder_is_checked_once_with_its_longest_name_first_come(
