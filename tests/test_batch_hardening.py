@@ -172,9 +172,16 @@ def test_a_lock_file_removed_while_it_was_being_locked_is_made_again(
     assert not lock.exists()
 
 
-def open_descriptors() -> int:
-    """How many file descriptors this process holds (Linux): a leak shows as a higher count."""
-    return len(os.listdir("/proc/self/fd"))
+def open_descriptors(folder: Path) -> int:
+    """How many file descriptors this process holds on files in `folder` (Linux); counting only those
+    keeps other threads' files out of the count."""
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held += Path(os.readlink(f"/proc/self/fd/{fd}")).parent == folder
+        except OSError:  # closed since the listing
+            continue
+    return held
 
 
 def test_the_lock_makes_nested_output_folders_and_replaces_a_stale_holder_line(tmp_path: Path) -> None:
@@ -194,12 +201,12 @@ def test_the_lock_leaves_no_file_descriptor_open(tmp_path: Path, monkeypatch: py
     """Taken, refused or retried, the lock closes every descriptor it opened (a long-lived process runs
     many batches)."""
     out = tmp_path / "out"
-    before = open_descriptors()
+    before = open_descriptors(out)
     with batch.output_dir_lock(out):
         with pytest.raises(UserError, match="is in use by another batch"), batch.output_dir_lock(out):
             pass
-        assert open_descriptors() == before + 1  # the holder's own
-    assert open_descriptors() == before
+        assert open_descriptors(out) == before + 1  # the holder's own
+    assert open_descriptors(out) == before
     lock, real_stat = out / batch.LOCK_NAME, os.stat
     moved: list[bool] = []
 
@@ -212,7 +219,7 @@ def test_the_lock_leaves_no_file_descriptor_open(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(os, "stat", stat_)
     with batch.output_dir_lock(out):
         assert moved
-    assert open_descriptors() == before
+    assert open_descriptors(out) == before
 
 
 @pytest.mark.parametrize(
