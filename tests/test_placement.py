@@ -189,6 +189,28 @@ def test_explicit_split_without_a_second_card_is_refused() -> None:
     assert plan.error == "needs a second npu card"
 
 
+def test_plan_text_shows_components_reserve_peaks_and_the_warning_or_error() -> None:
+    """The --plan text is what a user checks before loading: every component, the reserve, each peak."""
+    assert real_plan("e1.1", "1x64GiB", asked="none", max_memory=40 * GIB).summary().splitlines() == [
+        "memory plan: e1.1 in bf16, attention sdpa, on 1x64GiB (1 npu card(s))",
+        "components:",
+        "  transformer    31.9 GiB  npu:0              (table)",
+        "  vae             0.2 GiB  npu:0              (table)",
+        "  clip_l          0.2 GiB  npu:0              (table)",
+        "  clip_g          1.3 GiB  npu:0              (table)",
+        "  t5              8.9 GiB  npu:0              (table)",
+        "  llama          14.0 GiB  npu:0              (table)",
+        "working-set reserve 5.6 GiB: activations 4.6 GiB (3 x 8576 tokens), attention 0.0 GiB, decode 2.0 GiB, "
+        "fixed 1.0 GiB",
+        "placement: none (DOES NOT FIT; asked none): asked for; the fastest that fits is model",
+        "  npu:0    peak   62.0 GiB of   40.0 GiB budget  over  [transformer, vae, clip_l, clip_g, t5, llama]",
+        "  host     peak   13.6 GiB of  512.0 GiB budget  ok  [-]",
+        "warning: --offload none is not predicted to fit: npu:0 needs 62.0 GiB of 40.0 GiB; model would fit",
+    ]
+    refused = real_plan("e1.1", "1x64GiB", asked="split").summary().splitlines()
+    assert refused[-1] == "error: needs a second npu card" and not any(line.startswith("warning") for line in refused)
+
+
 def test_math_plans_the_kernels_chunk_not_the_whole_score_matrix() -> None:
     """The math kernel works in query chunks: a card that holds one chunk runs it; the whole matrix would not fit."""
     whole = 2 * EDIT_BRANCHES * 20 * 8576**2 * 4  # E1.1's fp32 scores and softmax at once: 32.9 GiB
@@ -322,6 +344,24 @@ def test_nothing_fits_says_what_would_make_it_fit() -> None:
     assert small.error.endswith("it needs a card with at least 6.6 GiB free and at least 59.4 GiB of host memory")
     capped_and_small = real_plan("e1.1", "1x4GiB", max_memory=2 * GIB)  # raising the cap would not be enough
     assert capped_and_small.error.endswith("npu:0 needs 6.6 GiB of 2.0 GiB; it needs a card with at least 6.6 GiB free")
+
+
+def test_the_cap_is_the_fix_when_the_card_has_exactly_the_bytes_needed() -> None:
+    """Raising --max-memory is enough when the card's free memory equals the need: a peak equal to its budget fits."""
+    need = real_plan("e1.1", "1x64GiB", max_memory=4 * GIB).chosen.devices[0].peak_bytes
+    capped = plan_placement(MODELS["e1.1"], real_sizes(), Budgets("npu", (Card("npu:0", need, cap=4 * GIB),), 0, HOST))
+    assert capped.error.endswith("it needs --max-memory of at least 6.6 GiB")
+
+
+def test_a_peak_exactly_at_its_budget_fits() -> None:
+    """Budgets are inclusive: a card (or host) with exactly the predicted peak free runs the placement."""
+    spec, sizes = MODELS["e1.1"], real_sizes()
+    exact = real_plan("e1.1", "1x64GiB")
+    card_peak, host_peak = exact.chosen.devices[0].peak_bytes, exact.chosen.host.peak_bytes
+    fits = plan_placement(spec, sizes, Budgets("npu", (Card("npu:0", card_peak),), 0, host_peak))
+    assert fits.placement == "none" and fits.fits and fits.rejected == ()
+    short = plan_placement(spec, sizes, Budgets("npu", (Card("npu:0", card_peak - 1),), 0, host_peak))
+    assert short.placement != "none" and short.rejected[0].placement == "none"
 
 
 def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:
