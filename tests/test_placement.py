@@ -184,6 +184,20 @@ def test_explicit_placement_wins_with_a_warning_when_it_will_not_fit() -> None:
     assert plan.warning.endswith("group would fit")
 
 
+def test_an_explicit_placement_lists_only_the_faster_ones_that_do_not_fit() -> None:
+    """The plan tells a user who asked for a slow placement which faster ones would not have fit."""
+    plan = real_plan("e1.1", "1x64GiB", asked="sequential", max_memory=40 * GIB)
+    assert plan.placement == "sequential" and plan.fits and plan.warning is None
+    assert [c.placement for c in plan.rejected] == ["none", "split", "encoders"]  # model and group would fit
+    assert plan.reason == "asked for; the fastest that fits is model"
+
+
+def test_when_nothing_fits_the_plan_shows_the_slowest_placement_and_rejects_the_rest() -> None:
+    plan = real_plan("e1.1", "1x64GiB", max_memory=4 * GIB)
+    assert plan.placement == "sequential" and not plan.fits and plan.reason == "nothing fits"
+    assert [c.placement for c in plan.rejected] == list(PLACEMENTS[:-1])
+
+
 def test_explicit_split_without_a_second_card_is_refused() -> None:
     plan = real_plan("e1.1", "1x64GiB", asked="split")
     assert plan.error == "needs a second npu card"
@@ -371,6 +385,7 @@ def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:
     fp32 = model_sizes(spec, "fp32", None, None, None).components
     assert fp16["t5"] - bf16["t5"] == 2 * REAL_T5_WO  # the wo weights take 4 bytes each instead of 2
     assert fp16["llama"] == bf16["llama"] and bf16["t5"] == 2 * REAL_PARAMETERS["t5"]
+    assert bf16["llama"] == 2 * REAL_PARAMETERS["llama"]  # without a skip list the lm_head counts too
     assert fp32["transformer"] == 2 * bf16["transformer"] == 4 * REAL_PARAMETERS["transformer"]
 
 
@@ -401,7 +416,8 @@ def test_plan_json_has_the_fields_the_issue_names() -> None:
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("40GiB", 40 * 2**30), ("64GB", 64 * 10**9), ("512MiB", 2**29), ("1.5TiB", int(1.5 * 2**40)), ("1024", 1024)],
+    [("40GiB", 40 * 2**30), ("64GB", 64 * 10**9), ("512MiB", 2**29), ("1.5TiB", int(1.5 * 2**40)), ("1024", 1024),
+     ("1", 1), ("512B", 512)],
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
