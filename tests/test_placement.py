@@ -28,17 +28,20 @@ from hidream_edit.placement import (
     PLACEMENTS,
     Budgets,
     Card,
+    Dims,
     EncodersElsewhere,
     ModelSizes,
     apply_plan,
     checkpoint_files,
     described_budgets,
+    dims_from_configs,
     model_sizes,
     parse_host,
     parse_size,
     plan_for_machine,
     plan_placement,
     read_safetensors_header,
+    swiglu_width,
     tensor_bytes,
     working_set,
 )
@@ -517,6 +520,21 @@ def test_tiny_sizes_from_headers_match_the_loaded_modules(e1_1_editor) -> None:
     for name, module in modules.items():
         assert sizes.components[name] == parameter_bytes(module), name
     assert sizes.dims.width == 32 and sizes.dims.vae_width == 8
+
+
+def test_the_real_i1_configs_give_the_spec_widths(tmp_path: Path) -> None:
+    """The reserve of a checkpoint on disk scales with its configs; the real I1 configs must give the real widths."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(
+        json.dumps({"num_attention_heads": 20, "attention_head_dim": 128}))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    assert dims_from_configs(tmp_path) == Dims() == Dims(2560, 20, 6912, 128)
+    assert swiglu_width(96) == 256  # a width whose 8/3 is a whole multiple of 256 is not rounded up
+    (tmp_path / "vae" / "config.json").unlink()
+    with pytest.raises(ModelFilesError, match="cannot read the transformer / VAE config") as missing:
+        dims_from_configs(tmp_path)
+    assert missing.value.role == "i1"  # front ends name --i1-path
 
 
 def test_tiny_e1_full_adds_the_lora_to_the_i1_transformer(tiny_checkpoints) -> None:
