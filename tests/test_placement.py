@@ -557,6 +557,58 @@ def test_split_moves_each_encoder_to_its_card_and_carries_inputs_there_and_outpu
     assert back._outputs(encoders["t5"], (), torch.ones(2)).device.type == "meta"
 
 
+class _RecordsInputDevices(torch.nn.Module):
+    """A text encoder stand-in: records where its inputs arrive and answers with a tensor on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: list[str] = []
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.devices += [ids.device.type, mask.device.type if mask is not None else "-"]
+        return torch.zeros(2)
+
+
+def test_split_encoders_get_their_inputs_on_their_card_and_give_outputs_to_the_edit_card() -> None:
+    """Run through a real forward call: positional and keyword inputs reach the encoder card, outputs come back."""
+    there = _RecordsInputDevices()
+    EncodersElsewhere({"t5": there}, torch.device("meta"), torch.device("cpu"))
+    there(torch.ones(2), mask=torch.ones(2))
+    assert there.devices == ["meta", "meta"]
+    back = _RecordsInputDevices()
+    EncodersElsewhere({"t5": back}, torch.device("cpu"), torch.device("meta"))
+    assert back(torch.ones(2)).device.type == "meta"
+
+
+@pytest.mark.parametrize("placement", ["model", "sequential"])
+def test_offload_placements_offload_onto_the_planned_card(placement: str) -> None:
+    """diffusers' offload picks card 0 when no device is given; the plan's card (e.g. npu:1) must be passed."""
+    from types import SimpleNamespace
+
+    offloaded: dict[str, Any] = {}
+    pipe = SimpleNamespace(
+        enable_model_cpu_offload=lambda **kwargs: offloaded.update(model=kwargs),
+        enable_sequential_cpu_offload=lambda **kwargs: offloaded.update(sequential=kwargs),
+        **dict.fromkeys(ENCODER_ATTRIBUTES.values()))
+    plan = SimpleNamespace(placement=placement, encoder_device=None, peaks=lambda: {"meta": GIB})
+    actions, hooks = apply_plan(pipe, plan, "meta")
+    assert offloaded == {placement: {"device": torch.device("meta")}} and hooks is None
+    assert pipe.edit_device is None  # the offload hooks, not the caller, move each component
+    assert actions[0] == f"{placement} CPU offload onto meta"
+
+
+def test_group_offload_on_the_cpu_uses_no_stream() -> None:
+    """The CPU has no device streams to overlap a block's copy with: group offload must not ask for one."""
+    from types import SimpleNamespace
+
+    pipe = SimpleNamespace(transformer=_StubTransformer(), vae=torch.nn.Linear(2, 2),
+                           **dict.fromkeys(ENCODER_ATTRIBUTES.values()))
+    plan = SimpleNamespace(placement="group", encoder_device=None, peaks=lambda: {"cpu": GIB})
+    actions, _ = apply_plan(pipe, plan, "cpu")
+    assert pipe.transformer.group_offload["use_stream"] is False is pipe.transformer.group_offload["non_blocking"]
+    assert actions[0].startswith("transformer group offload onto cpu (no stream)")
+
+
 @pytest.mark.parametrize("placement", ["none", "sequential"])
 def test_whole_pipeline_placements_on_the_cpu_move_everything_to_the_card(placement: str) -> None:
     """`none`, and `sequential` where the card is the CPU (accelerate's hooks cannot run there), move the pipeline."""
