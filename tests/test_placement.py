@@ -45,7 +45,14 @@ from hidream_edit.placement import (
     tensor_bytes,
     working_set,
 )
-from hidream_edit.spec import EDIT_BRANCHES, LLAMA_UNUSED_PREFIXES, MODELS, REAL_PARAMETERS, REAL_T5_WO
+from hidream_edit.spec import (
+    EDIT_BRANCHES,
+    LLAMA_UNUSED_PREFIXES,
+    MODELS,
+    REAL_E1_FULL_LORA,
+    REAL_PARAMETERS,
+    REAL_T5_WO,
+)
 
 HOST = 512 * GIB
 
@@ -334,6 +341,7 @@ def test_plan_on_this_machine_edits_on_the_card_asked_for(
     assert plan.placement == placement and plan.fits
     assert plan.budgets.edit.name == plan.chosen.devices[0].device == "npu:1"
     assert plan.chosen.devices[0].budget_bytes == free[1] * GIB
+    assert (plan.chosen.host.budget_bytes, plan.budgets.host_source) == (HOST, "--host-memory")
     assert asked == ([1] if placement == "none" else [1, 0, 1, 2])
     if placement == "split":
         assert plan.encoder_device == "npu:2"
@@ -407,6 +415,10 @@ def test_cpu_plans_everything_in_host_memory() -> None:
     plan = plan_placement(spec, sizes, Budgets("cpu", (), 0, 512 * GIB), "auto")
     assert plan.placement == "none" and plan.chosen.devices == () and plan.fits
     assert plan_placement(spec, sizes, Budgets("cpu", (), 0, 64 * GIB), "auto").error
+    assert plan.reason == "the CPU runs everything from host memory"
+    group = plan_placement(spec, sizes, Budgets("cpu", (), 0, 512 * GIB), "group")
+    assert group.placement == "group" and group.reason.endswith("; group only exercises its hooks there (cpu is both "
+                                                                "card and host)")
 
 
 def test_plan_json_has_the_fields_the_issue_names() -> None:
@@ -444,6 +456,10 @@ def test_described_host_checks_the_edit_card() -> None:
     with pytest.raises(UserError, match="selects card 2"):
         described_budgets("2x64GiB", "npu:2")
     assert described_budgets("2x64GiB").host is None
+    auto = described_budgets("2x64GiB", "auto")  # the CLI's default device plans Ascend cards
+    assert [card.name for card in auto.cards] == ["npu:0", "npu:1"] and auto.edit_card == 0
+    cuda = described_budgets("2x64GiB", "cuda:1")
+    assert [card.name for card in cuda.cards] == ["cuda:0", "cuda:1"] and cuda.edit.name == "cuda:1"
 
 
 # ---------------------------------------------------------------------------------------------- sizing
@@ -535,6 +551,25 @@ def test_the_real_i1_configs_give_the_spec_widths(tmp_path: Path) -> None:
     with pytest.raises(ModelFilesError, match="cannot read the transformer / VAE config") as missing:
         dims_from_configs(tmp_path)
     assert missing.value.role == "i1"  # front ends name --i1-path
+
+
+def test_fp16_sizes_from_headers_keep_t5_wo_in_fp32(tiny_checkpoints) -> None:
+    """The loader keeps T5's `wo` weights in fp32 under fp16, so the plan counts 2 more bytes for each of them."""
+    spec, llama, i1 = MODELS["e1.1"], tiny_checkpoints.llama, tiny_checkpoints.i1
+    fp16 = model_sizes(spec, "fp16", llama, i1, tiny_checkpoints.e1_1).components
+    bf16 = model_sizes(spec, "bf16", llama, i1, tiny_checkpoints.e1_1).components
+    wo = sum(count for file in checkpoint_files(i1 / "text_encoder_3")
+             for name, (_, count) in read_safetensors_header(file).items() if ".wo." in name)
+    assert wo and fp16["t5"] - bf16["t5"] == 2 * wo
+    assert {name: size for name, size in fp16.items() if name != "t5"} == {
+        name: size for name, size in bf16.items() if name != "t5"}
+
+
+def test_e1_full_without_its_lora_file_adds_the_tables_lora_to_the_i1_headers(tiny_checkpoints) -> None:
+    sizes = model_sizes(MODELS["e1-full"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, None)
+    plain = model_sizes(MODELS["e1.1"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, tiny_checkpoints.i1)
+    assert sizes.sources["transformer"] == "headers + table (LoRA)"
+    assert sizes.components["transformer"] == plain.components["transformer"] + 2 * REAL_E1_FULL_LORA
 
 
 def test_tiny_e1_full_adds_the_lora_to_the_i1_transformer(tiny_checkpoints) -> None:
