@@ -139,6 +139,8 @@ def test_none_puts_everything_on_the_edit_card_with_the_reserve() -> None:
     assert plan.chosen.host.peak_bytes == pytest.approx(plan.sizes.total - 31.9 * GIB - (15 * GIB - lm_head) + 3 * GIB,
                                                         rel=0.01)
     assert plan.load_device("transformer") == plan.load_device("llama") == "npu:0" and not plan.load_device("t5")
+    c = plan.sizes.components  # to the byte: what is read onto the card never passes through host memory
+    assert plan.chosen.host.peak_bytes == plan.sizes.total - c["transformer"] - c["llama"] + 3 * GIB
 
 
 def test_split_puts_the_text_encoders_on_the_second_card() -> None:
@@ -292,6 +294,7 @@ def test_base_refine_weights_are_a_second_transformer_copy_in_host_memory() -> N
     edit = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES)
     base = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES, base_refine_weights=True)
     assert base.refine_copy == base.components["transformer"] == pytest.approx(31.9 * GIB, rel=0.005)
+    assert edit.refine_copy == 0  # the default keeps no second copy
     budgets = described_budgets("1x64GiB", host_memory=32 * GIB)
     fits = plan_placement(spec, edit, budgets)
     refused = plan_placement(spec, base, budgets)
@@ -400,6 +403,13 @@ def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:
     assert fp32["transformer"] == 2 * bf16["transformer"] == 4 * REAL_PARAMETERS["transformer"]
 
 
+def test_the_reserve_scales_with_the_widths_of_the_checkpoint_on_disk() -> None:
+    """A small model's plan reserves for its own widths (read from its configs), not the real model's."""
+    spec = MODELS["e1.1"]
+    tiny = working_set(spec, "fp32", "sdpa", Dims(32, 2, 256, 8))
+    assert tiny.activations == 3 * 8576 * (8 * 32 + 4 * 256) * 4 and tiny.decode == 1024 * 1024 * 8 * 8 * 4
+
+
 def test_activations_take_as_many_bytes_in_bf16_as_in_fp32() -> None:
     """Measured on real-width blocks (docs/ARCHITECTURE.md section 5.2): rope, RMS norms and MoE indices work in
     fp32 / int64, so a bf16 block needs about the bytes of an fp32 one; the VAE decode scales with the dtype."""
@@ -414,6 +424,7 @@ def test_cpu_plans_everything_in_host_memory() -> None:
     sizes = model_sizes(spec, "fp32", None, None, None)
     plan = plan_placement(spec, sizes, Budgets("cpu", (), 0, 512 * GIB), "auto")
     assert plan.placement == "none" and plan.chosen.devices == () and plan.fits
+    assert plan.chosen.host.peak_bytes == sizes.total + plan.reserve.total + 3 * GIB  # the CPU reads every weight
     assert plan_placement(spec, sizes, Budgets("cpu", (), 0, 64 * GIB), "auto").error
     assert plan.reason == "the CPU runs everything from host memory"
     group = plan_placement(spec, sizes, Budgets("cpu", (), 0, 512 * GIB), "group")
@@ -456,6 +467,9 @@ def test_described_host_checks_the_edit_card() -> None:
     with pytest.raises(UserError, match="selects card 2"):
         described_budgets("2x64GiB", "npu:2")
     assert described_budgets("2x64GiB").host is None
+    for wrong in ("cpu", "npu:x"):  # the CPU has no cards to describe; a card index is a number
+        with pytest.raises(UserError, match="is not npu\\[:N\\] or cuda\\[:N\\]"):
+            described_budgets("2x64GiB", wrong)
     auto = described_budgets("2x64GiB", "auto")  # the CLI's default device plans Ascend cards
     assert [card.name for card in auto.cards] == ["npu:0", "npu:1"] and auto.edit_card == 0
     cuda = described_budgets("2x64GiB", "cuda:1")
