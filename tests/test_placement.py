@@ -595,6 +595,15 @@ def test_tiny_e1_full_adds_the_lora_to_the_i1_transformer(tiny_checkpoints) -> N
     assert with_lora.components["transformer"] == plain.components["transformer"] + lora_values * DTYPE_BYTES["bf16"]
 
 
+def test_lora_tensors_count_toward_the_block_group_offload_moves(tiny_checkpoints, tmp_path: Path) -> None:
+    """A LoRA inside a transformer block travels with that block: group offload's card peak must include it."""
+    plain = model_sizes(MODELS["e1.1"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, tiny_checkpoints.i1)
+    lora = write_checkpoint(tmp_path / "lora.safetensors", {  # larger than any tiny block: this one becomes the largest
+        "double_stream_blocks.0.block.attn1.to_q.lora_A.weight": torch.zeros(1024, 64)})
+    with_lora = model_sizes(MODELS["e1-full"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, lora)
+    assert with_lora.largest_block == plain.largest_block + 1024 * 64 * 2
+
+
 def test_split_moves_each_encoder_to_its_card_and_carries_inputs_there_and_outputs_back() -> None:
     """On the CPU the "other card" is the meta device: whatever is not moved stays visibly on the CPU."""
     encoders = {"t5": torch.nn.Linear(2, 2), "llama": torch.nn.Linear(2, 2)}
