@@ -494,6 +494,7 @@ def test_header_sizes_count_floats_in_the_run_dtype_and_ints_as_stored(tmp_path:
         24, 24, 48]
     assert tensor_bytes("F32", 12, "bf16", keep_fp32=True) == 48  # T5's `wo` kept in fp32 under fp16
     assert [tensor_bytes(stored, 5, "bf16") for stored in ("I64", "U8", "BOOL")] == [40, 5, 5]
+    assert tensor_bytes("C64", 5, "bf16") == 40  # a stored dtype the planner does not know: the widest, to err large
 
 
 def test_header_reader_rejects_corrupt_files(tmp_path: Path) -> None:
