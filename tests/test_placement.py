@@ -493,7 +493,8 @@ def test_header_sizes_count_floats_in_the_run_dtype_and_ints_as_stored(tmp_path:
     assert [tensor_bytes("F32", 12, "bf16"), tensor_bytes("F64", 12, "fp16"), tensor_bytes("BF16", 12, "fp32")] == [
         24, 24, 48]
     assert tensor_bytes("F32", 12, "bf16", keep_fp32=True) == 48  # T5's `wo` kept in fp32 under fp16
-    assert [tensor_bytes(stored, 5, "bf16") for stored in ("I64", "U8", "BOOL")] == [40, 5, 5]
+    integers = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")
+    assert [tensor_bytes(stored, 5, "bf16") for stored in integers] == [40, 20, 10, 5, 40, 20, 10, 5, 5]
     assert tensor_bytes("C64", 5, "bf16") == 40  # a stored dtype the planner does not know: the widest, to err large
 
 
