@@ -28,21 +28,31 @@ from hidream_edit.placement import (
     PLACEMENTS,
     Budgets,
     Card,
+    Dims,
     EncodersElsewhere,
     ModelSizes,
     apply_plan,
     checkpoint_files,
     described_budgets,
+    dims_from_configs,
     model_sizes,
     parse_host,
     parse_size,
     plan_for_machine,
     plan_placement,
     read_safetensors_header,
+    swiglu_width,
     tensor_bytes,
     working_set,
 )
-from hidream_edit.spec import EDIT_BRANCHES, LLAMA_UNUSED_PREFIXES, MODELS, REAL_PARAMETERS, REAL_T5_WO
+from hidream_edit.spec import (
+    EDIT_BRANCHES,
+    LLAMA_UNUSED_PREFIXES,
+    MODELS,
+    REAL_E1_FULL_LORA,
+    REAL_PARAMETERS,
+    REAL_T5_WO,
+)
 
 HOST = 512 * GIB
 
@@ -129,6 +139,8 @@ def test_none_puts_everything_on_the_edit_card_with_the_reserve() -> None:
     assert plan.chosen.host.peak_bytes == pytest.approx(plan.sizes.total - 31.9 * GIB - (15 * GIB - lm_head) + 3 * GIB,
                                                         rel=0.01)
     assert plan.load_device("transformer") == plan.load_device("llama") == "npu:0" and not plan.load_device("t5")
+    c = plan.sizes.components  # to the byte: what is read onto the card never passes through host memory
+    assert plan.chosen.host.peak_bytes == plan.sizes.total - c["transformer"] - c["llama"] + 3 * GIB
 
 
 def test_split_puts_the_text_encoders_on_the_second_card() -> None:
@@ -184,9 +196,45 @@ def test_explicit_placement_wins_with_a_warning_when_it_will_not_fit() -> None:
     assert plan.warning.endswith("group would fit")
 
 
+def test_an_explicit_placement_lists_only_the_faster_ones_that_do_not_fit() -> None:
+    """The plan tells a user who asked for a slow placement which faster ones would not have fit."""
+    plan = real_plan("e1.1", "1x64GiB", asked="sequential", max_memory=40 * GIB)
+    assert plan.placement == "sequential" and plan.fits and plan.warning is None
+    assert [c.placement for c in plan.rejected] == ["none", "split", "encoders"]  # model and group would fit
+    assert plan.reason == "asked for; the fastest that fits is model"
+
+
+def test_when_nothing_fits_the_plan_shows_the_slowest_placement_and_rejects_the_rest() -> None:
+    plan = real_plan("e1.1", "1x64GiB", max_memory=4 * GIB)
+    assert plan.placement == "sequential" and not plan.fits and plan.reason == "nothing fits"
+    assert [c.placement for c in plan.rejected] == list(PLACEMENTS[:-1])
+
+
 def test_explicit_split_without_a_second_card_is_refused() -> None:
     plan = real_plan("e1.1", "1x64GiB", asked="split")
     assert plan.error == "needs a second npu card"
+
+
+def test_plan_text_shows_components_reserve_peaks_and_the_warning_or_error() -> None:
+    """The --plan text is what a user checks before loading: every component, the reserve, each peak."""
+    assert real_plan("e1.1", "1x64GiB", asked="none", max_memory=40 * GIB).summary().splitlines() == [
+        "memory plan: e1.1 in bf16, attention sdpa, on 1x64GiB (1 npu card(s))",
+        "components:",
+        "  transformer    31.9 GiB  npu:0              (table)",
+        "  vae             0.2 GiB  npu:0              (table)",
+        "  clip_l          0.2 GiB  npu:0              (table)",
+        "  clip_g          1.3 GiB  npu:0              (table)",
+        "  t5              8.9 GiB  npu:0              (table)",
+        "  llama          14.0 GiB  npu:0              (table)",
+        "working-set reserve 5.6 GiB: activations 4.6 GiB (3 x 8576 tokens), attention 0.0 GiB, decode 2.0 GiB, "
+        "fixed 1.0 GiB",
+        "placement: none (DOES NOT FIT; asked none): asked for; the fastest that fits is model",
+        "  npu:0    peak   62.0 GiB of   40.0 GiB budget  over  [transformer, vae, clip_l, clip_g, t5, llama]",
+        "  host     peak   13.6 GiB of  512.0 GiB budget  ok  [-]",
+        "warning: --offload none is not predicted to fit: npu:0 needs 62.0 GiB of 40.0 GiB; model would fit",
+    ]
+    refused = real_plan("e1.1", "1x64GiB", asked="split").summary().splitlines()
+    assert refused[-1] == "error: needs a second npu card" and not any(line.startswith("warning") for line in refused)
 
 
 def test_math_plans_the_kernels_chunk_not_the_whole_score_matrix() -> None:
@@ -246,6 +294,7 @@ def test_base_refine_weights_are_a_second_transformer_copy_in_host_memory() -> N
     edit = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES)
     base = model_sizes(spec, "bf16", None, None, None, LLAMA_UNUSED_PREFIXES, base_refine_weights=True)
     assert base.refine_copy == base.components["transformer"] == pytest.approx(31.9 * GIB, rel=0.005)
+    assert edit.refine_copy == 0  # the default keeps no second copy
     budgets = described_budgets("1x64GiB", host_memory=32 * GIB)
     fits = plan_placement(spec, edit, budgets)
     refused = plan_placement(spec, base, budgets)
@@ -295,6 +344,7 @@ def test_plan_on_this_machine_edits_on_the_card_asked_for(
     assert plan.placement == placement and plan.fits
     assert plan.budgets.edit.name == plan.chosen.devices[0].device == "npu:1"
     assert plan.chosen.devices[0].budget_bytes == free[1] * GIB
+    assert (plan.chosen.host.budget_bytes, plan.budgets.host_source) == (HOST, "--host-memory")
     assert asked == ([1] if placement == "none" else [1, 0, 1, 2])
     if placement == "split":
         assert plan.encoder_device == "npu:2"
@@ -324,6 +374,24 @@ def test_nothing_fits_says_what_would_make_it_fit() -> None:
     assert capped_and_small.error.endswith("npu:0 needs 6.6 GiB of 2.0 GiB; it needs a card with at least 6.6 GiB free")
 
 
+def test_the_cap_is_the_fix_when_the_card_has_exactly_the_bytes_needed() -> None:
+    """Raising --max-memory is enough when the card's free memory equals the need: a peak equal to its budget fits."""
+    need = real_plan("e1.1", "1x64GiB", max_memory=4 * GIB).chosen.devices[0].peak_bytes
+    capped = plan_placement(MODELS["e1.1"], real_sizes(), Budgets("npu", (Card("npu:0", need, cap=4 * GIB),), 0, HOST))
+    assert capped.error.endswith("it needs --max-memory of at least 6.6 GiB")
+
+
+def test_a_peak_exactly_at_its_budget_fits() -> None:
+    """Budgets are inclusive: a card (or host) with exactly the predicted peak free runs the placement."""
+    spec, sizes = MODELS["e1.1"], real_sizes()
+    exact = real_plan("e1.1", "1x64GiB")
+    card_peak, host_peak = exact.chosen.devices[0].peak_bytes, exact.chosen.host.peak_bytes
+    fits = plan_placement(spec, sizes, Budgets("npu", (Card("npu:0", card_peak),), 0, host_peak))
+    assert fits.placement == "none" and fits.fits and fits.rejected == ()
+    short = plan_placement(spec, sizes, Budgets("npu", (Card("npu:0", card_peak - 1),), 0, host_peak))
+    assert short.placement != "none" and short.rejected[0].placement == "none"
+
+
 def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:
     spec = MODELS["e1.1"]
     bf16 = model_sizes(spec, "bf16", None, None, None).components
@@ -331,7 +399,15 @@ def test_fp16_keeps_t5_wo_in_fp32_and_fp32_doubles() -> None:
     fp32 = model_sizes(spec, "fp32", None, None, None).components
     assert fp16["t5"] - bf16["t5"] == 2 * REAL_T5_WO  # the wo weights take 4 bytes each instead of 2
     assert fp16["llama"] == bf16["llama"] and bf16["t5"] == 2 * REAL_PARAMETERS["t5"]
+    assert bf16["llama"] == 2 * REAL_PARAMETERS["llama"]  # without a skip list the lm_head counts too
     assert fp32["transformer"] == 2 * bf16["transformer"] == 4 * REAL_PARAMETERS["transformer"]
+
+
+def test_the_reserve_scales_with_the_widths_of_the_checkpoint_on_disk() -> None:
+    """A small model's plan reserves for its own widths (read from its configs), not the real model's."""
+    spec = MODELS["e1.1"]
+    tiny = working_set(spec, "fp32", "sdpa", Dims(32, 2, 256, 8))
+    assert tiny.activations == 3 * 8576 * (8 * 32 + 4 * 256) * 4 and tiny.decode == 1024 * 1024 * 8 * 8 * 4
 
 
 def test_activations_take_as_many_bytes_in_bf16_as_in_fp32() -> None:
@@ -348,7 +424,12 @@ def test_cpu_plans_everything_in_host_memory() -> None:
     sizes = model_sizes(spec, "fp32", None, None, None)
     plan = plan_placement(spec, sizes, Budgets("cpu", (), 0, 512 * GIB), "auto")
     assert plan.placement == "none" and plan.chosen.devices == () and plan.fits
+    assert plan.chosen.host.peak_bytes == sizes.total + plan.reserve.total + 3 * GIB  # the CPU reads every weight
     assert plan_placement(spec, sizes, Budgets("cpu", (), 0, 64 * GIB), "auto").error
+    assert plan.reason == "the CPU runs everything from host memory"
+    group = plan_placement(spec, sizes, Budgets("cpu", (), 0, 512 * GIB), "group")
+    assert group.placement == "group" and group.reason.endswith("; group only exercises its hooks there (cpu is both "
+                                                                "card and host)")
 
 
 def test_plan_json_has_the_fields_the_issue_names() -> None:
@@ -361,7 +442,8 @@ def test_plan_json_has_the_fields_the_issue_names() -> None:
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("40GiB", 40 * 2**30), ("64GB", 64 * 10**9), ("512MiB", 2**29), ("1.5TiB", int(1.5 * 2**40)), ("1024", 1024)],
+    [("40GiB", 40 * 2**30), ("64GB", 64 * 10**9), ("512MiB", 2**29), ("1.5TiB", int(1.5 * 2**40)), ("1024", 1024),
+     ("1", 1), ("512B", 512)],
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
@@ -385,6 +467,13 @@ def test_described_host_checks_the_edit_card() -> None:
     with pytest.raises(UserError, match="selects card 2"):
         described_budgets("2x64GiB", "npu:2")
     assert described_budgets("2x64GiB").host is None
+    for wrong in ("cpu", "npu:x"):  # the CPU has no cards to describe; a card index is a number
+        with pytest.raises(UserError, match="is not npu\\[:N\\] or cuda\\[:N\\]"):
+            described_budgets("2x64GiB", wrong)
+    auto = described_budgets("2x64GiB", "auto")  # the CLI's default device plans Ascend cards
+    assert [card.name for card in auto.cards] == ["npu:0", "npu:1"] and auto.edit_card == 0
+    cuda = described_budgets("2x64GiB", "cuda:1")
+    assert [card.name for card in cuda.cards] == ["cuda:0", "cuda:1"] and cuda.edit.name == "cuda:1"
 
 
 # ---------------------------------------------------------------------------------------------- sizing
@@ -404,7 +493,9 @@ def test_header_sizes_count_floats_in_the_run_dtype_and_ints_as_stored(tmp_path:
     assert [tensor_bytes("F32", 12, "bf16"), tensor_bytes("F64", 12, "fp16"), tensor_bytes("BF16", 12, "fp32")] == [
         24, 24, 48]
     assert tensor_bytes("F32", 12, "bf16", keep_fp32=True) == 48  # T5's `wo` kept in fp32 under fp16
-    assert [tensor_bytes(stored, 5, "bf16") for stored in ("I64", "U8", "BOOL")] == [40, 5, 5]
+    integers = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")
+    assert [tensor_bytes(stored, 5, "bf16") for stored in integers] == [40, 20, 10, 5, 40, 20, 10, 5, 5]
+    assert tensor_bytes("C64", 5, "bf16") == 40  # a stored dtype the planner does not know: the widest, to err large
 
 
 def test_header_reader_rejects_corrupt_files(tmp_path: Path) -> None:
@@ -463,6 +554,40 @@ def test_tiny_sizes_from_headers_match_the_loaded_modules(e1_1_editor) -> None:
     assert sizes.dims.width == 32 and sizes.dims.vae_width == 8
 
 
+def test_the_real_i1_configs_give_the_spec_widths(tmp_path: Path) -> None:
+    """The reserve of a checkpoint on disk scales with its configs; the real I1 configs must give the real widths."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(
+        json.dumps({"num_attention_heads": 20, "attention_head_dim": 128}))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    assert dims_from_configs(tmp_path) == Dims() == Dims(2560, 20, 6912, 128)
+    assert swiglu_width(96) == 256  # a width whose 8/3 is a whole multiple of 256 is not rounded up
+    (tmp_path / "vae" / "config.json").unlink()
+    with pytest.raises(ModelFilesError, match="cannot read the transformer / VAE config") as missing:
+        dims_from_configs(tmp_path)
+    assert missing.value.role == "i1"  # front ends name --i1-path
+
+
+def test_fp16_sizes_from_headers_keep_t5_wo_in_fp32(tiny_checkpoints) -> None:
+    """The loader keeps T5's `wo` weights in fp32 under fp16, so the plan counts 2 more bytes for each of them."""
+    spec, llama, i1 = MODELS["e1.1"], tiny_checkpoints.llama, tiny_checkpoints.i1
+    fp16 = model_sizes(spec, "fp16", llama, i1, tiny_checkpoints.e1_1).components
+    bf16 = model_sizes(spec, "bf16", llama, i1, tiny_checkpoints.e1_1).components
+    wo = sum(count for file in checkpoint_files(i1 / "text_encoder_3")
+             for name, (_, count) in read_safetensors_header(file).items() if ".wo." in name)
+    assert wo and fp16["t5"] - bf16["t5"] == 2 * wo
+    assert {name: size for name, size in fp16.items() if name != "t5"} == {
+        name: size for name, size in bf16.items() if name != "t5"}
+
+
+def test_e1_full_without_its_lora_file_adds_the_tables_lora_to_the_i1_headers(tiny_checkpoints) -> None:
+    sizes = model_sizes(MODELS["e1-full"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, None)
+    plain = model_sizes(MODELS["e1.1"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, tiny_checkpoints.i1)
+    assert sizes.sources["transformer"] == "headers + table (LoRA)"
+    assert sizes.components["transformer"] == plain.components["transformer"] + 2 * REAL_E1_FULL_LORA
+
+
 def test_tiny_e1_full_adds_the_lora_to_the_i1_transformer(tiny_checkpoints) -> None:
     spec = MODELS["e1-full"]
     plain = model_sizes(MODELS["e1.1"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, tiny_checkpoints.i1)
@@ -470,6 +595,15 @@ def test_tiny_e1_full_adds_the_lora_to_the_i1_transformer(tiny_checkpoints) -> N
     lora_values = sum(count for name, (_, count) in read_safetensors_header(tiny_checkpoints.e1_full_lora).items()
                       if ".lora_" in name)
     assert with_lora.components["transformer"] == plain.components["transformer"] + lora_values * DTYPE_BYTES["bf16"]
+
+
+def test_lora_tensors_count_toward_the_block_group_offload_moves(tiny_checkpoints, tmp_path: Path) -> None:
+    """A LoRA inside a transformer block travels with that block: group offload's card peak must include it."""
+    plain = model_sizes(MODELS["e1.1"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, tiny_checkpoints.i1)
+    lora = write_checkpoint(tmp_path / "lora.safetensors", {  # larger than any tiny block: this one becomes the largest
+        "double_stream_blocks.0.block.attn1.to_q.lora_A.weight": torch.zeros(1024, 64)})
+    with_lora = model_sizes(MODELS["e1-full"], "bf16", tiny_checkpoints.llama, tiny_checkpoints.i1, lora)
+    assert with_lora.largest_block == plain.largest_block + 1024 * 64 * 2
 
 
 def test_split_moves_each_encoder_to_its_card_and_carries_inputs_there_and_outputs_back() -> None:
@@ -481,6 +615,58 @@ def test_split_moves_each_encoder_to_its_card_and_carries_inputs_there_and_outpu
     assert args[0].device.type == kwargs["mask"].device.type == "meta"
     back = EncodersElsewhere({}, torch.device("cpu"), torch.device("meta"))
     assert back._outputs(encoders["t5"], (), torch.ones(2)).device.type == "meta"
+
+
+class _RecordsInputDevices(torch.nn.Module):
+    """A text encoder stand-in: records where its inputs arrive and answers with a tensor on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: list[str] = []
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.devices += [ids.device.type, mask.device.type if mask is not None else "-"]
+        return torch.zeros(2)
+
+
+def test_split_encoders_get_their_inputs_on_their_card_and_give_outputs_to_the_edit_card() -> None:
+    """Run through a real forward call: positional and keyword inputs reach the encoder card, outputs come back."""
+    there = _RecordsInputDevices()
+    EncodersElsewhere({"t5": there}, torch.device("meta"), torch.device("cpu"))
+    there(torch.ones(2), mask=torch.ones(2))
+    assert there.devices == ["meta", "meta"]
+    back = _RecordsInputDevices()
+    EncodersElsewhere({"t5": back}, torch.device("cpu"), torch.device("meta"))
+    assert back(torch.ones(2)).device.type == "meta"
+
+
+@pytest.mark.parametrize("placement", ["model", "sequential"])
+def test_offload_placements_offload_onto_the_planned_card(placement: str) -> None:
+    """diffusers' offload picks card 0 when no device is given; the plan's card (e.g. npu:1) must be passed."""
+    from types import SimpleNamespace
+
+    offloaded: dict[str, Any] = {}
+    pipe = SimpleNamespace(
+        enable_model_cpu_offload=lambda **kwargs: offloaded.update(model=kwargs),
+        enable_sequential_cpu_offload=lambda **kwargs: offloaded.update(sequential=kwargs),
+        **dict.fromkeys(ENCODER_ATTRIBUTES.values()))
+    plan = SimpleNamespace(placement=placement, encoder_device=None, peaks=lambda: {"meta": GIB})
+    actions, hooks = apply_plan(pipe, plan, "meta")
+    assert offloaded == {placement: {"device": torch.device("meta")}} and hooks is None
+    assert pipe.edit_device is None  # the offload hooks, not the caller, move each component
+    assert actions[0] == f"{placement} CPU offload onto meta"
+
+
+def test_group_offload_on_the_cpu_uses_no_stream() -> None:
+    """The CPU has no device streams to overlap a block's copy with: group offload must not ask for one."""
+    from types import SimpleNamespace
+
+    pipe = SimpleNamespace(transformer=_StubTransformer(), vae=torch.nn.Linear(2, 2),
+                           **dict.fromkeys(ENCODER_ATTRIBUTES.values()))
+    plan = SimpleNamespace(placement="group", encoder_device=None, peaks=lambda: {"cpu": GIB})
+    actions, _ = apply_plan(pipe, plan, "cpu")
+    assert pipe.transformer.group_offload["use_stream"] is False is pipe.transformer.group_offload["non_blocking"]
+    assert actions[0].startswith("transformer group offload onto cpu (no stream)")
 
 
 @pytest.mark.parametrize("placement", ["none", "sequential"])
