@@ -327,8 +327,6 @@ def test_every_per_edit_flag_reaches_the_edit_request(tmp_path: Path) -> None:
 def test_every_full_size_flag_reaches_the_run_settings() -> None:
     """Each --full-size flag, away from its default, arrives in FullSizeSettings; the attention variable
     fills in only where --attention is not given."""
-    import argparse
-
     from hidream_edit.config import add_full_size_arguments, full_size_settings_from_args
 
     parser = argparse.ArgumentParser()
@@ -398,15 +396,6 @@ def test_the_progress_bar_knows_the_default_step_count(model: str) -> None:
     """The CLI's denoising bar is sized from --steps before the editor fills its defaults: without a number
     there it shows no total and no percentage."""
     assert build_edit_parser(MODELS[model]).parse_args(BASE).steps == MODELS[model].defaults.steps
-
-
-def test_the_web_uis_step_cache_defaults_are_the_librarys(tmp_path: Path) -> None:
-    """The web UI builds its CacheSettings from the flags' defaults: they must be CacheSettings' own."""
-    from hidream_edit.step_cache import CacheSettings
-    from hidream_edit.web.command_line import parse_command_line
-
-    settings = parse_command_line(["--tiny", "--results-dir", str(tmp_path / "r")], {})[2]
-    assert settings.cache == CacheSettings()
 
 
 def test_an_unknown_web_model_is_argparses_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

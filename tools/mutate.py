@@ -117,6 +117,7 @@ CONFIG_TESTS = [
     "tests/test_full_size.py::test_bad_values_are_one_line_errors",
     "tests/test_batch.py::test_folder_batch_through_the_cli_matches_single_image_edits",
     "tests/test_web_service.py::test_command_line",
+    "tests/test_web_service.py::test_a_server_started_without_flags_has_the_library_defaults",
     "tests/test_e1_1.py::test_cli_user_mistakes_are_one_line_exit_2",
 ]
 ATTENTION_TESTS = ["test_sdpa_and_math_match_diffusers_processor", "test_attention_env_and_errors",
